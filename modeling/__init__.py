@@ -1,0 +1,5 @@
+"""PreTrainedModel/config files, one model per file, transformers style.
+
+These files import only torch and transformers so they can be uploaded as Hub remote
+code; installed, this folder is the sub-package ``mim_hf.modeling``.
+"""
