@@ -1,0 +1,314 @@
+"""From raw tables to what the stages train on: splits, CTR samples, C-SFT pairs, vocabularies.
+
+The flow, for one protocol::
+
+    RecData (items, interactions[, users])
+      -> split every interaction into train / valid / test          (split_interactions)
+      -> behaviour sequences: the user's earlier positives          (behaviour_sequences)
+      -> popularity buckets counted on train only                   (popularity_buckets)
+      -> CTR samples (one row per interaction) + side features
+      -> C-SFT pairs (trigger -> later positive target)
+      -> vocabularies from the train split only
+      = PreparedData (save / load with save_to_disk + JSON)
+
+Leakage rules (tested): a behaviour is strictly earlier than its sample; train pairs never
+touch valid/test; popularity counts and vocabularies see the train split only; under
+``item-cold`` held-out items never appear in a behaviour sequence or a vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from datasets import Dataset, DatasetDict, load_from_disk
+
+from .tables import ITEM_CONTENT_COLUMNS, RecData
+from .vocab import Vocabulary
+
+PROTOCOLS = ("temporal", "item-cold")
+SPLITS = ("train", "valid", "test")
+BUCKETS = ("cold", "long_tail", "head")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PrepareConfig:
+    """Every knob of :func:`prepare`, saved beside the prepared data."""
+
+    protocol: str = "temporal"  # "temporal" (time-sorted 80/10/10) or "item-cold" (items split 80/10/10)
+    max_len: int = 50  # longest behaviour sequence kept (most recent positives)
+    seed: int = 0  # seeds the item-cold item split
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / valid / test
+    long_tail_max: int = 20  # items with 1..long_tail_max train interactions are long-tail; more is head
+    pair_window: int = 3  # each train positive is a target for its pair_window most recent earlier positives
+
+    def validate(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {self.protocol!r} is not one of {list(PROTOCOLS)}")
+        if not isinstance(self.max_len, (int, np.integer)) or self.max_len <= 0:
+            raise ValueError(f"max_len must be a positive integer, got {self.max_len!r}")
+        if self.pair_window <= 0:
+            raise ValueError(f"pair_window must be a positive integer, got {self.pair_window!r}")
+        if self.long_tail_max < 1:
+            raise ValueError(f"long_tail_max must be >= 1, got {self.long_tail_max!r}")
+        fractions = tuple(float(f) for f in self.fractions)
+        if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
+            raise ValueError(f"fractions must be three positive numbers summing to 1, got {self.fractions!r}")
+
+
+@dataclass
+class PreparedData:
+    """Everything the stages consume for one dataset under one protocol.
+
+    Attributes:
+        items: the whole catalogue (content is known for every item, cold ones included).
+        samples: ``DatasetDict`` train/valid/test of CTR samples.
+        pairs: ``DatasetDict`` train/valid/test of C-SFT (trigger -> target) pairs.
+        vocabs: name -> :class:`Vocabulary` (``user_id``, ``item_id``, side features), train only.
+        train_item_ids: items whose content stage 1 may train on (train split only).
+        config: the :class:`PrepareConfig` used.
+        stats: counts for the terminal and the report (see :func:`compute_stats`).
+    """
+
+    name: str
+    items: Dataset
+    samples: DatasetDict
+    pairs: DatasetDict
+    vocabs: dict[str, Vocabulary]
+    train_item_ids: list[str]
+    config: PrepareConfig
+    stats: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.items.save_to_disk(str(path / "items"))
+        self.samples.save_to_disk(str(path / "samples"))
+        self.pairs.save_to_disk(str(path / "pairs"))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "config": {**self.config.__dict__, "fractions": list(self.config.fractions)},
+            "train_item_ids": self.train_item_ids,
+        }
+        (path / "prepared.json").write_text(json.dumps(meta, indent=1))
+        (path / "vocabs.json").write_text(json.dumps({k: v.to_dict() for k, v in self.vocabs.items()}))
+        (path / "stats.json").write_text(json.dumps(self.stats, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PreparedData":
+        path = Path(path)
+        meta_file = path / "prepared.json"
+        if not meta_file.exists():
+            raise ValueError(f"{str(path)!r} is not a prepared-data directory (no prepared.json); run `mim-hf data prepare`")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_file}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        vocabs = {k: Vocabulary.from_dict(v) for k, v in json.loads((path / "vocabs.json").read_text()).items()}
+        config = PrepareConfig(**{**meta["config"], "fractions": tuple(meta["config"]["fractions"])})
+        return cls(
+            name=meta["name"],
+            items=load_from_disk(str(path / "items")),
+            samples=load_from_disk(str(path / "samples")),
+            pairs=load_from_disk(str(path / "pairs")),
+            vocabs=vocabs,
+            train_item_ids=meta["train_item_ids"],
+            config=config,
+            stats=json.loads((path / "stats.json").read_text()),
+        )
+
+
+def split_interactions(frame: pd.DataFrame, item_ids: np.ndarray, config: PrepareConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Assign each interaction to a split.
+
+    Returns ``(split, train_items)``: ``split`` is an array of "train"/"valid"/"test" per row
+    of ``frame``; ``train_items`` the item ids whose content the train period may use.
+    """
+    train_frac, valid_frac, _ = config.fractions
+    n = len(frame)
+    if config.protocol == "temporal":
+        # Stable sort by time (ties keep log order) so the split is reproducible.
+        order = np.argsort(frame["timestamp"].to_numpy(), kind="stable")
+        position = np.empty(n, dtype=np.int64)
+        position[order] = np.arange(n)
+        n_train, n_valid = int(round(n * train_frac)), int(round(n * valid_frac))
+        split = np.where(position < n_train, "train", np.where(position < n_train + n_valid, "valid", "test"))
+        train_items = np.unique(frame["item_id"].to_numpy()[split == "train"])
+        return split.astype(object), train_items
+    rng = np.random.default_rng(config.seed)
+    shuffled = np.asarray(item_ids, dtype=object)[rng.permutation(len(item_ids))]
+    n_train, n_valid = int(round(len(item_ids) * train_frac)), int(round(len(item_ids) * valid_frac))
+    item_split = pd.Series(["train"] * n_train + ["valid"] * n_valid + ["test"] * (len(item_ids) - n_train - n_valid), index=shuffled)
+    split = item_split.reindex(frame["item_id"].to_numpy()).to_numpy()
+    return split.astype(object), np.sort(shuffled[:n_train].astype(str))
+
+
+def behaviour_sequences(frame: pd.DataFrame, history_mask: np.ndarray, max_len: int) -> tuple[pa.ListArray, pa.ListArray]:
+    """For every row, the user's positives from ``frame[history_mask]`` strictly earlier in time.
+
+    Vectorised: history rows are sorted by (user, time); for each sample a ``searchsorted``
+    finds where its user's strictly-earlier history ends, and the last ``max_len`` of those
+    are gathered. Returns Arrow list arrays (item ids, timestamps), most recent last.
+    """
+    users = pd.factorize(frame["user_id"])[0].astype(np.int64)
+    distinct_times = np.unique(frame["timestamp"].to_numpy())
+    rank = np.searchsorted(distinct_times, frame["timestamp"].to_numpy()).astype(np.int64)
+    stride = len(distinct_times) + 1
+    keys = users * stride + rank
+    hist_rows = np.flatnonzero(history_mask)
+    hist_rows = hist_rows[np.argsort(keys[hist_rows], kind="stable")]
+    hist_keys = keys[hist_rows]
+    end = np.searchsorted(hist_keys, keys, side="left")  # first history row at the same or a later time
+    user_start = np.searchsorted(hist_keys, users * stride, side="left")
+    start = np.maximum(user_start, end - max_len)
+    lengths = end - start
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = np.repeat(start, lengths) + (np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths))
+    gathered = hist_rows[flat]
+    item_values = pa.array(frame["item_id"].to_numpy()[gathered].astype(str), type=pa.string())
+    time_values = pa.array(frame["timestamp"].to_numpy()[gathered], type=pa.int64())
+    return pa.ListArray.from_arrays(pa.array(offsets), item_values), pa.ListArray.from_arrays(pa.array(offsets), time_values)
+
+
+def popularity_buckets(train_item_ids: np.ndarray, item_ids: np.ndarray, long_tail_max: int) -> np.ndarray:
+    """``cold`` (0 train interactions), ``long_tail`` (1..long_tail_max) or ``head`` per item id."""
+    counts = pd.Series(train_item_ids).value_counts()
+    n = counts.reindex(item_ids).fillna(0).to_numpy()
+    return np.select([n == 0, n <= long_tail_max], ["cold", "long_tail"], "head").astype(object)
+
+
+def _side_features(frame: pd.DataFrame, items: Dataset, users: Dataset | None) -> pd.DataFrame:
+    """Join ``item_*`` (catalogue attributes) and ``user_*`` (user table) columns onto samples."""
+    item_cols = [c for c in items.column_names if c not in ITEM_CONTENT_COLUMNS]
+    if item_cols:
+        attrs = items.select_columns(["item_id", *item_cols]).to_pandas().set_index("item_id")
+        attrs = attrs.reindex(frame["item_id"].to_numpy())
+        for col in item_cols:
+            values = attrs[col]
+            if pd.api.types.is_float_dtype(values) and np.all(np.isnan(values) | (values == np.round(values))):
+                values = values.astype("Int64")  # an int attribute with gaps (e.g. year) stays int
+            frame[f"item_{col}"] = values.to_numpy() if values.dtype != "Int64" else values.array
+    if users is not None:
+        user_frame = users.to_pandas()
+        user_frame["user_id"] = user_frame["user_id"].astype(str)
+        user_frame = user_frame.set_index("user_id").reindex(frame["user_id"].to_numpy())
+        for col in user_frame.columns:
+            frame[f"user_{col}"] = user_frame[col].to_numpy()
+    return frame
+
+
+def _pairs_frame(samples: pd.DataFrame, offsets: np.ndarray, behaviour_items: np.ndarray, behaviour_times: np.ndarray,
+                 split: str, window: int) -> pd.DataFrame:
+    """(trigger -> target) pairs: each positive target of ``split`` with its most recent earlier positives."""
+    rows = np.flatnonzero((samples["split"].to_numpy() == split) & (samples["label"].to_numpy() == 1))
+    take = np.minimum(offsets[rows + 1] - offsets[rows], window)
+    flat = np.repeat(offsets[rows + 1] - take, take) + (np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take))
+    target_rows = np.repeat(rows, take)
+    return pd.DataFrame({
+        "user_id": samples["user_id"].to_numpy()[target_rows],
+        "trigger_item_id": behaviour_items[flat],
+        "target_item_id": samples["item_id"].to_numpy()[target_rows],
+        "trigger_timestamp": behaviour_times[flat],
+        "target_timestamp": samples["timestamp"].to_numpy()[target_rows],
+    })
+
+
+def prepare(data: RecData, config: PrepareConfig | None = None, **overrides) -> PreparedData:
+    """Split ``data`` under a protocol and build CTR samples, C-SFT pairs and vocabularies.
+
+    Args:
+        data: validated tables (see :mod:`mim_hf.data.tables`).
+        config: a :class:`PrepareConfig`; keyword ``overrides`` replace its fields
+            (e.g. ``prepare(data, protocol="item-cold", max_len=20)``).
+    """
+    config = PrepareConfig(**{**(config.__dict__ if config else {}), **overrides})
+    config.validate()
+    frame = data.interactions.to_pandas()
+    item_ids = np.asarray(data.items["item_id"], dtype=object)
+    split, train_items = split_interactions(frame, item_ids, config)
+    frame["split"] = split
+    # Stable order inside each split: by time, then by the log's own order.
+    split_rank = pd.Categorical(frame["split"], categories=list(SPLITS)).codes
+    frame = frame.iloc[np.lexsort((frame["timestamp"].to_numpy(), split_rank))].reset_index(drop=True)
+
+    is_train = frame["split"].to_numpy() == "train"
+    positive = frame["label"].to_numpy() == 1
+    # item-cold: held-out items' interactions never become behaviours (their IDs stay unknown
+    # everywhere). temporal: any earlier positive is observable history at serving time.
+    history_mask = positive & is_train if config.protocol == "item-cold" else positive
+    behaviours, behaviour_times = behaviour_sequences(frame, history_mask, config.max_len)
+    frame["popularity_bucket"] = popularity_buckets(frame["item_id"].to_numpy()[is_train], frame["item_id"].to_numpy(), config.long_tail_max)
+    frame = _side_features(frame, data.items, data.users)
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.append_column("behavior_item_ids", behaviours).append_column("behavior_timestamps", behaviour_times)
+    all_samples = Dataset(table)
+    samples = DatasetDict({s: all_samples.select(np.flatnonzero(frame["split"].to_numpy() == s)) for s in SPLITS})
+
+    offsets = behaviours.offsets.to_numpy()
+    flat_items = behaviours.values.to_numpy(zero_copy_only=False)
+    flat_times = behaviour_times.values.to_numpy()
+    pairs_frames = {s: _pairs_frame(frame, offsets, flat_items, flat_times, s, config.pair_window if s == "train" else 1)
+                    for s in SPLITS}
+    self_pairs = {s: int((p["trigger_item_id"] == p["target_item_id"]).sum()) for s, p in pairs_frames.items()}
+    pairs = DatasetDict({
+        s: Dataset.from_pandas(p[p["trigger_item_id"] != p["target_item_id"]].reset_index(drop=True), preserve_index=False)
+        for s, p in pairs_frames.items()
+    })
+
+    train_frame = frame[is_train]
+    vocabs = {"user_id": Vocabulary.build(train_frame["user_id"], "user_id"),
+              "item_id": Vocabulary.build(train_frame["item_id"], "item_id")}
+    for col in frame.columns:
+        if col.startswith(("user_", "item_")) and col not in ("user_id", "item_id"):
+            vocabs[col] = Vocabulary.build(train_frame[col], col)
+
+    prepared = PreparedData(data.name, data.items, samples, pairs, vocabs, [str(i) for i in train_items], config)
+    frame["history_length"] = np.diff(offsets)
+    prepared.stats = compute_stats(prepared, frame, data, self_pairs)
+    return prepared
+
+
+def compute_stats(prepared: PreparedData, frame: pd.DataFrame, data: RecData, self_pairs: dict[str, int]) -> dict:
+    """Every count a reader needs to trust the split (printed by ``mim-hf data prepare``).
+
+    ``frame`` holds all samples with their ``split`` and ``history_length``.
+    """
+    known_users = frame["user_id"].isin(prepared.vocabs["user_id"].tokens[1:]).to_numpy()
+    known_items = frame["item_id"].isin(prepared.vocabs["item_id"].tokens[1:]).to_numpy()
+    splits = {}
+    for name in SPLITS:
+        in_split = frame["split"].to_numpy() == name
+        part = frame[in_split]
+        buckets = part["popularity_bucket"].value_counts()
+        lengths = part["history_length"].to_numpy()
+        splits[name] = {
+            "rows": len(part),
+            "users": int(part["user_id"].nunique()),
+            "items": int(part["item_id"].nunique()),
+            "positive_rate": float(part["label"].mean()) if len(part) else None,
+            "popularity_buckets": {b: int(buckets.get(b, 0)) for b in BUCKETS},
+            "rows_with_unknown_user": int((~known_users[in_split]).sum()),
+            "rows_with_unknown_item": int((~known_items[in_split]).sum()),
+            "rows_with_empty_history": int((lengths == 0).sum()),
+            "mean_history_length": float(lengths.mean()) if len(lengths) else 0.0,
+            "pairs": len(prepared.pairs[name]),
+        }
+    return {
+        "dataset": prepared.name,
+        "protocol": prepared.config.protocol,
+        "users": int(frame["user_id"].nunique()),
+        "items": len(data.items),
+        "interactions": len(frame),
+        "positive_rate": float(frame["label"].mean()),
+        "train_items": len(prepared.train_item_ids),
+        "splits": splits,
+        "vocab_sizes": {k: len(v) for k, v in prepared.vocabs.items()},
+        "fallbacks": {**data.report.to_dict(), "self_pairs_skipped": sum(self_pairs.values())},
+    }
