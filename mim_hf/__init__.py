@@ -8,4 +8,11 @@ __version__ = "0.1.0"
 
 # ---- Auto-class registration (one block per model; keep blocks independent) ----
 # [encoder-registration]
+from transformers import AutoConfig as _AutoConfig, AutoModel as _AutoModel  # noqa: E402
+from .modeling.configuration_mim_encoder import MIMContentEncoderConfig  # noqa: E402
+from .modeling.modeling_mim_encoder import MIMContentEncoder  # noqa: E402
+from .modeling.processing_mim_encoder import MIMContentProcessor  # noqa: E402
+
+_AutoConfig.register(MIMContentEncoderConfig.model_type, MIMContentEncoderConfig, exist_ok=True)
+_AutoModel.register(MIMContentEncoderConfig, MIMContentEncoder, exist_ok=True)
 # [ctr-registration]

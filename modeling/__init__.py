@@ -3,3 +3,6 @@
 These files import only torch and transformers so they can be uploaded as Hub remote
 code; installed, this folder is the sub-package ``mim_hf.modeling``.
 """
+
+from .configuration_mim_encoder import MIMContentEncoderConfig
+from .modeling_mim_encoder import MIMContentEncoder

@@ -1,0 +1,335 @@
+"""MIM content encoder: text tower (+ optional vision tower) -> projections -> fusion.
+
+Self-contained: imports only ``torch`` and ``transformers`` so it can be uploaded as Hub
+remote code. LoRA (peft) is applied from outside (``mim_hf.lora``).
+"""
+
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_mim_encoder import MIMContentEncoderConfig
+
+
+def tower_output_dim(tower_config: PreTrainedConfig) -> int:
+    """Width of a tower's pooled output, read from its config.
+
+    ConvNeXt-style configs carry per-stage ``hidden_sizes`` (the last stage is the output);
+    transformer towers carry ``hidden_size``.
+    """
+    hidden_sizes = getattr(tower_config, "hidden_sizes", None)
+    if hidden_sizes:
+        return int(hidden_sizes[-1])
+    hidden_size = getattr(tower_config, "hidden_size", None)
+    if hidden_size is None:
+        raise ValueError(
+            f"cannot tell the output width of tower config {type(tower_config).__name__} "
+            "(no `hidden_size` or `hidden_sizes`)"
+        )
+    return int(hidden_size)
+
+
+def has_injected_adapters(module: nn.Module) -> bool:
+    """True if peft LoRA layers were injected into ``module`` (they wrap a ``base_layer``)."""
+    return any(hasattr(sub, "base_layer") and hasattr(sub, "lora_A") for sub in module.modules())
+
+
+@dataclass
+class MIMContentEncoderOutput(ModelOutput):
+    """Output of [`MIMContentEncoder`].
+
+    Args:
+        text_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`):
+            L2-normalised projection of the pooled text-tower output.
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`, *optional*):
+            L2-normalised projection of the pooled vision-tower output; rows whose
+            ``image_mask`` is False are zeros. ``None`` when no ``pixel_values`` were given.
+        item_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`):
+            L2-normalised fused item embedding; equals ``text_embeds`` for rows without image.
+        image_mask (`torch.BoolTensor` of shape `(batch_size,)`, *optional*):
+            Which rows had an image (all False when no ``pixel_values`` were given).
+    """
+
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    item_embeds: torch.FloatTensor | None = None
+    image_mask: torch.BoolTensor | None = None
+
+
+class MIMGatedFusion(nn.Module):
+    """Per-dimension gate ``g = sigmoid(W [t; v] + b)``; fused = ``g * t + (1 - g) * v``.
+
+    Input: text and image embeddings (B, D) each; output (B, D) (not normalised).
+    """
+
+    def __init__(self, embed_dim: int):
+        super().__init__()
+        self.gate = nn.Linear(2 * embed_dim, embed_dim)
+
+    def forward(self, text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.gate(torch.cat([text_embeds, image_embeds], dim=-1)))
+        return gate * text_embeds + (1.0 - gate) * image_embeds
+
+
+class MIMMeanFusion(nn.Module):
+    """Average of text and image embeddings (B, D) -> (B, D); no parameters."""
+
+    def forward(self, text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (text_embeds + image_embeds)
+
+
+class MIMContentEncoderPreTrainedModel(PreTrainedModel):
+    config_class = MIMContentEncoderConfig
+    base_model_prefix = "mim_content_encoder"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # Towers initialise themselves (their own _init_weights); we only own projections/fusion.
+        if isinstance(module, MIMContentEncoder):
+            std = self.config.initializer_range
+            for projection in (module.text_projection, module.vision_projection):
+                if projection is not None:
+                    nn.init.normal_(projection.weight, mean=0.0, std=std)
+            if isinstance(module.fusion, MIMGatedFusion):
+                nn.init.normal_(module.fusion.gate.weight, mean=0.0, std=std)
+                nn.init.zeros_(module.fusion.gate.bias)
+
+
+class MIMContentEncoder(MIMContentEncoderPreTrainedModel):
+    """Encode items (text, optional image) into L2-normalised content embeddings.
+
+    Inputs (see :meth:`forward`): token ids (B, L) and optionally pixel values (B, C, H, W)
+    with a per-row ``image_mask`` (B,). Outputs a [`MIMContentEncoderOutput`] with text,
+    image and fused item embeddings, each (B, embed_dim).
+    """
+
+    def __init__(
+        self,
+        config: MIMContentEncoderConfig,
+        text_model: PreTrainedModel | None = None,
+        vision_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        self.text_model = text_model if text_model is not None else AutoModel.from_config(config.text_config)
+        if config.vision_config is None and vision_model is not None:
+            raise ValueError("a vision_model was given but config.vision_config is None; set vision_config")
+        if config.vision_config is not None:
+            self.vision_model = (
+                vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
+            )
+        else:
+            self.vision_model = None
+
+        text_dim = self._checked_tower_dim("text", self.text_model, config.text_config)
+        self.text_projection = nn.Linear(text_dim, config.embed_dim, bias=False)
+        if self.vision_model is not None:
+            vision_dim = self._checked_tower_dim("vision", self.vision_model, config.vision_config)
+            self.vision_projection = nn.Linear(vision_dim, config.embed_dim, bias=False)
+            self.fusion = MIMGatedFusion(config.embed_dim) if config.fusion_type == "gated" else MIMMeanFusion()
+        else:
+            self.vision_projection = None
+            self.fusion = None
+        self.projection_dropout = nn.Dropout(config.projection_dropout)
+        self.post_init()
+
+    @staticmethod
+    def _checked_tower_dim(name: str, tower: nn.Module, tower_config: PreTrainedConfig) -> int:
+        """Output width of a tower; a tower whose own config disagrees with ours is an error."""
+        expected = tower_output_dim(tower_config)
+        actual_config = getattr(tower, "config", None)
+        if actual_config is not None:
+            actual = tower_output_dim(actual_config)
+            if actual != expected:
+                raise ValueError(
+                    f"{name} tower outputs width {actual} ({type(tower).__name__}) but "
+                    f"config.{name}_config says {expected}; build the config from the tower's config"
+                )
+        return expected
+
+    @classmethod
+    def from_towers(
+        cls,
+        text_model: str | os.PathLike | PreTrainedModel,
+        vision_model: str | os.PathLike | PreTrainedModel | None = None,
+        embed_dim: int = 256,
+        tower_kwargs: dict | None = None,
+        **config_kwargs,
+    ) -> "MIMContentEncoder":
+        """Build an encoder around pretrained towers (new projections/fusion, towers kept).
+
+        Args:
+            text_model: a local path / Hub id loadable by ``AutoModel.from_pretrained``, or a
+                loaded text ``PreTrainedModel``.
+            vision_model: same for a vision-only model (e.g. ``CLIPVisionModel``, ``ViTModel``,
+                ``ConvNextModel``), or None for a text-only encoder.
+            embed_dim: shared embedding size.
+            tower_kwargs: extra kwargs for ``AutoModel.from_pretrained`` of string towers.
+            **config_kwargs: other [`MIMContentEncoderConfig`] fields (fusion_type, lora_r, ...).
+        Returns:
+            a `MIMContentEncoder` whose config embeds both towers' configs.
+        LoRA is not applied here (modeling files import only torch/transformers): use
+        ``mim_hf.encoders.build_content_encoder`` or ``mim_hf.lora.apply_lora``.
+        """
+        tower_kwargs = dict(tower_kwargs or {})
+
+        def load(tower):
+            if tower is None or isinstance(tower, PreTrainedModel):
+                return tower
+            if isinstance(tower, (str, os.PathLike)):
+                return AutoModel.from_pretrained(tower, **tower_kwargs)
+            raise TypeError(f"tower must be a path/id or a PreTrainedModel, got {type(tower).__name__}")
+
+        text_tower, vision_tower = load(text_model), load(vision_model)
+        config = MIMContentEncoderConfig(
+            text_config=text_tower.config.to_dict(),
+            vision_config=vision_tower.config.to_dict() if vision_tower is not None else None,
+            embed_dim=embed_dim,
+            **config_kwargs,
+        )
+        return cls(config, text_model=text_tower, vision_model=vision_tower)
+
+    def _pool_text(self, tower_output, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pool text tower output to (B, H) according to ``config.text_pooling``."""
+        if self.config.text_pooling == "pooler":
+            pooled = getattr(tower_output, "pooler_output", None)
+            if pooled is None:
+                raise ValueError("text_pooling='pooler' but the text tower returns no pooler_output")
+            return pooled
+        hidden = tower_output.last_hidden_state
+        if self.config.text_pooling == "cls":
+            return hidden[:, 0]
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+    def _pool_vision(self, tower_output) -> torch.Tensor:
+        """Pool vision tower output to (B, H) according to ``config.vision_pooling``."""
+        pooled = getattr(tower_output, "pooler_output", None)
+        if self.config.vision_pooling == "pooler" and pooled is not None:
+            # Some towers return (B, C, 1, 1) pooled maps.
+            return pooled.flatten(1)
+        hidden = tower_output.last_hidden_state
+        # Convolutional towers return (B, C, H, W) maps; transformer towers (B, T, H).
+        return hidden.mean(dim=(2, 3)) if hidden.dim() == 4 else hidden.mean(dim=1)
+
+    @staticmethod
+    def _check_width(name: str, pooled: torch.Tensor, projection: nn.Linear) -> None:
+        if pooled.shape[-1] != projection.in_features:
+            raise ValueError(
+                f"{name} tower returned width {pooled.shape[-1]} but the {name} projection expects "
+                f"{projection.in_features}; the tower does not match config.{name}_config"
+            )
+
+    def encode_text(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+    ) -> torch.FloatTensor:
+        """Token ids (B, L) -> unnormalised projected text embeddings (B, embed_dim)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        tower_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            tower_inputs["token_type_ids"] = token_type_ids
+        pooled = self._pool_text(self.text_model(**tower_inputs, return_dict=True), attention_mask)
+        self._check_width("text", pooled, self.text_projection)
+        return self.text_projection(self.projection_dropout(pooled))
+
+    def encode_image(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """Pixel values (B, C, H, W) -> unnormalised projected image embeddings (B, embed_dim)."""
+        if self.vision_model is None:
+            raise ValueError("pixel_values given but this encoder has no vision tower (config.vision_config is None)")
+        pooled = self._pool_vision(self.vision_model(pixel_values=pixel_values, return_dict=True))
+        self._check_width("vision", pooled, self.vision_projection)
+        return self.vision_projection(self.projection_dropout(pooled))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_mask: torch.BoolTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        return_dict: bool | None = True,
+    ) -> MIMContentEncoderOutput | tuple:
+        """Encode a batch of items.
+
+        Args:
+            input_ids: (B, L) token ids of the item text.
+            attention_mask: (B, L) 1 for real tokens (all ones if None).
+            pixel_values: (B, C, H, W) images, or None for text only. Rows without an image may
+                hold anything (e.g. zeros): the vision tower only sees rows with ``image_mask``.
+            image_mask: (B,) bool, True where the item has an image (all True if None while
+                ``pixel_values`` is given).
+            token_type_ids: (B, L) optional segment ids for BERT-like towers.
+            return_dict: return a `MIMContentEncoderOutput` (else a tuple of its fields).
+        Returns:
+            `MIMContentEncoderOutput` with text_embeds, image_embeds (None without pixels),
+            item_embeds, all (B, embed_dim) and L2-normalised, and image_mask (B,).
+        """
+        batch_size = input_ids.shape[0]
+        text_embeds = self.encode_text(input_ids, attention_mask, token_type_ids)
+        text_embeds = nn.functional.normalize(text_embeds, dim=-1)
+
+        image_embeds = None
+        if pixel_values is None:
+            image_mask = torch.zeros(batch_size, dtype=torch.bool, device=input_ids.device)
+            item_embeds = text_embeds
+        else:
+            if pixel_values.shape[0] != batch_size:
+                raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows but input_ids has {batch_size}")
+            if image_mask is None:
+                image_mask = torch.ones(batch_size, dtype=torch.bool, device=input_ids.device)
+            image_mask = image_mask.to(device=input_ids.device, dtype=torch.bool)
+            if image_mask.shape != (batch_size,):
+                raise ValueError(f"image_mask must have shape ({batch_size},), got {tuple(image_mask.shape)}")
+            image_embeds = text_embeds.new_zeros(batch_size, self.config.embed_dim)
+            item_embeds = text_embeds
+            if bool(image_mask.any()):
+                # Run the vision tower only on rows that have an image; others keep zeros.
+                present = nn.functional.normalize(self.encode_image(pixel_values[image_mask]), dim=-1)
+                image_embeds = image_embeds.index_put((image_mask.nonzero(as_tuple=True)[0],), present)
+                fused = nn.functional.normalize(self.fusion(text_embeds[image_mask], present), dim=-1)
+                item_embeds = text_embeds.index_put((image_mask.nonzero(as_tuple=True)[0],), fused)
+
+        output = MIMContentEncoderOutput(
+            text_embeds=text_embeds, image_embeds=image_embeds, item_embeds=item_embeds, image_mask=image_mask
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save config + weights (+ the remote-code files via ``auto_map``).
+
+        Refuses while peft LoRA layers are injected: their weights would not load into plain
+        towers. Merge them first (``mim_hf.lora.merge_adapters``) or save the adapters alone
+        (``mim_hf.lora.save_adapters``).
+        """
+        if has_injected_adapters(self):
+            raise ValueError(
+                "this encoder still holds injected LoRA layers; call mim_hf.lora.merge_adapters(encoder) "
+                "before save_pretrained, or mim_hf.lora.save_adapters(encoder, dir) to save adapters only"
+            )
+        super().save_pretrained(save_directory, *args, **kwargs)
+        # The processor file travels with the model so a user without mim_hf can import it.
+        processing_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "processing_mim_encoder.py")
+        if os.path.isfile(processing_file) and os.path.isdir(save_directory):
+            shutil.copy(processing_file, os.path.join(save_directory, "processing_mim_encoder.py"))
+
+
+MIMContentEncoder.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "MIMContentEncoder",
+    "MIMContentEncoderOutput",
+    "MIMContentEncoderPreTrainedModel",
+    "tower_output_dim",
+    "has_injected_adapters",
+]

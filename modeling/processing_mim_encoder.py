@@ -1,0 +1,272 @@
+"""Processor for the MIM content encoder: item rows -> model inputs.
+
+Self-contained: imports only ``transformers`` (and the standard library) so it can travel
+with the model as remote code. It is a plain class rather than a ``ProcessorMixin``: its
+input is item *rows* (title + attributes + image), not (text, images), and it keeps counts of
+the fallbacks it applied.
+"""
+
+import base64
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
+from transformers.image_utils import load_image
+
+PROCESSOR_CONFIG_NAME = "mim_processor_config.json"
+TEXT_VIEWS = ("full", "title", "attributes")
+FALLBACK_COUNT_KEYS = (
+    "empty_title",  # title empty/whitespace -> attributes text, else `untitled_text`
+    "empty_attributes",  # view="attributes" with no attribute values -> title text
+    "truncated_text",  # text longer than max_length tokens -> truncated to max_length
+    "missing_image",  # image None -> image_mask False
+    "unreadable_image",  # image could not be decoded -> image_mask False
+    "converted_image_mode",  # image mode not RGB (L, RGBA, P, ...) -> converted to RGB
+)
+
+
+def rows_to_records(rows) -> list[dict]:
+    """Item rows as a list of dicts; accepts a dict of equal-length lists (a datasets batch),
+    a single dict of scalars is NOT accepted (ambiguous); or any sequence of dicts."""
+    if isinstance(rows, Mapping):
+        columns = {key: list(values) for key, values in rows.items()}
+        lengths = {key: len(values) for key, values in columns.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"item columns have different lengths: {lengths}")
+        n_rows = next(iter(lengths.values()), 0)
+        return [{key: columns[key][i] for key in columns} for i in range(n_rows)]
+    if isinstance(rows, Sequence) or hasattr(rows, "__iter__"):
+        records = list(rows)
+        for position, record in enumerate(records):
+            if not isinstance(record, Mapping):
+                raise TypeError(f"item row {position} is a {type(record).__name__}; expected a dict")
+        return records
+    raise TypeError(f"items must be a dict of lists or a sequence of dicts, got {type(rows).__name__}")
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (
+        isinstance(value, str) and not value.strip()
+    )
+
+
+def format_attribute_value(value) -> str:
+    """One attribute value as text: lists joined by ', ', integral floats without '.0'."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(format_attribute_value(v) for v in value if not _is_missing(v))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+class MIMContentProcessor:
+    """Turn item rows into `MIMContentEncoder` inputs.
+
+    A row has a title, attribute fields (e.g. genres, year, category, shape) and optionally an
+    image (PIL image, file path, ``{"bytes": ..., "path": ...}`` dict, or None).
+    Text template (``view="full"``): ``"Toy Story | genres: Animation, Comedy | year: 1995"``;
+    ``view="title"`` gives the title alone and ``view="attributes"`` the attribute part alone
+    (title <-> attributes alignment for text-only catalogues).
+
+    Fallbacks are applied, never silent: each is counted in ``self.fallback_counts``
+    (cumulative; see ``FALLBACK_COUNT_KEYS``; ``reset_fallback_counts()`` clears them).
+
+    Args:
+        tokenizer: the text tower's tokenizer.
+        image_processor: the vision tower's image processor, or None (text-only).
+        max_length: maximum tokens per text (special tokens included); longer texts truncated.
+        attribute_fields: attribute columns in template order; None = every column except the
+            title, image and id columns, in row order.
+        title_field / image_field / id_field: column names.
+        attribute_separator: text between title and attributes and between attributes.
+        untitled_text: text used when an item has neither a title nor attributes.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        image_processor=None,
+        max_length: int = 64,
+        attribute_fields: list[str] | None = None,
+        title_field: str = "title",
+        image_field: str = "image",
+        id_field: str = "item_id",
+        attribute_separator: str = " | ",
+        untitled_text: str = "[untitled]",
+    ):
+        if not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.max_length = max_length
+        self.attribute_fields = list(attribute_fields) if attribute_fields is not None else None
+        self.title_field = title_field
+        self.image_field = image_field
+        self.id_field = id_field
+        self.attribute_separator = attribute_separator
+        self.untitled_text = untitled_text
+        self.fallback_counts = dict.fromkeys(FALLBACK_COUNT_KEYS, 0)
+
+    def reset_fallback_counts(self) -> None:
+        self.fallback_counts = dict.fromkeys(FALLBACK_COUNT_KEYS, 0)
+
+    # ---- text -------------------------------------------------------------------------
+    def attribute_text(self, record: Mapping) -> str:
+        """``"genres: Animation, Comedy | year: 1995"`` for one row ('' if no values)."""
+        reserved = {self.title_field, self.image_field, self.id_field}
+        fields = self.attribute_fields or [key for key in record if key not in reserved]
+        parts = []
+        for field in fields:
+            value = record.get(field)
+            text = "" if _is_missing(value) else format_attribute_value(value)
+            if text:
+                parts.append(f"{field}: {text}")
+        return self.attribute_separator.join(parts)
+
+    def build_texts(self, rows, view: str = "full") -> list[str]:
+        """Item rows -> one text per row for ``view`` in ("full", "title", "attributes")."""
+        if view not in TEXT_VIEWS:
+            raise ValueError(f"view={view!r} is not supported; expected one of {TEXT_VIEWS}")
+        texts = []
+        for record in rows_to_records(rows):
+            raw_title = record.get(self.title_field)
+            title = "" if _is_missing(raw_title) else str(raw_title).strip()
+            attributes = self.attribute_text(record)
+            if not title:
+                self.fallback_counts["empty_title"] += 1
+            if view == "attributes":
+                if not attributes:
+                    self.fallback_counts["empty_attributes"] += 1
+                texts.append(attributes or title or self.untitled_text)
+            elif view == "title":
+                texts.append(title or attributes or self.untitled_text)
+            else:
+                texts.append(
+                    self.attribute_separator.join(p for p in (title, attributes) if p) or self.untitled_text
+                )
+        return texts
+
+    def tokenize(self, texts: list[str], padding="longest", return_tensors="pt"):
+        """Texts -> tokenizer output (input_ids, attention_mask, ...) truncated to max_length;
+        counts texts that had to be truncated."""
+        # Count overflow once, without special tokens, then add the specials' budget.
+        lengths = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        budget = self.max_length - self.tokenizer.num_special_tokens_to_add(pair=False)
+        self.fallback_counts["truncated_text"] += sum(len(ids) > budget for ids in lengths)
+        return self.tokenizer(
+            texts, padding=padding, truncation=True, max_length=self.max_length, return_tensors=return_tensors
+        )
+
+    # ---- images -----------------------------------------------------------------------
+    def load_rgb_image(self, image):
+        """One image value -> RGB PIL image, or None (missing/unreadable, counted)."""
+        if image is None:
+            self.fallback_counts["missing_image"] += 1
+            return None
+        try:
+            if isinstance(image, Mapping):  # datasets Image feature, undecoded
+                if image.get("bytes") is not None:
+                    image = load_image(base64.b64encode(image["bytes"]).decode("ascii"))
+                elif image.get("path"):
+                    image = load_image(image["path"])
+                else:
+                    self.fallback_counts["missing_image"] += 1
+                    return None
+            elif isinstance(image, (str, os.PathLike)):
+                image = load_image(str(image))
+            elif not hasattr(image, "convert"):
+                raise TypeError(
+                    f"image must be a PIL image, a path, a {{'bytes','path'}} dict or None, got {type(image).__name__}"
+                )
+            image.load()  # force decoding now so truncated files are caught here
+            if image.width == 0 or image.height == 0:
+                raise ValueError("empty image")
+            if image.mode != "RGB":
+                self.fallback_counts["converted_image_mode"] += 1
+                image = image.convert("RGB")
+            return image
+        except TypeError:
+            raise
+        except Exception:  # any decoder failure -> documented, counted fallback
+            self.fallback_counts["unreadable_image"] += 1
+            return None
+
+    def process_images(self, images: list) -> tuple[torch.FloatTensor | None, torch.BoolTensor]:
+        """Image values -> (pixel_values (B, C, H, W) with zeros where missing, or None if no
+        row has an image; image_mask (B,))."""
+        loaded = [self.load_rgb_image(image) for image in images]
+        image_mask = torch.tensor([image is not None for image in loaded], dtype=torch.bool)
+        if not bool(image_mask.any()):
+            return None, image_mask
+        present = self.image_processor(
+            images=[image for image in loaded if image is not None], return_tensors="pt"
+        )["pixel_values"]
+        pixel_values = present.new_zeros((len(loaded),) + tuple(present.shape[1:]))
+        pixel_values[image_mask] = present
+        return pixel_values, image_mask
+
+    def __call__(self, rows, view: str = "full", padding="longest", return_tensors: str = "pt") -> BatchFeature:
+        """Item rows -> BatchFeature with input_ids (B, L), attention_mask (B, L) (+ token_type_ids
+        for BERT-like tokenizers), image_mask (B,) and, when an image processor is set and some
+        row has an image, pixel_values (B, C, H, W) (zeros for rows without image)."""
+        records = rows_to_records(rows)
+        if not records:
+            raise ValueError("no item rows to process")
+        encoded = dict(self.tokenize(self.build_texts(records, view=view), padding, return_tensors))
+        if self.image_processor is not None:
+            pixel_values, image_mask = self.process_images([r.get(self.image_field) for r in records])
+            if pixel_values is not None:
+                encoded["pixel_values"] = pixel_values
+        else:
+            image_mask = torch.zeros(len(records), dtype=torch.bool)
+        encoded["image_mask"] = image_mask
+        return BatchFeature(encoded)
+
+    # ---- persistence --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "processor_class": type(self).__name__,
+            "max_length": self.max_length,
+            "attribute_fields": self.attribute_fields,
+            "title_field": self.title_field,
+            "image_field": self.image_field,
+            "id_field": self.id_field,
+            "attribute_separator": self.attribute_separator,
+            "untitled_text": self.untitled_text,
+        }
+
+    def save_pretrained(self, save_directory) -> None:
+        """Write tokenizer files, the image processor config (if any) and mim_processor_config.json."""
+        os.makedirs(save_directory, exist_ok=True)
+        self.tokenizer.save_pretrained(save_directory)
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(save_directory)
+        with open(os.path.join(save_directory, PROCESSOR_CONFIG_NAME), "w", encoding="utf-8") as handle:
+            json.dump(self.to_dict(), handle, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_pretrained(cls, text_model_path, vision_model_path=None, **kwargs) -> "MIMContentProcessor":
+        """Load from a directory written by ``save_pretrained`` (or build from tower folders/ids:
+        tokenizer from ``text_model_path``, image processor from ``vision_model_path`` or, if
+        None, from ``text_model_path`` when it holds a preprocessor_config.json).
+        ``kwargs`` override saved settings."""
+        settings = {}
+        config_file = os.path.join(str(text_model_path), PROCESSOR_CONFIG_NAME)
+        if os.path.isfile(config_file):
+            with open(config_file, encoding="utf-8") as handle:
+                settings = json.load(handle)
+            settings.pop("processor_class", None)
+        settings.update(kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(text_model_path)
+        image_processor = None
+        if vision_model_path is not None:
+            image_processor = AutoImageProcessor.from_pretrained(vision_model_path)
+        elif os.path.isfile(os.path.join(str(text_model_path), "preprocessor_config.json")):
+            image_processor = AutoImageProcessor.from_pretrained(text_model_path)
+        return cls(tokenizer, image_processor=image_processor, **settings)
+
+
+__all__ = ["MIMContentProcessor", "FALLBACK_COUNT_KEYS", "rows_to_records", "format_attribute_value"]
