@@ -18,6 +18,7 @@ touch valid/test; popularity counts and vocabularies see the train split only; u
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 from datasets import Dataset, DatasetDict, load_from_disk
+import datasets.utils as datasets_utils
 
 from .tables import ITEM_CONTENT_COLUMNS, RecData
 from .vocab import Vocabulary
@@ -85,11 +87,13 @@ class PreparedData:
     stats: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
+        """Write everything under ``path`` (datasets ``save_to_disk`` + JSON); returns ``path``."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.items.save_to_disk(str(path / "items"))
-        self.samples.save_to_disk(str(path / "samples"))
-        self.pairs.save_to_disk(str(path / "pairs"))
+        with _quiet_progress():
+            self.items.save_to_disk(str(path / "items"))
+            self.samples.save_to_disk(str(path / "samples"))
+            self.pairs.save_to_disk(str(path / "pairs"))
         meta = {
             "format_version": FORMAT_VERSION,
             "name": self.name,
@@ -122,6 +126,18 @@ class PreparedData:
             config=config,
             stats=json.loads((path / "stats.json").read_text()),
         )
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """Silence datasets' per-shard progress bars (a prepare run saves seven tables)."""
+    was_enabled = datasets_utils.is_progress_bar_enabled()
+    datasets_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets_utils.enable_progress_bars()
 
 
 def split_interactions(frame: pd.DataFrame, item_ids: np.ndarray, config: PrepareConfig) -> tuple[np.ndarray, np.ndarray]:

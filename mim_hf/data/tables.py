@@ -71,6 +71,11 @@ def _first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+def _plain(value):
+    """A numpy scalar as the Python value a user typed (for error messages)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def validate_items(items: Dataset, report: ValidationReport | None = None) -> Dataset:
     """Check an items table; returns it with ids as str and fallbacks applied.
 
@@ -154,21 +159,21 @@ def validate_interactions(interactions: Dataset, items: Dataset) -> Dataset:
         row = _first_bad(numeric.isna().to_numpy()) if numeric.isna().any() else 0
         raise ValueError(
             f"interactions table: timestamp must be numeric (seconds) or datetime; "
-            f"row {row} has {timestamps.iloc[row]!r} ({timestamps.dtype})"
+            f"row {row} has {_plain(timestamps.iloc[row])!r} ({timestamps.dtype})"
         )
     if pd.api.types.is_datetime64_any_dtype(timestamps):
-        timestamps = timestamps.astype("int64") // 10**9
+        timestamps = (timestamps - pd.Timestamp(0, tz=timestamps.dt.tz)) // pd.Timedelta(seconds=1)
     bad = ~np.isfinite(timestamps.to_numpy(dtype=float))
     if bad.any():
         row = _first_bad(bad)
-        raise ValueError(f"interactions table: timestamp at row {row} is {timestamps.iloc[row]!r}; expected a finite number")
+        raise ValueError(f"interactions table: timestamp at row {row} is {_plain(timestamps.iloc[row])!r}; expected a finite number")
     frame["timestamp"] = timestamps.astype("int64")
 
     labels = pd.to_numeric(frame["label"], errors="coerce")
     bad = labels.isna().to_numpy() | ~np.isin(labels.to_numpy(dtype=float), (0.0, 1.0))
     if bad.any():
         row = _first_bad(bad)
-        raise ValueError(f"interactions table: label at row {row} is {frame['label'].iloc[row]!r}; expected 0 or 1")
+        raise ValueError(f"interactions table: label at row {row} is {_plain(frame['label'].iloc[row])!r}; expected 0 or 1")
     frame["label"] = labels.astype("int8")
 
     known = pd.Index(items["item_id"])
