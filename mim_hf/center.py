@@ -1,0 +1,1011 @@
+"""Representation Center: item_id -> frozen content embedding, stored once, looked up fast.
+
+Encoders are too slow to run inside CTR training and serving, so every item is encoded once
+and its embeddings (one tensor per level: ``item_embeds``, ``text_embeds``, ``image_embeds``)
+are stored next to an item-id index and metadata naming the encoder that produced them.
+
+On-disk layout of one *version* (this is also exactly what is pushed to the Hub)::
+
+    embeddings.safetensors   one (num_items, embed_dim) tensor per level, float16 or float32
+    item_index.safetensors   item_id_bytes  uint8  (total_bytes,)  UTF-8 ids, concatenated
+                             item_id_offsets int64 (num_items + 1,) id i = bytes[off[i]:off[i+1]]
+                             id_hash_sorted uint64 (num_items,)    sorted 64-bit id hashes
+                             id_hash_rows   int64  (num_items,)    row of each sorted hash
+    metadata.json            encoder name/revision/fingerprint, embed_dim, dtype, levels, ...
+    README.md                dataset card generated from metadata.json
+
+Why this index: parsing 10M ids from JSON (or building a 10M-entry Python dict) takes seconds
+and a gigabyte; here the ids and a sorted hash table are memory-mapped, so opening is O(1) and
+a look-up hashes only the *query* ids (pandas' vectorised SipHash) and binary-searches the
+mapped table; every hit is then verified against the stored id string, so a hash collision can
+never return another item's embedding.
+
+A local center directory is *versioned* so that updates are atomic::
+
+    CURRENT                  text file naming the live version, e.g. "v0002"
+    v0001/  v0002/           one version each (layout above)
+
+A new version is written into a hidden temp directory, fsynced, renamed to ``vNNNN`` and only
+then published by ``os.replace`` of ``CURRENT``; a crash at any point leaves the previous
+version readable. A directory holding the version files directly (a Hub snapshot) is a
+read-only *flat* center.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import struct
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+EMBEDDINGS_FILE = "embeddings.safetensors"
+INDEX_FILE = "item_index.safetensors"
+METADATA_FILE = "metadata.json"
+CARD_FILE = "README.md"
+CURRENT_FILE = "CURRENT"
+DEFAULT_LEVEL = "item_embeds"
+HASH_ALGORITHM = "pandas.util.hash_array(siphash-2-4,utf8)"
+REQUIRED_METADATA_FIELDS = (
+    "format_version",
+    "encoder_name",
+    "encoder_fingerprint",
+    "embed_dim",
+    "dtype",
+    "normalized",
+    "num_items",
+    "levels",
+    "created_at",
+    "hash_key",
+)
+_STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+# safetensors dtype codes <-> numpy dtypes (only those this format writes or may meet).
+_ST_TO_NP = {
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "U8": np.uint8,
+    "I32": np.int32,
+    "I64": np.int64,
+    "U64": np.uint64,
+}
+_NP_TO_ST = {np.dtype(v): k for k, v in _ST_TO_NP.items()}
+_VERSION_RE = re.compile(r"^v(\d{4,})$")
+_MAX_HEADER_BYTES = 100_000_000
+_UPSERT_CHUNK_BYTES = 64 << 20  # rows of the old version streamed per write during upsert
+
+
+# ------------------------------------------------------------------------------------------
+# safetensors: streaming writer + memory-mapped reader
+# ------------------------------------------------------------------------------------------
+def _write_chunk(handle, array: np.ndarray) -> None:
+    """Write one C-contiguous array's bytes (a separate function so tests can inject a crash)."""
+    handle.write(memoryview(array.reshape(-1)).cast("B"))
+
+
+def _write_safetensors(
+    path: Path,
+    tensors: Sequence[tuple[str, np.dtype, tuple[int, ...], Iterable[np.ndarray]]],
+    metadata: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Stream tensors into a safetensors file without holding them all in memory.
+
+    ``tensors``: (name, numpy dtype, shape, iterable of row chunks whose concatenation along
+    axis 0 has that shape). Tensors are laid out in the given order; callers order them by
+    decreasing itemsize so every tensor stays aligned. The file is fsynced.
+    Returns ``{"bytes": file size, "sha256": hex digest of the whole file}``.
+    """
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, dtype, shape, _ in tensors:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {
+            "dtype": _NP_TO_ST[np.dtype(dtype)],
+            "shape": [int(s) for s in shape],
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    # safetensors pads the header with spaces so the data buffer starts 8-byte aligned.
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as handle:
+        prefix = struct.pack("<Q", len(header_bytes)) + header_bytes
+        handle.write(prefix)
+        digest.update(prefix)
+        for name, dtype, shape, chunks in tensors:
+            expected = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+            written = 0
+            for chunk in chunks:
+                chunk = np.ascontiguousarray(chunk, dtype=dtype)
+                if chunk.size == 0:
+                    continue
+                _write_chunk(handle, chunk)
+                digest.update(memoryview(chunk).cast("B"))
+                written += chunk.nbytes
+            if written != expected:  # an internal bug, never user input
+                raise RuntimeError(f"{path}: tensor {name!r} got {written} bytes, header says {expected}")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return {"bytes": len(prefix) + offset, "sha256": digest.hexdigest()}
+
+
+def _open_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Memory-map every tensor of a safetensors file (nothing but the header is read).
+
+    Returns ``(arrays, metadata)``: read-only numpy views over one ``np.memmap`` of the file.
+    Raises ``ValueError`` naming the file for a missing, truncated or corrupted file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: missing file (a representation center needs it)")
+    size = path.stat().st_size
+    if size < 8:
+        raise ValueError(f"{path}: truncated safetensors file ({size} bytes, less than the 8-byte header length)")
+    with open(path, "rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        if header_len > min(size - 8, _MAX_HEADER_BYTES):
+            raise ValueError(
+                f"{path}: corrupted or truncated safetensors file (header claims {header_len} bytes, "
+                f"file has {size - 8} after the length prefix)"
+            )
+        raw_header = handle.read(header_len)
+    try:
+        header = json.loads(raw_header.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path}: corrupted safetensors header ({err})") from None
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    specs = {}
+    data_end = 0
+    for name, spec in header.items():
+        try:
+            dtype = np.dtype(_ST_TO_NP[spec["dtype"]])
+            shape = tuple(int(s) for s in spec["shape"])
+            begin, end = (int(o) for o in spec["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: corrupted safetensors header entry for tensor {name!r}: {spec!r}") from None
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
+            raise ValueError(f"{path}: corrupted safetensors header: tensor {name!r} offsets {begin}..{end} "
+                             f"do not match shape {shape} of {dtype}")
+        specs[name] = (dtype, shape, begin, end)
+        data_end = max(data_end, end)
+    if data_start + data_end != size:
+        raise ValueError(
+            f"{path}: truncated or corrupted safetensors file: header describes {data_end} data bytes, "
+            f"file holds {size - data_start}"
+        )
+    buffer = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else np.empty(0, np.uint8)
+    arrays = {}
+    for name, (dtype, shape, begin, end) in specs.items():
+        if (data_start + begin) % dtype.itemsize:
+            # Unaligned data (a foreign writer): copy rather than hand out an unaligned view.
+            arrays[name] = np.frombuffer(bytes(buffer[data_start + begin: data_start + end]), dtype).reshape(shape)
+        else:
+            arrays[name] = buffer[data_start + begin: data_start + end].view(dtype).reshape(shape)
+    return arrays, metadata
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------
+# Item ids: validation, hashing
+# ------------------------------------------------------------------------------------------
+def _as_id_array(item_ids: Any, what: str = "item_ids") -> np.ndarray:
+    """Validate ``item_ids`` (a sequence of str) and return them as a 1-D object array.
+
+    Raises ``TypeError`` for anything that is not a sequence of strings (ints, floats, None):
+    raw ids are strings everywhere in mim-hf, and silently str()-ing an int would confuse a
+    vocabulary index with a raw id.
+    """
+    if isinstance(item_ids, (str, bytes)):
+        raise TypeError(f"{what} must be a sequence of str ids, got a single {type(item_ids).__name__} {item_ids!r}")
+    if isinstance(item_ids, (pa.Array, pa.ChunkedArray)):
+        item_ids = item_ids.to_pylist()
+    elif isinstance(item_ids, (pd.Index, pd.Series)):
+        item_ids = item_ids.to_numpy(dtype=object)
+    elif isinstance(item_ids, torch.Tensor):
+        raise TypeError(f"{what} must be a sequence of str ids, got a torch.Tensor of {item_ids.dtype} "
+                        "(vocabulary indices are not raw item ids)")
+    ids = np.asarray(item_ids if isinstance(item_ids, np.ndarray) else list(item_ids), dtype=object)
+    if ids.ndim != 1:
+        raise TypeError(f"{what} must be a 1-D sequence of str ids, got shape {ids.shape}")
+    if len(ids) and pd.api.types.infer_dtype(ids, skipna=False) != "string":
+        bad = next(i for i, v in enumerate(ids) if not isinstance(v, str))
+        raise TypeError(
+            f"{what} must all be str (raw item ids), but element {bad} is {ids[bad]!r} of type "
+            f"{type(ids[bad]).__name__}; convert raw ids with str() if they are not vocabulary indices"
+        )
+    return ids
+
+
+def _hash_ids(ids: np.ndarray, hash_key: str) -> np.ndarray:
+    """(N,) object array of str -> (N,) uint64 SipHash values under ``hash_key`` (16 chars)."""
+    if len(ids) == 0:
+        return np.empty(0, np.uint64)
+    return pd.util.hash_array(ids, encoding="utf8", hash_key=hash_key, categorize=False)
+
+
+def _salt(attempt: int) -> str:
+    return f"mimcenter{attempt:07d}"  # pandas needs a 16-byte key
+
+
+def _check_unique(ids: np.ndarray, what: str) -> None:
+    duplicated = pd.Index(ids).duplicated()
+    if duplicated.any():
+        dupes = list(dict.fromkeys(ids[duplicated]))[:5]
+        raise ValueError(f"{what} holds {int(duplicated.sum())} duplicate id(s), e.g. {dupes}; ids must be unique")
+
+
+def _encode_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) str ids -> (UTF-8 bytes blob uint8 (B,), offsets int64 (N+1,))."""
+    encoded = pa.array(ids, type=pa.large_string())
+    offsets = np.frombuffer(encoded.buffers()[1], np.int64, count=len(ids) + 1, offset=encoded.offset * 8)
+    blob = np.frombuffer(encoded.buffers()[2], np.uint8)[offsets[0]: offsets[-1]]
+    return blob, offsets - offsets[0]
+
+
+def _sorted_hash_table(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) uint64 hashes of rows 0..N-1 -> (sorted hashes, row of each)."""
+    rows = np.argsort(hashes, kind="stable").astype(np.int64)
+    return hashes[rows], rows
+
+
+def _has_collision(sorted_hashes: np.ndarray) -> bool:
+    return bool(len(sorted_hashes) > 1 and (sorted_hashes[1:] == sorted_hashes[:-1]).any())
+
+
+# ------------------------------------------------------------------------------------------
+# Encoder fingerprint
+# ------------------------------------------------------------------------------------------
+def encoder_fingerprint(model: torch.nn.Module) -> str:
+    """Content hash of an encoder: its config (if any) and every tensor of its state_dict.
+
+    Two encoders with the same fingerprint produce the same embeddings, so a CTR model can
+    record the fingerprint of the center it was trained with and refuse a different one.
+    Library versions and the load path are left out (``transformers_version``,
+    ``_name_or_path``): they change nothing the encoder computes.
+    Returns ``"sha256:<64 hex chars>"``.
+    """
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        config_dict = {k: v for k, v in config.to_dict().items()
+                       if k not in ("transformers_version", "_name_or_path", "_commit_hash")}
+        digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode("utf-8"))
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode("utf-8"))
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------
+# The center
+# ------------------------------------------------------------------------------------------
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _to_numpy_embeddings(name: str, embeddings: Any) -> np.ndarray:
+    """A (N, D) tensor/array of floats -> float32 or float16 numpy (no copy when possible)."""
+    if isinstance(embeddings, torch.Tensor):
+        embeddings = embeddings.detach().to("cpu")
+        if not embeddings.is_floating_point():
+            raise TypeError(f"embeddings[{name!r}] must be floating point, got {embeddings.dtype}")
+        if embeddings.dtype not in (torch.float16, torch.float32):
+            embeddings = embeddings.float()
+        return embeddings.numpy()
+    array = np.asarray(embeddings)
+    if array.dtype.kind != "f":
+        raise TypeError(f"embeddings[{name!r}] must be floating point, got {array.dtype}")
+    return array
+
+
+def _rows_normalized(arrays: Mapping[str, np.ndarray]) -> bool:
+    """True if every row of every level is L2-normalised or all-zero (a missing modality,
+    e.g. ``image_embeds`` of an item without image), within float16 precision."""
+    for array in arrays.values():
+        norms = np.linalg.norm(array.astype(np.float32), axis=1)
+        if not bool(((np.abs(norms - 1.0) <= 1e-2) | (norms == 0)).all()):
+            return False
+    return True
+
+
+class RepresentationCenter:
+    """A memory-mapped item_id -> content-embedding store (see the module docstring for layout).
+
+    Open with :meth:`load`, create with :meth:`build` (or :func:`build_center` from an
+    encoder). ``stats`` counts look-ups: ``{"lookups", "unknown_lookups"}`` (ids requested /
+    ids that were not in the center and got a zero row).
+    """
+
+    def __init__(self, root: Path, version_dir: Path, versioned: bool):
+        """Use :meth:`load`; this opens the version in ``version_dir`` (memory-mapped)."""
+        self.root = Path(root)
+        self.version_dir = Path(version_dir)
+        self.versioned = versioned
+        self.stats = {"lookups": 0, "unknown_lookups": 0}
+        self._open()
+
+    # ---- opening ------------------------------------------------------------------------
+    def _open(self) -> None:
+        metadata_path = self.version_dir / METADATA_FILE
+        if not metadata_path.is_file():
+            raise ValueError(f"{metadata_path}: missing file (a representation center needs it)")
+        try:
+            metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"{metadata_path}: not valid JSON ({err})") from None
+        missing = [f for f in REQUIRED_METADATA_FIELDS if f not in metadata]
+        if missing:
+            raise ValueError(f"{metadata_path}: missing required field(s) {missing}")
+        if metadata["format_version"] != FORMAT_VERSION:
+            raise ValueError(f"{metadata_path}: format_version {metadata['format_version']!r} is not supported "
+                             f"(this mim-hf reads {FORMAT_VERSION})")
+        num_items, embed_dim = int(metadata["num_items"]), int(metadata["embed_dim"])
+        dtype = metadata["dtype"]
+        if dtype not in _STORAGE_DTYPES:
+            raise ValueError(f"{metadata_path}: dtype {dtype!r} is not one of {sorted(_STORAGE_DTYPES)}")
+
+        embeddings_path = self.version_dir / EMBEDDINGS_FILE
+        arrays, _ = _open_safetensors(embeddings_path)
+        levels = list(metadata["levels"])
+        if DEFAULT_LEVEL not in levels:
+            raise ValueError(f"{metadata_path}: levels {levels} lack {DEFAULT_LEVEL!r}")
+        for level in levels:
+            if level not in arrays:
+                raise ValueError(f"{embeddings_path}: no tensor {level!r} (metadata.json lists levels {levels}; "
+                                 f"file holds {sorted(arrays)})")
+            array = arrays[level]
+            if array.shape != (num_items, embed_dim):
+                raise ValueError(f"{embeddings_path}: tensor {level!r} has shape {tuple(array.shape)}, "
+                                 f"metadata.json says (num_items={num_items}, embed_dim={embed_dim})")
+            if array.dtype != np.dtype(_STORAGE_DTYPES[dtype]):
+                raise ValueError(f"{embeddings_path}: tensor {level!r} is {array.dtype}, metadata.json says {dtype}")
+
+        index_path = self.version_dir / INDEX_FILE
+        index, _ = _open_safetensors(index_path)
+        expected = {"item_id_bytes": 1, "item_id_offsets": num_items + 1,
+                    "id_hash_sorted": num_items, "id_hash_rows": num_items}
+        for name, length in expected.items():
+            if name not in index:
+                raise ValueError(f"{index_path}: no tensor {name!r}")
+            if index[name].ndim != 1 or (name != "item_id_bytes" and len(index[name]) != length):
+                raise ValueError(f"{index_path}: tensor {name!r} has shape {index[name].shape}, expected "
+                                 f"({length},) for num_items={num_items}")
+        offsets, blob = index["item_id_offsets"], index["item_id_bytes"]
+        if num_items and (offsets[0] != 0 or offsets[-1] != len(blob)):
+            raise ValueError(f"{index_path}: corrupted id offsets (first {offsets[0]}, last {offsets[-1]}, "
+                             f"{len(blob)} id bytes)")
+
+        self.metadata = metadata
+        self._levels = {level: arrays[level] for level in levels}
+        self._id_offsets = offsets
+        self._id_bytes = blob
+        # Zero-copy Arrow view of the ids: rows -> str without building 10M Python strings.
+        self._id_array = pa.LargeStringArray.from_buffers(
+            num_items, pa.py_buffer(offsets), pa.py_buffer(blob))
+        self._hash_key = metadata["hash_key"]
+        self._sorted_hashes = index["id_hash_sorted"]
+        self._sorted_rows = index["id_hash_rows"]
+        self._check_hash_compatibility()
+
+    def _check_hash_compatibility(self) -> None:
+        """Re-hash two stored ids: if this pandas hashes differently, rebuild the table in RAM."""
+        if self.num_items == 0:
+            return
+        probe = np.array([0, self.num_items - 1])
+        probe_ids = np.asarray(self._id_array.take(pa.array(self._sorted_rows[probe])).to_pylist(), dtype=object)
+        if np.array_equal(_hash_ids(probe_ids, self._hash_key), self._sorted_hashes[probe]):
+            return
+        logger.warning("%s: stored id hashes differ from this pandas' hash_array; rebuilding the id table "
+                       "in memory (%d ids)", self.version_dir, self.num_items)
+        all_ids = np.asarray(self._id_array.to_pylist(), dtype=object)
+        self._sorted_hashes, self._sorted_rows = _sorted_hash_table(_hash_ids(all_ids, self._hash_key))
+        self.stats["index_rebuilt_in_memory"] = 1
+
+    @classmethod
+    def load(cls, path_or_repo_id: str | os.PathLike, revision: str | None = None,
+             token: str | None = None) -> "RepresentationCenter":
+        """Open a center from a local directory (versioned or flat) or a Hub dataset repo.
+
+        A path that is an existing directory is opened locally (``revision`` must be None);
+        anything else is taken as a Hub dataset repo id and fetched with
+        ``huggingface_hub.snapshot_download(repo_type="dataset", revision=revision)``.
+        Opening memory-maps the files: cost and resident memory do not grow with the catalogue.
+        """
+        local = Path(path_or_repo_id)
+        if local.is_dir():
+            if revision is not None:
+                raise ValueError(f"revision={revision!r} only applies to Hub repos; {local} is a local directory")
+            return cls(*cls._resolve_local(local))
+        if local.exists():
+            raise ValueError(f"{local}: not a directory (a representation center is a directory)")
+        from huggingface_hub import snapshot_download
+
+        snapshot = snapshot_download(repo_id=str(path_or_repo_id), repo_type="dataset", revision=revision, token=token)
+        return cls(*cls._resolve_local(Path(snapshot)))
+
+    @staticmethod
+    def _resolve_local(root: Path) -> tuple[Path, Path, bool]:
+        current = root / CURRENT_FILE
+        if current.is_file():
+            name = current.read_text(encoding="utf-8").strip()
+            if not _VERSION_RE.match(name) or not (root / name).is_dir():
+                raise ValueError(f"{current}: names version {name!r}, which is not a version directory in {root}")
+            return root, root / name, True
+        if (root / METADATA_FILE).is_file():
+            return root, root, False
+        raise ValueError(f"{root}: not a representation center (no {CURRENT_FILE} or {METADATA_FILE})")
+
+    # ---- properties ---------------------------------------------------------------------
+    @property
+    def num_items(self) -> int:
+        return int(self.metadata["num_items"])
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.metadata["embed_dim"])
+
+    @property
+    def levels(self) -> list[str]:
+        return list(self._levels)
+
+    @property
+    def fingerprint(self) -> str:
+        """Fingerprint of the encoder that produced these embeddings (see :func:`encoder_fingerprint`)."""
+        return self.metadata["encoder_fingerprint"]
+
+    @property
+    def version(self) -> str | None:
+        """Live version name (``"v0003"``) of a versioned center, None for a flat one."""
+        return self.version_dir.name if self.versioned else None
+
+    def __repr__(self) -> str:
+        return (f"RepresentationCenter(path={str(self.root)!r}, version={self.version!r}, items={self.num_items}, "
+                f"embed_dim={self.embed_dim}, dtype={self.metadata['dtype']}, levels={self.levels})")
+
+    def embeddings(self, level: str = DEFAULT_LEVEL) -> np.ndarray:
+        """The read-only memory-mapped (num_items, embed_dim) array of ``level``, row order = index."""
+        self._check_level(level)
+        return self._levels[level]
+
+    def item_ids(self, rows: Sequence[int] | np.ndarray | None = None) -> list[str]:
+        """Ids of ``rows`` (all rows when None; that materialises every id, avoid on huge centers)."""
+        if rows is None:
+            return self._id_array.to_pylist()
+        return self._id_array.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
+
+    def _check_level(self, level: str) -> None:
+        if level not in self._levels:
+            raise ValueError(f"level {level!r} is not in this center (levels: {self.levels})")
+
+    # ---- look-up ------------------------------------------------------------------------
+    def rows_for(self, item_ids: Sequence[str]) -> np.ndarray:
+        """(N,) str ids -> (N,) int64 rows, -1 for ids not in the center. Vectorised."""
+        ids = _as_id_array(item_ids)
+        if len(ids) == 0 or self.num_items == 0:
+            return np.full(len(ids), -1, np.int64)
+        hashes = _hash_ids(ids, self._hash_key)
+        positions = np.searchsorted(self._sorted_hashes, hashes)
+        positions = np.minimum(positions, self.num_items - 1)
+        rows = np.where(self._sorted_hashes[positions] == hashes, self._sorted_rows[positions], -1)
+        hit = np.flatnonzero(rows >= 0)
+        if len(hit):
+            # Verify hits against the stored strings: a 64-bit hash match is not proof.
+            stored = self._id_array.take(pa.array(rows[hit]))
+            same = pc.equal(stored, pa.array(ids[hit], type=pa.large_string())).to_numpy(zero_copy_only=False)
+            rows[hit[~same]] = -1
+        return rows
+
+    def lookup(self, item_ids: Sequence[str], level: str = DEFAULT_LEVEL,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of a batch of item ids.
+
+        ``item_ids``: (N,) str ids (list, tuple, numpy/pandas/arrow array). Returns
+        ``(embeds (N, embed_dim) in ``dtype``, found_mask BoolTensor (N,))``; ids not in the
+        center get a zero row and ``found_mask`` False, and are counted in
+        ``stats["unknown_lookups"]``. Raises ``TypeError`` for non-str ids.
+        """
+        self._check_level(level)
+        rows = self.rows_for(item_ids)
+        found = rows >= 0
+        table = self._levels[level]
+        self.stats["lookups"] += len(rows)
+        if found.all():
+            embeds = torch.from_numpy(np.take(table, rows, axis=0)).to(dtype)
+        else:
+            self.stats["unknown_lookups"] += int((~found).sum())
+            embeds = torch.zeros(len(rows), self.embed_dim, dtype=dtype)
+            embeds[torch.from_numpy(found)] = torch.from_numpy(np.take(table, rows[found], axis=0)).to(dtype)
+        return embeds, torch.from_numpy(found)
+
+    # ---- nearest neighbours -------------------------------------------------------------
+    def nearest(self, queries: Sequence[str] | torch.Tensor, k: int = 10, level: str = DEFAULT_LEVEL,
+                chunk_size: int = 65536, exclude_self: bool = True) -> tuple[torch.Tensor, list[list[str]]]:
+        """Top-``k`` items by cosine similarity, scanning the catalogue in chunks.
+
+        ``queries``: (Q,) str item ids (all must be in the center) or a (Q, embed_dim) / (embed_dim,)
+        float tensor. With ids and ``exclude_self`` the query item itself is never returned.
+        Memory is O(Q * (k + chunk_size)) whatever the catalogue size. ``k`` is capped at the
+        number of candidates. Returns ``(scores (Q, k) float32, ids list of Q lists of k str)``,
+        best first.
+        """
+        self._check_level(level)
+        if k < 1 or chunk_size < 1:
+            raise ValueError(f"k and chunk_size must be >= 1, got k={k}, chunk_size={chunk_size}")
+        query_rows = None
+        if isinstance(queries, torch.Tensor):
+            query_vectors = queries.detach().float().cpu()
+            if query_vectors.ndim == 1:
+                query_vectors = query_vectors[None]
+            if query_vectors.ndim != 2 or query_vectors.shape[1] != self.embed_dim:
+                raise ValueError(f"query vectors must be (Q, {self.embed_dim}), got {tuple(queries.shape)}")
+        else:
+            query_rows = self.rows_for(queries)
+            if (query_rows < 0).any():
+                unknown = [q for q, r in zip(_as_id_array(queries), query_rows) if r < 0][:5]
+                raise ValueError(f"nearest(): query ids {unknown} are not in the center ({self.num_items} items)")
+            query_vectors = torch.from_numpy(np.take(self._levels[level], query_rows, axis=0)).float()
+        query_vectors = torch.nn.functional.normalize(query_vectors, dim=-1)
+        n_queries = len(query_vectors)
+        candidates = self.num_items - (1 if query_rows is not None and exclude_self else 0)
+        k = min(k, candidates)
+        if k < 1:
+            raise ValueError(f"nearest(): no candidates left (center holds {self.num_items} item(s))")
+        best_scores = torch.full((n_queries, 0), -math.inf)
+        best_rows = torch.zeros((n_queries, 0), dtype=torch.long)
+        table = self._levels[level]
+        for start in range(0, self.num_items, chunk_size):
+            stop = min(start + chunk_size, self.num_items)
+            chunk = torch.nn.functional.normalize(torch.from_numpy(np.array(table[start:stop])).float(), dim=-1)
+            scores = query_vectors @ chunk.T  # (Q, chunk)
+            if query_rows is not None and exclude_self:
+                own = torch.from_numpy(query_rows)
+                inside = (own >= start) & (own < stop)
+                scores[inside.nonzero().squeeze(1), own[inside] - start] = -math.inf
+            rows = torch.arange(start, stop).expand(n_queries, -1)
+            merged_scores = torch.cat([best_scores, scores], dim=1)
+            merged_rows = torch.cat([best_rows, rows], dim=1)
+            top = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+            best_scores, best_rows = top.values, merged_rows.gather(1, top.indices)
+        flat_ids = self.item_ids(best_rows.reshape(-1).numpy())
+        return best_scores, [flat_ids[i * k:(i + 1) * k] for i in range(n_queries)]
+
+    # ---- compatibility ------------------------------------------------------------------
+    def check_fingerprint(self, expected_fingerprint: str, expected_dim: int | None = None) -> None:
+        """Raise ``ValueError`` unless this center came from the encoder a model was trained with.
+
+        ``expected_fingerprint`` / ``expected_dim``: what the CTR model recorded at training time.
+        """
+        problems = []
+        if expected_fingerprint != self.fingerprint:
+            problems.append(f"encoder fingerprint: model expects {expected_fingerprint!r}, "
+                            f"center has {self.fingerprint!r}")
+        if expected_dim is not None and int(expected_dim) != self.embed_dim:
+            problems.append(f"embed_dim: model expects {int(expected_dim)}, center has {self.embed_dim}")
+        if problems:
+            raise ValueError(f"representation center {self.version_dir} does not match the model ("
+                             + "; ".join(problems) + "); rebuild the center with the model's encoder or retrain")
+
+    def verify(self) -> None:
+        """Re-hash every file against the checksums in metadata.json (reads everything).
+
+        Raises ``ValueError`` naming the file whose bytes changed (silent corruption)."""
+        for name, expected in self.metadata.get("files", {}).items():
+            digest = hashlib.sha256()
+            with open(self.version_dir / name, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(block)
+            if digest.hexdigest() != expected["sha256"]:
+                raise ValueError(f"{self.version_dir / name}: corrupted (sha256 {digest.hexdigest()[:16]}... "
+                                 f"!= {expected['sha256'][:16]}... recorded in metadata.json)")
+
+    # ---- writing ------------------------------------------------------------------------
+    @classmethod
+    def build(cls, item_ids: Sequence[str], embeddings: Mapping[str, torch.Tensor | np.ndarray],
+              path: str | os.PathLike, *, encoder_name: str, encoder_fingerprint: str,
+              encoder_revision: str | None = None, dtype: str = "float16", normalized: bool | None = None,
+              overwrite: bool = False, keep_versions: int = 2,
+              extra_metadata: Mapping[str, Any] | None = None) -> "RepresentationCenter":
+        """Write a new center (or, with ``overwrite``, a new version of an existing one).
+
+        ``item_ids``: (N,) unique str ids. ``embeddings``: level name -> (N, D) float tensor; must
+        contain ``"item_embeds"``; all levels share D. ``dtype``: storage dtype, "float16" or
+        "float32". ``normalized``: whether rows are L2-normalised (detected when None).
+        Raises ``ValueError`` for duplicate ids, NaN/inf (also after the cast to ``dtype``),
+        mismatched shapes, or an existing center at ``path`` without ``overwrite``.
+        Returns the opened center.
+        """
+        ids = _as_id_array(item_ids)
+        if len(ids) == 0:
+            raise ValueError("cannot build a representation center from 0 items")
+        if (pd.Series(ids).str.len() == 0).any():
+            raise ValueError("item_ids contains an empty string; ids must be non-empty")
+        _check_unique(ids, "item_ids")
+        arrays = cls._validated_embeddings(ids, embeddings, dtype, expected_levels=None, expected_dim=None)
+        if normalized is None:
+            normalized = _rows_normalized(arrays)
+        root = Path(path)
+        if root.exists() and any(root.iterdir()):
+            try:
+                cls._resolve_local(root)
+                is_center = True
+            except ValueError:
+                is_center = False
+            if not is_center:
+                raise ValueError(f"{root}: exists and is not an empty directory or a representation center")
+            if not overwrite:
+                raise ValueError(f"{root}: a representation center already exists; pass overwrite=True to "
+                                 "write a new version, or use upsert() to add items")
+        blob, offsets = _encode_ids(ids)
+        hash_key, sorted_hashes, sorted_rows = cls._hash_table_for(ids)
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "encoder_name": encoder_name,
+            "encoder_revision": encoder_revision,
+            "encoder_fingerprint": encoder_fingerprint,
+            "embed_dim": int(next(iter(arrays.values())).shape[1]),
+            "dtype": dtype,
+            "normalized": bool(normalized),
+            "num_items": len(ids),
+            "levels": list(arrays),
+            "created_at": _utc_now(),
+            "updated_at": _utc_now(),
+            "hash_key": hash_key,
+            **dict(extra_metadata or {}),
+        }
+        level_specs = [(level, a.dtype, a.shape, [a]) for level, a in arrays.items()]
+        index_specs = cls._index_specs(blob, offsets, sorted_hashes, sorted_rows)
+        cls._write_version(root, metadata, level_specs, index_specs, keep_versions)
+        return cls.load(root)
+
+    @staticmethod
+    def _validated_embeddings(ids: np.ndarray, embeddings: Mapping[str, Any], dtype: str,
+                              expected_levels: Sequence[str] | None,
+                              expected_dim: int | None) -> dict[str, np.ndarray]:
+        """Check levels/shapes/finiteness; return level -> (N, D) numpy in the storage dtype."""
+        if dtype not in _STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_STORAGE_DTYPES)}, got {dtype!r}")
+        if not isinstance(embeddings, Mapping) or DEFAULT_LEVEL not in embeddings:
+            got = sorted(embeddings) if isinstance(embeddings, Mapping) else type(embeddings).__name__
+            raise ValueError(f"embeddings must be a dict level -> (N, D) tensor containing {DEFAULT_LEVEL!r}, got {got}")
+        if expected_levels is not None and sorted(embeddings) != sorted(expected_levels):
+            raise ValueError(f"embeddings levels {sorted(embeddings)} differ from the center's {sorted(expected_levels)}")
+        arrays = {}
+        # item_embeds first, so the stored order is stable whatever order the caller used.
+        for level in [DEFAULT_LEVEL] + sorted(set(embeddings) - {DEFAULT_LEVEL}):
+            array = _to_numpy_embeddings(level, embeddings[level])
+            dim = expected_dim if expected_dim is not None else (
+                arrays[DEFAULT_LEVEL].shape[1] if arrays else (array.shape[1] if array.ndim == 2 else None))
+            if array.ndim != 2 or array.shape[0] != len(ids) or array.shape[1] != dim or dim == 0:
+                raise ValueError(f"embeddings[{level!r}] has shape {tuple(array.shape)}, expected "
+                                 f"({len(ids)} items, {dim if dim else 'D>0'})")
+            with np.errstate(over="ignore"):  # overflow to inf is reported just below
+                stored = array.astype(_STORAGE_DTYPES[dtype], copy=False)
+            finite = np.isfinite(stored).all(axis=1)
+            if not finite.all():
+                bad = np.flatnonzero(~finite)
+                # Finite input that became inf in storage overflowed the float16 range.
+                cast_note = f" (overflows {dtype}; store as float32)" if np.isfinite(array[bad[0]]).all() else ""
+                raise ValueError(f"embeddings[{level!r}] has NaN/inf in {len(bad)} row(s), e.g. item_id "
+                                 f"{ids[bad[0]]!r}{cast_note}")
+            arrays[level] = np.ascontiguousarray(stored)
+        return arrays
+
+    @staticmethod
+    def _hash_table_for(ids: np.ndarray) -> tuple[str, np.ndarray, np.ndarray]:
+        """Find a hash key without collisions among ``ids``; return (key, sorted hashes, rows)."""
+        for attempt in range(16):
+            key = _salt(attempt)
+            sorted_hashes, sorted_rows = _sorted_hash_table(_hash_ids(ids, key))
+            if not _has_collision(sorted_hashes):
+                return key, sorted_hashes, sorted_rows
+        raise RuntimeError("16 hash keys all collided; this cannot happen with distinct ids")
+
+    @staticmethod
+    def _index_specs(blob, offsets, sorted_hashes, sorted_rows) -> list:
+        """safetensors specs of the id index; 8-byte tensors first so everything is aligned."""
+        blob_chunks = blob if isinstance(blob, list) else [blob]
+        return [
+            ("item_id_offsets", np.dtype(np.int64), (len(offsets),), [offsets]),
+            ("id_hash_sorted", np.dtype(np.uint64), (len(sorted_hashes),), [sorted_hashes]),
+            ("id_hash_rows", np.dtype(np.int64), (len(sorted_rows),), [sorted_rows]),
+            ("item_id_bytes", np.dtype(np.uint8), (sum(len(b) for b in blob_chunks),), blob_chunks),
+        ]
+
+    @classmethod
+    def _write_version(cls, root: Path, metadata: dict, level_specs: list, index_specs: list,
+                       keep_versions: int) -> Path:
+        """Write one version atomically under ``root`` (see module docstring); return its dir."""
+        root.mkdir(parents=True, exist_ok=True)
+        with _exclusive_lock(root):
+            existing = sorted(int(m.group(1)) for p in root.iterdir() if (m := _VERSION_RE.match(p.name)))
+            for stale in root.glob(".tmp-v*"):  # leftovers of a crashed writer; never live
+                shutil.rmtree(stale, ignore_errors=True)
+            name = f"v{(existing[-1] + 1) if existing else 1:04d}"
+            tmp = root / f".tmp-{name}-{os.getpid()}"
+            tmp.mkdir()
+            try:
+                files = {
+                    EMBEDDINGS_FILE: _write_safetensors(tmp / EMBEDDINGS_FILE, level_specs, {"format": "pt"}),
+                    INDEX_FILE: _write_safetensors(tmp / INDEX_FILE, index_specs,
+                                                   {"hash": HASH_ALGORITHM, "hash_key": metadata["hash_key"]}),
+                }
+                metadata = {**metadata, "version": name, "files": files}
+                _write_text_synced(tmp / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
+                _write_text_synced(tmp / CARD_FILE, dataset_card(metadata))
+                _fsync_dir(tmp)
+                os.rename(tmp, root / name)
+                _fsync_dir(root)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            # Publish: the single atomic step. Before it readers see the old version, after it the new.
+            _write_text_synced(root / (CURRENT_FILE + ".tmp"), name + "\n")
+            os.replace(root / (CURRENT_FILE + ".tmp"), root / CURRENT_FILE)
+            _fsync_dir(root)
+            for old in existing[: max(0, len(existing) + 1 - max(keep_versions, 1))]:
+                shutil.rmtree(root / f"v{old:04d}", ignore_errors=True)
+        return root / name
+
+    def upsert_embeddings(self, item_ids: Sequence[str], embeddings: Mapping[str, torch.Tensor | np.ndarray],
+                          encoder_fingerprint: str | None = None, keep_versions: int = 2) -> dict[str, Any]:
+        """Add new items and replace existing ones, writing a new version atomically.
+
+        ``item_ids``: (M,) unique str ids; ``embeddings``: level -> (M, D), the same levels as the
+        center. Existing rows keep their position (replaced in place); new items are appended.
+        ``encoder_fingerprint``: when given, must equal the center's (embeddings from another
+        encoder live in another space). Everything else is streamed from the memory-mapped
+        current version, so nothing is re-encoded and memory stays O(M + chunk).
+        Returns ``{"added", "replaced", "version"}``; ``self`` then reads the new version.
+        """
+        if not self.versioned:
+            raise ValueError(f"{self.root}: a flat (read-only, e.g. Hub snapshot) center cannot be updated; "
+                             "copy it into a versioned one with RepresentationCenter.build(..., path) first")
+        if encoder_fingerprint is not None and encoder_fingerprint != self.fingerprint:
+            raise ValueError(f"upsert: embeddings come from encoder {encoder_fingerprint!r} but the center was "
+                             f"built with {self.fingerprint!r}; build a new center instead of mixing spaces")
+        ids = _as_id_array(item_ids)
+        if len(ids) == 0:
+            return {"added": 0, "replaced": 0, "version": self.version}
+        if (pd.Series(ids).str.len() == 0).any():
+            raise ValueError("item_ids contains an empty string; ids must be non-empty")
+        _check_unique(ids, "upsert item_ids")
+        arrays = self._validated_embeddings(ids, embeddings, self.metadata["dtype"],
+                                            expected_levels=self.levels, expected_dim=self.embed_dim)
+        rows = self.rows_for(ids)
+        replace = rows >= 0
+        replaced_rows, replaced_src = rows[replace], np.flatnonzero(replace)
+        order = np.argsort(replaced_rows)
+        replaced_rows, replaced_src = replaced_rows[order], replaced_src[order]
+        new_ids = ids[~replace]
+        n_old, n_new = self.num_items, len(new_ids)
+        row_bytes = self.embed_dim * np.dtype(_STORAGE_DTYPES[self.metadata["dtype"]]).itemsize
+        chunk_rows = max(1, _UPSERT_CHUNK_BYTES // row_bytes)
+
+        def level_chunks(level: str) -> Iterator[np.ndarray]:
+            old, update = self._levels[level], arrays[level]
+            for start in range(0, n_old, chunk_rows):
+                stop = min(start + chunk_rows, n_old)
+                chunk = np.array(old[start:stop])
+                lo, hi = np.searchsorted(replaced_rows, [start, stop])
+                chunk[replaced_rows[lo:hi] - start] = update[replaced_src[lo:hi]]
+                yield chunk
+            yield update[~replace]
+
+        level_specs = [(level, self._levels[level].dtype, (n_old + n_new, self.embed_dim), level_chunks(level))
+                       for level in self.levels]
+        new_blob, new_offsets = _encode_ids(new_ids)
+        offsets = np.concatenate([self._id_offsets, new_offsets[1:] + self._id_offsets[-1]])
+        hash_key = self._hash_key
+        new_hashes = _hash_ids(new_ids, hash_key)
+        hashes = np.concatenate([self._sorted_hashes, new_hashes])
+        hash_rows = np.concatenate([self._sorted_rows, np.arange(n_old, n_old + n_new, dtype=np.int64)])
+        order = np.argsort(hashes, kind="stable")
+        sorted_hashes, sorted_rows = hashes[order], hash_rows[order]
+        if _has_collision(sorted_hashes):  # astronomically rare: re-key over all ids
+            all_ids = np.concatenate([np.asarray(self._id_array.to_pylist(), dtype=object), new_ids])
+            hash_key, sorted_hashes, sorted_rows = self._hash_table_for(all_ids)
+        index_specs = self._index_specs([self._id_bytes, new_blob], offsets, sorted_hashes, sorted_rows)
+        metadata = {**{k: v for k, v in self.metadata.items() if k not in ("version", "files")},
+                    "num_items": n_old + n_new, "hash_key": hash_key, "updated_at": _utc_now()}
+        if metadata["normalized"]:
+            metadata["normalized"] = _rows_normalized(arrays)
+        self._write_version(self.root, metadata, level_specs, index_specs, keep_versions)
+        self._reopen()
+        return {"added": n_new, "replaced": int(replace.sum()), "version": self.version}
+
+    def upsert(self, items, encoder: torch.nn.Module, processor, batch_size: int = 64,
+               show_progress: bool = True, keep_versions: int = 2) -> dict[str, Any]:
+        """Encode ``items`` (a ``datasets.Dataset`` with an ``item_id`` column: new or changed
+        items only) with ``encoder``/``processor`` and upsert them (see :meth:`upsert_embeddings`).
+
+        Raises ``ValueError`` if ``encoder`` is not the encoder the center was built with.
+        """
+        fingerprint = encoder_fingerprint(encoder)
+        if fingerprint != self.fingerprint:
+            raise ValueError(f"upsert: encoder fingerprint {fingerprint!r} differs from the center's "
+                             f"{self.fingerprint!r} ({self.metadata['encoder_name']}); build a new center")
+        embeddings = _encode(encoder, processor, items, self.levels, batch_size, show_progress)
+        return self.upsert_embeddings(items["item_id"], embeddings, keep_versions=keep_versions)
+
+    def _reopen(self) -> None:
+        self.root, self.version_dir, self.versioned = self._resolve_local(self.root)
+        self._open()
+
+    # ---- sharing ------------------------------------------------------------------------
+    def push_to_hub(self, repo_id: str, revision: str | None = None, private: bool | None = None,
+                    commit_message: str | None = None, token: str | None = None) -> str:
+        """Upload the live version (flat layout + generated card) as a Hub *dataset* repo.
+
+        ``revision``: branch to push to (created if missing). Files of an earlier push that this
+        version no longer has are deleted. Returns the commit URL.
+        """
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True)
+        message = commit_message or (f"Representation center: {self.num_items} items, {self.embed_dim}-d, "
+                                     f"encoder {self.metadata['encoder_name']}")
+        info = api.upload_folder(
+            repo_id=repo_id, repo_type="dataset", folder_path=str(self.version_dir), revision=revision,
+            commit_message=message, delete_patterns=["*.safetensors", "*.json", CARD_FILE],
+        )
+        return str(info)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(root: Path):
+    """One writer per center at a time (readers never lock)."""
+    with open(root / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_text_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def dataset_card(metadata: Mapping[str, Any]) -> str:
+    """Generate the dataset card (README.md) of a center version from its metadata only."""
+    levels = ", ".join(f"`{lv}`" for lv in metadata["levels"])
+    rows = [
+        ("Items", f"{metadata['num_items']:,}"),
+        ("Embedding dim", metadata["embed_dim"]),
+        ("Storage dtype", metadata["dtype"]),
+        ("L2-normalised", metadata["normalized"]),
+        ("Levels", levels),
+        ("Encoder", f"`{metadata['encoder_name']}`"),
+        ("Encoder revision", f"`{metadata.get('encoder_revision')}`"),
+        ("Encoder fingerprint", f"`{metadata['encoder_fingerprint']}`"),
+        ("Created", metadata["created_at"]),
+        ("Updated", metadata.get("updated_at", metadata["created_at"])),
+        ("Format version", metadata["format_version"]),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"""---
+tags:
+- mim-hf
+- representation-center
+- embeddings
+viewer: false
+---
+
+# Representation Center
+
+Frozen content embeddings of a catalogue, one row per item, produced by a
+[mim-hf](https://github.com/) content encoder. CTR models look items up here instead of
+running the encoder.
+
+| Field | Value |
+|---|---|
+{table}
+
+## Use
+
+```python
+from mim_hf.center import RepresentationCenter
+
+center = RepresentationCenter.load("<this repo id>")         # memory-mapped
+embeds, found = center.lookup(["item-1", "item-2"])          # (2, {metadata['embed_dim']}) float32, found mask
+scores, ids = center.nearest(["item-1"], k=10)               # cosine top-10
+center.check_fingerprint(model_fingerprint, {metadata['embed_dim']})  # refuse another encoder
+```
+
+## Files
+
+- `{EMBEDDINGS_FILE}`: one `({metadata['num_items']}, {metadata['embed_dim']})` {metadata['dtype']} tensor per level ({levels}).
+- `{INDEX_FILE}`: item ids as UTF-8 bytes (`item_id_bytes`) with `item_id_offsets`
+  (id *i* = `bytes[off[i]:off[i+1]]`, row *i* of every embedding tensor), and a sorted
+  64-bit hash table (`id_hash_sorted`, `id_hash_rows`; {HASH_ALGORITHM}, key in metadata).
+- `{METADATA_FILE}`: everything in the table above plus file checksums.
+"""
+
+
+def encoder_levels(encoder: torch.nn.Module) -> tuple[str, ...]:
+    """Embedding levels an encoder produces: item and text, plus image with a vision tower."""
+    has_vision = getattr(encoder, "vision_model", None) is not None
+    return ("item_embeds", "text_embeds") + (("image_embeds",) if has_vision else ())
+
+
+def _encode(encoder, processor, items, levels: Sequence[str], batch_size: int, show_progress: bool):
+    """Run ``mim_hf.encoding.encode_items``; return level -> (N, D) float tensor (levels only)."""
+    from mim_hf.encoding import encode_items
+
+    if "item_id" not in items.column_names:
+        raise ValueError(f"items must have an 'item_id' column, got columns {items.column_names}")
+    embeddings = encode_items(encoder, processor, items, batch_size=batch_size, levels=tuple(levels),
+                              show_progress=show_progress)
+    # encode_items also returns image_mask; rows without image are zero rows in image_embeds.
+    return {level: embeddings[level] for level in levels}
+
+
+def build_center(encoder: torch.nn.Module, processor, items, path: str | os.PathLike, batch_size: int = 64,
+                 dtype: str = "float16", levels: Sequence[str] | None = None, encoder_name: str | None = None,
+                 encoder_revision: str | None = None, show_progress: bool = True,
+                 overwrite: bool = False) -> RepresentationCenter:
+    """Encode every item of ``items`` and write a center at ``path``.
+
+    ``items``: ``datasets.Dataset`` with an ``item_id`` str column plus the content columns
+    ``processor`` reads (title, attributes, image). ``levels``: which embeddings to store
+    (default :func:`encoder_levels`: item + text, + image with a vision tower); rows of items
+    without an image are zero in ``image_embeds``. Encoding is ``mim_hf.encoding.encode_items``
+    (batched, length-sorted, original order restored). ``encoder_name`` defaults to the
+    encoder's ``name_or_path``. Returns the opened :class:`RepresentationCenter`.
+    """
+    levels = tuple(levels) if levels is not None else encoder_levels(encoder)
+    embeddings = _encode(encoder, processor, items, levels, batch_size, show_progress)
+    config = getattr(encoder, "config", None)
+    return RepresentationCenter.build(
+        items["item_id"], embeddings, path, encoder_name=encoder_name or _encoder_name(encoder),
+        encoder_fingerprint=encoder_fingerprint(encoder),
+        encoder_revision=encoder_revision or getattr(config, "_commit_hash", None), dtype=dtype,
+        overwrite=overwrite)
+
+
+def _encoder_name(encoder: torch.nn.Module) -> str:
+    name = getattr(encoder, "name_or_path", None) or getattr(getattr(encoder, "config", None), "_name_or_path", None)
+    return str(name) if name else type(encoder).__name__

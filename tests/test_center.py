@@ -1,0 +1,443 @@
+"""Representation Center: build/load/lookup, upsert (+ crash safety), nearest, fingerprints, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+import mim_hf.center as center_module
+from mim_hf.center import (
+    EMBEDDINGS_FILE,
+    INDEX_FILE,
+    METADATA_FILE,
+    RepresentationCenter,
+    build_center,
+    encoder_fingerprint,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FINGERPRINT = "sha256:" + "ab" * 32
+
+
+def make_embeddings(n_items, dim=8, seed=0, levels=("item_embeds", "text_embeds")):
+    generator = torch.Generator().manual_seed(seed)
+    return {level: torch.nn.functional.normalize(torch.randn(n_items, dim, generator=generator), dim=-1)
+            for level in levels}
+
+
+def build(path, n_items=50, dim=8, dtype="float32", seed=0, **kwargs):
+    item_ids = [f"item-{i}" for i in range(n_items)]
+    embeddings = make_embeddings(n_items, dim, seed)
+    center = RepresentationCenter.build(item_ids, embeddings, path, encoder_name="tiny-test-encoder",
+                                        encoder_fingerprint=FINGERPRINT, dtype=dtype, **kwargs)
+    return center, item_ids, embeddings
+
+
+def snapshot(center):
+    """Everything a reader sees: ids and every level, as numpy copies."""
+    return center.item_ids(), {level: np.array(center.embeddings(level)) for level in center.levels}
+
+
+def assert_same_snapshot(a, b):
+    assert a[0] == b[0]
+    assert a[1].keys() == b[1].keys()
+    for level in a[1]:
+        np.testing.assert_array_equal(a[1][level], b[1][level])
+
+
+# ---- build / load / lookup ----------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_build_load_lookup_equals_embeddings(tmp_path, dtype):
+    _, item_ids, embeddings = build(tmp_path / "c", n_items=40, dtype=dtype)
+    center = RepresentationCenter.load(tmp_path / "c")
+    assert len(center) == 40 and center.embed_dim == 8 and center.levels == ["item_embeds", "text_embeds"]
+    assert center.metadata["normalized"] is True and center.metadata["dtype"] == dtype
+    query = ["item-7", "item-0", "item-39", "item-7"]
+    rows = [7, 0, 39, 7]
+    for level in center.levels:
+        embeds, found = center.lookup(query, level=level)
+        assert embeds.dtype == torch.float32 and embeds.shape == (4, 8)
+        assert found.tolist() == [True] * 4
+        expected = embeddings[level][rows].to(getattr(torch, dtype)).float()
+        torch.testing.assert_close(embeds, expected, rtol=0, atol=0)
+    assert center.item_ids([3, 1]) == ["item-3", "item-1"]
+    # the files are standard safetensors, readable without mim-hf
+    version_dir = tmp_path / "c" / center.version
+    on_disk = load_file(version_dir / EMBEDDINGS_FILE)
+    np.testing.assert_array_equal(on_disk["item_embeds"], embeddings["item_embeds"].numpy().astype(dtype))
+    index = load_file(version_dir / INDEX_FILE)
+    first = index["item_id_bytes"][index["item_id_offsets"][5]:index["item_id_offsets"][6]].tobytes().decode()
+    assert first == "item-5"
+    card = (version_dir / "README.md").read_text()
+    assert "| Items | 40 |" in card and FINGERPRINT in card
+
+
+def test_unicode_and_numeric_looking_ids(tmp_path):
+    item_ids = ["242", "é-ß-中文", "a b", "0242"]
+    embeddings = make_embeddings(4, levels=("item_embeds",))
+    center = RepresentationCenter.build(item_ids, embeddings, tmp_path / "c", encoder_name="e",
+                                        encoder_fingerprint=FINGERPRINT, dtype="float32")
+    embeds, found = center.lookup(np.array(["0242", "é-ß-中文", "242"]))
+    assert found.all()
+    torch.testing.assert_close(embeds, embeddings["item_embeds"][[3, 1, 0]], rtol=0, atol=0)
+
+
+def test_unknown_ids_give_zero_rows_and_are_counted(tmp_path):
+    center, _, embeddings = build(tmp_path / "c")
+    embeds, found = center.lookup(["item-1", "nope", "item-2", "item-1x", ""])
+    assert found.tolist() == [True, False, True, False, False]
+    assert embeds[[1, 3, 4]].abs().sum() == 0
+    torch.testing.assert_close(embeds[[0, 2]], embeddings["item_embeds"][[1, 2]], rtol=0, atol=0)
+    assert center.stats == {"lookups": 5, "unknown_lookups": 3}
+    center.lookup(["zzz"])
+    assert center.stats == {"lookups": 6, "unknown_lookups": 4}
+    embeds, found = center.lookup([])
+    assert embeds.shape == (0, 8) and found.shape == (0,)
+
+
+def test_hash_collision_is_verified_against_stored_ids(tmp_path, monkeypatch):
+    center, _, embeddings = build(tmp_path / "c", n_items=10)
+    # Force every query to hash onto the table's first entry: only the stored id may match.
+    first_hash = center._sorted_hashes[0]
+    first_id = center.item_ids([center._sorted_rows[0]])[0]
+    monkeypatch.setattr(center_module, "_hash_ids", lambda ids, key: np.full(len(ids), first_hash, np.uint64))
+    embeds, found = center.lookup([first_id, "impostor"])
+    assert found.tolist() == [True, False]
+    torch.testing.assert_close(embeds[0], embeddings["item_embeds"][int(first_id.split("-")[1])], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    ([1, 2], "element 0 is 1 of type int"),
+    (["item-1", 3.5], "element 1 is 3.5 of type float"),
+    (["item-1", None], "element 1 is None"),
+    ("item-1", "single str"),
+    (torch.tensor([1, 2]), "torch.Tensor"),
+    (np.array([1, 2]), "type int"),
+])
+def test_wrong_id_types_raise_type_error(tmp_path, bad, fragment):
+    center, _, _ = build(tmp_path / "c", n_items=5)
+    with pytest.raises(TypeError, match="str") as info:
+        center.lookup(bad)
+    assert fragment in str(info.value)
+
+
+def test_lookup_unknown_level_raises(tmp_path):
+    center, _, _ = build(tmp_path / "c", n_items=5)
+    with pytest.raises(ValueError, match="image_embeds.*levels"):
+        center.lookup(["item-1"], level="image_embeds")
+
+
+# ---- upsert and atomicity -------------------------------------------------------------------
+def test_upsert_adds_new_and_replaces_changed_items(tmp_path):
+    center, item_ids, embeddings = build(tmp_path / "c", n_items=30)
+    update = make_embeddings(3, seed=1)
+    result = center.upsert_embeddings(["item-4", "new-a", "new-b"], update, encoder_fingerprint=FINGERPRINT)
+    assert result == {"added": 2, "replaced": 1, "version": "v0002"}
+    reopened = RepresentationCenter.load(tmp_path / "c")
+    for c in (center, reopened):
+        assert len(c) == 32 and c.version == "v0002"
+        assert c.item_ids()[:30] == item_ids and c.item_ids()[30:] == ["new-a", "new-b"]
+        for level in c.levels:
+            got, found = c.lookup(["item-4", "new-a", "new-b"], level=level)
+            assert found.all()
+            torch.testing.assert_close(got, update[level], rtol=0, atol=0)
+            untouched = [i for i in range(30) if i != 4]
+            np.testing.assert_array_equal(np.array(c.embeddings(level))[untouched],
+                                          embeddings[level].numpy()[untouched])
+    # previous version kept (keep_versions=2) and still intact
+    assert (tmp_path / "c" / "v0001" / EMBEDDINGS_FILE).is_file()
+    center.upsert_embeddings(["new-c"], make_embeddings(1, seed=2))
+    assert sorted(p.name for p in (tmp_path / "c").iterdir() if p.name.startswith("v")) == ["v0002", "v0003"]
+
+
+def test_upsert_streams_in_chunks(tmp_path, monkeypatch):
+    # A 1-row chunk budget exercises replacement across many chunks of the streamed copy.
+    center, _, embeddings = build(tmp_path / "c", n_items=20)
+    monkeypatch.setattr(center_module, "_UPSERT_CHUNK_BYTES", 1)
+    update = make_embeddings(4, seed=3)
+    center.upsert_embeddings(["item-19", "item-0", "item-10", "new"], update)
+    expected = embeddings["item_embeds"].clone()
+    expected[[19, 0, 10]] = update["item_embeds"][:3]
+    np.testing.assert_array_equal(np.array(center.embeddings())[:20], expected.numpy())
+
+
+def test_failed_upsert_leaves_previous_version_readable(tmp_path, monkeypatch):
+    center, _, _ = build(tmp_path / "c", n_items=30)
+    before = snapshot(center)
+    real_write_chunk = center_module._write_chunk
+    calls = {"n": 0}
+
+    def crash_after_first_chunk(handle, array):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            real_write_chunk(handle, array[: len(array) // 2])  # half a tensor reaches the disk
+            raise OSError("disk full (injected)")
+        real_write_chunk(handle, array)
+
+    monkeypatch.setattr(center_module, "_write_chunk", crash_after_first_chunk)
+    with pytest.raises(OSError, match="injected"):
+        center.upsert_embeddings(["item-1", "new"], make_embeddings(2, seed=5))
+    assert calls["n"] == 2
+    monkeypatch.setattr(center_module, "_write_chunk", real_write_chunk)
+    reopened = RepresentationCenter.load(tmp_path / "c")
+    assert reopened.version == "v0001"
+    assert_same_snapshot(snapshot(reopened), before)
+    reopened.verify()
+    assert not list((tmp_path / "c").glob(".tmp-*"))
+    # and the next update goes through
+    assert center.upsert_embeddings(["new"], make_embeddings(1, seed=6))["added"] == 1
+
+
+def test_sigkill_mid_write_leaves_previous_version_readable(tmp_path):
+    center, _, _ = build(tmp_path / "c", n_items=30)
+    before = snapshot(center)
+    script = textwrap.dedent(f"""
+        import importlib.util, os, signal, torch
+        # Load center.py alone: importing the mim_hf package would also import transformers.
+        spec = importlib.util.spec_from_file_location("center_under_test", {str(Path(center_module.__file__))!r})
+        m = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(m)
+        real = m._write_chunk
+        calls = [0]
+        def die(handle, array):
+            calls[0] += 1
+            real(handle, array[: max(1, len(array) // 2)])
+            handle.flush()
+            if calls[0] == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        m._write_chunk = die
+        c = m.RepresentationCenter.load({str(tmp_path / "c")!r})
+        c.upsert_embeddings(["item-3", "brand-new"], {{"item_embeds": torch.ones(2, 8), "text_embeds": torch.ones(2, 8)}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    assert list((tmp_path / "c").glob(".tmp-*")), "the killed writer should have left a partial temp dir"
+    reopened = RepresentationCenter.load(tmp_path / "c")
+    assert reopened.version == "v0001"
+    assert_same_snapshot(snapshot(reopened), before)
+    reopened.verify()
+    reopened.upsert_embeddings(["brand-new"], make_embeddings(1, seed=7))
+    assert not list((tmp_path / "c").glob(".tmp-*")) and reopened.version == "v0002"
+
+
+def test_upsert_rejects_bad_updates_without_writing(tmp_path):
+    center, _, _ = build(tmp_path / "c", n_items=10)
+    before = snapshot(center)
+    with pytest.raises(ValueError, match="duplicate id.*'x'"):
+        center.upsert_embeddings(["x", "x"], make_embeddings(2))
+    with pytest.raises(ValueError, match=r"shape \(2, 4\), expected \(2 items, 8\)"):
+        center.upsert_embeddings(["x", "y"], make_embeddings(2, dim=4))
+    with pytest.raises(ValueError, match="levels"):
+        center.upsert_embeddings(["x"], make_embeddings(1, levels=("item_embeds",)))
+    bad = make_embeddings(2)
+    bad["text_embeds"][1, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN/inf.*'y'"):
+        center.upsert_embeddings(["x", "y"], bad)
+    with pytest.raises(ValueError, match="sha256:other.*sha256:abab"):
+        center.upsert_embeddings(["x"], make_embeddings(1), encoder_fingerprint="sha256:other")
+    with pytest.raises(TypeError, match="element 0 is 7"):
+        center.upsert_embeddings([7], make_embeddings(1))
+    assert center.version == "v0001" and sorted(os.listdir(tmp_path / "c")) == [".lock", "CURRENT", "v0001"]
+    assert_same_snapshot(snapshot(RepresentationCenter.load(tmp_path / "c")), before)
+
+
+def test_build_over_existing_center_needs_overwrite_and_is_versioned(tmp_path):
+    build(tmp_path / "c", n_items=10)
+    with pytest.raises(ValueError, match="already exists.*overwrite=True"):
+        build(tmp_path / "c", n_items=5)
+    center, _, embeddings = build(tmp_path / "c", n_items=5, seed=9, overwrite=True)
+    assert center.version == "v0002" and len(center) == 5
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="not an empty directory or a representation center"):
+        build(tmp_path / "other")
+
+
+# ---- nearest ----------------------------------------------------------------------------------
+def brute_force(center, query_vectors, exclude_rows, k):
+    table = torch.nn.functional.normalize(torch.from_numpy(np.array(center.embeddings())).float(), dim=-1)
+    scores = torch.nn.functional.normalize(query_vectors, dim=-1) @ table.T
+    for q, row in enumerate(exclude_rows):
+        if row is not None:
+            scores[q, row] = -float("inf")
+    top = scores.topk(k, dim=1)
+    return top.values, [[f"item-{r}" for r in rows] for rows in top.indices.tolist()]
+
+
+@pytest.mark.parametrize("chunk_size", [7, 1000])
+def test_nearest_matches_brute_force(tmp_path, chunk_size):
+    center, _, embeddings = build(tmp_path / "c", n_items=100, dim=8)
+    query_ids = ["item-3", "item-50", "item-99"]
+    scores, ids = center.nearest(query_ids, k=5, chunk_size=chunk_size)
+    ref_scores, ref_ids = brute_force(center, embeddings["item_embeds"][[3, 50, 99]], [3, 50, 99], 5)
+    assert ids == ref_ids
+    torch.testing.assert_close(scores, ref_scores)
+    assert all(q not in row for q, row in zip(query_ids, ids))
+    # by vector: unnormalised vectors, nothing excluded (the item itself comes first)
+    vectors = embeddings["item_embeds"][[3, 50]] * 3.0
+    scores, ids = center.nearest(vectors, k=4, chunk_size=chunk_size)
+    ref_scores, ref_ids = brute_force(center, vectors, [None, None], 4)
+    assert ids == ref_ids and ids[0][0] == "item-3"
+    torch.testing.assert_close(scores, ref_scores)
+    # other level; k capped at the number of candidates
+    scores, ids = center.nearest(["item-1"], k=500, level="text_embeds", chunk_size=chunk_size)
+    assert scores.shape == (1, 99) and len(set(ids[0])) == 99 and "item-1" not in ids[0]
+
+
+def test_nearest_rejects_unknown_query_ids_and_bad_shapes(tmp_path):
+    center, _, _ = build(tmp_path / "c", n_items=10)
+    with pytest.raises(ValueError, match="'ghost'.*not in the center"):
+        center.nearest(["item-1", "ghost"], k=2)
+    with pytest.raises(ValueError, match=r"\(Q, 8\)"):
+        center.nearest(torch.zeros(2, 5), k=2)
+
+
+# ---- fingerprints -----------------------------------------------------------------------------
+def test_encoder_fingerprint_tracks_weights_and_config():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    first = encoder_fingerprint(model)
+    assert first.startswith("sha256:") and first == encoder_fingerprint(model)
+    clone = torch.nn.Linear(4, 3)
+    clone.load_state_dict(model.state_dict())
+    assert encoder_fingerprint(clone) == first
+    with torch.no_grad():
+        clone.weight[0, 0] += 1e-3
+    assert encoder_fingerprint(clone) != first
+
+
+def test_check_fingerprint_mismatch_names_both(tmp_path):
+    center, _, _ = build(tmp_path / "c", n_items=5)
+    center.check_fingerprint(FINGERPRINT, 8)
+    with pytest.raises(ValueError, match=r"model expects 'sha256:other', center has 'sha256:abab"):
+        center.check_fingerprint("sha256:other", 8)
+    with pytest.raises(ValueError, match="embed_dim: model expects 16, center has 8"):
+        center.check_fingerprint(FINGERPRINT, 16)
+
+
+# ---- bad input / corrupted files --------------------------------------------------------------
+def test_build_rejects_bad_input(tmp_path):
+    embeddings = make_embeddings(3)
+    kwargs = dict(encoder_name="e", encoder_fingerprint=FINGERPRINT)
+    with pytest.raises(ValueError, match="2 duplicate id.*'a'"):
+        RepresentationCenter.build(["a", "a", "a"], embeddings, tmp_path / "c", **kwargs)
+    bad = {k: v.clone() for k, v in embeddings.items()}
+    bad["item_embeds"][2, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"embeddings\['item_embeds'\] has NaN/inf in 1 row.*'c'"):
+        RepresentationCenter.build(["a", "b", "c"], bad, tmp_path / "c", **kwargs)
+    big = {"item_embeds": torch.full((3, 8), 1e6)}
+    with pytest.raises(ValueError, match="overflows float16"):
+        RepresentationCenter.build(["a", "b", "c"], big, tmp_path / "c", dtype="float16", **kwargs)
+    with pytest.raises(ValueError, match=r"shape \(2, 8\), expected \(3 items"):
+        RepresentationCenter.build(["a", "b", "c"], make_embeddings(2), tmp_path / "c", **kwargs)
+    with pytest.raises(ValueError, match=r"embeddings\['text_embeds'\] has shape \(3, 4\), expected \(3 items, 8\)"):
+        RepresentationCenter.build(["a", "b", "c"], {"item_embeds": torch.ones(3, 8), "text_embeds": torch.ones(3, 4)},
+                                   tmp_path / "c", **kwargs)
+    with pytest.raises(ValueError, match="containing 'item_embeds'"):
+        RepresentationCenter.build(["a", "b", "c"], {"text_embeds": torch.ones(3, 8)}, tmp_path / "c", **kwargs)
+    with pytest.raises(TypeError, match="element 1 is 2"):
+        RepresentationCenter.build(["a", 2, "c"], embeddings, tmp_path / "c", **kwargs)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        RepresentationCenter.build(["a", "b", "c"], embeddings, tmp_path / "c", dtype="int8", **kwargs)
+    with pytest.raises(ValueError, match="empty string"):
+        RepresentationCenter.build(["a", "", "c"], embeddings, tmp_path / "c", **kwargs)
+    assert not (tmp_path / "c").exists()
+
+
+def _live_dir(root):
+    return root / (root / "CURRENT").read_text().strip()
+
+
+def test_truncated_safetensors_is_reported_with_file_name(tmp_path):
+    build(tmp_path / "c", n_items=20)
+    path = _live_dir(tmp_path / "c") / EMBEDDINGS_FILE
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    with pytest.raises(ValueError, match=rf"{path}: truncated or corrupted safetensors file"):
+        RepresentationCenter.load(tmp_path / "c")
+    path.write_bytes(data[:5])
+    with pytest.raises(ValueError, match=rf"{path}: truncated safetensors file \(5 bytes"):
+        RepresentationCenter.load(tmp_path / "c")
+
+
+def test_corrupted_safetensors_header_and_data(tmp_path):
+    build(tmp_path / "c", n_items=20)
+    index_path = _live_dir(tmp_path / "c") / INDEX_FILE
+    data = bytearray(index_path.read_bytes())
+    original = bytes(data)
+    data[10:14] = b"\xff\xfe{]"
+    index_path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{index_path}: corrupted safetensors header"):
+        RepresentationCenter.load(tmp_path / "c")
+    data = bytearray(original)
+    data[0:8] = (10**12).to_bytes(8, "little")
+    index_path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{index_path}: corrupted or truncated safetensors file \(header claims"):
+        RepresentationCenter.load(tmp_path / "c")
+    # A flipped byte in the data region opens (nothing is read) but verify() names the file.
+    index_path.write_bytes(original)
+    emb_path = _live_dir(tmp_path / "c") / EMBEDDINGS_FILE
+    emb = bytearray(emb_path.read_bytes())
+    emb[-3] ^= 0xFF
+    emb_path.write_bytes(bytes(emb))
+    center = RepresentationCenter.load(tmp_path / "c")
+    with pytest.raises(ValueError, match=rf"{emb_path}: corrupted \(sha256"):
+        center.verify()
+
+
+def _edit_metadata(root, edit):
+    path = _live_dir(root) / METADATA_FILE
+    metadata = json.loads(path.read_text())
+    edit(metadata)
+    path.write_text(json.dumps(metadata))
+    return path
+
+
+def test_metadata_disagreements_are_reported(tmp_path):
+    build(tmp_path / "c", n_items=20)
+    root = tmp_path / "c"
+    emb_path = _live_dir(root) / EMBEDDINGS_FILE
+    path = _edit_metadata(root, lambda m: m.update(embed_dim=16))
+    with pytest.raises(ValueError, match=rf"{emb_path}: tensor 'item_embeds' has shape \(20, 8\), metadata.json says "
+                                         r"\(num_items=20, embed_dim=16\)"):
+        RepresentationCenter.load(root)
+    _edit_metadata(root, lambda m: m.update(embed_dim=8, dtype="float16"))
+    with pytest.raises(ValueError, match="is float32, metadata.json says float16"):
+        RepresentationCenter.load(root)
+    _edit_metadata(root, lambda m: (m.update(dtype="float32"), m.pop("encoder_fingerprint")))
+    with pytest.raises(ValueError, match=rf"{path}: missing required field\(s\) \['encoder_fingerprint'\]"):
+        RepresentationCenter.load(root)
+    _edit_metadata(root, lambda m: m.update(encoder_fingerprint=FINGERPRINT, levels=["item_embeds", "image_embeds"]))
+    with pytest.raises(ValueError, match="no tensor 'image_embeds'"):
+        RepresentationCenter.load(root)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=rf"{path}: not valid JSON"):
+        RepresentationCenter.load(root)
+
+
+def test_load_rejects_non_centers(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a representation center"):
+        RepresentationCenter.load(tmp_path / "empty")
+    build(tmp_path / "c", n_items=3)
+    (tmp_path / "c" / "CURRENT").write_text("v0009\n")
+    with pytest.raises(ValueError, match="names version 'v0009'"):
+        RepresentationCenter.load(tmp_path / "c")
+    with pytest.raises(ValueError, match="only applies to Hub repos"):
+        RepresentationCenter.load(tmp_path / "empty", revision="main")
+
+
+def test_flat_center_is_read_only(tmp_path):
+    center, _, embeddings = build(tmp_path / "c", n_items=6)
+    flat = RepresentationCenter.load(tmp_path / "c" / center.version)  # the Hub layout
+    assert flat.version is None and not flat.versioned
+    torch.testing.assert_close(flat.lookup(["item-2"])[0][0], embeddings["item_embeds"][2], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="flat.*cannot be updated"):
+        flat.upsert_embeddings(["x"], make_embeddings(1))
