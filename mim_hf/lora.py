@@ -70,6 +70,8 @@ def apply_lora(encoder: MIMContentEncoder, towers: tuple[str, ...] = TOWERS) -> 
                 param.requires_grad_("lora_" in param_name)
     for param in _head_parameters(encoder).values():
         param.requires_grad_(True)
+    # Injected layers start in training mode; keep the encoder's mode (eval -> no LoRA dropout).
+    encoder.train(encoder.training)
     return encoder
 
 
