@@ -16,3 +16,8 @@ from .modeling.processing_mim_encoder import MIMContentProcessor  # noqa: E402
 _AutoConfig.register(MIMContentEncoderConfig.model_type, MIMContentEncoderConfig, exist_ok=True)
 _AutoModel.register(MIMContentEncoderConfig, MIMContentEncoder, exist_ok=True)
 # [ctr-registration]
+from transformers import AutoConfig as _AutoConfig, AutoModel as _AutoModel  # noqa: E402
+from .modeling.configuration_ciubm import CiUBMConfig  # noqa: E402
+from .modeling.modeling_ciubm import CiUBMForCTR  # noqa: E402
+_AutoConfig.register(CiUBMConfig.model_type, CiUBMConfig, exist_ok=True)
+_AutoModel.register(CiUBMConfig, CiUBMForCTR, exist_ok=True)

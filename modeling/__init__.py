@@ -6,3 +6,5 @@ code; installed, this folder is the sub-package ``mim_hf.modeling``.
 
 from .configuration_mim_encoder import MIMContentEncoderConfig
 from .modeling_mim_encoder import MIMContentEncoder
+from .configuration_ciubm import CiUBMConfig
+from .modeling_ciubm import CiUBMForCTR, CiUBMOutput

@@ -1,0 +1,294 @@
+"""Tests for the CiUBM CTR model (modeling/configuration_ciubm.py, modeling/modeling_ciubm.py)."""
+
+import json
+
+import pytest
+import torch
+from torch.nn import functional as F
+from transformers import AutoConfig, AutoModel
+
+import mim_hf  # noqa: F401  (registers the Auto classes)
+from mim_hf.modeling.configuration_ciubm import CiUBMConfig
+from mim_hf.modeling.modeling_ciubm import (
+    CiUBMForCTR,
+    CiUBMSimilarityHistogram,
+    CiUBMTargetAttention,
+    content_cosine_similarity,
+)
+
+N_USERS, N_ITEMS, CONTENT_DIM = 9, 30, 8
+MODES = ("din", "content_feature", "ciubm")
+
+
+class CiUBMModelTester:
+    """Tiny config + random inputs; item features: multi-valued genres and a year."""
+
+    def __init__(self, batch_size=4, seq_len=6, seed=0):
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+
+    def get_config(self, **overrides):
+        kwargs = dict(
+            n_users=N_USERS, n_items=N_ITEMS,
+            user_feature_sizes={"user_gender": 3},
+            item_feature_sizes={"item_genres": 6, "item_year": 5},
+            multi_valued_item_features=["item_genres"],
+            id_embed_dim=4, content_dim=CONTENT_DIM, content_proj_dim=4,
+            attention_hidden_sizes=[8, 4], fusion_hidden_sizes=[16, 8],
+            histogram_n_bins=4, sim_top_k=3, dropout=0.0,
+        )
+        kwargs.update(overrides)
+        return CiUBMConfig(**kwargs)
+
+    def get_model(self, **overrides):
+        torch.manual_seed(self.seed)
+        return CiUBMForCTR(self.get_config(**overrides)).eval()
+
+    def get_inputs(self, seq_len=None, with_labels=True):
+        batch, length = self.batch_size, seq_len or self.seq_len
+        g = torch.Generator().manual_seed(self.seed)
+        lengths = torch.tensor([length, 1, 0, max(length - 2, 1)])[:batch]  # row 2: no behaviour at all
+        mask = torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)
+        inputs = {
+            "user_ids": torch.randint(0, N_USERS, (batch,), generator=g),
+            "target_item_ids": torch.randint(1, N_ITEMS, (batch,), generator=g),
+            "behavior_item_ids": torch.randint(1, N_ITEMS, (batch, length), generator=g) * mask,
+            "behavior_mask": mask,
+            "user_features": {"user_gender": torch.randint(0, 3, (batch,), generator=g)},
+            "target_item_features": {
+                "item_genres": torch.randint(0, 6, (batch, 3), generator=g),
+                "item_year": torch.randint(0, 5, (batch,), generator=g),
+            },
+            "behavior_item_features": {
+                "item_genres": torch.randint(0, 6, (batch, length, 3), generator=g) * mask.unsqueeze(-1),
+                "item_year": torch.randint(0, 5, (batch, length), generator=g) * mask,
+            },
+            "target_content_embeds": torch.randn(batch, CONTENT_DIM, generator=g),
+            "behavior_content_embeds": torch.randn(batch, length, CONTENT_DIM, generator=g) * mask.unsqueeze(-1),
+        }
+        if with_labels:
+            inputs["labels"] = torch.tensor([1, 0, 1, 0])[:batch]
+        return inputs
+
+
+tester = CiUBMModelTester()
+
+
+def with_padding_garbage(inputs, extra, seed=123):
+    """Append `extra` padded positions and fill every padded position with random ids/features/content."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(inputs)
+    mask = torch.cat([inputs["behavior_mask"], torch.zeros(len(inputs["behavior_mask"]), extra, dtype=torch.bool)], 1)
+    pad = ~mask
+    batch, length = mask.shape
+
+    def fill(old, shape_tail, high):
+        grown = torch.cat([old, torch.zeros(batch, extra, *shape_tail, dtype=old.dtype)], 1)
+        garbage = torch.randint(1, high, grown.shape, generator=g).to(old.dtype) if high else torch.randn(
+            grown.shape, generator=g) * 100
+        keep = pad.view(batch, length, *([1] * len(shape_tail)))
+        return torch.where(keep, garbage, grown)
+
+    out["behavior_mask"] = mask
+    out["behavior_item_ids"] = fill(inputs["behavior_item_ids"], (), N_ITEMS)
+    out["behavior_item_features"] = {
+        "item_genres": fill(inputs["behavior_item_features"]["item_genres"], (3,), 6),
+        "item_year": fill(inputs["behavior_item_features"]["item_year"], (), 5),
+    }
+    out["behavior_content_embeds"] = fill(inputs["behavior_content_embeds"], (CONTENT_DIM,), None)
+    return out
+
+
+@pytest.mark.parametrize("base", ["din", "sim"])
+@pytest.mark.parametrize("mode", MODES)
+def test_output_shapes_and_loss(mode, base):
+    model = tester.get_model(mode=mode, base=base)
+    out = model(**tester.get_inputs())
+    assert out.logits.shape == out.probs.shape == (4,)
+    assert out.loss.shape == () and torch.isfinite(out.loss)
+    torch.testing.assert_close(out.probs, torch.sigmoid(out.logits))
+    torch.testing.assert_close(out.loss, F.binary_cross_entropy_with_logits(out.logits, torch.tensor([1.0, 0, 1, 0])))
+    kept = min(3, tester.seq_len) if base == "sim" else tester.seq_len
+    assert out.id_attention_weights.shape == (4, kept)
+    assert (out.selected_behavior_indices is not None) == (base == "sim")
+    assert (out.content_attention_weights is not None) == (mode == "ciubm")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_reach_exactly_the_mode_parameters(mode):
+    model = tester.get_model(mode=mode).train()
+    model(**tester.get_inputs()).loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    names = set(grads)
+    assert ("content_projection.weight" in names) == (mode != "din")
+    assert ("similarity_scale" in names) == (mode == "ciubm")
+    missing = [name for name, grad in grads.items() if grad is None or not torch.isfinite(grad).all()]
+    assert missing == []
+    no_signal = [name for name, grad in grads.items() if grad.abs().sum() == 0]
+    assert no_signal == []
+    # unknown/padding row of the ID tables stays untouched under the default "zero" policy
+    assert grads["embeddings.item_id_embeddings.weight"][0].abs().sum() == 0
+
+
+def test_din_mode_ignores_content():
+    model = tester.get_model(mode="din")
+    inputs = tester.get_inputs()
+    with_content = model(**inputs).logits
+    inputs.update(target_content_embeds=None, behavior_content_embeds=None)
+    torch.testing.assert_close(model(**inputs).logits, with_content, atol=0, rtol=0)
+
+
+def test_content_changes_output_in_content_modes():
+    for mode in ("content_feature", "ciubm"):
+        model = tester.get_model(mode=mode)
+        inputs = tester.get_inputs()
+        before = model(**inputs).logits
+        inputs["target_content_embeds"] = torch.randn(4, CONTENT_DIM)
+        assert not torch.allclose(model(**inputs).logits, before)
+
+
+@pytest.mark.parametrize("base", ["din", "sim"])
+@pytest.mark.parametrize("mode", MODES)
+def test_padding_never_changes_output(mode, base):
+    model = tester.get_model(mode=mode, base=base, attention_normalization="softmax")
+    inputs = tester.get_inputs()
+    expected = model(**inputs).logits
+    actual = model(**with_padding_garbage(inputs, extra=5)).logits
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_padding_invariance_with_din_sum_pooling():
+    model = tester.get_model(mode="ciubm", attention_normalization="sum")
+    inputs = tester.get_inputs()
+    torch.testing.assert_close(model(**with_padding_garbage(inputs, 4)).logits, model(**inputs).logits)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_all_padding_sequences_are_finite(mode):
+    model = tester.get_model(mode=mode).train()
+    inputs = tester.get_inputs()
+    inputs["behavior_mask"] = torch.zeros_like(inputs["behavior_mask"])
+    out = model(**inputs)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert out.id_attention_weights.abs().sum() == 0
+
+
+def test_attention_unit_equals_textbook_concatenation():
+    torch.manual_seed(0)
+    unit = CiUBMTargetAttention(embed_dim=5, hidden_sizes=[7, 3], hidden_act="relu", normalization="softmax")
+    query, keys = torch.randn(2, 5), torch.randn(2, 4, 5)
+    mask = torch.tensor([[True, True, False, True], [True, False, False, False]])
+    interest, weights = unit(query, keys, mask)
+    q = query.unsqueeze(1).expand_as(keys)
+    hidden = unit.input_layer(torch.cat([q, keys, q - keys, q * keys], dim=-1))
+    scores = unit.score_layers(torch.relu(hidden)).squeeze(-1).masked_fill(~mask, float("-inf"))
+    expected_weights = torch.softmax(scores, dim=-1)
+    torch.testing.assert_close(weights, expected_weights)
+    torch.testing.assert_close(interest, (expected_weights.unsqueeze(-1) * keys).sum(1))
+
+
+def test_similarity_histogram_by_hand():
+    similarity = torch.tensor([[-0.9, -0.1, 0.2, 0.95, 0.3], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True, True, False], [False] * 5])
+    # 4 bins over [-1, 1]: [-1,-.5) [-.5,0) [0,.5) [.5,1]; the masked 0.3 is not counted
+    expected = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(CiUBMSimilarityHistogram(4)(similarity, mask), expected)
+
+
+def test_sim_search_keeps_most_similar_and_matches_din_on_them():
+    torch.manual_seed(0)
+    inputs = tester.get_inputs(seq_len=8)
+    target = inputs["target_content_embeds"]
+    content = torch.randn(4, 8, CONTENT_DIM)
+    # row 0: positions 6, 1, 4 made increasingly similar to the target
+    for position, weight in ((6, 10.0), (1, 5.0), (4, 3.0)):
+        content[0, position] = weight * target[0] + 0.1 * content[0, position]
+    # row 3 (6 valid): a padded position made identical to the target must not be picked
+    content[3, 7] = target[3]
+    inputs["behavior_content_embeds"] = content
+    model = tester.get_model(mode="ciubm", base="sim")
+    out = model(**inputs)
+    selected = out.selected_behavior_indices
+    assert set(selected[0].tolist()) == {6, 1, 4}
+    similarity = content_cosine_similarity(target, content).masked_fill(~inputs["behavior_mask"], -2)
+    assert set(selected[3].tolist()) == set(similarity[3].topk(3).indices.tolist())
+    assert 7 not in selected[3].tolist()
+    # the same weights with base="din" on the kept behaviours give the same logits
+    din_base = CiUBMForCTR(model.config.__class__(**{**model.config.to_dict(), "base": "din"})).eval()
+    din_base.load_state_dict(model.state_dict())
+    gathered = dict(inputs)
+    take = lambda t: t.gather(1, selected if t.dim() == 2 else selected.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+    for key in ("behavior_item_ids", "behavior_mask", "behavior_content_embeds"):
+        gathered[key] = take(inputs[key])
+    gathered["behavior_item_features"] = {k: take(v) for k, v in inputs["behavior_item_features"].items()}
+    torch.testing.assert_close(din_base(**gathered).logits, out.logits)
+
+
+def test_save_load_identical_logits_and_auto_classes(tmp_path):
+    vocabularies = {
+        "user_id": ["[UNK]"] + [f"u{i}" for i in range(1, N_USERS)],
+        "item_id": ["[UNK]"] + [f"i{i}" for i in range(1, N_ITEMS)],
+        "user_gender": ["[UNK]", "F", "M"],
+        "item_genres": ["[UNK]", "a", "b", "c", "d", "e"],
+        "item_year": ["[UNK]", "1990", "1991", "1992", "1993"],
+    }
+    model = tester.get_model(mode="ciubm", vocabularies=vocabularies, center_fingerprint="abc123")
+    inputs = tester.get_inputs()
+    expected = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["auto_map"] == {"AutoConfig": "configuration_ciubm.CiUBMConfig",
+                                 "AutoModel": "modeling_ciubm.CiUBMForCTR"}
+    assert (tmp_path / "modeling_ciubm.py").is_file() and (tmp_path / "configuration_ciubm.py").is_file()
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), CiUBMConfig)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(loaded) is CiUBMForCTR
+    assert loaded.config.vocabularies["item_year"] == vocabularies["item_year"]
+    assert loaded.config.center_fingerprint == "abc123"
+    torch.testing.assert_close(loaded(**inputs).logits, expected, atol=0, rtol=0)
+
+
+def test_unknown_row_policies():
+    with pytest.raises(ValueError, match="unknown_id_dropout > 0"):
+        tester.get_config(unknown_row_policy="trained")
+    model = tester.get_model(unknown_row_policy="trained", unknown_id_dropout=0.5).train()
+    assert model.embeddings.item_id_embeddings.weight[0].abs().sum() == 0  # starts at zero
+    model(**tester.get_inputs()).loss.backward()
+    assert model.embeddings.item_id_embeddings.weight.grad[0].abs().sum() > 0  # and is trained
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = tester.get_model(mode="ciubm")
+    inputs = tester.get_inputs()
+    with pytest.raises(ValueError, match="labels must be 0 or 1, got 2"):
+        model(**{**inputs, "labels": torch.tensor([1, 0, 2, 0])})
+    with pytest.raises(ValueError, match="content dim 5 but config.content_dim is 8"):
+        model(**{**inputs, "target_content_embeds": torch.randn(4, 5)})
+    with pytest.raises(ValueError, match="needs target_content_embeds"):
+        model(**{**inputs, "behavior_content_embeds": None})
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 30\)"):
+        model(**{**inputs, "target_item_ids": torch.tensor([1, 2, 30, 4])})
+    with pytest.raises(ValueError, match="do not match the config"):
+        model(**{**inputs, "user_features": {"user_age": torch.zeros(4, dtype=torch.long)}})
+    with pytest.raises(ValueError, match="behavior_mask shape"):
+        model(**{**inputs, "behavior_mask": inputs["behavior_mask"][:, :3]})
+    with pytest.raises(ValueError, match="mode must be one of"):
+        tester.get_config(mode="dien")
+    with pytest.raises(ValueError, match="disagrees with its vocabulary"):
+        tester.get_config(vocabularies={"user_id": ["[UNK]", "u"], "item_id": ["[UNK]", "i"],
+                                        "user_gender": ["[UNK]"], "item_genres": ["[UNK]"], "item_year": ["[UNK]"]})
+
+
+def test_remote_code_copy_loads_and_matches(tmp_path):
+    # load the class the way trust_remote_code does (from the files copied next to the weights),
+    # bypassing the local registration that `import mim_hf` made
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    model = tester.get_model(mode="ciubm", base="sim")
+    inputs = tester.get_inputs(seq_len=7)
+    model.save_pretrained(tmp_path)
+    remote_class = get_class_from_dynamic_module("modeling_ciubm.CiUBMForCTR", str(tmp_path))
+    assert remote_class.__module__.startswith("transformers_modules"), remote_class.__module__
+    remote = remote_class.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(remote(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
