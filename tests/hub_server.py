@@ -59,6 +59,7 @@ cannot hang a test.
 from __future__ import annotations
 
 import base64
+import collections
 import dataclasses
 import datetime
 import hashlib
@@ -185,6 +186,7 @@ class _HubState:
         self.blobs: dict[str, bytes] = {}  # git blob oid -> content of regular files
         self._commit_counter = itertools.count()
         self.upload_secret = secrets.token_bytes(16)
+        self.request_log: collections.deque = collections.deque(maxlen=10_000)  # (method, path, status)
 
     def new_commit(self, repo: _Repo, parent: _Commit | None, title: str, message: str,
                    files: dict[str, _FileEntry]) -> _Commit:
@@ -270,17 +272,22 @@ class _Handler(BaseHTTPRequestHandler):
                     break
             else:
                 raise HubError(404, f"no route for {method} {split.path} in the local Hub test double")
-        except HubError as err:
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an HTTP answer, never a hang
+            err = exc if isinstance(exc, HubError) else HubError(500, f"{type(exc).__name__}: {exc}")
+            if not isinstance(exc, HubError):
+                self.close_connection = True  # the request stream may be out of sync: do not reuse it
             status, headers = err.status, dict(err.headers)
             body = json.dumps({"error": err.message, **err.extra}).encode()
             headers["Content-Type"] = "application/json"
             headers["X-Error-Message"] = err.message.encode("ascii", "replace").decode()
             if err.code:
                 headers["X-Error-Code"] = err.code
-        try:
-            self._read_body()  # drain an unread body so the kept-alive connection stays in sync
-        except HubError:
-            self.close_connection = True  # body too large to drain: drop the connection instead
+        if not self.close_connection:
+            try:
+                self._read_body()  # drain an unread body so the kept-alive connection stays in sync
+            except Exception:  # noqa: BLE001 - too large or malformed: drop the connection instead
+                self.close_connection = True
+        self.state.request_log.append((method, split.path, status))
         self._send(method, status, body, headers)
 
     def _send(self, method: str, status: int, body: bytes, headers: dict) -> None:
@@ -695,6 +702,11 @@ class LocalHub:
         self._server.endpoint = self.endpoint
         self._thread = threading.Thread(target=self._server.serve_forever, name="local-hub", daemon=True)
         self._thread.start()
+
+    def requests(self) -> list[tuple[str, str, int]]:
+        """(method, path, status) of the requests served so far, oldest first (last 10,000)."""
+        with self._server.state.lock:
+            return list(self._server.state.request_log)
 
     def repo_ids(self) -> list[tuple[str, str]]:
         """(repo_type, repo_id) of every repo created so far."""

@@ -89,6 +89,15 @@ def test_upload_folder_listing_and_tree(hub_server, weights_file, tmp_path):
     info = api.get_paths_info(repo_id, ["README.md", "sub", "missing.txt"], repo_type="dataset")
     assert [(type(i).__name__, i.path) for i in info] == [("RepoFile", "README.md"), ("RepoFolder", "sub")]
 
+    # HfFileSystem reads byte ranges (HTTP Range) of the resolved file.
+    from huggingface_hub import HfFileSystem
+
+    fs = HfFileSystem(endpoint=hub_server.endpoint, token=hub_server.token)
+    with fs.open(f"datasets/{repo_id}/sub/deeper/w.safetensors", "rb", block_size=8) as remote:
+        remote.seek(5)
+        assert remote.read(11) == weights_file.read_bytes()[5:16]
+    assert fs.read_text(f"datasets/{repo_id}/README.md") == "# a card\n"
+
     api.delete_file("README.md", repo_id=repo_id, repo_type="dataset")
     assert "README.md" not in api.list_repo_files(repo_id, repo_type="dataset")
     assert len(api.list_repo_commits(repo_id, repo_type="dataset")) == 3  # initial, upload, delete
@@ -124,6 +133,29 @@ def test_missing_revision_and_missing_repo(hub_server, tmp_path):
         api.model_info("test-user/never-created")
     with pytest.raises(Exception, match="Repo id must"):
         api.create_repo("bad//id")  # rejected by the client before any request
+
+
+def test_stale_parent_commit_is_refused(hub_server):
+    from huggingface_hub import CommitOperationAdd
+
+    api = _api(hub_server)
+    repo_id = api.create_repo("test-user/concurrency").repo_id
+    stale = api.model_info(repo_id).sha
+    api.upload_file(path_or_fileobj=b"first", path_in_repo="a.txt", repo_id=repo_id)
+    with pytest.raises(HfHubHTTPError) as excinfo:
+        api.create_commit(repo_id, operations=[CommitOperationAdd("b.txt", b"second")],
+                          commit_message="racing", parent_commit=stale)
+    assert excinfo.value.response.status_code == 412  # datasets' push_to_hub retries on exactly this
+
+
+def test_private_repo_hidden_without_token(hub_server, monkeypatch):
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    repo_id = _api(hub_server).create_repo("test-user/private-one", private=True).repo_id
+    assert _api(hub_server).model_info(repo_id).private is True
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(endpoint=hub_server.endpoint).model_info(repo_id)
 
 
 def test_push_without_token_fails_with_401(hub_server, monkeypatch):
@@ -174,3 +206,23 @@ def test_datasets_push_to_hub_and_load_dataset(hub_server):
                                    cache_dir=os.path.join(os.environ["HF_HOME"], "datasets-test"))
     assert loaded.features == table.features
     assert loaded.to_dict() == table.to_dict()
+
+
+def test_malformed_requests_get_an_answer_not_a_hang(hub_server):
+    import http.client
+    from urllib.parse import urlsplit
+
+    repo_id = _api(hub_server).create_repo("test-user/malformed").repo_id
+    host, port = urlsplit(hub_server.endpoint).hostname, urlsplit(hub_server.endpoint).port
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request("POST", f"/api/models/{repo_id}/commit/main", body=b"zz\r\n",  # bad chunk size
+                 headers={"Transfer-Encoding": "chunked", "Authorization": f"Bearer {hub_server.token}"})
+    response = conn.getresponse()
+    assert response.status == 500 and b"ValueError" in response.read()
+    conn.close()
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request("GET", "/api/no/such/route")
+    response = conn.getresponse()
+    assert response.status == 404 and b"no route" in response.read()
+    conn.close()
+    assert _api(hub_server).whoami()["name"] == hub_server.user  # still serving
