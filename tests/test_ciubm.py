@@ -292,3 +292,101 @@ def test_remote_code_copy_loads_and_matches(tmp_path):
     assert remote_class.__module__.startswith("transformers_modules"), remote_class.__module__
     remote = remote_class.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(remote(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- CTRCollator
+def tiny_catalogue():
+    from datasets import Dataset
+
+    return Dataset.from_dict({
+        "item_id": ["m1", "m2", "m3", "m4"],
+        "title": ["A", "B", "C", "D"],
+        "genres": [["Drama"], ["Comedy", "Drama"], [], ["Action", "Comedy", "Drama"]],
+        "year": [1995, 1996, None, 1995],
+    })
+
+
+def tiny_collator(center=None, max_len=3):
+    from mim_hf.ctr_collator import CTRCollator
+    from mim_hf.data import Vocabulary
+
+    vocabs = {
+        "user_id": Vocabulary.build(["u1", "u2"], "user_id"),
+        "item_id": Vocabulary.build(["m1", "m2", "m3"], "item_id"),  # m4 unseen in training
+        "user_gender": Vocabulary.build(["F", "M"], "user_gender"),
+        "item_genres": Vocabulary.build([["Comedy", "Drama"]], "item_genres"),  # Action unseen
+        "item_year": Vocabulary.build([1995, 1996], "item_year"),
+    }
+    return CTRCollator(vocabs, items=tiny_catalogue(), center=center, max_len=max_len,
+                       user_features=["user_gender"], item_features=["item_genres", "item_year"])
+
+
+class DictCenter:
+    """Dict-backed stand-in with the Representation Center's lookup contract."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def lookup(self, item_ids):
+        found = torch.tensor([i in self.table for i in item_ids])
+        dim = len(next(iter(self.table.values())))
+        embeds = torch.stack([torch.tensor(self.table.get(i, [0.0] * dim)) for i in item_ids])
+        return embeds, found
+
+
+ROWS = [
+    {"user_id": "u1", "item_id": "m2", "label": 1, "user_gender": "F",
+     "behavior_item_ids": ["m1", "m3", "m4", "m2"]},  # 4 > max_len 3: oldest (m1) dropped
+    {"user_id": "u9", "item_id": "m4", "label": 0, "user_gender": "X", "behavior_item_ids": []},
+]
+
+
+def test_collator_encodes_pads_and_counts_fallbacks():
+    center = DictCenter({"m1": [1.0, 0.0], "m2": [0.0, 1.0], "m3": [1.0, 1.0]})  # m4: no content
+    collator = tiny_collator(center)
+    batch = collator(ROWS)
+    item = collator.vocabs["item_id"]
+    m2, m3 = (int(item.encode([x])[0]) for x in ("m2", "m3"))
+    assert batch["user_ids"].tolist() == [1, 0]
+    assert batch["target_item_ids"].tolist() == [m2, 0]
+    assert batch["behavior_item_ids"].tolist() == [[m3, 0, m2], [0, 0, 0]]  # m4 unknown -> 0, still a behaviour
+    assert batch["behavior_mask"].tolist() == [[True, True, True], [False, False, False]]
+    genres = collator.vocabs["item_genres"]
+    comedy, drama = (int(genres.encode([g])[0]) for g in ("Comedy", "Drama"))
+    # m2 genres (Comedy, Drama) padded to the longest list (3); m4 has Action (unknown -> 0)
+    assert batch["target_item_features"]["item_genres"].tolist() == [[comedy, drama, 0], [0, comedy, drama]]
+    assert batch["behavior_item_features"]["item_genres"][0, 0].tolist() == [0, 0, 0]  # m3: no genres
+    assert batch["behavior_item_features"]["item_year"][1].tolist() == [0, 0, 0]
+    assert batch["user_features"]["user_gender"].tolist() == [1, 0]
+    assert batch["labels"].tolist() == [1, 0]
+    torch.testing.assert_close(batch["target_content_embeds"], torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
+    torch.testing.assert_close(batch["behavior_content_embeds"][0], torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 1.0]]))
+    assert batch["behavior_content_embeds"][1].abs().sum() == 0
+    stats = collator.stats
+    assert stats["unknown_users"] == 1 and stats["unknown_target_items"] == 1
+    assert stats["unknown_behavior_items"] == 1 and stats["unknown_user_gender"] == 1
+    assert stats["content_missing"] == 2 and stats["truncated_samples"] == 1  # m4 as target and behaviour
+    assert stats["items_missing_from_table"] == 0
+
+
+def test_collator_feeds_the_model_end_to_end():
+    torch.manual_seed(0)
+    center = DictCenter({f"m{i}": torch.randn(CONTENT_DIM).tolist() for i in range(1, 5)})
+    collator = tiny_collator(center)
+    config = CiUBMConfig(**collator.config_kwargs(), id_embed_dim=4, content_dim=CONTENT_DIM, content_proj_dim=4,
+                         attention_hidden_sizes=[8], fusion_hidden_sizes=[8], base="sim", sim_top_k=2)
+    assert config.n_items == 4 and config.item_feature_sizes == {"item_genres": 3, "item_year": 3}
+    out = CiUBMForCTR(config)(**collator(ROWS))
+    assert torch.isfinite(out.loss) and out.logits.shape == (2,)
+
+
+def test_collator_bad_inputs():
+    from mim_hf.ctr_collator import CTRCollator
+
+    with pytest.raises(ValueError, match=r"vocabs lack \['item_year'\]"):
+        CTRCollator({"user_id": ["[UNK]"], "item_id": ["[UNK]"]}, items=tiny_catalogue(), item_features=["item_year"])
+    with pytest.raises(ValueError, match="label must be 0 or 1"):
+        tiny_collator()([{**ROWS[0], "label": 3}])
+    bad_center = lambda ids: (torch.zeros(len(ids) + 1, 2), torch.ones(len(ids) + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="content lookup of 4 ids"):
+        tiny_collator(bad_center)(ROWS[:1])

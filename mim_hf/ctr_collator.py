@@ -1,0 +1,216 @@
+"""Turn prepared CTR sample rows (raw string ids) into ``CiUBMForCTR`` input tensors.
+
+Rows are those of ``PreparedData.samples[split]``: ``user_id``, ``item_id``, ``label``,
+``behavior_item_ids`` (most recent last) and ``user_*`` side features. Item side features
+(e.g. ``item_genres``, ``item_year``) come from an item table built once from the items
+``Dataset`` (the whole catalogue), so a target and the same item as a behaviour always get the
+same features. Content embeddings come from the Representation Center through
+``lookup(item_ids) -> (embeds (N, C) float, found_mask (N,) bool)``.
+
+Sequences keep the ``max_len`` most recent behaviours and are RIGHT-padded: real behaviours at
+positions ``0 .. n-1`` (oldest first), padding after them with id 0, zero content and
+``behavior_mask`` False. The model ignores order, so the side only matters for reading tensors.
+
+Nothing is dropped silently: unknown users/items/feature values map to index 0 and missing
+content to a zero vector, and every such fallback is counted in ``collator.stats``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data.vocab import Vocabulary
+
+ContentLookup = Callable[[list], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _as_vocabulary(name: str, vocab: Any) -> Any:
+    """Vocabulary objects pass through; a token list (as stored in ``CiUBMConfig.vocabularies``) is wrapped."""
+    if hasattr(vocab, "encode"):
+        return vocab
+    if isinstance(vocab, (list, tuple)):
+        return Vocabulary(vocab, name=name)
+    raise TypeError(f"vocabulary {name!r} must be a Vocabulary or a token list, got {type(vocab).__name__}")
+
+
+class CTRCollator:
+    """Callable ``collator(rows) -> dict`` of ``CiUBMForCTR.forward`` keyword arguments.
+
+    Args:
+        vocabs: name -> ``Vocabulary`` (or token list, index 0 = unknown); needs ``user_id``,
+            ``item_id`` and one entry per side feature used.
+        items: the item catalogue (``datasets.Dataset`` or mapping of columns) with ``item_id``
+            and, for each item feature ``item_<col>``, a column ``<col>``; needed when
+            ``item_features`` is non-empty.
+        center: the content source: an object with ``.lookup(item_ids)`` (the Representation
+            Center) or such a callable; None for ID-only models (mode "din", base "din").
+        max_len: behaviours kept per sample (the most recent ones).
+        user_features: sample columns used as user side features, e.g. ``("user_gender",)``.
+        item_features: item side features, e.g. ``("item_genres", "item_year")``; list-valued
+            columns in the catalogue are multi-valued (padded with 0 to their longest list).
+
+    Output (B = len(rows), L = max_len, G = values per multi-valued feature, C = content dim):
+        user_ids (B,), target_item_ids (B,), behavior_item_ids (B, L), behavior_mask (B, L) bool,
+        user_features {name: (B,)}, target_item_features {name: (B,) | (B, G)},
+        behavior_item_features {name: (B, L) | (B, L, G)}, target_content_embeds (B, C) and
+        behavior_content_embeds (B, L, C) when a center is given, labels (B,) when rows hold "label".
+    """
+
+    def __init__(
+        self,
+        vocabs: Mapping[str, Any],
+        items=None,
+        center: Any = None,
+        max_len: int = 50,
+        user_features: Sequence[str] = (),
+        item_features: Sequence[str] = (),
+    ):
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        self.user_features = list(user_features)
+        self.item_features = list(item_features)
+        needed = ["user_id", "item_id", *self.user_features, *self.item_features]
+        missing = [name for name in needed if name not in vocabs]
+        if missing:
+            raise ValueError(f"vocabs lack {missing}; available: {sorted(vocabs)}")
+        self.vocabs = {name: _as_vocabulary(name, vocabs[name]) for name in needed}
+        if center is None or callable(center) and not hasattr(center, "lookup"):
+            self.lookup = center
+        elif hasattr(center, "lookup"):
+            self.lookup = center.lookup
+        else:
+            raise TypeError(f"center must have .lookup(item_ids) or be callable, got {type(center).__name__}")
+        self.max_len = int(max_len)
+        self.multi_valued_item_features: list[str] = []
+        self._item_index = None
+        self._item_tables: dict[str, np.ndarray] = {}
+        if self.item_features:
+            if items is None:
+                raise ValueError(f"item_features {self.item_features} need the items table (items=...)")
+            self._build_item_tables(items)
+        self.stats: Counter = Counter()
+
+    # ------------------------------------------------------------------ item feature table
+    def _build_item_tables(self, items) -> None:
+        """Encode each item feature once: row r of a table = features of catalogue item r; last row = zeros."""
+        import pandas as pd
+
+        columns = items.column_names if hasattr(items, "column_names") else list(items)
+        item_ids = [str(i) for i in items["item_id"]]
+        self._item_index = pd.Index(item_ids)
+        if self._item_index.has_duplicates:
+            raise ValueError(f"items table has duplicate item_id, e.g. {self._item_index[self._item_index.duplicated()][:3].tolist()}")
+        for feature in self.item_features:
+            column = feature[len("item_"):] if feature.startswith("item_") else feature
+            if column not in columns:
+                raise ValueError(f"item feature {feature!r} needs column {column!r} in the items table; columns: {columns}")
+            values = list(items[column])
+            vocab = self.vocabs[feature]
+            if any(isinstance(v, (list, tuple, np.ndarray)) for v in values):
+                lists = [[] if v is None else list(v) for v in values]
+                width = max(1, max(len(v) for v in lists))
+                table = np.zeros((len(lists) + 1, width), dtype=np.int64)
+                lengths = np.array([len(v) for v in lists])
+                codes = vocab.encode(list(chain.from_iterable(lists)))
+                rows = np.repeat(np.arange(len(lists)), lengths)
+                cols = np.arange(len(codes)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+                table[rows, cols] = codes
+                self.multi_valued_item_features.append(feature)
+            else:
+                table = np.zeros(len(values) + 1, dtype=np.int64)
+                table[:-1] = vocab.encode(values)
+            self._item_tables[feature] = table
+
+    def _item_feature_rows(self, item_ids: list[str]) -> np.ndarray:
+        """Row of each id in the item tables; ids absent from the catalogue get the all-zero last row."""
+        rows = self._item_index.get_indexer(item_ids)
+        absent = rows < 0
+        if absent.any():
+            self.stats["items_missing_from_table"] += int(absent.sum())
+        return np.where(absent, len(self._item_index), rows)
+
+    def config_kwargs(self) -> dict:
+        """Vocabulary-derived ``CiUBMConfig`` arguments (sizes, multi-valued names, token lists)."""
+        return {
+            "vocabularies": {name: list(vocab.tokens) for name, vocab in self.vocabs.items()},
+            "user_feature_sizes": {name: len(self.vocabs[name]) for name in self.user_features},
+            "item_feature_sizes": {name: len(self.vocabs[name]) for name in self.item_features},
+            "multi_valued_item_features": list(self.multi_valued_item_features),
+        }
+
+    # ------------------------------------------------------------------ batch
+    def _encode(self, name: str, values: list, count_as: str) -> np.ndarray:
+        codes = self.vocabs[name].encode(values)
+        self.stats[count_as] += int((codes == 0).sum())
+        return codes
+
+    def _lookup_content(self, item_ids: list[str]) -> torch.Tensor:
+        embeds, found = self.lookup(item_ids)
+        if embeds.dim() != 2 or embeds.shape[0] != len(item_ids) or found.shape != (len(item_ids),):
+            raise ValueError(
+                f"content lookup of {len(item_ids)} ids returned embeds {tuple(embeds.shape)} and found_mask "
+                f"{tuple(found.shape)}; expected ({len(item_ids)}, C) and ({len(item_ids)},)"
+            )
+        self.stats["content_missing"] += int((~found.bool()).sum())
+        return embeds.float()
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence]) -> dict[str, Any]:
+        if isinstance(rows, Mapping):  # a batched Dataset slice: columns -> lists
+            rows = [dict(zip(rows.keys(), values)) for values in zip(*rows.values())]
+        if len(rows) == 0:
+            raise ValueError("cannot collate an empty batch")
+        batch_size, max_len = len(rows), self.max_len
+        user_ids = [str(row["user_id"]) for row in rows]
+        target_ids = [str(row["item_id"]) for row in rows]
+        histories = [[str(i) for i in (row["behavior_item_ids"] or [])][-max_len:] for row in rows]
+        lengths = np.array([len(h) for h in histories], dtype=np.int64)
+        flat_history = list(chain.from_iterable(histories))
+        # right padding: sample b's behaviours at positions 0..lengths[b]-1
+        row_of = np.repeat(np.arange(batch_size), lengths)
+        pos_of = np.arange(len(flat_history)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+        self.stats["samples"] += batch_size
+        self.stats["behaviors"] += len(flat_history)
+        self.stats["truncated_samples"] += sum(len(row["behavior_item_ids"] or []) > max_len for row in rows)
+        batch: dict[str, Any] = {
+            "user_ids": torch.from_numpy(self._encode("user_id", user_ids, "unknown_users")),
+            "target_item_ids": torch.from_numpy(self._encode("item_id", target_ids, "unknown_target_items")),
+        }
+        behavior_ids = np.zeros((batch_size, max_len), dtype=np.int64)
+        behavior_ids[row_of, pos_of] = self._encode("item_id", flat_history, "unknown_behavior_items")
+        batch["behavior_item_ids"] = torch.from_numpy(behavior_ids)
+        batch["behavior_mask"] = torch.arange(max_len).unsqueeze(0) < torch.from_numpy(lengths).unsqueeze(1)
+        batch["user_features"] = {
+            name: torch.from_numpy(self._encode(name, [row[name] for row in rows], f"unknown_{name}"))
+            for name in self.user_features
+        }
+        if self.item_features:
+            target_rows = self._item_feature_rows(target_ids)
+            history_rows = self._item_feature_rows(flat_history)
+            batch["target_item_features"], batch["behavior_item_features"] = {}, {}
+            for name, table in self._item_tables.items():
+                batch["target_item_features"][name] = torch.from_numpy(table[target_rows])
+                behavior_values = np.zeros((batch_size, max_len, *table.shape[1:]), dtype=np.int64)
+                behavior_values[row_of, pos_of] = table[history_rows]
+                batch["behavior_item_features"][name] = torch.from_numpy(behavior_values)
+        if self.lookup is not None:
+            content = self._lookup_content(target_ids + flat_history)
+            batch["target_content_embeds"] = content[:batch_size]
+            behavior_content = torch.zeros(batch_size, max_len, content.shape[1], dtype=content.dtype)
+            behavior_content[torch.from_numpy(row_of), torch.from_numpy(pos_of)] = content[batch_size:]
+            batch["behavior_content_embeds"] = behavior_content
+        if "label" in rows[0]:
+            labels = np.array([row["label"] for row in rows])
+            if not np.isin(labels, (0, 1)).all():
+                raise ValueError(f"label must be 0 or 1, got {sorted(set(labels.tolist()) - {0, 1})}")
+            batch["labels"] = torch.from_numpy(labels.astype(np.int64))
+        return batch
+
+
+__all__ = ["CTRCollator", "ContentLookup"]
