@@ -186,9 +186,10 @@ def behaviour_sequences(frame: pd.DataFrame, history_mask: np.ndarray, max_len: 
     lengths = end - start
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     flat = np.repeat(start, lengths) + (np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths))
-    gathered = hist_rows[flat]
-    item_values = pa.array(frame["item_id"].to_numpy()[gathered].astype(str), type=pa.string())
-    time_values = pa.array(frame["timestamp"].to_numpy()[gathered], type=pa.int64())
+    gathered = pa.array(hist_rows[flat])
+    # Arrow's take gathers the strings in C++; going through Python str objects is 10x slower.
+    item_values = pa.array(frame["item_id"].to_numpy(), type=pa.string()).take(gathered)
+    time_values = pa.array(frame["timestamp"].to_numpy(), type=pa.int64()).take(gathered)
     return pa.ListArray.from_arrays(pa.array(offsets), item_values), pa.ListArray.from_arrays(pa.array(offsets), time_values)
 
 
