@@ -287,20 +287,37 @@ def _has_collision(sorted_hashes: np.ndarray) -> bool:
 # ------------------------------------------------------------------------------------------
 # Encoder fingerprint
 # ------------------------------------------------------------------------------------------
+# Config keys that change on save/load or with the library version but not what the encoder
+# computes (weights' dtype is hashed with the weights themselves).
+_VOLATILE_CONFIG_KEYS = frozenset({
+    "transformers_version", "_name_or_path", "_commit_hash", "architectures", "auto_map", "dtype",
+    "torch_dtype", "return_dict", "output_hidden_states", "output_attentions", "use_cache",
+    "_attn_implementation", "_attn_implementation_autoset", "_experts_implementation",
+})
+
+
+def _without_volatile_keys(config: Any) -> Any:
+    if isinstance(config, dict):
+        return {str(k): _without_volatile_keys(v) for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    if isinstance(config, (list, tuple)):
+        return [_without_volatile_keys(v) for v in config]
+    return config
+
+
 def encoder_fingerprint(model: torch.nn.Module) -> str:
     """Content hash of an encoder: its config (if any) and every tensor of its state_dict.
 
     Two encoders with the same fingerprint produce the same embeddings, so a CTR model can
     record the fingerprint of the center it was trained with and refuse a different one.
-    Library versions and the load path are left out (``transformers_version``,
-    ``_name_or_path``): they change nothing the encoder computes.
+    Config keys that do not change the computation (library version, load path,
+    ``architectures``, ``auto_map``, output flags) are left out, so an encoder fingerprints the
+    same before ``save_pretrained`` and after ``from_pretrained``.
     Returns ``"sha256:<64 hex chars>"``.
     """
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
-        config_dict = {k: v for k, v in config.to_dict().items()
-                       if k not in ("transformers_version", "_name_or_path", "_commit_hash")}
+        config_dict = _without_volatile_keys(config.to_dict())
         digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode("utf-8"))
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().to("cpu").contiguous()
@@ -861,7 +878,7 @@ class RepresentationCenter:
         if fingerprint != self.fingerprint:
             raise ValueError(f"upsert: encoder fingerprint {fingerprint!r} differs from the center's "
                              f"{self.fingerprint!r} ({self.metadata['encoder_name']}); build a new center")
-        embeddings = _encode(encoder, processor, items, self.levels, batch_size, show_progress)
+        embeddings = encode_levels(encoder, processor, items, self.levels, batch_size, show_progress)
         return self.upsert_embeddings(items["item_id"], embeddings, keep_versions=keep_versions)
 
     def _reopen(self) -> None:
@@ -971,15 +988,20 @@ def encoder_levels(encoder: torch.nn.Module) -> tuple[str, ...]:
     return ("item_embeds", "text_embeds") + (("image_embeds",) if has_vision else ())
 
 
-def _encode(encoder, processor, items, levels: Sequence[str], batch_size: int, show_progress: bool):
-    """Run ``mim_hf.encoding.encode_items``; return level -> (N, D) float tensor (levels only)."""
+def encode_levels(encoder, processor, items, levels: Sequence[str], batch_size: int = 64,
+                  show_progress: bool = True, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Encode ``items`` (``datasets.Dataset`` with an ``item_id`` column) for a center.
+
+    Runs ``mim_hf.encoding.encode_items`` and keeps only the embedding ``levels``: returns
+    level -> (N, embed_dim) float32 tensor, in the items' order (rows of items without an
+    image are zero in ``image_embeds``).
+    """
     from mim_hf.encoding import encode_items
 
     if "item_id" not in items.column_names:
         raise ValueError(f"items must have an 'item_id' column, got columns {items.column_names}")
     embeddings = encode_items(encoder, processor, items, batch_size=batch_size, levels=tuple(levels),
-                              show_progress=show_progress)
-    # encode_items also returns image_mask; rows without image are zero rows in image_embeds.
+                              show_progress=show_progress, device=device)
     return {level: embeddings[level] for level in levels}
 
 
@@ -997,7 +1019,7 @@ def build_center(encoder: torch.nn.Module, processor, items, path: str | os.Path
     encoder's ``name_or_path``. Returns the opened :class:`RepresentationCenter`.
     """
     levels = tuple(levels) if levels is not None else encoder_levels(encoder)
-    embeddings = _encode(encoder, processor, items, levels, batch_size, show_progress)
+    embeddings = encode_levels(encoder, processor, items, levels, batch_size, show_progress)
     config = getattr(encoder, "config", None)
     return RepresentationCenter.build(
         items["item_id"], embeddings, path, encoder_name=encoder_name or _encoder_name(encoder),

