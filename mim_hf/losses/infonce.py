@@ -144,11 +144,16 @@ class InfoNCELoss(nn.Module):
         """Current temperature :math:`\\tau` (after the clamp)."""
         return float(1.0 / self.logit_scale.detach().clamp(max=_MAX_LOGIT_SCALE).exp())
 
-    def init_queue(self, dim: int) -> EmbeddingQueue | None:
-        """Create the queue for ``dim``-d embeddings now (e.g. before loading a checkpoint)."""
+    def init_queue(self, dim: int, device: torch.device | None = None) -> EmbeddingQueue | None:
+        """Create the queue for ``dim``-d embeddings if enabled and not yet created.
+
+        ``device`` defaults to the loss's own device; the first forward passes the
+        embeddings' device, so a queue created lazily lives where the embeddings are.
+        Returns the queue, or None when ``queue_size == 0``.
+        """
         if self.queue_size > 0 and self.queue is None:
             self.queue = EmbeddingQueue(self.queue_size, dim, catalogue_size=self.catalogue_size)
-            self.queue.to(self.logit_scale.device)
+            self.queue.to(self.logit_scale.device if device is None else device)
         return self.queue
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -246,7 +251,7 @@ class InfoNCELoss(nn.Module):
                 hard_negative_ids = torch.where(hard_negative_mask, hard_negative_ids,
                                                 torch.full_like(hard_negative_ids, -1))
             id_blocks.append(hard_negative_ids)
-        if use_queue and self.init_queue(dim) is not None and len(self.queue) > 0:
+        if use_queue and self.init_queue(dim, device) is not None and len(self.queue) > 0:
             queue_embeds, queue_ids = self.queue.candidates()
             # clone: the queue is overwritten in place after this forward, before backward.
             logit_blocks.append(anchors @ queue_embeds.to(device).clone().T)
