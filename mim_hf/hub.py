@@ -1,0 +1,541 @@
+"""Share every MIM artefact on the Hugging Face Hub, with generated cards, and load it back.
+
+Push (each writes one commit, card included, and never writes into the local artefact, so a
+failed push leaves it exactly as it was):
+
+    push_encoder(dir, repo_id)        saved MIMContentEncoder (+ processor) -> model repo
+    push_adapters(dir, repo_id)       LoRA adapters (mim_hf.lora.save_adapters) -> model repo
+    push_ctr_model(dir, repo_id)      saved CiUBMForCTR -> model repo; checks and pins its center
+    push_center(dir, repo_id)         Representation Center (live version) -> dataset repo
+    push_prepared(prepared, repo_id)  samples / pairs / items as `datasets` configs -> dataset repo
+                                      (one commit per config, written by datasets, + one for the card)
+
+Load: ``AutoModel.from_pretrained`` works on encoder and CTR repos (with ``import mim_hf`` or
+``trust_remote_code=True``); :func:`load_encoder_from_hub`, :func:`load_adapters_from_hub`,
+:func:`load_ctr_from_hub` (model + vocabularies + its center), ``RepresentationCenter.load``
+and :func:`load_prepared_from_hub` restore the rest.
+
+``revision`` on a push is the branch to commit to (created from the default branch when
+missing, unless ``create_branch=False``); on a load, any branch, tag or commit sha. Errors
+(no token, malformed repo id, unknown repo or revision, a CTR model whose center is not on
+the Hub, a card template missing a field) are ``ValueError`` naming the bad value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, get_token
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+
+from mim_hf import hub_cards
+
+logger = logging.getLogger(__name__)
+
+CARD_FILE = "README.md"
+METRICS_FILE = "metrics.json"
+ADAPTERS_META_FILE = "mim_adapters.json"  # {"base_model": repo id, "base_revision": ...}
+PREPARED_FILES = ("prepared.json", "vocabs.json", "stats.json")
+PREPARED_CONFIGS = ("samples", "pairs", "items")
+ITEMS_SPLIT = "catalogue"  # the items config holds the whole catalogue as one split
+# Files never uploaded from an artefact folder: locks, caches, the card (regenerated).
+_SKIP_NAMES = {CARD_FILE, ".lock", "__pycache__", ".gitattributes"}
+_MODELING_DIR = Path(__file__).resolve().parent / "modeling"
+
+
+# ------------------------------------------------------------------------------------------
+# checks shared by every push / load
+# ------------------------------------------------------------------------------------------
+def _check_repo_id(repo_id: Any) -> str:
+    if not isinstance(repo_id, str):
+        raise TypeError(f"repo_id must be a str like 'org/name', got {type(repo_id).__name__}")
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as err:
+        raise ValueError(f"malformed repo id {repo_id!r}: expected 'namespace/name' of letters, digits, '-', '_', '.' "
+                         f"({err})") from None
+    if repo_id.count("/") != 1:
+        raise ValueError(f"malformed repo id {repo_id!r}: expected 'namespace/name' (e.g. 'my-org/mim-csft')")
+    return repo_id
+
+
+def _require_token(token: str | None) -> str:
+    token = token or get_token()
+    if not token:
+        raise ValueError("no Hugging Face token: pass token=... (--token), set HF_TOKEN, or run `hf auth login`; "
+                         "pushing needs a token with write access")
+    return token
+
+
+@contextlib.contextmanager
+def _hub_errors(action: str, repo_id: str, revision: str | None, repo_type: str) -> Iterator[None]:
+    """Turn the Hub's repo/revision/auth errors into ``ValueError`` saying what to fix."""
+    where = f"{repo_type} repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    try:
+        yield
+    except RevisionNotFoundError:
+        raise ValueError(f"{action}: revision {revision!r} does not exist in {repo_type} repo {repo_id!r}"
+                         f"{_refs_hint(repo_id, repo_type)}") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"{action}: {where} does not exist or is private (check the id and your token)") from None
+    except EntryNotFoundError as err:
+        raise ValueError(f"{action}: {where} lacks a file it needs ({err})") from None
+    except HfHubHTTPError as err:
+        status = getattr(err.response, "status_code", None)
+        if status in (401, 403):
+            raise ValueError(f"{action}: the Hub refused the token for {where} (HTTP {status}); use a token with "
+                             f"write access to {repo_id.split('/')[0]!r}") from None
+        raise
+
+
+def _refs_hint(repo_id: str, repo_type: str) -> str:
+    try:
+        refs = HfApi().list_repo_refs(repo_id, repo_type=repo_type)
+    except HfHubHTTPError:
+        return ""
+    return f"; it has branches {sorted(b.name for b in refs.branches)} and tags {sorted(t.name for t in refs.tags)}"
+
+
+def resolve_revision(repo_id: str, revision: str | None = None, repo_type: str = "model",
+                     token: str | None = None) -> str:
+    """Commit sha of ``revision`` (branch, tag or sha; default branch if None) in a Hub repo."""
+    _check_repo_id(repo_id)
+    with _hub_errors("load", repo_id, revision, repo_type):
+        info = HfApi(token=token).repo_info(repo_id, repo_type=repo_type, revision=revision)
+    return info.sha
+
+
+def _artefact_dir(path: str | os.PathLike, what: str, required: tuple[str, ...]) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{what} directory {str(path)!r} does not exist")
+    missing = [name for name in required if not (path / name).exists()]
+    if missing:
+        raise ValueError(f"{str(path)!r} is not a saved {what}: missing {missing}")
+    return path
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def _metrics_for(folder: Path, metrics) -> dict:
+    """Explicit metrics (path or dict) win; else ``<folder>/metrics.json`` when present."""
+    if metrics is None and (folder / METRICS_FILE).is_file():
+        metrics = folder / METRICS_FILE
+    return hub_cards.load_metrics(metrics)
+
+
+def _folder_operations(folder: Path, replaced: Mapping[str, bytes]) -> list[CommitOperationAdd]:
+    """Every file under ``folder`` (minus skipped ones) + ``replaced`` {path_in_repo: bytes}."""
+    operations = []
+    for file in sorted(folder.rglob("*")):
+        relative = file.relative_to(folder)
+        if not file.is_file() or set(relative.parts) & _SKIP_NAMES or relative.parts[0].startswith("."):
+            continue
+        if relative.as_posix() not in replaced:
+            operations.append(CommitOperationAdd(relative.as_posix(), str(file)))
+    operations += [CommitOperationAdd(path, content) for path, content in replaced.items()]
+    return operations
+
+
+def _remote_code_files(folder: Path, config: Mapping[str, Any]) -> dict[str, bytes]:
+    """The modeling files ``config['auto_map']`` names but the folder lacks, from this package."""
+    names = {ref.split(".")[0] + ".py" for ref in (config.get("auto_map") or {}).values() if isinstance(ref, str)}
+    out = {}
+    for name in sorted(names):
+        if not (folder / name).is_file():
+            source = _MODELING_DIR / name
+            if not source.is_file():
+                raise ValueError(f"config.json auto_map names {name}, absent from {folder} and from mim_hf.modeling")
+            out[name] = source.read_bytes()
+    return out
+
+
+def _commit(repo_id: str, repo_type: str, operations: list, *, revision: str | None, private: bool | None,
+            token: str | None, commit_message: str, create_branch: bool = True) -> CommitInfo:
+    """Create the repo (if needed) and the branch (if needed), then one commit of ``operations``."""
+    api = HfApi(token=token)
+    with _hub_errors("push", repo_id, revision, repo_type):
+        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+        _ensure_branch(api, repo_id, repo_type, revision, create_branch)
+        return api.create_commit(repo_id, operations, commit_message=commit_message, repo_type=repo_type,
+                                 revision=revision)
+
+
+def _ensure_branch(api: HfApi, repo_id: str, repo_type: str, revision: str | None, create_branch: bool) -> None:
+    if revision is None:
+        return
+    branches = {b.name for b in api.list_repo_refs(repo_id, repo_type=repo_type).branches}
+    if revision in branches:
+        return
+    if not create_branch:
+        raise ValueError(f"push: branch {revision!r} does not exist in {repo_type} repo {repo_id!r} (branches: "
+                         f"{sorted(branches)}); pass create_branch=True to create it")
+    api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
+
+
+def _prepare_push(repo_id: str, token: str | None) -> str:
+    _check_repo_id(repo_id)
+    return _require_token(token)
+
+
+# ------------------------------------------------------------------------------------------
+# content encoder
+# ------------------------------------------------------------------------------------------
+def push_encoder(directory: str | os.PathLike, repo_id: str, *, metrics=None, revision: str | None = None,
+                 private: bool | None = None, token: str | None = None, commit_message: str | None = None,
+                 create_branch: bool = True, template_dir=None) -> CommitInfo:
+    """Push a ``MIMContentEncoder`` saved with ``save_pretrained`` (+ its processor, if saved there).
+
+    The card is generated from ``config.json`` and ``metrics`` (path or dict; default
+    ``<directory>/metrics.json``). Afterwards ``AutoModel.from_pretrained(repo_id)`` works with
+    ``import mim_hf`` and with ``trust_remote_code=True`` alone. Returns the ``CommitInfo``.
+    """
+    token = _prepare_push(repo_id, token)
+    folder = _artefact_dir(directory, "content encoder", ("config.json",))
+    config = _read_json(folder / "config.json")
+    if config.get("model_type") != "mim_content_encoder":
+        raise ValueError(f"{folder / 'config.json'} has model_type {config.get('model_type')!r}, expected "
+                         f"'mim_content_encoder' (for a CTR model use push_ctr_model)")
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(f"{folder} holds no *.safetensors weights; save the encoder with save_pretrained")
+    has_processor = (folder / "mim_processor_config.json").is_file()
+    card = hub_cards.encoder_card(config, repo_id, _metrics_for(folder, metrics), has_processor, template_dir)
+    replaced = {CARD_FILE: str(card).encode(), **_remote_code_files(folder, config)}
+    return _commit(repo_id, "model", _folder_operations(folder, replaced), revision=revision, private=private,
+                   token=token, create_branch=create_branch,
+                   commit_message=commit_message or f"MIM content encoder ({config.get('embed_dim')}-d)")
+
+
+def load_encoder_from_hub(repo_id: str, revision: str | None = None, token: str | None = None):
+    """``(MIMContentEncoder, MIMContentProcessor | None)`` from a repo written by :func:`push_encoder`."""
+    from huggingface_hub import snapshot_download
+    from transformers import AutoModel
+
+    from mim_hf.modeling.processing_mim_encoder import MIMContentProcessor
+
+    sha = resolve_revision(repo_id, revision, "model", token)
+    with _hub_errors("load", repo_id, revision, "model"):
+        local = Path(snapshot_download(repo_id, revision=sha, token=token))
+    encoder = AutoModel.from_pretrained(local)
+    processor = MIMContentProcessor.from_pretrained(local) if (local / "mim_processor_config.json").is_file() else None
+    return encoder, processor
+
+
+# ------------------------------------------------------------------------------------------
+# LoRA adapters
+# ------------------------------------------------------------------------------------------
+def push_adapters(directory: str | os.PathLike, repo_id: str, *, base_model: str | None = None,
+                  base_revision: str | None = None, metrics=None, revision: str | None = None,
+                  private: bool | None = None, token: str | None = None, commit_message: str | None = None,
+                  create_branch: bool = True, template_dir=None) -> CommitInfo:
+    """Push adapters written by ``mim_hf.lora.save_adapters`` (``<tower>/adapter_*`` + head).
+
+    ``base_model``: Hub repo of the encoder the adapters apply to (default: ``base_model`` in
+    ``<directory>/mim_adapters.json``); it must exist on the Hub (checked, its revision pinned
+    to a commit sha). Each tower's ``adapter_config.json`` gets ``base_model_name_or_path`` /
+    ``revision`` in the pushed copy.
+    """
+    token = _prepare_push(repo_id, token)
+    folder = _artefact_dir(directory, "adapters folder", ())
+    towers = {p.parent.name: _read_json(p) for p in sorted(folder.glob("*/adapter_config.json"))}
+    if not towers:
+        raise ValueError(f"{folder} holds no <tower>/adapter_config.json; write it with mim_hf.lora.save_adapters")
+    saved_meta = _read_json(folder / ADAPTERS_META_FILE) if (folder / ADAPTERS_META_FILE).is_file() else {}
+    base_model = base_model or saved_meta.get("base_model")
+    base_revision = base_revision or saved_meta.get("base_revision")
+    if not base_model:
+        raise ValueError(f"adapters in {folder} name no base encoder: pass base_model='org/encoder' (--base-model), "
+                         f"the Hub repo of the encoder they were trained on")
+    _check_repo_id(base_model)
+    base_sha = resolve_revision(base_model, base_revision, "model", token)
+    replaced: dict[str, bytes] = {}
+    for tower, adapter_config in towers.items():
+        pushed = {**adapter_config, "base_model_name_or_path": base_model, "revision": base_sha}
+        replaced[f"{tower}/adapter_config.json"] = json.dumps(pushed, indent=2, sort_keys=True).encode()
+    replaced[ADAPTERS_META_FILE] = json.dumps({"base_model": base_model, "base_revision": base_sha,
+                                               "towers": sorted(towers)}, indent=2).encode()
+    card = hub_cards.adapters_card(towers, repo_id, base_model, base_sha, _metrics_for(folder, metrics), template_dir)
+    replaced[CARD_FILE] = str(card).encode()
+    return _commit(repo_id, "model", _folder_operations(folder, replaced), revision=revision, private=private,
+                   token=token, create_branch=create_branch,
+                   commit_message=commit_message or f"LoRA adapters ({', '.join(towers)}) for {base_model}")
+
+
+def load_adapters_from_hub(repo_id: str, revision: str | None = None, *, base_model: str | None = None,
+                           base_revision: str | None = None, token: str | None = None):
+    """Base encoder (from the repo the adapters name, or ``base_model``) with the adapters and head loaded."""
+    from huggingface_hub import snapshot_download
+    from transformers import AutoModel
+
+    from mim_hf.lora import load_adapters
+
+    sha = resolve_revision(repo_id, revision, "model", token)
+    with _hub_errors("load", repo_id, revision, "model"):
+        local = Path(snapshot_download(repo_id, revision=sha, token=token))
+    meta = _read_json(local / ADAPTERS_META_FILE) if (local / ADAPTERS_META_FILE).is_file() else {}
+    base_model = base_model or meta.get("base_model")
+    if not base_model:
+        raise ValueError(f"adapters repo {repo_id!r} names no base encoder ({ADAPTERS_META_FILE} missing); "
+                         f"pass base_model=...")
+    base_sha = resolve_revision(base_model, base_revision or meta.get("base_revision"), "model", token)
+    encoder = AutoModel.from_pretrained(base_model, revision=base_sha, token=token)
+    return load_adapters(encoder, local)
+
+
+# ------------------------------------------------------------------------------------------
+# CiUBM CTR model
+# ------------------------------------------------------------------------------------------
+def _needs_center(config: Mapping[str, Any]) -> bool:
+    """Whether the model reads content embeddings (every mode but plain DIN on a DIN base)."""
+    return not (config.get("mode") == "din" and config.get("base", "din") == "din")
+
+
+def _center_metadata(center_repo: str, revision: str | None, token: str | None) -> tuple[str, dict]:
+    """(commit sha, metadata.json) of a center dataset repo; ValueError if it is not there."""
+    from huggingface_hub import hf_hub_download
+
+    from mim_hf.center import METADATA_FILE
+
+    action = "CTR model's Representation Center"
+    _check_repo_id(center_repo)
+    sha = None
+    try:
+        sha = resolve_revision(center_repo, revision, "dataset", token)
+        with _hub_errors(action, center_repo, revision, "dataset"):
+            path = hf_hub_download(center_repo, METADATA_FILE, repo_type="dataset", revision=sha, token=token)
+    except ValueError as err:
+        raise ValueError(f"the CTR model names center {center_repo!r} (revision {revision!r}), which cannot be "
+                         f"used: {err}. Push the center first (push_center / `mim-hf push center`)") from None
+    return sha, _read_json(Path(path))
+
+
+def push_ctr_model(directory: str | os.PathLike, repo_id: str, *, center_repo_id: str | None = None,
+                   center_revision: str | None = None, metrics=None, dataset_repo_id: str | None = None,
+                   revision: str | None = None, private: bool | None = None, token: str | None = None,
+                   commit_message: str | None = None, create_branch: bool = True, template_dir=None) -> CommitInfo:
+    """Push a ``CiUBMForCTR`` saved with ``save_pretrained`` (vocabularies live in its config).
+
+    The center it was trained with must already be on the Hub as a dataset repo:
+    ``center_repo_id``/``center_revision`` (default: ``center_repo``/``center_revision`` of its
+    config). The pushed ``config.json`` names that repo and pins the revision to a commit sha;
+    the center's encoder fingerprint must equal the config's ``center_fingerprint`` (recorded
+    from the center, with a log line, when the config has none) and its dim ``content_dim``.
+    Plain DIN (mode and base "din") needs no center. ``dataset_repo_id``: the processed-data
+    repo (``push_prepared``) to link in the card.
+    """
+    token = _prepare_push(repo_id, token)
+    folder = _artefact_dir(directory, "CTR model", ("config.json",))
+    config = _read_json(folder / "config.json")
+    if config.get("model_type") != "ciubm":
+        raise ValueError(f"{folder / 'config.json'} has model_type {config.get('model_type')!r}, expected 'ciubm'")
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(f"{folder} holds no *.safetensors weights; save the model with save_pretrained")
+    center_repo = center_repo_id or config.get("center_repo")
+    if center_repo is None and _needs_center(config):
+        raise ValueError(f"CTR model in {folder} (mode {config.get('mode')!r}) reads content embeddings but names no "
+                         f"center: pass center_repo_id='org/center' (--center-repo-id) after pushing the center")
+    if center_repo is not None:
+        if center_repo_id is None and Path(center_repo).exists():
+            raise ValueError(f"the CTR model's center_repo is the local path {center_repo!r}; push that center "
+                             f"(push_center) and pass its repo id as center_repo_id")
+        sha, metadata = _center_metadata(center_repo, center_revision or config.get("center_revision"), token)
+        fingerprint = config.get("center_fingerprint")
+        if fingerprint is None:
+            logger.warning("CTR config names no center_fingerprint; recording %s from %s@%s",
+                           metadata["encoder_fingerprint"], center_repo, sha)
+            fingerprint = metadata["encoder_fingerprint"]
+        elif fingerprint != metadata["encoder_fingerprint"]:
+            raise ValueError(f"center {center_repo!r}@{sha[:12]} has encoder fingerprint "
+                             f"{metadata['encoder_fingerprint']!r}, the CTR model was trained with {fingerprint!r}")
+        if _needs_center(config) and int(metadata["embed_dim"]) != int(config.get("content_dim", -1)):
+            raise ValueError(f"center {center_repo!r} is {metadata['embed_dim']}-d, the CTR model expects "
+                             f"content_dim={config.get('content_dim')}")
+        config = {**config, "center_repo": center_repo, "center_revision": sha, "center_fingerprint": fingerprint}
+    metrics = _metrics_for(folder, metrics)
+    card = hub_cards.ctr_card(config, repo_id, metrics, dataset_repo_id, template_dir)
+    replaced = {CARD_FILE: str(card).encode(), "config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+                **_remote_code_files(folder, config)}
+    return _commit(repo_id, "model", _folder_operations(folder, replaced), revision=revision, private=private,
+                   token=token, create_branch=create_branch,
+                   commit_message=commit_message or f"CiUBM CTR model (mode {config.get('mode')})")
+
+
+@dataclasses.dataclass
+class CTRBundle:
+    """What scoring needs: the model, its vocabularies (from its config) and its center (or None)."""
+
+    model: Any
+    vocabs: dict[str, list[str]]
+    center: Any = None
+
+    def collator(self, items=None, max_len: int = 50):
+        """A ``CTRCollator`` for this model (side features from its config; ``items`` for item features)."""
+        from mim_hf.ctr_collator import CTRCollator
+
+        config = self.model.config
+        return CTRCollator(self.vocabs, items=items, center=self.center, max_len=max_len,
+                           user_features=tuple(config.user_feature_sizes), item_features=tuple(config.item_feature_sizes))
+
+
+def load_ctr_from_hub(repo_id: str, revision: str | None = None, token: str | None = None,
+                      load_center: bool = True) -> CTRBundle:
+    """Model + vocabularies + the Representation Center its config names (fingerprint checked).
+
+    Raises ``ValueError`` when the named center repo / revision is not on the Hub or does not
+    match the model (another encoder's fingerprint or dim).
+    """
+    import mim_hf  # noqa: F401  registers CiUBM with AutoModel
+    from transformers import AutoModel
+
+    from mim_hf.center import RepresentationCenter
+
+    sha = resolve_revision(repo_id, revision, "model", token)
+    with _hub_errors("load", repo_id, revision, "model"):
+        model = AutoModel.from_pretrained(repo_id, revision=sha, token=token).eval()
+    config = model.config
+    vocabs = dict(config.vocabularies or {})
+    if not vocabs:
+        raise ValueError(f"CTR model {repo_id!r} has no vocabularies in its config; it cannot map raw ids to rows")
+    center = None
+    if load_center and config.center_repo is not None:
+        center_sha, _ = _center_metadata(config.center_repo, config.center_revision, token)
+        center = RepresentationCenter.load(config.center_repo, revision=center_sha, token=token)
+        if config.center_fingerprint is not None:
+            center.check_fingerprint(config.center_fingerprint, config.content_dim if _needs_center(config.to_dict())
+                                     else None)
+    elif load_center and _needs_center(config.to_dict()):
+        raise ValueError(f"CTR model {repo_id!r} (mode {config.mode!r}) reads content embeddings but its config names "
+                         f"no center_repo; load a center yourself and pass load_center=False")
+    return CTRBundle(model, vocabs, center)
+
+
+# ------------------------------------------------------------------------------------------
+# Representation Center
+# ------------------------------------------------------------------------------------------
+def push_center(center, repo_id: str, *, revision: str | None = None, private: bool | None = None,
+                token: str | None = None, commit_message: str | None = None, create_branch: bool = True,
+                template_dir=None) -> CommitInfo:
+    """Push the live version of a center (a ``RepresentationCenter`` or its directory) as a dataset repo.
+
+    Same files as ``RepresentationCenter.push_to_hub`` (flat layout) but one commit and the card
+    from ``hub_cards/center.md``. Files of an earlier push that this version lacks are removed.
+    Load with ``RepresentationCenter.load(repo_id, revision=...)``.
+    """
+    from huggingface_hub import CommitOperationDelete
+
+    from mim_hf.center import RepresentationCenter
+
+    token = _prepare_push(repo_id, token)
+    if not isinstance(center, RepresentationCenter):
+        center = RepresentationCenter.load(_artefact_dir(center, "representation center", ()))
+    metadata = dict(center.metadata)
+    card = hub_cards.center_card(metadata, repo_id, template_dir)
+    operations = _folder_operations(center.version_dir, {CARD_FILE: str(card).encode()})
+    api = HfApi(token=token)
+    with _hub_errors("push", repo_id, revision, "dataset"):
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        _ensure_branch(api, repo_id, "dataset", revision, create_branch)
+        pushed = {op.path_in_repo for op in operations} | {".gitattributes"}
+        stale = [f for f in api.list_repo_files(repo_id, repo_type="dataset", revision=revision) if f not in pushed]
+        operations += [CommitOperationDelete(path) for path in stale]
+        return api.create_commit(
+            repo_id, operations, repo_type="dataset", revision=revision,
+            commit_message=commit_message or f"Representation center: {metadata['num_items']} items, "
+                                             f"{metadata['embed_dim']}-d, encoder {metadata['encoder_name']}")
+
+
+# ------------------------------------------------------------------------------------------
+# processed data (datasets)
+# ------------------------------------------------------------------------------------------
+def push_prepared(prepared, repo_id: str, *, revision: str | None = None, private: bool | None = None,
+                  token: str | None = None, template_dir=None) -> CommitInfo:
+    """Push ``PreparedData`` (or a directory written by ``PreparedData.save``) as a dataset repo.
+
+    Configs (``load_dataset(repo_id, <config>)``): ``samples`` and ``pairs`` with splits
+    train/valid/test, ``items`` with one split ``catalogue``; plus ``prepared.json``,
+    ``vocabs.json`` and ``stats.json`` and the card, in a last commit. The card is built before
+    anything is uploaded. Returns the last commit's ``CommitInfo``.
+    """
+    from datasets import DatasetDict
+    from huggingface_hub import DatasetCard, hf_hub_download
+
+    from mim_hf.data.prepare import FORMAT_VERSION, PreparedData
+
+    token = _prepare_push(repo_id, token)
+    if not isinstance(prepared, PreparedData):
+        prepared = PreparedData.load(_artefact_dir(prepared, "prepared-data", ("prepared.json",)))
+    tables = {"samples": prepared.samples, "pairs": prepared.pairs, "items": DatasetDict({ITEMS_SPLIT: prepared.items})}
+    meta = {"format_version": FORMAT_VERSION, "name": prepared.name,
+            "config": {**prepared.config.__dict__, "fractions": list(prepared.config.fractions)},
+            "train_item_ids": prepared.train_item_ids}
+    split_rows = {name: {split: len(table) for split, table in dd.items()} for name, dd in tables.items()}
+    columns = {name: list(next(iter(dd.values())).column_names) for name, dd in tables.items()}
+    hub_cards.data_card(meta, prepared.stats, split_rows, columns, repo_id, template_dir=template_dir)  # fail early
+    api = HfApi(token=token)
+    with _hub_errors("push", repo_id, revision, "dataset"):
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        _ensure_branch(api, repo_id, "dataset", revision, True)
+        for name, table in tables.items():
+            table.push_to_hub(repo_id, config_name=name, set_default=name == "samples", revision=revision,
+                              token=token, commit_message=f"{name} of {prepared.name} ({prepared.config.protocol})")
+        # datasets wrote the README's `configs` / `dataset_info` metadata: keep it under our card.
+        written = DatasetCard(Path(hf_hub_download(repo_id, CARD_FILE, repo_type="dataset", revision=revision,
+                                                   token=token)).read_text(encoding="utf-8"))
+        card = hub_cards.data_card(meta, prepared.stats, split_rows, columns, repo_id, written.data, template_dir)
+        files = {"prepared.json": json.dumps(meta, indent=1), "vocabs.json": json.dumps(
+            {k: v.to_dict() for k, v in prepared.vocabs.items()}), "stats.json": json.dumps(prepared.stats, indent=2),
+            CARD_FILE: str(card)}
+        return api.create_commit(repo_id, [CommitOperationAdd(p, c.encode()) for p, c in files.items()],
+                                 repo_type="dataset", revision=revision,
+                                 commit_message=f"Card, vocabularies and stats of {prepared.name}")
+
+
+def load_prepared_from_hub(repo_id: str, revision: str | None = None, token: str | None = None,
+                           cache_dir: str | None = None):
+    """``PreparedData`` from a repo written by :func:`push_prepared` (tables via ``load_dataset``)."""
+    from datasets import load_dataset
+    from huggingface_hub import hf_hub_download
+
+    from mim_hf.data.prepare import FORMAT_VERSION, PrepareConfig, PreparedData
+    from mim_hf.data.vocab import Vocabulary
+
+    sha = resolve_revision(repo_id, revision, "dataset", token)
+    with _hub_errors("load", repo_id, revision, "dataset"):
+        files = {name: _read_json(Path(hf_hub_download(repo_id, name, repo_type="dataset", revision=sha, token=token)))
+                 for name in PREPARED_FILES}
+        tables = {name: load_dataset(repo_id, name, revision=sha, token=token, cache_dir=cache_dir)
+                  for name in PREPARED_CONFIGS}
+    meta = files["prepared.json"]
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{repo_id}: prepared.json format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return PreparedData(
+        name=meta["name"], items=tables["items"][ITEMS_SPLIT], samples=tables["samples"], pairs=tables["pairs"],
+        vocabs={k: Vocabulary.from_dict(v) for k, v in files["vocabs.json"].items()},
+        train_item_ids=meta["train_item_ids"],
+        config=PrepareConfig(**{**meta["config"], "fractions": tuple(meta["config"]["fractions"])}),
+        stats=files["stats.json"],
+    )
+
+
+__all__ = [
+    "push_encoder", "load_encoder_from_hub", "push_adapters", "load_adapters_from_hub", "push_ctr_model",
+    "load_ctr_from_hub", "CTRBundle", "push_center", "push_prepared", "load_prepared_from_hub", "resolve_revision",
+]
