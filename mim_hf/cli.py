@@ -2,6 +2,7 @@
 
     mim-hf data prepare --dataset movielens-100k --out data/ml100k [--protocol all] [--json]
     mim-hf data stats data/ml100k/temporal
+    mim-hf center build|info|nearest ...
     mim-hf quickstart
 """
 
@@ -123,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("path", help="a directory written by `mim-hf data prepare` (OUT/<protocol>)")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stats.set_defaults(func=cmd_data_stats)
+
+    from mim_hf.center_cli import add_center_subparsers
+
+    add_center_subparsers(commands)
 
     quick = commands.add_parser("quickstart", help="run the main job on MovieLens-100k (embedded default data)")
     quick.add_argument("--out", default="runs/quickstart", help="where every stage's artefacts go (default runs/quickstart)")
