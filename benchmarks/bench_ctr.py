@@ -1,0 +1,233 @@
+"""Training throughput of CiUBMForCTR against FuxiCTR's DIN on the same shapes, same run.
+
+Measures samples/s of full training steps (forward, BCE loss, backward, grad-norm clip 10,
+Adam step) on random data: batch 1024, sequence 50, ID dim 16, content dim 384, attention
+MLP [64], fusion MLP [200, 80], ReLU, no dropout. Models are timed in interleaved rounds and
+the fastest round of each is kept: on a shared machine other load only ever adds time, so the
+minimum is the least noisy estimate, and interleaving exposes all models to the same load.
+
+Reference: FuxiCTR 2.3.10's DIN (``model_zoo/LongCTR/DIN``) run unchanged, imported from a
+separate venv (``--fuxictr-site``, default ``/tmp/fxvenv/lib/python3.11/site-packages``;
+it must hold the same torch version). FuxiCTR imports ``ray`` only for its dataset
+building; when ray is absent a placeholder module is registered so the import succeeds
+(the DIN forward/backward never touches it; this is printed). If FuxiCTR cannot be imported,
+a textbook DIN written below in plain torch is timed instead, labelled as such.
+
+Also: SIM step time at sequence 1000 (top-k 50) over full CiUBM at sequence 50.
+Goals: din >= 1.5x the reference, ciubm >= 1.0x, SIM(1000)/seq-50 <= 2.0.
+
+    .venv/bin/python benchmarks/bench_ctr.py [--rounds 8] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import types
+
+import torch
+from torch import nn
+
+from mim_hf.modeling import CiUBMConfig, CiUBMForCTR
+
+N_USERS, N_ITEMS = 10_000, 100_000
+ID_DIM, CONTENT_DIM = 16, 384
+ATTENTION_UNITS, DNN_UNITS = [64], [200, 80]
+
+
+# ---------------------------------------------------------------- references
+def install_ray_placeholder() -> bool:
+    """Register an empty ``ray`` package if ray is missing; returns True when it did."""
+    try:
+        import ray  # noqa: F401
+        return False
+    except ImportError:
+        pass
+    names = ["ray", "ray.data", "ray.data.datasource", "ray.data.datasource.filename_provider"]
+    modules = {name: types.ModuleType(name) for name in names}
+    modules["ray.data.datasource.filename_provider"].FilenameProvider = type("FilenameProvider", (), {})
+    modules["ray.data"].SaveMode = types.SimpleNamespace()
+    modules["ray.data"].TaskPoolStrategy = type("TaskPoolStrategy", (), {})
+    modules["ray"].data = modules["ray.data"]
+    modules["ray.data"].datasource = modules["ray.data.datasource"]
+    modules["ray.data.datasource"].filename_provider = modules["ray.data.datasource.filename_provider"]
+    sys.modules.update(modules)
+    return True
+
+
+def build_fuxictr_din(site: str):
+    """FuxiCTR's DIN on user_id + item_id features; returns (model, step_fn) or raises ImportError."""
+    if site and os.path.isdir(site) and site not in sys.path:
+        sys.path.append(site)  # after our own site-packages: torch stays ours (same version required)
+        sys.path.append(os.path.join(site, "model_zoo", "LongCTR"))
+    placeholder = install_ray_placeholder()
+    import fuxictr
+    from fuxictr.features import FeatureMap
+    from DIN.DIN import DIN
+
+    feature_map = FeatureMap("bench", "/tmp/fuxictr_bench")
+    feature_map.features = {
+        "user_id": {"type": "categorical", "source": "user", "vocab_size": N_USERS, "padding_idx": 0},
+        "item_id": {"type": "categorical", "source": "item", "vocab_size": N_ITEMS, "padding_idx": 0},
+    }
+    feature_map.labels = ["label"]
+    feature_map.num_fields, feature_map.default_emb_dim = 2, ID_DIM
+    model = DIN(feature_map, model_id="DIN_bench", gpu=-1, model_root="/tmp/fuxictr_bench",
+                dnn_hidden_units=DNN_UNITS, dnn_activations="ReLU", attention_hidden_units=ATTENTION_UNITS,
+                attention_hidden_activations="ReLU", embedding_dim=ID_DIM, net_dropout=0, batch_norm=False,
+                din_use_softmax=True, optimizer="adam", loss="binary_crossentropy", learning_rate=1e-3,
+                verbose=0, metrics=["AUC"])
+    model.train()
+    model._batch_index, model._max_gradient_norm = 0, 10.0  # set by FuxiCTR's fit(); same clip as ours
+
+    def step(data):
+        batch_dict = {"user_id": data["user_ids"], "label": data["labels"].float()}
+        item_dict = {"item_id": torch.cat([data["behavior_item_ids"], data["target_item_ids"][:, None]], 1).flatten()}
+        model.train_step((batch_dict, item_dict, data["behavior_mask"].float()))
+
+    label = f"FuxiCTR {fuxictr.__version__} DIN" + (" (ray placeholder module)" if placeholder else "")
+    return model, step, label
+
+
+class TextbookDIN(nn.Module):
+    """Reference DIN in plain torch (used only when FuxiCTR is unavailable): concat attention input,
+    MLP score, masked softmax, DNN over [user, target, interest]."""
+
+    def __init__(self):
+        super().__init__()
+        self.user_embeddings = nn.Embedding(N_USERS, ID_DIM, padding_idx=0)
+        self.item_embeddings = nn.Embedding(N_ITEMS, ID_DIM, padding_idx=0)
+        self.attention = nn.Sequential(nn.Linear(4 * ID_DIM, ATTENTION_UNITS[0]), nn.ReLU(), nn.Linear(ATTENTION_UNITS[0], 1))
+        layers, width = [], 3 * ID_DIM
+        for units in DNN_UNITS:
+            layers += [nn.Linear(width, units), nn.ReLU()]
+            width = units
+        self.dnn = nn.Sequential(*layers, nn.Linear(width, 1))
+
+    def forward(self, user_ids, target_item_ids, behavior_item_ids, behavior_mask):
+        target = self.item_embeddings(target_item_ids)
+        keys = self.item_embeddings(behavior_item_ids)
+        query = target.unsqueeze(1).expand_as(keys)
+        scores = self.attention(torch.cat([query, keys, query - keys, query * keys], -1)).squeeze(-1)
+        weights = torch.softmax(scores.masked_fill(~behavior_mask, -1e9), -1) * behavior_mask
+        interest = (weights.unsqueeze(-1) * keys).sum(1)
+        return self.dnn(torch.cat([self.user_embeddings(user_ids), target, interest], -1)).squeeze(-1)
+
+
+def build_textbook_din():
+    model = TextbookDIN().train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(data):
+        logits = model(data["user_ids"], data["target_item_ids"], data["behavior_item_ids"], data["behavior_mask"])
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, data["labels"].float())
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 10)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return model, step, "textbook DIN in plain torch (FuxiCTR unavailable)"
+
+
+# ---------------------------------------------------------------- ours
+def build_ciubm(mode: str, base: str = "din"):
+    config = CiUBMConfig(mode=mode, base=base, sim_top_k=50, n_users=N_USERS, n_items=N_ITEMS, id_embed_dim=ID_DIM,
+                         content_dim=CONTENT_DIM, content_proj_dim=32, attention_hidden_sizes=ATTENTION_UNITS,
+                         fusion_hidden_sizes=DNN_UNITS, dropout=0.0)
+    torch.manual_seed(0)
+    model = CiUBMForCTR(config).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with_content = mode != "din" or base == "sim"
+
+    def step(data):
+        loss = model(
+            user_ids=data["user_ids"], target_item_ids=data["target_item_ids"],
+            behavior_item_ids=data["behavior_item_ids"], behavior_mask=data["behavior_mask"],
+            target_content_embeds=data["target_content_embeds"] if with_content else None,
+            behavior_content_embeds=data["behavior_content_embeds"] if with_content else None,
+            labels=data["labels"],
+        ).loss
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 10)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return model, step, f"CiUBMForCTR mode={mode} base={base}"
+
+
+def random_batch(batch_size: int, seq_len: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, seq_len + 1, (batch_size,), generator=g)
+    mask = torch.arange(seq_len).unsqueeze(0) < lengths.unsqueeze(1)
+    return {
+        "user_ids": torch.randint(1, N_USERS, (batch_size,), generator=g),
+        "target_item_ids": torch.randint(1, N_ITEMS, (batch_size,), generator=g),
+        "behavior_item_ids": torch.randint(1, N_ITEMS, (batch_size, seq_len), generator=g) * mask,
+        "behavior_mask": mask,
+        "target_content_embeds": torch.randn(batch_size, CONTENT_DIM, generator=g),
+        "behavior_content_embeds": torch.randn(batch_size, seq_len, CONTENT_DIM, generator=g) * mask.unsqueeze(-1),
+        "labels": torch.randint(0, 2, (batch_size,), generator=g),
+    }
+
+
+def time_interleaved(entries, rounds: int, steps: int) -> dict:
+    """entries: name -> (step_fn, batch). Returns name -> seconds per step of the fastest round."""
+    for step, data in entries.values():  # warm-up
+        step(data)
+    per_round = {name: [] for name in entries}
+    for _ in range(rounds):
+        for name, (step, data) in entries.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(data)
+            per_round[name].append((time.perf_counter() - start) / steps)
+    return {name: min(times) for name, times in per_round.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--seq-len", type=int, default=50)
+    parser.add_argument("--sim-seq-len", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--fuxictr-site", default=os.environ.get("FUXICTR_SITE", "/tmp/fxvenv/lib/python3.11/site-packages"))
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, seq {args.seq_len}, "
+          f"ID dim {ID_DIM}, content dim {CONTENT_DIM}")
+
+    try:
+        _, reference_step, reference_label = build_fuxictr_din(args.fuxictr_site)
+    except Exception as error:  # noqa: BLE001 -- any import/constructor failure means: fall back, and say why
+        print(f"FuxiCTR unavailable ({type(error).__name__}: {error}); falling back to the reference below")
+        _, reference_step, reference_label = build_textbook_din()
+    print(f"reference: {reference_label}")
+
+    data = random_batch(args.batch_size, args.seq_len)
+    entries = {"reference": (reference_step, data)}
+    for mode in ("din", "ciubm"):
+        entries[mode] = (build_ciubm(mode)[1], data)
+    seconds = time_interleaved(entries, args.rounds, args.steps)
+    samples_per_s = {name: args.batch_size / s for name, s in seconds.items()}
+    for name, rate in samples_per_s.items():
+        print(f"  {name:10s} {rate:10.0f} samples/s  ({seconds[name] * 1000:.1f} ms/step)")
+    din_ratio = samples_per_s["din"] / samples_per_s["reference"]
+    ciubm_ratio = samples_per_s["ciubm"] / samples_per_s["reference"]
+    print(f"ratio din/reference   = {din_ratio:.2f}  (goal >= 1.5: {'met' if din_ratio >= 1.5 else 'NOT met'})")
+    print(f"ratio ciubm/reference = {ciubm_ratio:.2f}  (goal >= 1.0: {'met' if ciubm_ratio >= 1.0 else 'NOT met'})")
+
+    long_data = random_batch(args.batch_size, args.sim_seq_len, seed=1)
+    sim_entries = {"ciubm seq50": (build_ciubm("ciubm")[1], data),
+                   f"ciubm+sim seq{args.sim_seq_len}": (build_ciubm("ciubm", base="sim")[1], long_data)}
+    sim_seconds = time_interleaved(sim_entries, args.rounds, max(1, args.steps // 2))
+    for name, s in sim_seconds.items():
+        print(f"  {name:20s} {s * 1000:8.1f} ms/step")
+    sim_ratio = sim_seconds[f"ciubm+sim seq{args.sim_seq_len}"] / sim_seconds["ciubm seq50"]
+    print(f"ratio SIM(seq {args.sim_seq_len}, top-k 50) / seq {args.seq_len} step time = {sim_ratio:.2f}  "
+          f"(goal <= 2.0: {'met' if sim_ratio <= 2.0 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
