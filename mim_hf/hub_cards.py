@@ -102,13 +102,16 @@ def load_metrics(metrics: str | os.PathLike | Mapping | None) -> dict:
     return loaded
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, metric: bool = False) -> str:
+    """Markdown cell: metrics with 4 decimals (None = undefined -> "n/a"); settings in full precision."""
+    if metric and value is None:
+        return "n/a"
     if isinstance(value, bool) or value is None:
         return f"`{value}`"
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}"
+        return "nan" if math.isnan(value) else (f"{value:.4f}" if metric else f"{value:.6g}")
     if isinstance(value, (list, dict)):
         return f"`{json.dumps(value)}`"
     return f"`{value}`"
@@ -160,7 +163,7 @@ def ctr_metrics_table(metrics: Mapping[str, Any]) -> str | None:
         return None
     names = _ordered(columns, CTR_METRIC_ORDER)
     header = ("Split", "Items") + tuple(CTR_METRIC_TYPES.get(n, (n, n))[1] for n in names)
-    return _table(header, [(s, b.replace("_", "-")) + tuple(_fmt(v.get(n)) if n in v else "" for n in names)
+    return _table(header, [(s, b.replace("_", "-")) + tuple(_fmt(v.get(n), metric=True) if n in v else "" for n in names)
                            for s, b, v in rows])
 
 
@@ -201,7 +204,7 @@ def retrieval_section(metrics: Mapping[str, Any]) -> str | None:
         return None
     names = sorted({m for values in rows.values() for m in values})
     table = _table(("Encoder",) + tuple(names),
-                   [(row,) + tuple(_fmt(values[n]) if n in values else "" for n in names) for row, values in rows.items()])
+                   [(row,) + tuple(_fmt(values[n], metric=True) if n in values else "" for n in names) for row, values in rows.items()])
     pairs = metrics.get("pairs") or metrics.get("eval_pairs")
     note = f"\n\nRetrieval of the true target item given the trigger item on {_fmt(pairs)} held-out later pairs." \
         if pairs is not None else "\n\nRetrieval of the true target item given the trigger item on held-out later pairs."
@@ -334,12 +337,13 @@ item_embeds = encoder(**processor([{{"title": "Toy Story (1995)", "genres": ["An
             "carries the popularity and exposure biases of those logs."),
     }
     eval_results = [EvalResult(task_type="feature-extraction", task_name="Trigger -> target item retrieval",
-                               dataset_type=str(metrics.get("dataset", "unknown")),
-                               dataset_name=str(metrics.get("dataset", "unknown")), dataset_split="test",
+                               dataset_type=str(metrics.get("dataset")),
+                               dataset_name=str(metrics.get("dataset")), dataset_split="test",
                                dataset_config=metrics.get("protocol"), metric_type=name,
                                metric_name=f"{name} ({row})" if row != "encoder" else name, metric_config=row,
                                metric_value=float(value))
-                    for row, row_values in retrieval_metrics(metrics).items() for name, value in row_values.items()]
+                    for row, row_values in retrieval_metrics(metrics).items() for name, value in row_values.items()
+                    if "dataset" in metrics]  # model-index needs the evaluation dataset
     data = ModelCardData(
         library_name=LIBRARY_NAME, tags=["mim-hf", "recommendation", "content-encoder", "feature-extraction",
                                          "custom_code"],
@@ -391,8 +395,8 @@ def ctr_card(config: Mapping[str, Any], repo_id: str, metrics: Mapping[str, Any]
     mode, base = config.get("mode", "ciubm"), config.get("base", "din")
     vocabularies = config.get("vocabularies") or {}
     requirements = {
-        "user vocabulary": f"{len(vocabularies['user_id']):,} ids" if "user_id" in vocabularies else config.get("n_users"),
-        "item vocabulary": f"{len(vocabularies['item_id']):,} ids" if "item_id" in vocabularies else config.get("n_items"),
+        "user ids (vocabulary rows)": len(vocabularies["user_id"]) if "user_id" in vocabularies else config.get("n_users"),
+        "item ids (vocabulary rows)": len(vocabularies["item_id"]) if "item_id" in vocabularies else config.get("n_items"),
         "user side features": sorted(config.get("user_feature_sizes") or {}) or None,
         "item side features": sorted(config.get("item_feature_sizes") or {}) or None,
         "content dim": config.get("content_dim"),

@@ -157,8 +157,42 @@ def prepared():
     return prepare(make_synthetic_world(n_users=20, n_items=30, impressions_per_user=10), protocol="item-cold")
 
 
+@pytest.fixture(scope="module")
+def remote_code_load(hub_server, pushed_encoder, encoder_batch, tmp_path_factory):
+    """A user without the package loads the pushed encoder with trust_remote_code in a fresh interpreter
+    (only transformers; HF_ENDPOINT = the local Hub; empty cache). Started as soon as the encoder is
+    pushed, so the new interpreter's slow imports overlap the other tests; the test waits for it."""
+    work = tmp_path_factory.mktemp("remote-code")
+    torch.save(encoder_batch, work / "batch.pt")
+    script = f"""
+import sys
+sys.path.append({sysconfig.get_paths()["purelib"]!r})
+try:
+    import mim_hf
+    raise SystemExit("mim_hf importable: test is not isolated")
+except ImportError:
+    pass
+import torch
+from transformers import AutoModel
+model = AutoModel.from_pretrained({pushed_encoder!r}, trust_remote_code=True).eval()
+assert "mim_hf" not in type(model).__module__, type(model).__module__
+batch = torch.load({str(work / "batch.pt")!r}, weights_only=True)
+torch.save(model(**batch).item_embeds, {str(work / "out.pt")!r})
+print("remote", type(model).__module__)
+"""
+    env = {"PATH": os.environ.get("PATH", ""), "HF_HOME": str(work / "hf"), "HF_ENDPOINT": hub_server.endpoint,
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    # -I -S: no cwd, no env paths, no site .pth files (the editable mim_hf hook lives there).
+    process = subprocess.Popen([sys.executable, "-I", "-S", "-c", script], cwd=work, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield process, work / "out.pt"
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
+
+
 # ---- content encoder --------------------------------------------------------------------------
-def test_encoder_round_trip_and_card(hub_server, pushed_encoder, encoder_dir, encoder_batch):
+def test_encoder_round_trip_and_card(hub_server, pushed_encoder, encoder_dir, encoder_batch, remote_code_load):
     from huggingface_hub import HfApi, ModelCard
     from transformers import AutoModel
 
@@ -183,39 +217,8 @@ def test_encoder_round_trip_and_card(hub_server, pushed_encoder, encoder_dir, en
     results = {(r.metric_config, r.metric_type): r.metric_value for r in card.data.eval_results}
     assert results[("csft", "recall@10")] == pytest.approx(0.1377)
     assert results[("pretrained", "recall@50")] == pytest.approx(0.2213)
-    assert "0.1377" in card.text and "0.0812" in card.text and "| temperature | 0.0500 |" in card.text
+    assert "0.1377" in card.text and "0.0812" in card.text and "| temperature | 0.05 |" in card.text
     assert f'AutoModel.from_pretrained("{pushed_encoder}", trust_remote_code=True)' in card.text
-
-
-def test_encoder_trust_remote_code_without_mim_hf(hub_server, pushed_encoder, encoder_batch, tmp_path):
-    """A user without the package: only transformers, the local Hub as HF_ENDPOINT, a fresh cache."""
-    from transformers import AutoModel
-
-    expected = AutoModel.from_pretrained(pushed_encoder).eval()(**encoder_batch).item_embeds
-    torch.save(encoder_batch, tmp_path / "batch.pt")
-    script = f"""
-import sys
-sys.path.append({sysconfig.get_paths()["purelib"]!r})
-try:
-    import mim_hf
-    raise SystemExit("mim_hf importable: test is not isolated")
-except ImportError:
-    pass
-import torch
-from transformers import AutoModel
-model = AutoModel.from_pretrained({pushed_encoder!r}, trust_remote_code=True).eval()
-assert "mim_hf" not in type(model).__module__, type(model).__module__
-batch = torch.load({str(tmp_path / "batch.pt")!r}, weights_only=True)
-torch.save(model(**batch).item_embeds, {str(tmp_path / "out.pt")!r})
-print("remote", type(model).__module__)
-"""
-    env = {"PATH": os.environ.get("PATH", ""), "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": hub_server.endpoint,
-           "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    result = subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "remote transformers_modules" in result.stdout
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt", weights_only=True), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_native_encoder_push_to_hub_loads_with_auto_model(hub_server, encoder_dir, encoder_batch):
@@ -300,7 +303,7 @@ def test_ctr_round_trip_restores_model_vocabs_and_center(hub_server, pushed_cent
     assert ("test", "long_tail", "gauc") not in values and not any(k[1] == "head" for k in values)
     assert "| test | cold | 0.6927 | 0.6402 | 0.5911 | 4,210 |" in card.text
     assert "| test | long-tail | 0.7104 |  | 0.5702 | 3,001 |" in card.text
-    assert "| learning_rate | 0.0014 |" in card.text and "| optimizer.name | `adamw` |" in card.text
+    assert "| learning_rate | 0.00137 |" in card.text and "| optimizer.name | `adamw` |" in card.text
     assert "item-cold" in card.text
 
 
@@ -447,6 +450,13 @@ def test_card_generator_omits_absent_metrics_and_checks_metric_shapes():
     card = ctr_card({"mode": "din", "base": "din"}, "org/din-only", metrics=None)
     assert "No evaluation metrics were recorded" in card.text and "No training hyper-parameters" in card.text
     assert "model-index" not in str(card)
+    # undefined metrics (one class in a bucket) are shown as n/a and left out of model-index
+    card = ctr_card({"mode": "din"}, "org/x", metrics={"dataset": "d", "test": {
+        "overall": {"auc": 0.61, "gauc": 0.58, "logloss": 0.66, "n": 40},
+        "cold": {"auc": None, "gauc": None, "logloss": 0.41, "n": 3}}})
+    assert "| test | cold | n/a | n/a | 0.4100 | 3 |" in card.text
+    assert sorted((r.metric_config, r.metric_type) for r in card.data.eval_results) == [
+        ("cold", "log_loss"), ("overall", "gauc"), ("overall", "log_loss"), ("overall", "roc_auc")]
     with pytest.raises(ValueError, match=r"metrics\['test'\]\['overall'\] must map metric -> value"):
         ctr_card({"mode": "din"}, "org/x", metrics={"test": {"overall": 0.7}})
 
@@ -481,6 +491,17 @@ def test_cli_push_each_kind(hub_server, encoder_dir, center_dir, ctr_dir, prepar
         _cli(["push", "ctr", str(ctr_dir), "--repo-id", _repo("cli-ctr")])
     with pytest.raises(SystemExit, match="error: mim-hf push adapters: .*no <tower>/adapter_config.json"):
         _cli(["push", "adapters", str(encoder_dir), "--repo-id", _repo("cli-ad"), "--base-model", encoder_repo])
+
+
+def test_encoder_trust_remote_code_without_mim_hf(remote_code_load, encoder_dir, encoder_batch):
+    from transformers import AutoModel
+
+    process, out_file = remote_code_load
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "remote transformers_modules" in stdout
+    expected = AutoModel.from_pretrained(encoder_dir).eval()(**encoder_batch).item_embeds
+    torch.testing.assert_close(torch.load(out_file, weights_only=True), expected, rtol=1e-6, atol=1e-6)
 
 
 # ---- the real Hub (opt-in) --------------------------------------------------------------------
