@@ -157,7 +157,9 @@ def _folder_operations(folder: Path, replaced: Mapping[str, bytes]) -> list[Comm
 
 def _remote_code_files(folder: Path, config: Mapping[str, Any]) -> dict[str, bytes]:
     """The modeling files ``config['auto_map']`` names but the folder lacks, from this package."""
-    names = {ref.split(".")[0] + ".py" for ref in (config.get("auto_map") or {}).values() if isinstance(ref, str)}
+    # "repo--module.Class" refers to code in another repo: nothing to ship from here.
+    names = {ref.split(".")[0] + ".py" for ref in (config.get("auto_map") or {}).values()
+             if isinstance(ref, str) and "--" not in ref}
     out = {}
     for name in sorted(names):
         if not (folder / name).is_file():

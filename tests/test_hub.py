@@ -305,6 +305,15 @@ def test_ctr_round_trip_restores_model_vocabs_and_center(hub_server, pushed_cent
     assert "| test | long-tail | 0.7104 |  | 0.5702 | 3,001 |" in card.text
     assert "| learning_rate | 0.00137 |" in card.text and "| optimizer.name | `adamw` |" in card.text
     assert "item-cold" in card.text
+    card.validate()  # the Hub's YAML check (POST /api/validate-yaml)
+
+    # transformers' own push_to_hub of a model whose config names the center on the Hub
+    native_repo = _repo("ciubm-native")
+    original.config.center_repo = pushed_center
+    original.push_to_hub(native_repo)
+    native = load_ctr_from_hub(native_repo)
+    assert native.center.num_items == 29 and native.model.config.center_revision is None
+    torch.testing.assert_close(native.model(**batch).logits, original(**batch).logits, rtol=0, atol=0)
 
 
 def test_ctr_push_and_load_refuse_a_missing_or_foreign_center(hub_server, pushed_center, ctr_dir, tmp_path):
