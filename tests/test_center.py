@@ -89,6 +89,21 @@ def test_unicode_and_numeric_looking_ids(tmp_path):
     torch.testing.assert_close(embeds, embeddings["item_embeds"][[3, 1, 0]], rtol=0, atol=0)
 
 
+def test_lookup_many_ids_in_any_order(tmp_path):
+    rng = np.random.default_rng(0)
+    item_ids = [f"{rng.integers(1e9)}-{'x' * int(rng.integers(0, 20))}-{i}" for i in range(3000)]
+    embeddings = {"item_embeds": torch.from_numpy(rng.standard_normal((3000, 4)).astype(np.float32))}
+    center = RepresentationCenter.build(item_ids, embeddings, tmp_path / "c", encoder_name="e",
+                                        encoder_fingerprint=FINGERPRINT, dtype="float32")
+    order = rng.permutation(3000)
+    queries = [item_ids[i] for i in order] + ["absent-1", "absent-2"]
+    rows = center.rows_for(queries)
+    np.testing.assert_array_equal(rows, np.concatenate([order, [-1, -1]]))
+    embeds, found = center.lookup(queries)
+    torch.testing.assert_close(embeds[:3000], embeddings["item_embeds"][order], rtol=0, atol=0)
+    assert found.sum() == 3000
+
+
 def test_unknown_ids_give_zero_rows_and_are_counted(tmp_path):
     center, _, embeddings = build(tmp_path / "c")
     embeds, found = center.lookup(["item-1", "nope", "item-2", "item-1x", ""])
@@ -613,3 +628,29 @@ def test_training_build_center_script_subprocess(tmp_path, tiny_encoder, process
     reference = build_center(encoder, processor, tiny_items(), tmp_path / "ref", dtype="float32", show_progress=False)
     assert center.item_ids() == reference.item_ids()
     np.testing.assert_allclose(np.array(center.embeddings()), np.array(reference.embeddings()), rtol=1e-5, atol=1e-6)
+
+
+# ---- Hub round trip (local Hub test double) ---------------------------------------------------
+def test_push_to_hub_and_load_by_repo_id_and_revision(tmp_path, hub_server, monkeypatch):
+    from huggingface_hub import HfApi
+
+    monkeypatch.chdir(tmp_path)  # a repo id must not resolve to a local directory
+    center, _, embeddings = build(tmp_path / "c", n_items=12, dtype="float16")
+    repo_id = f"{hub_server.user}/center-roundtrip"
+    center.push_to_hub(repo_id, private=True)
+    api = HfApi(endpoint=hub_server.endpoint, token=hub_server.token)
+    files = set(api.list_repo_files(repo_id, repo_type="dataset"))
+    assert {EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE, "README.md"} <= files
+    assert not any(name.startswith(("v0", "CURRENT")) for name in files)  # flat layout on the Hub
+
+    from_hub = RepresentationCenter.load(repo_id)
+    assert not from_hub.versioned and from_hub.fingerprint == FINGERPRINT
+    embeds, found = from_hub.lookup(["item-4", "item-11", "missing"])
+    assert found.tolist() == [True, True, False]
+    torch.testing.assert_close(embeds[:2], embeddings["item_embeds"][[4, 11]].half().float(), rtol=0, atol=0)
+
+    center.upsert_embeddings(["item-new"], make_embeddings(1, seed=4))
+    center.push_to_hub(repo_id, revision="cold-start-update", commit_message="add item-new")
+    updated = RepresentationCenter.load(repo_id, revision="cold-start-update")
+    assert len(updated) == 13 and updated.lookup(["item-new"])[1].all()
+    assert len(RepresentationCenter.load(repo_id, revision="main")) == 12

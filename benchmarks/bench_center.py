@@ -1,0 +1,180 @@
+"""Representation Center speed: batched look-up vs a RAM gather, and opening a 10M-item center.
+
+    python benchmarks/bench_center.py                       # 1M look-up + 10M open (~3 GB in /tmp)
+    python benchmarks/bench_center.py --open-items 1000000  # smaller open test
+
+1. Look-up: random batches of ``--batch-size`` string ids from a ``--lookup-items`` x ``--dim``
+   float16 center. ``center.lookup`` (hash the ids, binary-search the memory-mapped table,
+   verify the stored ids, gather rows from the memory-mapped file, zero-fill unknowns) against
+   the ceiling ``torch.index_select`` on the same table held in RAM with the row numbers
+   already known. Ratio = lookup throughput / ceiling throughput (goal >= 0.5).
+2. Open: a fresh process opens a ``--open-items`` center (``RepresentationCenter.load``) and
+   reports wall time and resident-memory growth, then the same for the reference
+   ``safetensors.torch.load_file`` of the embeddings (what a non-mapped store pays).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mim_hf.center import EMBEDDINGS_FILE, RepresentationCenter
+
+
+def make_center(path: Path, n_items: int, dim: int, seed: int = 0) -> RepresentationCenter:
+    """A center of ``n_items`` random unit rows (float16) with ids ``"item-<i>"``."""
+    generator = torch.Generator().manual_seed(seed)
+    table = torch.empty(n_items, dim, dtype=torch.float16)
+    for start in range(0, n_items, 1 << 18):  # chunked: no float32 copy of the whole table
+        stop = min(start + (1 << 18), n_items)
+        table[start:stop] = torch.nn.functional.normalize(torch.randn(stop - start, dim, generator=generator), dim=-1)
+    item_ids = [f"item-{i}" for i in range(n_items)]
+    return RepresentationCenter.build(item_ids, {"item_embeds": table}, path, encoder_name="benchmark-random",
+                                      encoder_fingerprint="sha256:" + "0" * 64, dtype="float16", normalized=True)
+
+
+def timed(fn, batches, repeats: int) -> float:
+    """Median over ``repeats`` of the seconds ``fn`` takes over all ``batches``."""
+    fn(batches[0])  # warm-up
+    runs = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for batch in batches:
+            fn(batch)
+        runs.append(time.perf_counter() - started)
+    return statistics.median(runs)
+
+
+def bench_lookup(workdir: Path, n_items: int, dim: int, batch_size: int, n_batches: int, repeats: int) -> dict:
+    started = time.perf_counter()
+    center = make_center(workdir / "lookup-center", n_items, dim)
+    build_s = time.perf_counter() - started
+    rng = np.random.default_rng(0)
+    row_batches = [rng.integers(0, n_items, batch_size) for _ in range(n_batches)]
+    id_batches = [[f"item-{r}" for r in rows] for rows in row_batches]  # fresh str objects, as from a loader
+    row_tensors = [torch.from_numpy(rows) for rows in row_batches]
+    ram_table = torch.from_numpy(np.array(center.embeddings()))  # (N, D) float16 in RAM
+
+    # correctness first: the timed paths return the same rows
+    embeds, found = center.lookup(id_batches[0])
+    assert bool(found.all()) and torch.equal(embeds, torch.index_select(ram_table, 0, row_tensors[0]).float())
+
+    ceiling_s = timed(lambda rows: torch.index_select(ram_table, 0, rows), row_tensors, repeats)
+    lookup_s = timed(center.lookup, id_batches, repeats)
+    lookup16_s = timed(lambda ids: center.lookup(ids, dtype=torch.float16), id_batches, repeats)
+    rows_s = timed(center.rows_for, id_batches, repeats)
+    total = batch_size * n_batches
+    result = {
+        "items": n_items, "dim": dim, "batch_size": batch_size, "batches": n_batches, "build_s": round(build_s, 2),
+        "ceiling_index_select_ids_per_s": total / ceiling_s,
+        "lookup_float32_ids_per_s": total / lookup_s,
+        "lookup_float16_ids_per_s": total / lookup16_s,
+        "id_to_row_only_ids_per_s": total / rows_s,
+        "ratio_lookup_float32_vs_ceiling": ceiling_s / lookup_s,
+        "ratio_lookup_float16_vs_ceiling": ceiling_s / lookup16_s,
+    }
+    shutil.rmtree(workdir / "lookup-center")
+    return result
+
+
+def measure_open(path: str) -> dict:
+    """In a fresh process: open time and RSS growth of load(), first look-up, reference load_file."""
+    import psutil
+    from safetensors.torch import load_file
+
+    process = psutil.Process()
+    rss0 = process.memory_info().rss
+    started = time.perf_counter()
+    center = RepresentationCenter.load(path)
+    open_s = time.perf_counter() - started
+    rss_open = process.memory_info().rss
+    rng = np.random.default_rng(1)
+    ids = [f"item-{r}" for r in rng.integers(0, len(center), 4096)]
+    started = time.perf_counter()
+    embeds, found = center.lookup(ids)
+    first_lookup_s = time.perf_counter() - started
+    assert bool(found.all())
+    rss_lookup = process.memory_info().rss
+    started = time.perf_counter()
+    tensors = load_file(str(center.version_dir / EMBEDDINGS_FILE))
+    reference_s = time.perf_counter() - started
+    rss_reference = process.memory_info().rss
+    del tensors
+    return {
+        "items": len(center), "open_s": open_s, "open_rss_delta_mb": (rss_open - rss0) / 2**20,
+        "first_lookup_4096_s": first_lookup_s, "after_lookup_rss_delta_mb": (rss_lookup - rss0) / 2**20,
+        "reference_load_file_s": reference_s, "reference_rss_delta_mb": (rss_reference - rss_lookup) / 2**20,
+    }
+
+
+def bench_open(workdir: Path, n_items: int, dim: int) -> dict:
+    need = n_items * (dim * 2 + 8 * 3 + 16) * 1.1
+    free = shutil.disk_usage(workdir).free
+    if free < 2 * need:
+        raise SystemExit(f"need ~{need / 1e9:.1f} GB free in {workdir} for a {n_items}-item center, {free / 1e9:.1f} GB free")
+    started = time.perf_counter()
+    center = make_center(workdir / "open-center", n_items, dim)
+    build_s = time.perf_counter() - started
+    size = sum(p.stat().st_size for p in center.version_dir.iterdir())
+    del center
+    proc = subprocess.run([sys.executable, __file__, "--measure-open", str(workdir / "open-center")],
+                          capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result.update(build_s=round(build_s, 1), size_gb=size / 1e9)
+    result["ratio_open_vs_load_file"] = result["reference_load_file_s"] / result["open_s"]
+    shutil.rmtree(workdir / "open-center")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lookup-items", type=int, default=1_000_000)
+    parser.add_argument("--open-items", type=int, default=10_000_000, help="0 skips the open benchmark")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--batches", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for both sides (default 1: a 1 MB gather gains nothing from more, "
+                             "and on a shared machine idle OpenMP threads only add waits)")
+    parser.add_argument("--workdir", default="/tmp", help="where the temporary centers are written")
+    parser.add_argument("--measure-open", default=None, help=argparse.SUPPRESS)  # internal: child process
+    args = parser.parse_args(argv)
+    if args.measure_open:
+        print(json.dumps(measure_open(args.measure_open)))
+        return
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-center-") as tmp:
+        lookup = bench_lookup(Path(tmp), args.lookup_items, args.dim, args.batch_size, args.batches, args.repeats)
+        print(f"look-up, {lookup['items']:,} x {lookup['dim']} float16 center, {lookup['batches']} batches of "
+              f"{lookup['batch_size']} random str ids (torch threads: {torch.get_num_threads()}):")
+        print(f"  ceiling torch.index_select (RAM, rows known) {lookup['ceiling_index_select_ids_per_s'] / 1e6:8.2f} M ids/s")
+        print(f"  center.lookup -> float32                     {lookup['lookup_float32_ids_per_s'] / 1e6:8.2f} M ids/s"
+              f"   ratio {lookup['ratio_lookup_float32_vs_ceiling']:.2f}")
+        print(f"  center.lookup -> float16                     {lookup['lookup_float16_ids_per_s'] / 1e6:8.2f} M ids/s"
+              f"   ratio {lookup['ratio_lookup_float16_vs_ceiling']:.2f}")
+        print(f"  id -> row only (center.rows_for)             {lookup['id_to_row_only_ids_per_s'] / 1e6:8.2f} M ids/s")
+        if args.open_items:
+            opened = bench_open(Path(tmp), args.open_items, args.dim)
+            print(f"open, {opened['items']:,} x {args.dim} float16 center ({opened['size_gb']:.2f} GB on disk, "
+                  f"built in {opened['build_s']}s), fresh process:")
+            print(f"  RepresentationCenter.load        {opened['open_s'] * 1e3:9.1f} ms   RSS +{opened['open_rss_delta_mb']:.1f} MB")
+            print(f"  first lookup of 4096 ids         {opened['first_lookup_4096_s'] * 1e3:9.1f} ms   RSS +"
+                  f"{opened['after_lookup_rss_delta_mb']:.1f} MB (cumulative)")
+            print(f"  reference safetensors load_file  {opened['reference_load_file_s'] * 1e3:9.1f} ms   RSS +"
+                  f"{opened['reference_rss_delta_mb']:.1f} MB   (open is {opened['ratio_open_vs_load_file']:.0f}x faster)")
+
+
+if __name__ == "__main__":
+    main()
