@@ -126,8 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(func=cmd_data_stats)
 
     from mim_hf.center_cli import add_center_subparsers
+    from mim_hf.hub_cli import add_push_subparsers
 
     add_center_subparsers(commands)
+    add_push_subparsers(commands)
 
     quick = commands.add_parser("quickstart", help="run the main job on MovieLens-100k (embedded default data)")
     quick.add_argument("--out", default="runs/quickstart", help="where every stage's artefacts go (default runs/quickstart)")

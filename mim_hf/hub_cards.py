@@ -27,9 +27,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import importlib.resources
+
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "hub_cards"
+# hub_cards/ is installed as mim_hf.card_templates (pyproject package-dir), editable or not.
+TEMPLATE_DIR = Path(importlib.resources.files("mim_hf.card_templates"))
 CARD_KINDS = ("encoder", "adapters", "ctr", "center", "data")
 # Placeholders each template must use: the parts of a card a reader relies on.
 REQUIRED_PLACEHOLDERS = {
