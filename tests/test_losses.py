@@ -189,6 +189,8 @@ def test_learnable_temperature_trains():
     optimizer.step()
     assert loss_fn.temperature != pytest.approx(0.07)
     assert "logit_scale" in loss_fn.state_dict()
+    with pytest.raises(ValueError, match="temperature must be >= 0.01.*0.001"):
+        InfoNCELoss(temperature=0.001)
 
 
 @pytest.mark.parametrize(

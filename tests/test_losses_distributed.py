@@ -40,6 +40,9 @@ def _global_step(step: int) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
+    # Forked child: one intra-op thread, as DataLoader workers do -- the parent's OpenMP
+    # pool does not survive fork, and using it would hang.
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
     try:
         loss_fn = InfoNCELoss(temperature=TAU, gather_across_devices=True, queue_size=QUEUE_SIZE)

@@ -78,9 +78,8 @@ class ContrastiveLogits:
 
     def loss(self) -> torch.Tensor:
         """Scalar loss with the reduction described in the module docstring."""
-        row_losses = torch.logsumexp(self.logits, dim=1) - self.logits.gather(
-            1, self.positive_index[:, None]
-        ).squeeze(1)
+        # Fused log-softmax: -inf logits contribute exp(-inf) = 0 to value and gradient.
+        row_losses = F.cross_entropy(self.logits, self.positive_index, reduction="none")
         row_losses = torch.where(self.anchor_mask, row_losses, torch.zeros_like(row_losses))
         # clamp: no valid anchor anywhere -> 0 / 1 = 0 with a connected graph, not 0 / 0.
         return row_losses.sum() * self.world_size / self.num_valid_anchors_global.clamp(min=1)
@@ -90,7 +89,7 @@ class InfoNCELoss(nn.Module):
     """InfoNCE with in-batch, cross-device, hard and queue negatives (see module docstring).
 
     Args:
-        temperature: :math:`\\tau` (initial value when learnable), > 0.
+        temperature: :math:`\\tau` (initial value when learnable), >= 0.01.
         learnable_temperature: learn :math:`\\log(1/\\tau)` as a parameter (clamped so that
             :math:`\\tau \\ge 0.01`).
         gather_across_devices: add the positives of every data-parallel process as
@@ -121,8 +120,8 @@ class InfoNCELoss(nn.Module):
         embed_dim: int | None = None,
     ) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if not temperature >= 0.01:
+            raise ValueError(f"temperature must be >= 0.01 (the logit scale is capped at 100), got {temperature!r}")
         if not isinstance(queue_size, int) or queue_size < 0:
             raise ValueError(f"queue_size must be an int >= 0, got {queue_size!r}")
         self.learnable_temperature = learnable_temperature
@@ -242,32 +241,46 @@ class InfoNCELoss(nn.Module):
         else:
             candidate_ids, candidate_embeds = local_candidate_ids, positives
 
-        logit_blocks = [anchors @ candidate_embeds.T]
-        id_blocks = [candidate_ids.expand(batch_size, -1)]
+        # Scale the (B, D) anchors rather than the (B, C) logits: one small op instead of a big one.
+        scaled_anchors = anchors * self.logit_scale.clamp(max=_MAX_LOGIT_SCALE).exp()
+        positive_index = torch.arange(batch_size, device=device) + rank * batch_size
+        # Space (+ hard) block: small, masked densely.
+        near_logits, near_ids = scaled_anchors @ candidate_embeds.T, candidate_ids.expand(batch_size, -1)
         if hard_negatives is not None:
             hard_negatives = F.normalize(hard_negatives.float(), dim=-1)
-            logit_blocks.append(torch.einsum("bd,bhd->bh", anchors, hard_negatives))
             if hard_negative_mask is not None:
                 hard_negative_ids = torch.where(hard_negative_mask, hard_negative_ids,
                                                 torch.full_like(hard_negative_ids, -1))
-            id_blocks.append(hard_negative_ids)
-        if use_queue and self.init_queue(dim, device) is not None and len(self.queue) > 0:
-            queue_embeds, queue_ids = self.queue.candidates()
-            # clone: the queue is overwritten in place after this forward, before backward.
-            logit_blocks.append(anchors @ queue_embeds.to(device).clone().T)
-            id_blocks.append(queue_ids.to(device).expand(batch_size, -1))
-
-        logit_scale = self.logit_scale.clamp(max=_MAX_LOGIT_SCALE).exp()
-        logits = torch.cat(logit_blocks, dim=1) * logit_scale
-        all_ids = torch.cat(id_blocks, dim=1)
-        positive_index = torch.arange(batch_size, device=device) + rank * batch_size
+            near_logits = torch.cat([near_logits, torch.einsum("bd,bhd->bh", scaled_anchors, hard_negatives)], 1)
+            near_ids = torch.cat([near_ids, hard_negative_ids], 1)
         masked = (
-            (all_ids == positive_item_ids[:, None])
-            | (all_ids == anchor_item_ids[:, None])
-            | (all_ids < 0)
+            (near_ids == positive_item_ids[:, None])
+            | (near_ids == anchor_item_ids[:, None])
+            | (near_ids < 0)
         )
         masked[torch.arange(batch_size, device=device), positive_index] = False
-        logits = logits.masked_fill(masked, float("-inf"))
+        logit_blocks = [near_logits.masked_fill(masked, float("-inf"))]
+        # Time block: large (B, Q); only slots holding an anchor's own ids need masking, found sparsely.
+        if use_queue and self.init_queue(dim, device) is not None and len(self.queue) > 0:
+            queue_embeds, queue_ids = self.queue.candidates()
+            queue_ids = queue_ids.to(device)
+            # clone: the queue is overwritten in place after this forward, before backward.
+            queue_logits = scaled_anchors @ queue_embeds.to(device).clone().T
+            row_ids = torch.cat([positive_item_ids, anchor_item_ids])
+            suspect_slots = (torch.isin(queue_ids, row_ids) | (queue_ids < 0)).nonzero().squeeze(1)
+            if suspect_slots.numel() > 0:
+                suspect_ids = queue_ids[suspect_slots]
+                hits = (
+                    (suspect_ids == positive_item_ids[:, None])
+                    | (suspect_ids == anchor_item_ids[:, None])
+                    | (suspect_ids < 0)
+                )
+                hit_rows, hit_columns = hits.nonzero(as_tuple=True)
+                queue_logits = queue_logits.index_put(
+                    (hit_rows, suspect_slots[hit_columns]), torch.tensor(float("-inf"), device=device)
+                )
+            logit_blocks.append(queue_logits)
+        logits = torch.cat(logit_blocks, dim=1) if len(logit_blocks) > 1 else logit_blocks[0]
         return ContrastiveLogits(
             logits=logits,
             positive_index=positive_index,
