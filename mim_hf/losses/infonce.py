@@ -29,7 +29,11 @@ from the gathered ids, no extra collective). The mean of the returned values ove
 -- what DDP's gradient averaging optimises -- is therefore exactly the mean of
 :math:`\ell_i` over the whole global batch; with equal valid counts it is the local mean.
 Remote candidates are detached (see ``gather_with_grad``), so each process back-propagates
-through its own anchors and its own positives only.
+through its own anchors and its own positives only: the averaged gradient equals the
+global-batch gradient for anchors and hard negatives, while a positive receives gradient only
+from the anchors on its own process (the terms from other processes' anchors are dropped --
+the price of a gather without a backward all-reduce; tested in
+``tests/test_losses_distributed.py``).
 
 ``symmetric=True`` adds the reverse direction (each positive picks its anchor among the
 anchors of all processes, same masking; no hard negatives or queue there, those are
