@@ -1,0 +1,17 @@
+"""Stage 1: pre-train the content encoder (domain adaptation + modal alignment) with LoRA.
+
+    accelerate launch training/pretrain.py --config training/configs/pretrain_ml100k.yaml \
+        --data-dir data/ml100k/temporal --output-dir runs/pretrain
+    python training/pretrain.py --config training/configs/pretrain_ml100k.yaml --resume ...
+
+Writes OUTPUT_DIR/encoder (merged encoder + processor), adapters/, checkpoints/, metrics.json.
+"""
+
+from mim_hf.train.common import parse_config
+from mim_hf.train.pretrain import PretrainConfig, run
+
+if __name__ == "__main__":
+    config, resume = parse_config(PretrainConfig, __doc__)
+    metrics = run(config, resume)
+    print({"alignment": {k: metrics["alignment"][k] for k in ("task", "before", "after")},
+           "timings_s": metrics["timings_s"]})
