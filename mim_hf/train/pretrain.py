@@ -389,7 +389,7 @@ def split_items(prepared, config: PretrainConfig) -> tuple[list[int], list[int],
         info.update(withheld_train_items=n_withheld, source=(
             f"only {len(unseen_rows)} catalogue items are outside train_item_ids (< eval_min_items="
             f"{config.eval_min_items}); a seeded {config.eval_holdout_fraction:.0%} of train items "
-            "({n}) was withheld from pre-training and evaluated with them").format(n=n_withheld))
+            f"({n_withheld}) was withheld from pre-training and evaluated with them"))
     if not train_rows:
         raise ValueError(f"no catalogue item is in train_item_ids ({len(allowed)} ids): nothing to pre-train on")
     return sorted(train_rows), sorted(eval_rows), info
