@@ -1,0 +1,634 @@
+"""Stage 3 training: ``CiUBMForCTR`` (modes din / content_feature / ciubm) on prepared CTR samples.
+
+    config = load_config(CTRTrainConfig, "training/configs/ctr_ml100k_temporal_ciubm_csft.yaml")
+    metrics = run(config)                 # or: accelerate launch training/train_ctr.py --config ...
+
+What happens:
+1. ``PreparedData.load(data_dir)``; the Representation Center at ``center_path`` is opened
+   (content modes, or base "sim"); its fingerprint, dim, path and version go into the model
+   config, the center itself is NOT copied into the model.
+2. Every split is collated ONCE by :class:`~mim_hf.ctr_collator.CTRCollator` into tensors kept
+   in memory (:class:`CTRTensorSplit`); content enters as a row number into a small
+   (catalogue + 1, C) content table and is gathered per batch, so no (N, L, C) tensor is held.
+3. AdamW with gradient clipping; the valid split is evaluated every ``eval_every`` steps (default:
+   each epoch); the best model by valid AUC is saved with ``save_pretrained`` to
+   ``output_dir/model``; training stops after ``patience`` evaluations without improvement.
+4. The best model is reloaded and scored on valid and test: AUC, GAUC, logloss, n, overall and
+   per popularity bucket (cold / long_tail / head, counted on the training period), written to
+   ``output_dir/metrics.json`` with the history, config, timings and fallback counts.
+
+Unknown users/items (and unseen side-feature values) map to row 0 of their table; under
+``unknown_row_policy="zero"`` that row is a fixed zero vector, and ``unknown_id_dropout`` replaces
+a fraction of training IDs by 0 so the network learns what "unknown" looks like (item-cold
+valid/test targets are all unknown). The same policy applies to every mode, DIN included.
+
+Determinism: same seed, same machine, CPU -> same metrics (shuffling uses its own generator per
+epoch, so a resumed run sees the same batches). Multi-process runs are not bit-identical to
+single-process ones (different batch composition per process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mim_hf.ctr_collator import CTRCollator
+from mim_hf.metrics import evaluate_by_bucket
+from mim_hf.train.common import (
+    TrainingProgress,
+    config_field,
+    resume_if_requested,
+    save_checkpoint,
+    save_config,
+    write_json_atomic,
+)
+
+MODES = ("din", "content_feature", "ciubm")
+# content rows travel through the collator as float32 numbers; exact up to 2**24
+_MAX_CONTENT_ROWS = 2**24
+_COLLATE_CHUNK_ROWS = 8192
+
+
+@dataclass
+class CTRTrainConfig:
+    """Every knob of a CTR training run (YAML / CLI ``--field value``)."""
+
+    data_dir: str = config_field("", "prepared-data directory written by PreparedData.save (one protocol)")
+    output_dir: str = config_field("runs/ctr", "where config.json, checkpoints/, model/ and metrics.json go")
+    mode: str = config_field("ciubm", "model variant: din | content_feature | ciubm")
+    base: str = config_field("din", "behaviour stage: din (all behaviours) | sim (top-k by content similarity)")
+    center_path: str | None = config_field(None, "Representation Center directory (required unless mode=din and base=din)")
+    center_level: str = config_field("item_embeds", "which embedding level of the center to use")
+    user_features: list | None = config_field(None, "user side features (sample columns); None = every user_* column with a vocabulary")
+    item_features: list | None = config_field(None, "item side features; None = every item_* column with a vocabulary and a catalogue column")
+    max_len: int = config_field(50, "behaviours kept per sample (most recent)")
+    id_embed_dim: int = config_field(16, "width of every ID / side-feature embedding")
+    content_proj_dim: int = config_field(32, "width content vectors are projected to before fusion")
+    attention_hidden_sizes: list = config_field([64, 32], "hidden layers of the DIN attention MLP")
+    fusion_hidden_sizes: list = config_field([200, 80], "hidden layers of the fusion MLP")
+    dropout: float = config_field(0.1, "dropout in the fusion MLP")
+    unknown_row_policy: str = config_field("zero", "row 0 of user/item ID tables: zero (fixed) | trained")
+    unknown_id_dropout: float = config_field(0.1, "training probability of replacing a user/item ID by the unknown row 0")
+    model_overrides: dict = config_field({}, "any other CiUBMConfig field, e.g. {content_temperature: 0.05, sim_top_k: 20}")
+    seed: int = config_field(0, "seed of init, shuffling and dropout")
+    batch_size: int = config_field(1024, "training samples per step (per process)")
+    eval_batch_size: int = config_field(4096, "samples per forward pass in evaluation")
+    learning_rate: float = config_field(1e-3, "AdamW learning rate (constant)")
+    weight_decay: float = config_field(0.0, "AdamW decoupled weight decay")
+    max_grad_norm: float = config_field(10.0, "gradient-norm clip (0 = off)")
+    epochs: int = config_field(5, "passes over the train split (upper bound; early stopping may end sooner)")
+    max_steps: int = config_field(0, "optimizer steps upper bound (0 = epochs decide)")
+    eval_every: int = config_field(0, "evaluate valid every N steps (0 = at the end of each epoch)")
+    patience: int = config_field(2, "stop after this many evaluations without a better valid AUC (0 = never stop early)")
+    checkpoint_every: int = config_field(0, "save a resumable checkpoint every N steps (0 = at each evaluation)")
+    keep_checkpoints: int = config_field(2, "newest checkpoints kept")
+    show_progress: bool = config_field(True, "tqdm progress bar (main process only)")
+    num_threads: int = config_field(0, "torch intra-op threads (0 = leave as is)")
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field and what is expected."""
+        if not self.data_dir:
+            raise ValueError("data_dir is required: a directory written by `mim-hf data prepare` / PreparedData.save")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.base not in ("din", "sim"):
+            raise ValueError(f"base must be 'din' or 'sim', got {self.base!r}")
+        if needs_center(self) and not self.center_path:
+            raise ValueError(
+                f"mode={self.mode!r}, base={self.base!r} needs content embeddings: set center_path to a "
+                "Representation Center directory (mim-hf center build ...)"
+            )
+        positive = {"max_len": self.max_len, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
+                    "id_embed_dim": self.id_embed_dim, "content_proj_dim": self.content_proj_dim,
+                    "keep_checkpoints": self.keep_checkpoints}
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("epochs", "max_steps", "eval_every", "patience", "checkpoint_every", "num_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.epochs == 0 and self.max_steps == 0:
+            raise ValueError("epochs and max_steps are both 0: nothing would be trained")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError(f"weight_decay and max_grad_norm must be >= 0, got {self.weight_decay}, {self.max_grad_norm}")
+
+
+def needs_center(config: CTRTrainConfig) -> bool:
+    return config.mode != "din" or config.base == "sim"
+
+
+# ------------------------------------------------------------------------------------------
+# Collate once, gather content per batch
+# ------------------------------------------------------------------------------------------
+class ContentTable:
+    """The catalogue's content embeddings as one dense (n_items + 1, C) tensor; row 0 = zeros.
+
+    Row r + 1 holds catalogue item r (a zero vector if the center lacks it), so row numbers
+    depend on the catalogue only and collated tensors can be shared across centers.
+    ``lookup(ids)`` is the collator's content source: it returns the row numbers as a (N, 1)
+    "embedding" (the collator's own truncation and padding then place them, padding = row 0)
+    and ``found`` = in the catalogue and in the center (the collator counts the misses);
+    :meth:`gather` turns row numbers into (..., C) content per batch.
+    """
+
+    def __init__(self, center, item_ids: list[str], level: str = "item_embeds"):
+        import pandas as pd
+
+        if len(item_ids) + 1 > _MAX_CONTENT_ROWS:
+            raise ValueError(f"catalogue of {len(item_ids)} items exceeds the {_MAX_CONTENT_ROWS - 1} rows a content table holds")
+        embeds, found = center.lookup(list(item_ids), level=level)
+        self.table = torch.cat([torch.zeros(1, embeds.shape[1]), embeds.float()])  # (n_items + 1, C)
+        self.center_misses = int((~found).sum())  # catalogue items the center does not hold (zero rows)
+        self._row_of = pd.Index(list(item_ids))
+        self._found = np.concatenate([[False], found.numpy()])
+
+    @property
+    def dim(self) -> int:
+        return int(self.table.shape[1])
+
+    def lookup(self, item_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._row_of.get_indexer(item_ids) + 1  # absent from the catalogue (-1) -> row 0
+        return torch.from_numpy(rows.astype(np.float32)).unsqueeze(1), torch.from_numpy(self._found[rows])
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """(...) integer rows -> (...) + (C,) float content."""
+        return self.table[rows]
+
+
+class CTRTensorSplit(torch.utils.data.Dataset):
+    """One split collated once into tensors; ``__getitems__(indices)`` returns a model-ready batch.
+
+    Holds the collator's output for all N samples (ids (N,), (N, L), features, labels) plus the
+    content rows ``target_content_rows`` (N,) and ``behavior_content_rows`` (N, L) when a
+    content table is given. A batch also carries ``sample_index`` (B,), popped before the model.
+    """
+
+    def __init__(self, tensors: dict[str, Any], content: ContentTable | None):
+        self.tensors = tensors
+        self.content = content
+        self.length = int(tensors["user_ids"].shape[0])
+
+    @classmethod
+    def collate(cls, collator: CTRCollator, samples, content: ContentTable | None,
+                chunk_rows: int = _COLLATE_CHUNK_ROWS) -> "CTRTensorSplit":
+        """Run ``collator`` over ``samples`` (a datasets.Dataset) in chunks and concatenate."""
+        if len(samples) == 0:
+            raise ValueError("cannot train or evaluate on an empty split (0 samples)")
+        columns = ["user_id", "item_id", "behavior_item_ids", "label", *collator.user_features]
+        missing = [c for c in columns if c not in samples.column_names]
+        if missing:
+            raise ValueError(f"samples lack columns {missing}; columns: {samples.column_names}")
+        samples = samples.select_columns(columns)
+        chunks = [collator(samples[start:start + chunk_rows]) for start in range(0, len(samples), chunk_rows)]
+        tensors = _concat_batches(chunks)
+        if content is not None:
+            tensors["target_content_rows"] = tensors.pop("target_content_embeds").squeeze(-1)
+            tensors["behavior_content_rows"] = tensors.pop("behavior_content_embeds").squeeze(-1)
+        return cls(_compact(tensors), content)
+
+    def with_content(self, content: ContentTable | None) -> "CTRTensorSplit":
+        """The same tensors gathered from another content table (same catalogue, other center)."""
+        return CTRTensorSplit(self.tensors, content)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitems__(self, indices) -> dict[str, Any]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        batch = _index_batch(self.tensors, index)
+        if self.content is not None:
+            batch["target_content_embeds"] = self.content.gather(batch.pop("target_content_rows"))
+            batch["behavior_content_embeds"] = self.content.gather(batch.pop("behavior_content_rows"))
+        batch["sample_index"] = index
+        return batch
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])
+
+
+def _concat_batches(batches: list[dict]) -> dict:
+    first = batches[0]
+    if isinstance(first, dict):
+        return {key: _concat_batches([b[key] for b in batches]) for key in first}
+    return torch.cat(batches)
+
+
+def _compact(tensors):
+    """Integer tensors (ids, rows, labels) as int32: half the memory; embeddings accept int32."""
+    if isinstance(tensors, dict):
+        return {key: _compact(value) for key, value in tensors.items()}
+    if tensors.is_floating_point():  # content row numbers (exact in float32, < 2**24)
+        return tensors.to(torch.int32)
+    return tensors.to(torch.int32) if tensors.dtype == torch.int64 else tensors
+
+
+def _index_batch(tensors, index: torch.Tensor):
+    if isinstance(tensors, dict):
+        return {key: _index_batch(value, index) for key, value in tensors.items()}
+    return tensors[index]
+
+
+def _batch_as_is(batch):
+    """DataLoader collate_fn: ``__getitems__`` already built the batch."""
+    return batch
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A permutation of range(n) drawn from ``seed`` and the epoch alone (resumable, no global RNG)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+# ------------------------------------------------------------------------------------------
+# Features, collator, model
+# ------------------------------------------------------------------------------------------
+def infer_features(prepared, config: CTRTrainConfig) -> tuple[list[str], list[str]]:
+    """(user_features, item_features): the configured ones, or every usable side feature."""
+    columns = prepared.samples["train"].column_names
+    item_columns = prepared.items.column_names
+    if config.user_features is None:
+        user = [c for c in columns if c.startswith("user_") and c != "user_id" and c in prepared.vocabs]
+    else:
+        user = list(config.user_features)
+    if config.item_features is None:
+        item = [c for c in columns if c.startswith("item_") and c != "item_id" and c in prepared.vocabs
+                and c[len("item_"):] in item_columns]
+    else:
+        item = list(config.item_features)
+    for name in user + item:
+        if name not in prepared.vocabs:
+            raise ValueError(f"feature {name!r} has no vocabulary in the prepared data; available: {sorted(prepared.vocabs)}")
+    return user, item
+
+
+def open_center(path: str | os.PathLike):
+    from mim_hf.center import RepresentationCenter
+
+    if not Path(path).is_dir():
+        raise ValueError(f"center_path {str(path)!r} is not a directory; build one with `mim-hf center build`")
+    return RepresentationCenter.load(path)
+
+
+def build_model_config(config: CTRTrainConfig, collator: CTRCollator, center):
+    """``CiUBMConfig`` from the training config, the collator's vocabularies and the center's provenance."""
+    from mim_hf.modeling.configuration_ciubm import CiUBMConfig
+
+    center_fields = {}
+    if center is not None:
+        center_fields = {
+            "content_dim": center.embed_dim,
+            "center_fingerprint": center.fingerprint,
+            "center_repo": str(Path(center.root).resolve()),
+            "center_revision": center.version,
+            "center_level": config.center_level,
+        }
+    return CiUBMConfig(
+        mode=config.mode, base=config.base, id_embed_dim=config.id_embed_dim,
+        content_proj_dim=config.content_proj_dim, attention_hidden_sizes=list(config.attention_hidden_sizes),
+        fusion_hidden_sizes=list(config.fusion_hidden_sizes), dropout=config.dropout,
+        unknown_row_policy=config.unknown_row_policy, unknown_id_dropout=config.unknown_id_dropout,
+        behavior_max_len=config.max_len,  # extra field: predict() collates like training did
+        **collator.config_kwargs(), **center_fields, **dict(config.model_overrides),
+    )
+
+
+# the quickstart trains several models (modes x seeds) on the same data in one process:
+# collating a split once per data set, not once per run, saves seconds per run
+_COLLATED_CACHE: dict[tuple, tuple[dict, dict]] = {}
+_COLLATED_CACHE_SIZE = 2
+
+
+def collate_splits(collator: CTRCollator, prepared, content: ContentTable | None, config: CTRTrainConfig):
+    """({split: CTRTensorSplit}, {split: collator fallback counts}) for train/valid/test.
+
+    Reuses the tensors of an earlier call in this process with the same prepared data (path
+    and modification time), ``max_len``, features and content use; content rows depend on the
+    catalogue only, so models with different centers share them.
+    """
+    marker = Path(config.data_dir) / "prepared.json"
+    key = (str(marker.resolve()), marker.stat().st_mtime_ns, collator.max_len, tuple(collator.user_features),
+           tuple(collator.item_features), content is not None)
+    if key not in _COLLATED_CACHE:
+        splits, fallbacks = {}, {}
+        for name in ("train", "valid", "test"):
+            collator.stats.clear()
+            splits[name] = CTRTensorSplit.collate(collator, prepared.samples[name], content)
+            fallbacks[name] = dict(collator.stats)
+        while len(_COLLATED_CACHE) >= _COLLATED_CACHE_SIZE:
+            _COLLATED_CACHE.pop(next(iter(_COLLATED_CACHE)))
+        _COLLATED_CACHE[key] = (splits, fallbacks)
+    splits, fallbacks = _COLLATED_CACHE[key]
+    fallbacks = {name: dict(counts) for name, counts in fallbacks.items()}
+    if content is not None:
+        fallbacks["center_catalogue_misses"] = content.center_misses
+    return {name: split.with_content(content) for name, split in splits.items()}, fallbacks
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def predict_split(model, split: CTRTensorSplit, batch_size: int, accelerator=None) -> np.ndarray:
+    """Click probabilities (N,) of every sample of ``split``, in split order."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(split, batch_size=batch_size, shuffle=False, collate_fn=_batch_as_is)
+    distributed = accelerator is not None and accelerator.num_processes > 1
+    if distributed:  # each process scores a shard; gather_for_metrics drops the padding duplicates
+        loader = accelerator.prepare_data_loader(loader)
+    device = next(model.parameters()).device
+    probs, order = [], []
+    for batch in loader:
+        index = batch.pop("sample_index")
+        batch.pop("labels", None)
+        batch = _to_device(batch, device)
+        out = model(**batch).probs.float()
+        if distributed:
+            out, index = accelerator.gather_for_metrics((out, index.to(device)))
+        probs.append(out.cpu())
+        order.append(index.cpu())
+    result = np.empty(len(split), dtype=np.float64)
+    result[torch.cat(order).numpy()] = torch.cat(probs).numpy()
+    return result
+
+
+def _to_device(batch, device):
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch.to(device) if hasattr(batch, "to") else batch
+
+
+def evaluate_split(model, split: CTRTensorSplit, samples, batch_size: int, accelerator=None) -> dict:
+    """Overall + per-bucket AUC/GAUC/logloss/n of ``model`` on one split."""
+    probs = predict_split(model, split, batch_size, accelerator)
+    return evaluate_by_bucket(np.asarray(samples["label"]), probs, np.asarray(samples["user_id"]),
+                              np.asarray(samples["popularity_bucket"]))
+
+
+# ------------------------------------------------------------------------------------------
+# Loading a trained model and scoring
+# ------------------------------------------------------------------------------------------
+def load_ctr_model(model_dir: str | os.PathLike, center=None):
+    """Load a saved ``CiUBMForCTR`` and the center it needs, checked by fingerprint.
+
+    ``center``: a ``RepresentationCenter``, a center directory, or None (then the path recorded
+    in the model config at training time is opened, for modes that use content). Raises
+    ``ValueError`` when the center's encoder fingerprint or dim differs from the one recorded.
+    Returns ``(model (eval mode), center or None)``.
+    """
+    from mim_hf.modeling.modeling_ciubm import CiUBMForCTR
+
+    with _quiet_transformers_bars():
+        model = CiUBMForCTR.from_pretrained(str(model_dir)).eval()
+    if not model.needs_content_inputs:
+        return model, None
+    if center is None:
+        center = model.config.center_repo
+        if center is None:
+            raise ValueError(f"{model_dir}: mode {model.config.mode!r} needs a center and none is recorded; pass center=")
+    if isinstance(center, (str, os.PathLike)):
+        center = open_center(center)
+    if model.config.center_fingerprint is None:
+        raise ValueError(f"{model_dir}: the model config records no center_fingerprint to check {center} against")
+    center.check_fingerprint(model.config.center_fingerprint, model.config.content_dim)
+    return model, center
+
+
+def predict(model_dir: str | os.PathLike, samples, center=None, items=None, batch_size: int = 4096) -> np.ndarray:
+    """Score CTR samples with a saved model: returns click probabilities, float64 (N,).
+
+    ``samples``: a ``datasets.Dataset`` with the columns of ``PreparedData.samples`` (``user_id``,
+    ``item_id``, ``behavior_item_ids``, the model's ``user_*`` features; ``label`` is optional).
+    ``center``: see :func:`load_ctr_model`. ``items``: the item catalogue (``PreparedData.items``),
+    required when the model uses item side features or content. Unknown users/items map to the
+    unknown row, as in training.
+    """
+    model, center = load_ctr_model(model_dir, center)
+    config = model.config
+    if (config.item_feature_sizes or center is not None) and items is None:
+        raise ValueError("this model uses item side features or content: pass items= (the item catalogue)")
+    content = None
+    if center is not None:
+        content = ContentTable(center, [str(i) for i in items["item_id"]], getattr(config, "center_level", "item_embeds"))
+    collator = CTRCollator(
+        config.vocabularies, items=items, center=content.lookup if content else None,
+        max_len=getattr(config, "behavior_max_len", 50), user_features=list(config.user_feature_sizes),
+        item_features=list(config.item_feature_sizes),
+    )
+    if "label" not in samples.column_names:  # the collator reads labels when present; scoring needs none
+        samples = samples.add_column("label", [0] * len(samples))
+    split = CTRTensorSplit.collate(collator, samples, content)
+    return predict_split(model, split, batch_size)
+
+
+# ------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_transformers_bars():
+    """Hide transformers' per-save/load shard bars (one per evaluation would flood the log)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _save_model_atomic(model, path: Path) -> None:
+    """save_pretrained into a temporary sibling, then swap it in (a crash leaves the old model)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with _quiet_transformers_bars():
+        model.save_pretrained(str(tmp))
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def run(config: CTRTrainConfig, resume: bool = False, accelerator=None) -> dict:
+    """Train, early-stop on valid AUC, evaluate the best model; returns the metrics.json dict.
+
+    ``config.num_threads`` applies for this call only (the previous torch setting is restored).
+    """
+    config.validate()
+    previous_threads = torch.get_num_threads()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    try:
+        return _train_and_evaluate(config, resume, accelerator)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train_and_evaluate(config: CTRTrainConfig, resume: bool, accelerator) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from mim_hf.data import PreparedData
+    from mim_hf.modeling.modeling_ciubm import CiUBMForCTR
+
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    output_dir = Path(config.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "config.json")
+    set_seed(config.seed)
+
+    # ---- data, center, tensors --------------------------------------------------------
+    prepared = PreparedData.load(config.data_dir)
+    center = open_center(config.center_path) if needs_center(config) else None
+    content = None
+    if center is not None:
+        content = ContentTable(center, [str(i) for i in prepared.items["item_id"]], config.center_level)
+    user_features, item_features = infer_features(prepared, config)
+    collator = CTRCollator(prepared.vocabs, items=prepared.items, center=content.lookup if content else None,
+                           max_len=config.max_len, user_features=user_features, item_features=item_features)
+    timings["load"] = time.perf_counter() - started
+    tick = time.perf_counter()
+    splits, fallbacks = collate_splits(collator, prepared, content, config)
+    timings["collate"] = time.perf_counter() - tick
+
+    # ---- model, optimizer, loader -----------------------------------------------------
+    model = CiUBMForCTR(build_model_config(config, collator, center))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    sampler = EpochShuffleSampler(len(splits["train"]), config.seed)
+    # its own generator: creating an iterator (also when skipping batches on resume) would
+    # otherwise draw from the global RNG and shift the dropout masks of a resumed run
+    train_loader = torch.utils.data.DataLoader(splits["train"], batch_size=config.batch_size, sampler=sampler,
+                                               collate_fn=_batch_as_is, num_workers=0,
+                                               generator=torch.Generator().manual_seed(config.seed))
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    progress = TrainingProgress()
+    # running train-loss sum since the last evaluation travels in the checkpoint too
+    progress.train_loss_sum, progress.train_loss_count = 0.0, 0
+    accelerator.register_for_checkpointing(progress)
+    checkpoint = resume_if_requested(accelerator, output_dir, resume)
+
+    steps_per_epoch = len(train_loader)
+    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    if config.epochs:
+        total_steps = min(total_steps, steps_per_epoch * config.epochs)
+    eval_every = config.eval_every or steps_per_epoch
+    checkpoint_every = config.checkpoint_every or eval_every
+    best_dir = output_dir / "model"
+    stopped_early = progress.best_step is not None and config.patience and progress.evals_without_improvement >= config.patience
+    bar = tqdm(total=total_steps, initial=progress.step, desc=f"ctr {config.mode}", unit="step",
+               disable=not (config.show_progress and accelerator.is_main_process))
+
+    def evaluate_and_maybe_stop() -> bool:
+        valid = evaluate_split(model, splits["valid"], prepared.samples["valid"], config.eval_batch_size, accelerator)
+        model.train()
+        mean_loss = progress.train_loss_sum / progress.train_loss_count if progress.train_loss_count else None
+        entry = {"train_loss": mean_loss,
+                 "valid_auc": valid["overall"]["auc"], "valid_gauc": valid["overall"]["gauc"],
+                 "valid_logloss": valid["overall"]["logloss"]}
+        progress.train_loss_sum, progress.train_loss_count = 0.0, 0
+        improved = progress.record(entry, key="valid_auc", higher_is_better=True)
+        progress.history[-1]["is_best"] = improved
+        if improved and accelerator.is_main_process:
+            _save_model_atomic(accelerator.unwrap_model(model), best_dir)
+        bar.set_postfix(valid_auc=f"{entry['valid_auc']:.4f}" if entry["valid_auc"] is not None else "n/a")
+        return bool(config.patience) and progress.evals_without_improvement >= config.patience
+
+    tick = time.perf_counter()
+    model.train()
+    while progress.step < total_steps and not stopped_early:
+        train_loader.set_epoch(progress.epoch)
+        loader = train_loader
+        if progress.batches_in_epoch:  # resumed mid-epoch: skip what the checkpointed run already saw
+            loader = accelerator.skip_first_batches(train_loader, progress.batches_in_epoch)
+        for batch in loader:
+            batch.pop("sample_index")
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.train_loss_sum += float(loss.detach())
+            progress.train_loss_count += 1
+            progress.step += 1
+            progress.batches_in_epoch += 1
+            if progress.batches_in_epoch == steps_per_epoch:
+                progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
+            bar.update(1)
+            done = progress.step >= total_steps
+            if progress.step % eval_every == 0 or done:
+                stopped_early = evaluate_and_maybe_stop() and not done
+            if progress.step % checkpoint_every == 0 or done or stopped_early:
+                save_checkpoint(accelerator, output_dir, progress.step, keep=config.keep_checkpoints)
+            if done or stopped_early:
+                break
+    bar.close()
+    timings["train"] = time.perf_counter() - tick
+
+    # ---- final evaluation of the best model ----------------------------------------
+    tick = time.perf_counter()
+    accelerator.wait_for_everyone()
+    if not best_dir.exists():
+        raise RuntimeError(f"no best model under {best_dir}: valid AUC was undefined at every evaluation "
+                           "(does the valid split hold both labels?)")
+    with _quiet_transformers_bars():
+        best = CiUBMForCTR.from_pretrained(str(best_dir)).to(accelerator.device)
+    results = {name: evaluate_split(best, splits[name], prepared.samples[name], config.eval_batch_size, accelerator)
+               for name in ("valid", "test")}
+    timings["evaluate"] = time.perf_counter() - tick
+    timings["total"] = time.perf_counter() - started
+    metrics = {
+        "protocol": prepared.config.protocol,
+        "mode": config.mode,
+        "dataset": prepared.name,
+        "seed": config.seed,
+        "test": results["test"],
+        "valid": results["valid"],
+        "history": progress.history,
+        "config": dataclasses.asdict(config),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "fallbacks": fallbacks,
+        "training": {
+            "best_step": progress.best_step, "best_valid_auc": progress.best_metric, "steps": progress.step,
+            "steps_per_epoch": steps_per_epoch, "stopped_early": bool(stopped_early),
+            "resumed_from": str(checkpoint) if checkpoint else None,
+            "num_parameters": sum(p.numel() for p in best.parameters()),
+            "model_dir": str(best_dir), "device": str(accelerator.device), "num_processes": accelerator.num_processes,
+        },
+    }
+    if accelerator.is_main_process:
+        write_json_atomic(output_dir / "metrics.json", metrics)
+    return metrics
+
+
+__all__ = ["CTRTrainConfig", "CTRTensorSplit", "ContentTable", "EpochShuffleSampler", "run", "predict",
+           "load_ctr_model", "evaluate_split", "predict_split"]

@@ -1,0 +1,15 @@
+"""Train a CiUBM CTR model (stage 3): DIN, content-as-feature or full CiUBM.
+
+    accelerate launch training/train_ctr.py --config training/configs/ctr_ml100k_temporal_ciubm_csft.yaml
+    python training/train_ctr.py --config ... --seed 1 --output-dir runs/ctr/seed1 [--resume]
+
+Writes <output_dir>/config.json, checkpoints/, model/ (save_pretrained; the center is not copied)
+and metrics.json (valid + test, overall and per popularity bucket).
+"""
+
+from mim_hf.train.common import parse_config
+from mim_hf.train.ctr import CTRTrainConfig, run
+
+if __name__ == "__main__":
+    config, resume = parse_config(CTRTrainConfig, __doc__)
+    run(config, resume)
