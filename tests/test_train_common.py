@@ -98,5 +98,5 @@ def test_every_package_is_installed():
     root = Path(__file__).resolve().parents[1]
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "mim_hf").rglob("__init__.py")}
-    found |= {"mim_hf.modeling", "mim_hf.card_templates"}
+    found |= {"mim_hf.modeling", "mim_hf.card_templates", "mim_hf.configs"}
     assert found == listed

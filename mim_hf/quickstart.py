@@ -1,0 +1,215 @@
+"""The main job: the whole MIM chain on one dataset, both protocols, ending in a report.
+
+Per protocol, under ``<out>/<protocol>/``::
+
+    data/                      prepare (samples, pairs, vocabularies; train-only statistics)
+    pretrain/encoder           stage 1: domain adaptation + modal alignment (LoRA)
+    csft/encoder               stage 2: C-SFT from the stage-1 encoder
+    centers/{pretrained,csft}  Representation Centers of both encoders (every catalogue item)
+    ctr/<model>/seed<k>/       stage 3: DIN-ID, content-as-feature, CiUBM(pre-trained), CiUBM(C-SFT)
+
+then ``<out>/report.{json,md}`` and PNG plots. A stage whose artefact already exists is
+reused (so one stage can be re-run alone with ``--stages``); ``--force`` recomputes.
+Encoders and centers are trained once per protocol (seed 0); CTR models once per seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from mim_hf.train.common import load_config, write_json_atomic
+
+STAGES = ("data", "pretrain", "csft", "centers", "retrieval", "ctr", "report")
+CTR_MODELS = {  # model name -> (mode, center)
+    "din": ("din", None),
+    "content_feature": ("content_feature", "pretrained"),
+    "ciubm_pretrained": ("ciubm", "pretrained"),
+    "ciubm_csft": ("ciubm", "csft"),
+}
+
+
+@dataclasses.dataclass
+class QuickstartConfig:
+    out: str = "runs/quickstart"
+    world: str = "movielens-100k"  # or "synthetic" (tiny text + vision towers, images end to end)
+    protocols: tuple[str, ...] = ("temporal", "item-cold")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    stages: tuple[str, ...] = STAGES
+    force: bool = False
+    source: str | None = None
+    cache_dir: str | None = None
+    show_progress: bool = True
+
+
+def stage_config(cls, name: str, **overrides):
+    """A stage config from the shipped YAML ``training/configs/<name>.yaml`` (installed as
+    ``mim_hf.configs``) with the quickstart's paths and seeds on top."""
+    path = importlib.resources.files("mim_hf.configs") / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"no shipped config {name!r} (looked for {path})")
+    return load_config(cls, path, overrides)
+
+
+def _config_names(world: str, protocol: str) -> dict[str, str]:
+    """Shipped config file per stage for ``world`` / ``protocol`` (CTR names get the model appended)."""
+    if world == "movielens-100k":
+        return {"pretrain": "pretrain_ml100k", "csft": "csft_ml100k", "ctr": f"ctr_ml100k_{protocol.replace('-', '_')}_"}
+    return {"pretrain": "pretrain_synthetic", "csft": "csft_synthetic", "ctr": "ctr_synthetic_"}
+
+
+class _Stage:
+    """Times a stage and says whether its artefact is reused."""
+
+    def __init__(self, timings: dict, name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        print(f"[quickstart] {self.name} ...", flush=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.timings[self.name] = round(time.perf_counter() - self.start, 1)
+        if exc[0] is None:
+            print(f"[quickstart] {self.name} done in {self.timings[self.name]:.1f}s", flush=True)
+
+
+def _needed(config: QuickstartConfig, stage: str, artefact: Path) -> bool:
+    """Run ``stage`` when selected and (forced or its artefact is missing)."""
+    if stage not in config.stages:
+        return False
+    if config.force and artefact.exists():
+        shutil.rmtree(artefact) if artefact.is_dir() else artefact.unlink()
+    return not artefact.exists()
+
+
+def _load_world(config: QuickstartConfig):
+    from mim_hf.data import load_movielens_100k, make_synthetic_world
+
+    if config.world == "movielens-100k":
+        return load_movielens_100k(config.source, cache_dir=config.cache_dir)
+    if config.world == "synthetic":
+        return make_synthetic_world(n_users=300, n_items=400, seed=0)
+    raise ValueError(f"world {config.world!r} is not one of ['movielens-100k', 'synthetic']")
+
+
+def run_protocol(config: QuickstartConfig, protocol: str, data, timings: dict) -> dict:
+    """Every stage for one protocol; returns its slice of the report."""
+    from mim_hf.center import RepresentationCenter, build_center
+    from mim_hf.data import PreparedData, prepare
+    from mim_hf.modeling.modeling_mim_encoder import MIMContentEncoder
+    from mim_hf.modeling.processing_mim_encoder import MIMContentProcessor
+    from mim_hf.retrieval import evaluate_pairs
+    from mim_hf.train import csft, ctr, pretrain
+
+    root = Path(config.out) / protocol
+    names = _config_names(config.world, protocol)
+    data_dir, pretrain_dir, csft_dir = root / "data", root / "pretrain", root / "csft"
+
+    if _needed(config, "data", data_dir / "prepared.json"):
+        with _Stage(timings, f"{protocol}/data"):
+            prepare(data, protocol=protocol).save(data_dir)
+    prepared = PreparedData.load(data_dir)
+
+    if _needed(config, "pretrain", pretrain_dir / "metrics.json"):
+        with _Stage(timings, f"{protocol}/pretrain"):
+            pretrain.run(stage_config(pretrain.PretrainConfig, names["pretrain"], data_dir=str(data_dir),
+                                      output_dir=str(pretrain_dir), show_progress=config.show_progress))
+    if _needed(config, "csft", csft_dir / "metrics.json"):
+        with _Stage(timings, f"{protocol}/csft"):
+            csft.run(stage_config(csft.CSFTConfig, names["csft"], data_dir=str(data_dir), output_dir=str(csft_dir),
+                                  encoder_path=str(pretrain_dir / "encoder"), show_progress=config.show_progress))
+
+    centers = {}
+    for name, encoder_dir in (("pretrained", pretrain_dir / "encoder"), ("csft", csft_dir / "encoder")):
+        path = root / "centers" / name
+        if _needed(config, "centers", path / "CURRENT"):
+            with _Stage(timings, f"{protocol}/center_{name}"):
+                encoder = MIMContentEncoder.from_pretrained(encoder_dir)
+                build_center(encoder, MIMContentProcessor.from_pretrained(encoder_dir), prepared.items, path,
+                             show_progress=config.show_progress)
+        centers[name] = path
+
+    retrieval_file = root / "retrieval.json"
+    if _needed(config, "retrieval", retrieval_file):
+        with _Stage(timings, f"{protocol}/retrieval_raw"):
+            # The raw (off-the-shelf) encoder: the towers the stages start from, no training.
+            pretrain_config = stage_config(pretrain.PretrainConfig, names["pretrain"], data_dir=str(data_dir))
+            raw, processor = pretrain.build_encoder_and_processor(dataclasses.replace(pretrain_config, lora=False))
+            raw_metrics = evaluate_pairs(raw, processor, prepared.items, prepared.pairs["test"])
+            csft_metrics = json.loads((csft_dir / "metrics.json").read_text())["retrieval"]
+            write_json_atomic(retrieval_file, {
+                "raw": raw_metrics,
+                "pretrained": csft_metrics["start"]["test"],
+                "csft": csft_metrics["final"]["test"],
+                "popularity": csft_metrics["popularity"]["test"],
+            })
+
+    results = {}
+    for model, (mode, center) in CTR_MODELS.items():
+        per_seed = []
+        for seed in config.seeds:
+            run_dir = root / "ctr" / model / f"seed{seed}"
+            if _needed(config, "ctr", run_dir / "metrics.json"):
+                with _Stage(timings, f"{protocol}/ctr_{model}_seed{seed}"):
+                    ctr.run(stage_config(
+                        ctr.CTRTrainConfig, names["ctr"] + model, data_dir=str(data_dir), output_dir=str(run_dir),
+                        mode=mode, seed=seed, center_path=str(centers[center]) if center else None,
+                        show_progress=config.show_progress))
+            if (run_dir / "metrics.json").exists():
+                per_seed.append(json.loads((run_dir / "metrics.json").read_text())["test"])
+        if per_seed:
+            from mim_hf.report import aggregate_seeds
+
+            results[model] = aggregate_seeds(per_seed)
+    return {
+        "results": results,
+        "retrieval": json.loads(retrieval_file.read_text()) if retrieval_file.exists() else None,
+        "csft_history": json.loads((csft_dir / "metrics.json").read_text()).get("history", [])
+        if (csft_dir / "metrics.json").exists() else [],
+        "data_stats": prepared.stats,
+    }
+
+
+def run_quickstart(config: QuickstartConfig) -> dict:
+    """Run every selected stage for every protocol, then write the report; returns report.json."""
+    from mim_hf.report import terminal_table, write_markdown, write_plots
+
+    unknown = sorted(set(config.stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    started = time.perf_counter()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    with _Stage(timings, "load_data"):
+        data = _load_world(config)
+    report = {"protocols": {}, "retrieval": {}, "csft_history": {}, "data": {}}
+    for protocol in config.protocols:
+        part = run_protocol(config, protocol, data, timings)
+        report["protocols"][protocol] = part["results"]
+        if part["retrieval"]:
+            report["retrieval"][protocol] = part["retrieval"]
+        report["csft_history"][protocol] = part["csft_history"]
+        report["data"][protocol] = part["data_stats"]
+    timings["total"] = round(time.perf_counter() - started, 1)
+    report["timings_s"] = timings
+    report["environment"] = {
+        "world": config.world, "seeds": list(config.seeds), "python": platform.python_version(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+    }
+    if "report" in config.stages:
+        write_json_atomic(out / "report.json", report)
+        plots = write_plots(report, out)
+        write_markdown(report, out, plots)
+        print(terminal_table(report))
+        print(f"\n[quickstart] report: {out / 'report.md'} (+ report.json, {len(plots)} plots); total {timings['total']:.0f}s")
+    return report
