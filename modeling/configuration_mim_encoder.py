@@ -20,9 +20,9 @@ DEFAULT_LORA_TARGET_MODULES: dict[str, list[str]] = {
     "clip_vision_model": ["q_proj", "v_proj"],
     "siglip_text_model": ["q_proj", "v_proj"],
     "siglip_vision_model": ["q_proj", "v_proj"],
-    "vit": ["query", "value"],
-    "deit": ["query", "value"],
-    "dinov2": ["query", "value"],
+    "vit": ["q_proj", "v_proj"],  # transformers 5 names ViT-family attention projections q_proj/v_proj
+    "deit": ["q_proj", "v_proj"],
+    "dinov2": ["q_proj", "v_proj"],
     "convnext": ["pwconv1", "pwconv2"],
     "convnextv2": ["pwconv1", "pwconv2"],
 }

@@ -398,3 +398,13 @@ def test_real_minilm_via_build_content_encoder():
                           show_progress=False)["text_embeds"]
     similarity = embeds @ embeds.T
     assert similarity[0, 1] > similarity[0, 2]
+
+
+@pytest.mark.parametrize("vision_config", [
+    tiny_clip_vision_config, tiny_vit_config, lambda: ConvNextConfig(hidden_sizes=[8, 24], depths=[1, 1], num_stages=2),
+], ids=["clip", "vit", "convnext"])
+def test_default_lora_targets_exist_in_each_vision_tower(tokenizer, vision_config):
+    # The per-architecture defaults must name modules the installed transformers really has.
+    encoder = apply_lora(make_encoder(tokenizer, vision_config()))
+    assert trainable_parameter_counts(encoder)["lora"] > 0
+    assert any("lora_" in name for name, _ in encoder.vision_model.named_parameters())
