@@ -25,30 +25,9 @@ def _load_dataset(args):
     return make_synthetic_world(n_users=args.n_users, n_items=args.n_items, seed=args.seed)
 
 
-def format_stats(stats: dict) -> str:
-    """A plain-text table of :func:`mim_hf.data.prepare.compute_stats` output."""
-    lines = [
-        f"{stats['dataset']} / protocol={stats['protocol']}: {stats['users']} users, {stats['items']} items, "
-        f"{stats['interactions']} interactions, positive rate {stats['positive_rate']:.3f}, "
-        f"{stats['train_items']} items usable for training",
-        f"{'split':<6} {'rows':>7} {'users':>6} {'items':>6} {'pos%':>6} {'cold':>7} {'long_tail':>9} {'head':>7} "
-        f"{'unk_user':>8} {'unk_item':>8} {'no_hist':>7} {'hist_len':>8} {'pairs':>7}",
-    ]
-    for name, split in stats["splits"].items():
-        b = split["popularity_buckets"]
-        pos = 100 * split["positive_rate"] if split["positive_rate"] is not None else float("nan")
-        lines.append(
-            f"{name:<6} {split['rows']:>7} {split['users']:>6} {split['items']:>6} {pos:>6.1f} {b['cold']:>7} "
-            f"{b['long_tail']:>9} {b['head']:>7} {split['rows_with_unknown_user']:>8} {split['rows_with_unknown_item']:>8} "
-            f"{split['rows_with_empty_history']:>7} {split['mean_history_length']:>8.1f} {split['pairs']:>7}"
-        )
-    lines.append("vocabulary sizes (incl. [UNK]): " + ", ".join(f"{k}={v}" for k, v in stats["vocab_sizes"].items()))
-    lines.append("fallbacks applied: " + ", ".join(f"{k}={v}" for k, v in stats["fallbacks"].items()))
-    return "\n".join(lines)
-
-
 def cmd_data_prepare(args) -> int:
     from mim_hf.data import PROTOCOLS, prepare
+    from mim_hf.data.prepare import format_stats
 
     started = time.perf_counter()
     data = _load_dataset(args)
@@ -72,6 +51,8 @@ def cmd_data_stats(args) -> int:
     stats_file = Path(args.path) / "stats.json"
     if not stats_file.exists():
         raise SystemExit(f"error: {args.path!r} has no stats.json; expected a directory written by `mim-hf data prepare`")
+    from mim_hf.data.prepare import format_stats
+
     stats = json.loads(stats_file.read_text())
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0

@@ -105,6 +105,7 @@ def run_protocol(config: QuickstartConfig, protocol: str, data, timings: dict) -
     """Every stage for one protocol; returns its slice of the report."""
     from mim_hf.center import RepresentationCenter, build_center
     from mim_hf.data import PreparedData, prepare
+    from mim_hf.data.prepare import format_stats
     from mim_hf.modeling.modeling_mim_encoder import MIMContentEncoder
     from mim_hf.modeling.processing_mim_encoder import MIMContentProcessor
     from mim_hf.retrieval import evaluate_pairs
@@ -118,6 +119,7 @@ def run_protocol(config: QuickstartConfig, protocol: str, data, timings: dict) -
         with _Stage(timings, f"{protocol}/data"):
             prepare(data, protocol=protocol).save(data_dir)
     prepared = PreparedData.load(data_dir)
+    print(format_stats(prepared.stats), flush=True)
 
     if _needed(config, "pretrain", pretrain_dir / "metrics.json"):
         with _Stage(timings, f"{protocol}/pretrain"):
@@ -186,6 +188,12 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     unknown = sorted(set(config.stages) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    if not config.show_progress:  # also silence transformers' / datasets' own weight-loading bars
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
     started = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -329,3 +329,25 @@ def compute_stats(prepared: PreparedData, frame: pd.DataFrame, data: RecData, se
         "vocab_sizes": {k: len(v) for k, v in prepared.vocabs.items()},
         "fallbacks": {**data.report.to_dict(), "self_pairs_skipped": sum(self_pairs.values())},
     }
+
+
+def format_stats(stats: dict) -> str:
+    """A plain-text table of :func:`mim_hf.data.prepare.compute_stats` output."""
+    lines = [
+        f"{stats['dataset']} / protocol={stats['protocol']}: {stats['users']} users, {stats['items']} items, "
+        f"{stats['interactions']} interactions, positive rate {stats['positive_rate']:.3f}, "
+        f"{stats['train_items']} items usable for training",
+        f"{'split':<6} {'rows':>7} {'users':>6} {'items':>6} {'pos%':>6} {'cold':>7} {'long_tail':>9} {'head':>7} "
+        f"{'unk_user':>8} {'unk_item':>8} {'no_hist':>7} {'hist_len':>8} {'pairs':>7}",
+    ]
+    for name, split in stats["splits"].items():
+        b = split["popularity_buckets"]
+        pos = 100 * split["positive_rate"] if split["positive_rate"] is not None else float("nan")
+        lines.append(
+            f"{name:<6} {split['rows']:>7} {split['users']:>6} {split['items']:>6} {pos:>6.1f} {b['cold']:>7} "
+            f"{b['long_tail']:>9} {b['head']:>7} {split['rows_with_unknown_user']:>8} {split['rows_with_unknown_item']:>8} "
+            f"{split['rows_with_empty_history']:>7} {split['mean_history_length']:>8.1f} {split['pairs']:>7}"
+        )
+    lines.append("vocabulary sizes (incl. [UNK]): " + ", ".join(f"{k}={v}" for k, v in stats["vocab_sizes"].items()))
+    lines.append("fallbacks applied: " + ", ".join(f"{k}={v}" for k, v in stats["fallbacks"].items()))
+    return "\n".join(lines)
