@@ -60,12 +60,13 @@ def cmd_data_stats(args) -> int:
 
 def cmd_quickstart(args) -> int:
     """The main job: the whole MIM chain on one dataset (both protocols), then the report."""
-    from mim_hf.quickstart import QuickstartConfig, run_quickstart
+    from mim_hf.quickstart import QuickstartConfig, parse_overrides, run_quickstart
 
     run_quickstart(QuickstartConfig(
-        out=args.out, world=args.world, protocols=tuple(args.protocols), seeds=tuple(args.seeds),
+        out=args.out or ("runs/quickstart" if args.world == "movielens-100k" else "runs/quickstart_synthetic"),
+        world=args.world, protocols=tuple(args.protocols), seeds=tuple(args.seeds),
         stages=tuple(args.stages), force=args.force, source=args.source, cache_dir=args.cache_dir,
-        show_progress=not args.quiet,
+        show_progress=not args.quiet, overrides=parse_overrides(args.set),
     ))
     return 0
 
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="prepare -> pre-train -> C-SFT -> centers -> retrieval -> CTR (DIN-ID, content-as-feature, "
                     "CiUBM with the pre-trained and the C-SFT center; every seed) -> report, for each protocol. "
                     "Artefacts go under OUT/<protocol>/; a stage whose artefact exists is reused.")
-    quick.add_argument("--out", default="runs/quickstart", help="where every stage's artefacts go (default runs/quickstart)")
+    quick.add_argument("--out", default=None, help="where every stage's artefacts go (default runs/quickstart, or runs/quickstart_synthetic)")
     quick.add_argument("--world", choices=("movielens-100k", "synthetic"), default="movielens-100k",
                        help="movielens-100k (real, text only) or synthetic (tiny text + vision towers, images end to end)")
     quick.add_argument("--protocols", nargs="+", choices=("temporal", "item-cold"), default=["temporal", "item-cold"],
@@ -133,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--source", default=None, help="MovieLens source (see `data prepare --source`)")
     quick.add_argument("--cache-dir", default=None, help="cache for the recbole wheel")
     quick.add_argument("--quiet", action="store_true", help="no progress bars")
+    quick.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
+                       help="override a shipped stage config field (stages: pretrain, csft, ctr) or a synthetic-world "
+                            "argument (world.n_users=...); repeatable, e.g. --set ctr.epochs=1")
     quick.set_defaults(func=cmd_quickstart)
     return parser
 

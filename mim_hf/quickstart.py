@@ -24,9 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from mim_hf.train.common import load_config, write_json_atomic
 
+OVERRIDABLE = ("world", "pretrain", "csft", "ctr")
 STAGES = ("data", "pretrain", "csft", "centers", "retrieval", "ctr", "report")
 CTR_MODELS = {  # model name -> (mode, center)
     "din": ("din", None),
@@ -47,6 +49,9 @@ class QuickstartConfig:
     source: str | None = None
     cache_dir: str | None = None
     show_progress: bool = True
+    # Field overrides on top of the shipped configs, per stage ("pretrain", "csft", "ctr") and
+    # "world" (make_synthetic_world arguments), e.g. {"ctr": {"epochs": 1}}.
+    overrides: dict = dataclasses.field(default_factory=dict)
 
 
 def stage_config(cls, name: str, **overrides):
@@ -56,6 +61,18 @@ def stage_config(cls, name: str, **overrides):
     if not path.is_file():
         raise ValueError(f"no shipped config {name!r} (looked for {path})")
     return load_config(cls, path, overrides)
+
+
+def parse_overrides(assignments: list[str]) -> dict:
+    """``["ctr.epochs=1", "pretrain.max_steps=10"]`` -> ``{"ctr": {"epochs": 1}, ...}`` (YAML-typed)."""
+    overrides: dict = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        stage, dot, field = key.partition(".")
+        if not sep or not dot or stage not in OVERRIDABLE:
+            raise ValueError(f"override {assignment!r} must look like STAGE.FIELD=VALUE with STAGE in {list(OVERRIDABLE)}")
+        overrides.setdefault(stage, {})[field] = yaml.safe_load(value)
+    return overrides
 
 
 def _config_names(world: str, protocol: str) -> dict[str, str]:
@@ -97,7 +114,7 @@ def _load_world(config: QuickstartConfig):
     if config.world == "movielens-100k":
         return load_movielens_100k(config.source, cache_dir=config.cache_dir)
     if config.world == "synthetic":
-        return make_synthetic_world(n_users=300, n_items=400, seed=0)
+        return make_synthetic_world(**{"n_users": 300, "n_items": 400, "seed": 0, **config.overrides.get("world", {})})
     raise ValueError(f"world {config.world!r} is not one of ['movielens-100k', 'synthetic']")
 
 
@@ -113,6 +130,7 @@ def run_protocol(config: QuickstartConfig, protocol: str, data, timings: dict) -
 
     root = Path(config.out) / protocol
     names = _config_names(config.world, protocol)
+    stage_overrides = {stage: config.overrides.get(stage, {}) for stage in ("pretrain", "csft", "ctr")}
     data_dir, pretrain_dir, csft_dir = root / "data", root / "pretrain", root / "csft"
 
     if _needed(config, "data", data_dir / "prepared.json"):
@@ -123,12 +141,14 @@ def run_protocol(config: QuickstartConfig, protocol: str, data, timings: dict) -
 
     if _needed(config, "pretrain", pretrain_dir / "metrics.json"):
         with _Stage(timings, f"{protocol}/pretrain"):
-            pretrain.run(stage_config(pretrain.PretrainConfig, names["pretrain"], data_dir=str(data_dir),
-                                      output_dir=str(pretrain_dir), show_progress=config.show_progress))
+            pretrain.run(stage_config(pretrain.PretrainConfig, names["pretrain"], **stage_overrides["pretrain"],
+                                      data_dir=str(data_dir), output_dir=str(pretrain_dir),
+                                      show_progress=config.show_progress))
     if _needed(config, "csft", csft_dir / "metrics.json"):
         with _Stage(timings, f"{protocol}/csft"):
-            csft.run(stage_config(csft.CSFTConfig, names["csft"], data_dir=str(data_dir), output_dir=str(csft_dir),
-                                  encoder_path=str(pretrain_dir / "encoder"), show_progress=config.show_progress))
+            csft.run(stage_config(csft.CSFTConfig, names["csft"], **stage_overrides["csft"], data_dir=str(data_dir),
+                                  output_dir=str(csft_dir), encoder_path=str(pretrain_dir / "encoder"),
+                                  show_progress=config.show_progress))
 
     centers = {}
     for name, encoder_dir in (("pretrained", pretrain_dir / "encoder"), ("csft", csft_dir / "encoder")):
@@ -144,7 +164,8 @@ def run_protocol(config: QuickstartConfig, protocol: str, data, timings: dict) -
     if _needed(config, "retrieval", retrieval_file):
         with _Stage(timings, f"{protocol}/retrieval_raw"):
             # The raw (off-the-shelf) encoder: the towers the stages start from, no training.
-            pretrain_config = stage_config(pretrain.PretrainConfig, names["pretrain"], data_dir=str(data_dir))
+            pretrain_config = stage_config(pretrain.PretrainConfig, names["pretrain"], **stage_overrides["pretrain"],
+                                           data_dir=str(data_dir))
             raw, processor = pretrain.build_encoder_and_processor(dataclasses.replace(pretrain_config, lora=False))
             raw_metrics = evaluate_pairs(raw, processor, prepared.items, prepared.pairs["test"])
             csft_metrics = json.loads((csft_dir / "metrics.json").read_text())["retrieval"]
@@ -163,7 +184,8 @@ def run_protocol(config: QuickstartConfig, protocol: str, data, timings: dict) -
             if _needed(config, "ctr", run_dir / "metrics.json"):
                 with _Stage(timings, f"{protocol}/ctr_{model}_seed{seed}"):
                     ctr.run(stage_config(
-                        ctr.CTRTrainConfig, names["ctr"] + model, data_dir=str(data_dir), output_dir=str(run_dir),
+                        ctr.CTRTrainConfig, names["ctr"] + model, **stage_overrides["ctr"],
+                        data_dir=str(data_dir), output_dir=str(run_dir),
                         mode=mode, seed=seed, center_path=str(centers[center]) if center else None,
                         show_progress=config.show_progress))
             if (run_dir / "metrics.json").exists():
