@@ -66,7 +66,7 @@ def cmd_quickstart(args) -> int:
         out=args.out or ("runs/quickstart" if args.world == "movielens-100k" else "runs/quickstart_synthetic"),
         world=args.world, protocols=tuple(args.protocols), seeds=tuple(args.seeds),
         stages=tuple(args.stages), force=args.force, source=args.source, cache_dir=args.cache_dir,
-        show_progress=not args.quiet, overrides=parse_overrides(args.set),
+        show_progress=not args.quiet, overrides=parse_overrides(args.set), jobs=args.jobs,
     ))
     return 0
 
@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--source", default=None, help="MovieLens source (see `data prepare --source`)")
     quick.add_argument("--cache-dir", default=None, help="cache for the recbole wheel")
     quick.add_argument("--quiet", action="store_true", help="no progress bars")
+    quick.add_argument("--jobs", type=int, default=0,
+                       help="protocol chains run in parallel processes, each with cores/jobs torch threads "
+                            "(default 0: one per protocol, capped by the cores; 1 = sequential)")
     quick.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                        help="override a shipped stage config field (stages: pretrain, csft, ctr) or a synthetic-world "
                             "argument (world.n_users=...); repeatable, e.g. --set ctr.epochs=1")

@@ -15,9 +15,12 @@ Encoders and centers are trained once per protocol (seed 0); CTR models once per
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import importlib.resources
 import json
+import multiprocessing
+import os
 import platform
 import shutil
 import time
@@ -49,6 +52,9 @@ class QuickstartConfig:
     source: str | None = None
     cache_dir: str | None = None
     show_progress: bool = True
+    # Protocol chains are independent: run up to `jobs` of them in parallel processes, each with
+    # cores // jobs torch threads (0 = one job per protocol, capped by the cores).
+    jobs: int = 0
     # Field overrides on top of the shipped configs, per stage ("pretrain", "csft", "ctr") and
     # "world" (make_synthetic_world arguments), e.g. {"ctr": {"epochs": 1}}.
     overrides: dict = dataclasses.field(default_factory=dict)
@@ -203,6 +209,48 @@ def run_protocol(config: QuickstartConfig, protocol: str, data, timings: dict) -
     }
 
 
+def _jobs(config: QuickstartConfig) -> int:
+    return max(1, min(len(config.protocols), config.jobs or os.cpu_count() or 1))
+
+
+def _threads_per_job(config: QuickstartConfig) -> int:
+    return max(1, (os.cpu_count() or 1) // _jobs(config))
+
+
+def _protocol_worker(config: QuickstartConfig, protocol: str, data) -> tuple[dict, dict]:
+    """One protocol chain in a worker process; returns (report part, stage timings)."""
+    torch.set_num_threads(_threads_per_job(config))
+    if not config.show_progress:
+        _quiet_bars()
+    timings: dict[str, float] = {}
+    return run_protocol(config, protocol, data, timings), timings
+
+
+def _run_protocols(config: QuickstartConfig, data, timings: dict) -> dict[str, dict]:
+    """Every protocol chain, in parallel worker processes when ``jobs`` > 1 (spawned: a clean
+    torch runtime per process), else in this process."""
+    if _jobs(config) == 1:
+        torch.set_num_threads(_threads_per_job(config))
+        return {protocol: run_protocol(config, protocol, data, timings) for protocol in config.protocols}
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(_jobs(config), mp_context=context) as pool:
+        futures = {protocol: pool.submit(_protocol_worker, config, protocol, data) for protocol in config.protocols}
+        parts = {}
+        for protocol, future in futures.items():
+            parts[protocol], protocol_timings = future.result()
+            timings.update(protocol_timings)
+    return parts
+
+
+def _quiet_bars() -> None:
+    """Silence transformers' / datasets' own weight-loading and saving bars."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def run_quickstart(config: QuickstartConfig) -> dict:
     """Run every selected stage for every protocol, then write the report; returns report.json."""
     from mim_hf.report import terminal_table, write_markdown, write_plots
@@ -210,12 +258,8 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     unknown = sorted(set(config.stages) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
-    if not config.show_progress:  # also silence transformers' / datasets' own weight-loading bars
-        import datasets
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
+    if not config.show_progress:
+        _quiet_bars()
     started = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -223,8 +267,9 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     with _Stage(timings, "load_data"):
         data = _load_world(config)
     report = {"protocols": {}, "retrieval": {}, "csft_history": {}, "data": {}}
+    parts = _run_protocols(config, data, timings)
     for protocol in config.protocols:
-        part = run_protocol(config, protocol, data, timings)
+        part = parts[protocol]
         report["protocols"][protocol] = part["results"]
         if part["retrieval"]:
             report["retrieval"][protocol] = part["retrieval"]
@@ -234,7 +279,8 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     report["timings_s"] = timings
     report["environment"] = {
         "world": config.world, "seeds": list(config.seeds), "python": platform.python_version(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "torch": torch.__version__, "cpu_cores": os.cpu_count(), "parallel_protocol_jobs": _jobs(config),
+        "threads_per_job": _threads_per_job(config), "machine": platform.machine(),
     }
     if "report" in config.stages:
         write_json_atomic(out / "report.json", report)

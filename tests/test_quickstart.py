@@ -20,7 +20,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
-    config = QuickstartConfig(out=str(out), world="synthetic", protocols=("temporal", "item-cold"), seeds=(0, 1),
+    config = QuickstartConfig(out=str(out), world="synthetic", protocols=("temporal", "item-cold"), seeds=(0, 1), jobs=2,
                               show_progress=False, overrides=TINY)
     return out, config, run_quickstart(config)
 
