@@ -11,24 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
-
-def load_encoder_and_processor(encoder_dir: str | os.PathLike):
-    """A directory written by ``MIMContentEncoder.save_pretrained`` + ``MIMContentProcessor.
-    save_pretrained`` -> (encoder in eval mode, processor). LoRA must be merged before saving."""
-    import mim_hf  # noqa: F401  (registers MIMContentEncoder with AutoModel)
-    from transformers import AutoModel
-
-    from mim_hf.modeling.processing_mim_encoder import MIMContentProcessor
-
-    if not os.path.isfile(os.path.join(str(encoder_dir), "config.json")):
-        raise ValueError(f"{encoder_dir}: not a saved encoder directory (no config.json); pass the folder written "
-                         "by encoder.save_pretrained(...) after merging LoRA")
-    encoder = AutoModel.from_pretrained(str(encoder_dir))
-    processor = MIMContentProcessor.from_pretrained(str(encoder_dir))
-    return encoder.eval(), processor
+from mim_hf.encoders import load_encoder_and_processor
 
 
 def center_build_cli(args: argparse.Namespace) -> int:

@@ -60,4 +60,16 @@ def build_content_processor(
     return MIMContentProcessor.from_pretrained(resolve_model_path(text_model), vision_path, **processor_kwargs)
 
 
-__all__ = ["build_content_encoder", "build_content_processor", "resolve_model_path", "OFFLINE_MODEL_PACKAGES"]
+def load_encoder_and_processor(encoder_dir: str | os.PathLike):
+    """A directory written by ``MIMContentEncoder.save_pretrained`` + ``MIMContentProcessor.
+    save_pretrained`` -> (encoder in eval mode, processor). LoRA must be merged before saving."""
+    if not os.path.isfile(os.path.join(str(encoder_dir), "config.json")):
+        raise ValueError(f"{encoder_dir}: not a saved encoder directory (no config.json); pass the folder written "
+                         "by encoder.save_pretrained(...) after merging LoRA")
+    encoder = MIMContentEncoder.from_pretrained(str(encoder_dir))
+    processor = MIMContentProcessor.from_pretrained(str(encoder_dir))
+    return encoder.eval(), processor
+
+
+__all__ = ["build_content_encoder", "build_content_processor", "load_encoder_and_processor", "resolve_model_path",
+           "OFFLINE_MODEL_PACKAGES"]

@@ -129,8 +129,7 @@ def run_protocol(config: QuickstartConfig, protocol: str, data, timings: dict) -
     from mim_hf.center import RepresentationCenter, build_center
     from mim_hf.data import PreparedData, prepare
     from mim_hf.data.prepare import format_stats
-    from mim_hf.modeling.modeling_mim_encoder import MIMContentEncoder
-    from mim_hf.modeling.processing_mim_encoder import MIMContentProcessor
+    from mim_hf.encoders import load_encoder_and_processor
     from mim_hf.retrieval import evaluate_pairs
     from mim_hf.train import csft, ctr, pretrain
 
@@ -161,9 +160,8 @@ def run_protocol(config: QuickstartConfig, protocol: str, data, timings: dict) -
         path = root / "centers" / name
         if _needed(config, "centers", path / "CURRENT"):
             with _Stage(timings, f"{protocol}/center_{name}"):
-                encoder = MIMContentEncoder.from_pretrained(encoder_dir)
-                build_center(encoder, MIMContentProcessor.from_pretrained(encoder_dir), prepared.items, path,
-                             show_progress=config.show_progress)
+                encoder, processor = load_encoder_and_processor(encoder_dir)
+                build_center(encoder, processor, prepared.items, path, show_progress=config.show_progress)
         centers[name] = path
 
     retrieval_file = root / "retrieval.json"

@@ -506,7 +506,7 @@ def test_build_center_with_content_encoder(tmp_path, tiny_encoder):
         assert found.all()
         torch.testing.assert_close(embeds, expected[level], rtol=1e-4, atol=1e-5)
     # the fingerprint survives save_pretrained / from_pretrained
-    from mim_hf.center_cli import load_encoder_and_processor
+    from mim_hf.encoders import load_encoder_and_processor
 
     encoder.save_pretrained(tmp_path / "enc")
     processor.save_pretrained(tmp_path / "enc")

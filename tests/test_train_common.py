@@ -28,6 +28,7 @@ class ToyConfig:
     use_queue: bool = config_field(False, "keep a queue")
     levels: list = config_field(["item"], "levels")
     output_dir: str | None = config_field(None, "where to write")
+    weights: dict = config_field({"item": 1.0}, "a bare-dict field")
 
 
 def test_yaml_then_cli_overrides(tmp_path):
@@ -35,6 +36,8 @@ def test_yaml_then_cli_overrides(tmp_path):
     config_file.write_text("learning_rate: 0.01\nepochs: 5\nlevels: [item, text]\n")
     config, resume = parse_config(ToyConfig, "toy", ["--config", str(config_file), "--epochs", "7", "--use-queue", "true", "--resume"])
     assert config == ToyConfig(learning_rate=0.01, epochs=7, use_queue=True, levels=["item", "text"])
+    config, _ = parse_config(ToyConfig, "toy", ["--weights", "{item: 1.0, text: 0.5}"])
+    assert config.weights == {"item": 1.0, "text": 0.5}
     assert resume is True
 
 

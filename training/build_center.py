@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from mim_hf.center import RepresentationCenter, encode_levels, encoder_fingerprint, encoder_levels
-from mim_hf.center_cli import load_encoder_and_processor
+from mim_hf.encoders import load_encoder_and_processor
 from mim_hf.data import PreparedData
 
 

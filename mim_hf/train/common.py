@@ -55,6 +55,8 @@ def _coerce(value, annotation, name: str):
             return annotation(value)
         except (TypeError, ValueError):
             raise ValueError(f"config field {name!r}: {value!r} is not a valid {annotation.__name__}") from None
+    if annotation in (list, tuple, dict):  # a bare annotation: same handling as list[...] etc.
+        origin = annotation
     if origin in (list, tuple, dict):
         if isinstance(value, str):
             value = yaml.safe_load(value)

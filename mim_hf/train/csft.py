@@ -175,7 +175,7 @@ def build_start_encoder(config: CSFTConfig):
 
     lora = {"lora_r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout}
     if config.encoder_path is not None:
-        from mim_hf.center_cli import load_encoder_and_processor
+        from mim_hf.encoders import load_encoder_and_processor
 
         encoder, processor = load_encoder_and_processor(config.encoder_path)
         for key, value in lora.items():
@@ -215,7 +215,7 @@ def restrict_lora_to_last_layers(encoder, num_layers: int) -> None:
 def load_csft_encoder(directory):
     """``output_dir/encoder`` -> ``(encoder, processor)``: the merged encoder when present,
     else the start encoder (from ``csft_encoder.json``) with the saved adapters loaded."""
-    from mim_hf.center_cli import load_encoder_and_processor
+    from mim_hf.encoders import load_encoder_and_processor
     from mim_hf.lora import load_adapters
     from mim_hf.train.common import config_from_dict
 
