@@ -375,6 +375,9 @@ def _rows_normalized(arrays: Mapping[str, np.ndarray]) -> bool:
     return True
 
 
+IN_MEMORY_INDEX_MAX_ITEMS = 2_000_000  # up to this many items, id -> row goes through a RAM hash index
+
+
 class RepresentationCenter:
     """A memory-mapped item_id -> content-embedding store (see the module docstring for layout).
 
@@ -455,6 +458,7 @@ class RepresentationCenter:
         self._id_array = pa.LargeStringArray.from_buffers(
             num_items, pa.py_buffer(offsets), pa.py_buffer(blob))
         self._hash_key = metadata["hash_key"]
+        self._id_lookup: pd.Index | None = None  # in-memory id index, built on first look-up (small centers)
         self._sorted_hashes = index["id_hash_sorted"]
         self._sorted_rows = index["id_hash_rows"]
         self._bucket_directory = directory
@@ -560,6 +564,12 @@ class RepresentationCenter:
         ids = _as_id_array(item_ids)
         if len(ids) == 0 or self.num_items == 0:
             return np.full(len(ids), -1, np.int64)
+        if self.num_items <= IN_MEMORY_INDEX_MAX_ITEMS:
+            # One pass over the ids (~0.5 s and ~100 MB per million) buys a single C hash probe per
+            # id afterwards; bigger catalogues keep the on-disk table so opening stays O(1).
+            if self._id_lookup is None:
+                self._id_lookup = pd.Index(self._id_array.to_numpy(zero_copy_only=False), dtype=object)
+            return self._id_lookup.get_indexer(ids).astype(np.int64)
         hashes = _hash_ids(ids, self._hash_key)
         directory = self._bucket_directory
         buckets = (hashes >> np.uint64(64 - int(np.log2(len(directory) - 1)))).astype(np.int64)

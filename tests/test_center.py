@@ -79,7 +79,14 @@ def test_build_load_lookup_equals_embeddings(tmp_path, dtype):
     assert "| Items | 40 |" in card and FINGERPRINT in card
 
 
-def test_unicode_and_numeric_looking_ids(tmp_path):
+@pytest.fixture(params=["memory", "disk"])
+def id_index(request, monkeypatch):
+    """Run a look-up test through both id -> row paths: the RAM index and the on-disk hash table."""
+    monkeypatch.setattr(center_module, "IN_MEMORY_INDEX_MAX_ITEMS", 10**9 if request.param == "memory" else 0)
+    return request.param
+
+
+def test_unicode_and_numeric_looking_ids(tmp_path, id_index):
     item_ids = ["242", "é-ß-中文", "a b", "0242"]
     embeddings = make_embeddings(4, levels=("item_embeds",))
     center = RepresentationCenter.build(item_ids, embeddings, tmp_path / "c", encoder_name="e",
@@ -89,7 +96,7 @@ def test_unicode_and_numeric_looking_ids(tmp_path):
     torch.testing.assert_close(embeds, embeddings["item_embeds"][[3, 1, 0]], rtol=0, atol=0)
 
 
-def test_lookup_many_ids_in_any_order(tmp_path):
+def test_lookup_many_ids_in_any_order(tmp_path, id_index):
     rng = np.random.default_rng(0)
     item_ids = [f"{rng.integers(1e9)}-{'x' * int(rng.integers(0, 20))}-{i}" for i in range(3000)]
     embeddings = {"item_embeds": torch.from_numpy(rng.standard_normal((3000, 4)).astype(np.float32))}
@@ -104,7 +111,7 @@ def test_lookup_many_ids_in_any_order(tmp_path):
     assert found.sum() == 3000
 
 
-def test_unknown_ids_give_zero_rows_and_are_counted(tmp_path):
+def test_unknown_ids_give_zero_rows_and_are_counted(tmp_path, id_index):
     center, _, embeddings = build(tmp_path / "c")
     embeds, found = center.lookup(["item-1", "nope", "item-2", "item-1x", ""])
     assert found.tolist() == [True, False, True, False, False]
@@ -118,6 +125,7 @@ def test_unknown_ids_give_zero_rows_and_are_counted(tmp_path):
 
 
 def test_hash_collision_is_verified_against_stored_ids(tmp_path, monkeypatch):
+    monkeypatch.setattr(center_module, "IN_MEMORY_INDEX_MAX_ITEMS", 0)  # the on-disk hash table path
     center, _, embeddings = build(tmp_path / "c", n_items=10)
     # Force every query to hash onto the table's first entry: only the stored id may match.
     first_hash = center._sorted_hashes[0]
