@@ -95,7 +95,7 @@ def movie_rows():
 def test_config_defaults_round_trip_and_validation(tmp_path):
     config = MIMContentEncoderConfig(text_config=tiny_text_config(99), vision_config=tiny_vit_config())
     assert config.lora_text_target_modules == ["query", "value"]
-    assert config.lora_vision_target_modules == ["query", "value"]
+    assert config.lora_vision_target_modules == ["q_proj", "v_proj"]  # ViT in transformers 5
     clip = MIMContentEncoderConfig(text_config=tiny_text_config(99), vision_config=tiny_clip_vision_config())
     assert clip.lora_vision_target_modules == ["q_proj", "v_proj"]
     convnext = MIMContentEncoderConfig(vision_config=ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2))
