@@ -358,7 +358,10 @@ def push_ctr_model(directory: str | os.PathLike, repo_id: str, *, center_repo_id
         if center_repo_id is None and Path(center_repo).exists():
             raise ValueError(f"the CTR model's center_repo is the local path {center_repo!r}; push that center "
                              f"(push_center) and pass its repo id as center_repo_id")
-        sha, metadata = _center_metadata(center_repo, center_revision or config.get("center_revision"), token)
+        # The recorded revision belongs to the recorded center_repo (for a local center it is a
+        # version folder like "v0001", not a Hub revision): only reuse it for that same repo.
+        recorded_revision = config.get("center_revision") if center_repo_id in (None, config.get("center_repo")) else None
+        sha, metadata = _center_metadata(center_repo, center_revision or recorded_revision, token)
         fingerprint = config.get("center_fingerprint")
         if fingerprint is None:
             logger.warning("CTR config names no center_fingerprint; recording %s from %s@%s",

@@ -316,6 +316,24 @@ def test_ctr_round_trip_restores_model_vocabs_and_center(hub_server, pushed_cent
     torch.testing.assert_close(native.model(**batch).logits, original(**batch).logits, rtol=0, atol=0)
 
 
+def test_ctr_trained_on_a_local_center_pushes_with_the_hub_center(hub_server, pushed_center, ctr_dir, tmp_path):
+    # What training writes: the local center's path and its version folder ("v0001"), which is no
+    # Hub revision; naming the pushed center must not reuse that revision.
+    from huggingface_hub import HfApi
+
+    from mim_hf.hub import load_ctr_from_hub, push_ctr_model
+
+    trained = tmp_path / "trained"
+    shutil.copytree(ctr_dir, trained)
+    config = json.loads((trained / "config.json").read_text())
+    (trained / "config.json").write_text(json.dumps({**config, "center_repo": str(tmp_path / "local-center"),
+                                                     "center_revision": "v0001"}))
+    repo_id = _repo("ciubm-local-center")
+    push_ctr_model(trained, repo_id, center_repo_id=pushed_center)
+    bundle = load_ctr_from_hub(repo_id)
+    assert bundle.model.config.center_revision == HfApi().dataset_info(pushed_center).sha
+
+
 def test_ctr_push_and_load_refuse_a_missing_or_foreign_center(hub_server, pushed_center, ctr_dir, tmp_path):
     from huggingface_hub import HfApi
 
