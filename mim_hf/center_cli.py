@@ -68,6 +68,17 @@ def center_nearest_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_center_build_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a center build, shared by ``mim-hf center build`` and ``training/build_center.py``."""
+    parser.add_argument("--encoder", required=True, help="saved MIMContentEncoder + processor directory")
+    parser.add_argument("--data", required=True, help="prepared-data directory (mim-hf data prepare OUT/<protocol>)")
+    parser.add_argument("--out", required=True, help="center directory to create")
+    parser.add_argument("--batch-size", type=int, default=64, help="items per forward pass, per process (default 64)")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype")
+    parser.add_argument("--encoder-name", default=None, help="name recorded in metadata (default: --encoder)")
+    parser.add_argument("--overwrite", action="store_true", help="write a new version over an existing center")
+
+
 def add_center_subparsers(commands) -> argparse.ArgumentParser:
     """Add ``center build|info|nearest`` to ``commands`` (the ``mim-hf`` sub-parsers action)."""
     from mim_hf.center import DEFAULT_LEVEL
@@ -80,13 +91,7 @@ def add_center_subparsers(commands) -> argparse.ArgumentParser:
         description="Writes OUT/CURRENT and OUT/v0001/ (embeddings.safetensors, item_index.safetensors, "
                     "metadata.json, README.md). Use training/build_center.py with `accelerate launch` to "
                     "split the encoding across processes.")
-    build.add_argument("--encoder", required=True, help="saved MIMContentEncoder + processor directory")
-    build.add_argument("--data", required=True, help="prepared-data directory (mim-hf data prepare OUT/<protocol>)")
-    build.add_argument("--out", required=True, help="center directory to create")
-    build.add_argument("--batch-size", type=int, default=64, help="items per forward pass (default 64)")
-    build.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype")
-    build.add_argument("--encoder-name", default=None, help="name recorded in metadata (default: --encoder)")
-    build.add_argument("--overwrite", action="store_true", help="write a new version over an existing center")
+    add_center_build_arguments(build)
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=center_build_cli)
 

@@ -19,19 +19,14 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from mim_hf.center import RepresentationCenter, encode_levels, encoder_fingerprint, encoder_levels
+from mim_hf.center_cli import add_center_build_arguments
 from mim_hf.encoders import load_encoder_and_processor
 from mim_hf.data import PreparedData
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", required=True, help="saved MIMContentEncoder + processor directory")
-    parser.add_argument("--data", required=True, help="prepared-data directory (its items are encoded)")
-    parser.add_argument("--out", required=True, help="center directory to create")
-    parser.add_argument("--batch-size", type=int, default=64, help="items per forward pass per process")
-    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype")
-    parser.add_argument("--encoder-name", default=None, help="name recorded in metadata (default: --encoder)")
-    parser.add_argument("--overwrite", action="store_true", help="write a new version over an existing center")
+    add_center_build_arguments(parser)
     return parser.parse_args(argv)
 
 
