@@ -130,6 +130,7 @@ def run_protocol(config: QuickstartConfig, protocol: str, data, timings: dict) -
     from mim_hf.data import PreparedData, prepare
     from mim_hf.data.prepare import format_stats
     from mim_hf.encoders import load_encoder_and_processor
+    from mim_hf.report import aggregate_seeds
     from mim_hf.retrieval import evaluate_pairs
     from mim_hf.train import csft, ctr, pretrain
 
@@ -195,8 +196,6 @@ def run_protocol(config: QuickstartConfig, protocol: str, data, timings: dict) -
             if (run_dir / "metrics.json").exists():
                 per_seed.append(json.loads((run_dir / "metrics.json").read_text())["test"])
         if per_seed:
-            from mim_hf.report import aggregate_seeds
-
             results[model] = aggregate_seeds(per_seed)
     return {
         "results": results,
