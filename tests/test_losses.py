@@ -57,6 +57,39 @@ def test_matches_reference_with_duplicates_hard_negatives_and_queue():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+def test_logq_correction_matches_reference_and_shift_invariance():
+    anchors, positives = _leaf(5, 4, seed=4), _leaf(5, 4, seed=5)
+    anchor_ids, positive_ids = _ids(0, 1, 2, 3, 4), _ids(5, 6, 5, 7, 8)
+    log_prior = torch.log(torch.tensor([1, 1, 1, 1, 1, 40, 3, 1, 10], dtype=torch.float32) / 59)
+    loss_fn = InfoNCELoss(temperature=TAU, queue_size=4, candidate_log_prior=log_prior)
+    queue_embeds, queue_ids = _leaf(3, 4, seed=6).detach(), _ids(8, 6, 1)
+    loss_fn.init_queue(4).enqueue(queue_embeds, queue_ids)
+    loss = loss_fn(anchors, positives, anchor_ids, positive_ids)
+    expected = reference_infonce(anchors, positives, anchor_ids, positive_ids, TAU, queue=queue_embeds,
+                                 queue_ids=queue_ids, log_prior=log_prior)
+    plain = reference_infonce(anchors, positives, anchor_ids, positive_ids, TAU, queue=queue_embeds,
+                              queue_ids=queue_ids)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(expected.item() - plain.item()) > 1e-3  # the correction changes a skewed batch
+    # A uniform prior is a constant shift of every logit: the softmax, hence the loss, is unchanged.
+    uniform = InfoNCELoss(temperature=TAU, candidate_log_prior=torch.full((9,), math.log(1 / 9)))
+    assert uniform(anchors, positives, anchor_ids, positive_ids).item() == pytest.approx(
+        InfoNCELoss(temperature=TAU)(anchors, positives, anchor_ids, positive_ids).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("prior, match", [(torch.tensor([0.0, float("-inf")]), "finite"),
+                                          (torch.zeros(2, 2), "1-d")])
+def test_logq_prior_bad_input(prior, match):
+    with pytest.raises(ValueError, match=match):
+        InfoNCELoss(candidate_log_prior=prior)
+
+
+def test_logq_prior_too_short_for_ids():
+    loss_fn = InfoNCELoss(candidate_log_prior=torch.zeros(3))
+    with pytest.raises(ValueError, match="no entry in candidate_log_prior"):
+        loss_fn(_leaf(2, 4, seed=0), _leaf(2, 4, seed=1), _ids(0, 1), _ids(2, 7))
+
+
 def test_masking_positions_batch_hard_and_queue():
     loss_fn = InfoNCELoss(temperature=TAU, queue_size=3)
     loss_fn.init_queue(4).enqueue(torch.randn(3, 4), _ids(7, 5, 8))

@@ -35,6 +35,14 @@ from the anchors on its own process (the terms from other processes' anchors are
 the price of a gather without a backward all-reduce; tested in
 ``tests/test_losses_distributed.py``).
 
+**Sampling-bias (logQ) correction.** In-batch and queue candidates are the targets of other
+pairs, so an item turns up as a negative in proportion to how often it is a target: popular
+items are over-sampled and a plain in-batch loss pushes them down. With
+``candidate_log_prior`` (:math:`\log q_c`, the log probability that item :math:`c` is drawn as
+a target) every in-batch and queue logit becomes :math:`\cos(a_i, c)/\tau - \log q_c`, the
+correction of Yi et al. (RecSys 2019) that makes the sampled softmax estimate the full one.
+Hard negatives are chosen differently and are left uncorrected.
+
 ``symmetric=True`` adds the reverse direction (each positive picks its anchor among the
 anchors of all processes, same masking; no hard negatives or queue there, those are
 target-side candidates) and returns the average of both directions.
@@ -107,6 +115,9 @@ class InfoNCELoss(nn.Module):
         embed_dim: optional embedding width; creates the queue now instead of on the first
             forward. Not needed to resume: ``load_state_dict`` creates the queue from the
             saved shape.
+        candidate_log_prior: optional ``(num_items,)`` float, :math:`\log q` per item index:
+            turns on the logQ correction (module docstring). Every finite; derived from the
+            training data, so it is not part of ``state_dict``.
 
     State: ``state_dict()`` holds ``logit_scale`` (when learnable) and the queue buffers
     (``queue.embeds``, ``queue.item_ids``, ``queue.write_pointer``, ``queue.num_filled``),
@@ -122,8 +133,15 @@ class InfoNCELoss(nn.Module):
         symmetric: bool = False,
         catalogue_size: int | None = None,
         embed_dim: int | None = None,
+        candidate_log_prior: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        if candidate_log_prior is not None:
+            candidate_log_prior = torch.as_tensor(candidate_log_prior, dtype=torch.float32)
+            if candidate_log_prior.dim() != 1 or not torch.isfinite(candidate_log_prior).all():
+                raise ValueError("candidate_log_prior must be a 1-d tensor of finite log probabilities per item "
+                                 f"index, got shape {tuple(candidate_log_prior.shape)}")
+        self.register_buffer("candidate_log_prior", candidate_log_prior, persistent=False)
         if not temperature >= 0.01:
             raise ValueError(f"temperature must be >= 0.01 (the logit scale is capped at 100), got {temperature!r}")
         if not isinstance(queue_size, int) or queue_size < 0:
@@ -250,6 +268,7 @@ class InfoNCELoss(nn.Module):
         positive_index = torch.arange(batch_size, device=device) + rank * batch_size
         # Space (+ hard) block: small, masked densely.
         near_logits, near_ids = scaled_anchors @ candidate_embeds.T, candidate_ids.expand(batch_size, -1)
+        near_logits = near_logits - self._log_prior(candidate_ids)
         if hard_negatives is not None:
             hard_negatives = F.normalize(hard_negatives.float(), dim=-1)
             if hard_negative_mask is not None:
@@ -269,7 +288,7 @@ class InfoNCELoss(nn.Module):
             queue_embeds, queue_ids = self.queue.candidates()
             queue_ids = queue_ids.to(device)
             # clone: the queue is overwritten in place after this forward, before backward.
-            queue_logits = scaled_anchors @ queue_embeds.to(device).clone().T
+            queue_logits = scaled_anchors @ queue_embeds.to(device).clone().T - self._log_prior(queue_ids)
             row_ids = torch.cat([positive_item_ids, anchor_item_ids])
             suspect_slots = (torch.isin(queue_ids, row_ids) | (queue_ids < 0)).nonzero().squeeze(1)
             if suspect_slots.numel() > 0:
@@ -295,11 +314,20 @@ class InfoNCELoss(nn.Module):
             candidate_item_ids=candidate_ids,
         )
 
+    def _log_prior(self, item_ids: torch.Tensor) -> torch.Tensor | float:
+        """``(C,)`` log q of the candidates (0 for masked ``-1`` slots), or 0. without the correction."""
+        if self.candidate_log_prior is None:
+            return 0.0
+        if item_ids.numel() and int(item_ids.max()) >= len(self.candidate_log_prior):
+            raise ValueError(f"item id {int(item_ids.max())} has no entry in candidate_log_prior "
+                             f"({len(self.candidate_log_prior)} items)")
+        return torch.where(item_ids >= 0, self.candidate_log_prior[item_ids.clamp(min=0)], 0.0)
+
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature:.4g}, learnable_temperature={self.learnable_temperature}, "
             f"gather_across_devices={self.gather_across_devices}, queue_size={self.queue_size}, "
-            f"symmetric={self.symmetric}"
+            f"symmetric={self.symmetric}, logq_correction={self.candidate_log_prior is not None}"
         )
 
 

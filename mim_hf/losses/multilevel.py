@@ -61,7 +61,7 @@ class MultiLevelInfoNCE(nn.Module):
         weights: level -> weight, keys among ``("item", "text", "image", "cross")``; a level
             left out or weighted 0 is not computed. Default ``DEFAULT_WEIGHTS``.
         temperature, learnable_temperature, gather_across_devices, queue_size, symmetric,
-        catalogue_size, embed_dim: passed to every level's ``InfoNCELoss``.
+        catalogue_size, embed_dim, candidate_log_prior: passed to every level's ``InfoNCELoss``.
     """
 
     def __init__(
@@ -74,6 +74,7 @@ class MultiLevelInfoNCE(nn.Module):
         symmetric: bool = False,
         catalogue_size: int | None = None,
         embed_dim: int | None = None,
+        candidate_log_prior: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
@@ -95,6 +96,7 @@ class MultiLevelInfoNCE(nn.Module):
                 symmetric=symmetric,
                 catalogue_size=catalogue_size,
                 embed_dim=embed_dim,
+                candidate_log_prior=candidate_log_prior,
             )
             for direction in _DIRECTIONS
             if _level_of(direction) in self.weights
