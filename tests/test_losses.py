@@ -316,3 +316,12 @@ def test_multilevel_each_level_has_its_own_queue_and_hard_negatives():
     assert torch.equal(queues["image"], queues["cross_text_to_image"])  # both hold target images
     with pytest.raises(ValueError, match="unknown loss levels"):
         MultiLevelInfoNCE(weights={"audio": 1.0})
+
+
+def test_csft_target_log_prior_is_train_target_frequency():
+    from mim_hf.train.csft import target_log_prior
+
+    batches = SimpleNamespace(target_rows=torch.tensor([2, 2, 2, 0]), items=list(range(4)))
+    prior = target_log_prior(batches)
+    # counts [1, 0->1 (floor), 3, 0->1] over 6
+    torch.testing.assert_close(prior, torch.log(torch.tensor([1, 1, 3, 1]) / 6.0))
