@@ -43,19 +43,36 @@ def make_center(path: Path, n_items: int, dim: int, seed: int = 0) -> Representa
                                       encoder_fingerprint="sha256:" + "0" * 64, dtype="float16", normalized=True)
 
 
-def timed(fn, batches, repeats: int) -> float:
-    """Median over ``repeats`` of the seconds ``fn`` takes over all ``batches``."""
-    fn(batches[0])  # warm-up
-    runs = []
+def timed_against_ceiling(ceiling, ceiling_batches, candidates: dict, batches: dict, repeats: int) -> dict:
+    """Seconds per pass over all batches, median of ``repeats`` rounds, for the ceiling and each
+    candidate, plus each candidate's ratio ceiling_time / candidate_time (median over rounds).
+
+    Batch by batch the ceiling and every candidate run back to back, so on a shared machine each
+    ratio compares runs that saw the same load. ``batches[name]``: the input of candidate ``name``.
+    """
+    for name, fn in candidates.items():
+        fn(batches[name][0])  # warm-up
+    ceiling(ceiling_batches[0])
+    rounds = []
     for _ in range(repeats):
-        started = time.perf_counter()
-        for batch in batches:
-            fn(batch)
-        runs.append(time.perf_counter() - started)
-    return statistics.median(runs)
+        seconds = dict.fromkeys(["ceiling", *candidates], 0.0)
+        for i, rows in enumerate(ceiling_batches):
+            started = time.perf_counter()
+            ceiling(rows)
+            seconds["ceiling"] += time.perf_counter() - started
+            for name, fn in candidates.items():
+                started = time.perf_counter()
+                fn(batches[name][i])
+                seconds[name] += time.perf_counter() - started
+        rounds.append(seconds)
+    result = {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
+    ratios = {name: statistics.median(r["ceiling"] / r[name] for r in rounds) for name in candidates}
+    return {"seconds": result, "ratios": ratios}
 
 
 def bench_lookup(workdir: Path, n_items: int, dim: int, batch_size: int, n_batches: int, repeats: int) -> dict:
+    import pyarrow as pa
+
     started = time.perf_counter()
     center = make_center(workdir / "lookup-center", n_items, dim)
     build_s = time.perf_counter() - started
@@ -65,24 +82,28 @@ def bench_lookup(workdir: Path, n_items: int, dim: int, batch_size: int, n_batch
     row_tensors = [torch.from_numpy(rows) for rows in row_batches]
     ram_table = torch.from_numpy(np.array(center.embeddings()))  # (N, D) float16 in RAM
 
-    # correctness first: the timed paths return the same rows
-    embeds, found = center.lookup(id_batches[0])
-    assert bool(found.all()) and torch.equal(embeds, torch.index_select(ram_table, 0, row_tensors[0]).float())
+    # correctness first: every timed path returns the rows the ceiling gathers
+    inputs = {"list": id_batches, "numpy": [np.array(ids) for ids in id_batches],
+              "arrow": [pa.array(ids) for ids in id_batches]}
+    for name, batches in inputs.items():
+        embeds, found = center.lookup(batches[0], dtype=torch.float16)
+        assert bool(found.all()) and torch.equal(embeds, torch.index_select(ram_table, 0, row_tensors[0])), name
 
-    ceiling_s = timed(lambda rows: torch.index_select(ram_table, 0, rows), row_tensors, repeats)
-    lookup_s = timed(center.lookup, id_batches, repeats)
-    lookup16_s = timed(lambda ids: center.lookup(ids, dtype=torch.float16), id_batches, repeats)
-    rows_s = timed(center.rows_for, id_batches, repeats)
-    total = batch_size * n_batches
-    result = {
-        "items": n_items, "dim": dim, "batch_size": batch_size, "batches": n_batches, "build_s": round(build_s, 2),
-        "ceiling_index_select_ids_per_s": total / ceiling_s,
-        "lookup_float32_ids_per_s": total / lookup_s,
-        "lookup_float16_ids_per_s": total / lookup16_s,
-        "id_to_row_only_ids_per_s": total / rows_s,
-        "ratio_lookup_float32_vs_ceiling": ceiling_s / lookup_s,
-        "ratio_lookup_float16_vs_ceiling": ceiling_s / lookup16_s,
+    candidates = {
+        "lookup_list_float16": lambda ids: center.lookup(ids, dtype=torch.float16),
+        "lookup_list_float32": center.lookup,
+        "rows_for_list": center.rows_for,
+        "lookup_numpy_float16": lambda ids: center.lookup(ids, dtype=torch.float16),
+        "lookup_arrow_float16": lambda ids: center.lookup(ids, dtype=torch.float16),
     }
+    batches = {name: inputs[name.split("_")[-2 if name.startswith("lookup") else -1]] for name in candidates}
+    timing = timed_against_ceiling(lambda rows: torch.index_select(ram_table, 0, rows), row_tensors,
+                                   candidates, batches, repeats)
+    total = batch_size * n_batches
+    result = {"items": n_items, "dim": dim, "batch_size": batch_size, "batches": n_batches,
+              "build_s": round(build_s, 2), "repeats": repeats}
+    result.update({f"{name}_ids_per_s": total / s for name, s in timing["seconds"].items()})
+    result.update({f"ratio_{name}": r for name, r in timing["ratios"].items()})
     shutil.rmtree(workdir / "lookup-center")
     return result
 
@@ -154,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--batches", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for both sides (default 1: a 1 MB gather gains nothing from more, "
                              "and on a shared machine idle OpenMP threads only add waits)")
@@ -169,13 +190,19 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-center-") as tmp:
         lookup = bench_lookup(Path(tmp), args.lookup_items, args.dim, args.batch_size, args.batches, args.repeats)
         print(f"look-up, {lookup['items']:,} x {lookup['dim']} float16 center, {lookup['batches']} batches of "
-              f"{lookup['batch_size']} random str ids (torch threads: {torch.get_num_threads()}):")
-        print(f"  ceiling torch.index_select (RAM, rows known) {lookup['ceiling_index_select_ids_per_s'] / 1e6:8.2f} M ids/s")
-        print(f"  center.lookup -> float32                     {lookup['lookup_float32_ids_per_s'] / 1e6:8.2f} M ids/s"
-              f"   ratio {lookup['ratio_lookup_float32_vs_ceiling']:.2f}")
-        print(f"  center.lookup -> float16                     {lookup['lookup_float16_ids_per_s'] / 1e6:8.2f} M ids/s"
-              f"   ratio {lookup['ratio_lookup_float16_vs_ceiling']:.2f}")
-        print(f"  id -> row only (center.rows_for)             {lookup['id_to_row_only_ids_per_s'] / 1e6:8.2f} M ids/s")
+              f"{lookup['batch_size']} random str ids, median of {lookup['repeats']} rounds, each batch timed "
+              f"right after the ceiling (torch threads: {torch.get_num_threads()}):")
+        rows = [
+            ("ceiling", "torch.index_select (RAM, rows known) -> float16"),
+            ("lookup_list_float16", "center.lookup(list of str) -> float16"),
+            ("lookup_list_float32", "center.lookup(list of str) -> float32"),
+            ("rows_for_list", "id -> row only: center.rows_for(list)"),
+            ("lookup_numpy_float16", "center.lookup(numpy 'U' array) -> float16"),
+            ("lookup_arrow_float16", "center.lookup(pyarrow string array) -> float16"),
+        ]
+        for key, label in rows:
+            ratio = "" if key == "ceiling" else f"   ratio {lookup[f'ratio_{key}']:.2f}"
+            print(f"  {label:<48} {lookup[f'{key}_ids_per_s'] / 1e6:8.2f} M ids/s{ratio}")
         if args.open_items:
             opened = bench_open(Path(tmp), args.open_items, args.dim)
             print(f"open, {opened['items']:,} x {args.dim} float16 center ({opened['size_gb']:.2f} GB on disk, "

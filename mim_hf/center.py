@@ -11,16 +11,18 @@ On-disk layout of one *version* (this is also exactly what is pushed to the Hub)
                              item_id_offsets int64 (num_items + 1,) id i = bytes[off[i]:off[i+1]]
                              id_hash_sorted uint64 (num_items,)    sorted 64-bit id hashes
                              id_hash_rows   int64  (num_items,)    row of each sorted hash
-                             id_hash_buckets int64 (2**bits + 1,)  start of each top-bits bucket
+                             id_hash_buckets int32 (2**bits + 1,)  start of each top-bits bucket
     metadata.json            encoder name/revision/fingerprint, embed_dim, dtype, levels, ...
     README.md                dataset card generated from metadata.json
 
 Why this index: parsing 10M ids from JSON (or building a 10M-entry Python dict) takes seconds
-and a gigabyte; here the ids and a sorted hash table are memory-mapped, so opening is O(1) and
-a look-up hashes only the *query* ids (pandas' vectorised SipHash) and binary-searches the
-mapped table (a bucket directory over the hashes' top bits makes that one or two cache misses
-per id instead of a 20-step binary search); every hit is then verified against the stored id string, so a hash collision can
-never return another item's embedding.
+and a gigabyte; here the ids and a sorted hash table are memory-mapped, so opening is O(1). A
+look-up turns the whole batch of query ids into one UTF-8 buffer (one ``str.join``), hashes it
+8 bytes at a time with whole-batch numpy arithmetic (``HASH_ALGORITHM``), finds each hash
+through a directory over the hashes' top bits (1-2 entries per bucket: usually the first probe
+hits) and verifies every hit against the stored id bytes, so a hash collision can never return
+another item's embedding. No Python object is made per id and nothing grows with the catalogue.
+Format 1 (pandas SipHash ids) is still read; writing (build, upsert) produces format 2.
 
 A local center directory is *versioned* so that updates are atomic::
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -48,24 +51,26 @@ import shutil
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: vectorised id hash (HASH_ALGORITHM); 1 (pandas SipHash) is still read
+READABLE_FORMAT_VERSIONS = (1, 2)
 EMBEDDINGS_FILE = "embeddings.safetensors"
 INDEX_FILE = "item_index.safetensors"
 METADATA_FILE = "metadata.json"
 CARD_FILE = "README.md"
 CURRENT_FILE = "CURRENT"
 DEFAULT_LEVEL = "item_embeds"
-HASH_ALGORITHM = "pandas.util.hash_array(siphash-2-4,utf8)"
+HASH_ALGORITHM = ("mimhash64(utf8 as 8-byte LE words, at least 2, zero-padded; h=len*K^seed; per word h^=w, h*=K, "
+                  "h^=h>>32; K=0x9E3779B97F4A7C15, seed=blake2b-64(hash_key))")
+LEGACY_HASH_ALGORITHM = "pandas.util.hash_array(siphash-2-4,utf8)"  # format 1
 REQUIRED_METADATA_FIELDS = (
     "format_version",
     "encoder_name",
@@ -222,14 +227,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# Item ids: validation, hashing
+# Item ids: validation, UTF-8 batches, hashing
 # ------------------------------------------------------------------------------------------
 def _as_id_array(item_ids: Any, what: str = "item_ids") -> np.ndarray:
     """Validate ``item_ids`` (a sequence of str) and return them as a 1-D object array.
 
     Raises ``TypeError`` for anything that is not a sequence of strings (ints, floats, None):
     raw ids are strings everywhere in mim-hf, and silently str()-ing an int would confuse a
-    vocabulary index with a raw id.
+    vocabulary index with a raw id. A numpy ``'S'`` array is taken as UTF-8 bytes of str ids.
     """
     if isinstance(item_ids, (str, bytes)):
         raise TypeError(f"{what} must be a sequence of str ids, got a single {type(item_ids).__name__} {item_ids!r}")
@@ -240,6 +245,8 @@ def _as_id_array(item_ids: Any, what: str = "item_ids") -> np.ndarray:
     elif isinstance(item_ids, torch.Tensor):
         raise TypeError(f"{what} must be a sequence of str ids, got a torch.Tensor of {item_ids.dtype} "
                         "(vocabulary indices are not raw item ids)")
+    elif isinstance(item_ids, np.ndarray) and item_ids.dtype.kind == "S":
+        item_ids = _decode_utf8_array(item_ids, what)
     ids = np.asarray(item_ids if isinstance(item_ids, np.ndarray) else list(item_ids), dtype=object)
     if ids.ndim != 1:
         raise TypeError(f"{what} must be a 1-D sequence of str ids, got shape {ids.shape}")
@@ -252,15 +259,214 @@ def _as_id_array(item_ids: Any, what: str = "item_ids") -> np.ndarray:
     return ids
 
 
-def _hash_ids(ids: np.ndarray, hash_key: str) -> np.ndarray:
-    """(N,) object array of str -> (N,) uint64 SipHash values under ``hash_key`` (16 chars)."""
+def _decode_utf8_array(ids: np.ndarray, what: str) -> np.ndarray:
+    """numpy 'S' array of UTF-8 bytes -> 'U' array; ValueError naming the first undecodable id."""
+    try:
+        return np.char.decode(ids, "utf-8")
+    except UnicodeDecodeError:
+        bad = next(i for i, v in enumerate(ids.tolist()) if not _decodes(v))
+        raise ValueError(f"{what}[{bad}] = {ids[bad]!r} is not valid UTF-8 (a bytes array holds UTF-8 encoded str "
+                         "ids)") from None
+
+
+def _decodes(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+_ID_PADDING = 16  # zero bytes after the last id of a batch, so every 8-byte read stays in bounds
+_MIN_HASH_WORDS = 2  # every id hashes >= 2 words: ids up to 16 bytes take no per-row branch
+_HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd, so multiplying is a bijection of uint64
+_LOW_BYTES = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [2**64 - 1], dtype=np.uint64)  # mask of k bytes
+# _FIRST_WORD_MASKS[j][n]: mask of the bytes of word j inside an id of n <= 16 bytes
+_FIRST_WORD_MASKS = _LOW_BYTES[np.clip(np.arange(8 * _MIN_HASH_WORDS + 1) - 8 * np.arange(_MIN_HASH_WORDS)[:, None], 0, 8)]
+_SHIFT_32 = np.uint64(32)
+
+
+class _IdBatch:
+    """The UTF-8 bytes of N ids, read as little-endian 8-byte words without a Python object per id.
+
+    ``buffer``: uint8 (B,) holding every id, then at least ``_ID_PADDING`` zero bytes (anything,
+    e.g. separators, may lie between ids); ``starts``/``lengths``: int64 (N,) byte offset and byte
+    length of id i in ``buffer``.
+    """
+
+    __slots__ = ("buffer", "starts", "lengths", "_columns")
+
+    def __init__(self, buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
+        self.buffer, self.starts, self.lengths = buffer, starts, lengths
+        self._columns: list | None = None
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @property
+    def word_columns(self) -> list[tuple[int, Any, np.ndarray, np.ndarray]]:
+        """``(j, rows, mask, words)`` for j = 0, 1, ...: ``rows`` the ids that have a j-th 8-byte
+        word (``slice(None)``, every id, for j < 2), ``mask`` (uint64) the bytes of that word
+        inside the id, ``words`` (uint64) the word with the bytes past the id zeroed. Computed
+        once per batch (hashing and verification both read them)."""
+        if self._columns is None:
+            self._columns = list(self._word_columns())
+        return self._columns
+
+    def _word_columns(self) -> Iterator[tuple[int, Any, np.ndarray, np.ndarray]]:
+        words = np.ndarray((len(self.buffer) - 7,), dtype="<u8", buffer=self.buffer, strides=(1,))
+        short = np.minimum(self.lengths, 8 * _MIN_HASH_WORDS)  # masks of the first words by table look-up
+        for j in range(_MIN_HASH_WORDS):
+            mask = _FIRST_WORD_MASKS[j][short]
+            yield j, slice(None), mask, words[self.starts + 8 * j if j else self.starts] & mask
+        n_words = (self.lengths + 7) >> 3
+        total = int(n_words.max(initial=0))
+        if total > _MIN_HASH_WORDS:  # long ids: word j is read only for the ids that have one
+            by_words = np.argsort(-n_words, kind="stable")
+            longer = len(n_words) - np.searchsorted(np.sort(n_words), np.arange(total), side="right")
+            for j in range(_MIN_HASH_WORDS, total):
+                rows = by_words[: longer[j]]
+                mask = _LOW_BYTES[np.minimum(self.lengths[rows] - 8 * j, 8)]
+                yield j, rows, mask, words[self.starts[rows] + 8 * j] & mask
+
+
+def _id_batch(item_ids: Any, what: str = "item_ids") -> _IdBatch:
+    """Validate ``item_ids`` and return their UTF-8 bytes as an :class:`_IdBatch`.
+
+    Takes a list/tuple/iterable of str (encoded in one ``str.join``), a numpy array of str
+    (``'U'``: ASCII ones are re-coded without Python objects; object arrays of str) or of UTF-8
+    bytes (``'S'``), a pandas Series/Index of str, or a pyarrow string array (read in place).
+    Raises ``TypeError`` for ids that are not str (see :func:`_as_id_array`) and ``ValueError``
+    for a str that has no UTF-8 form (a lone surrogate).
+    """
+    if isinstance(item_ids, (pa.Array, pa.ChunkedArray)):
+        array = item_ids.combine_chunks() if isinstance(item_ids, pa.ChunkedArray) else item_ids
+        if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)) or array.null_count:
+            _as_id_array(array, what)  # raises, naming the offending element
+            raise TypeError(f"{what} must be a pyarrow string array without nulls, got {array.type}")
+        return _arrow_batch(array)
+    if isinstance(item_ids, (pd.Series, pd.Index)):
+        if item_ids.dtype != object and pd.api.types.is_string_dtype(item_ids.dtype) and not item_ids.hasnans:
+            return _arrow_batch(pa.array(item_ids, type=pa.large_string()))
+        item_ids = item_ids.to_numpy(dtype=object)
+    if isinstance(item_ids, np.ndarray):
+        if item_ids.ndim != 1:
+            raise TypeError(f"{what} must be a 1-D sequence of str ids, got shape {item_ids.shape}")
+        if item_ids.dtype.kind in "US":
+            return _fixed_width_batch(item_ids, what)
+    elif isinstance(item_ids, (str, bytes, torch.Tensor)) or not isinstance(item_ids, Iterable):
+        _as_id_array(item_ids, what)  # raises the TypeError
+        raise TypeError(f"{what} must be a sequence of str ids, got {type(item_ids).__name__}")
+    ids = item_ids if isinstance(item_ids, (list, tuple, np.ndarray)) else list(item_ids)
+    if len(ids) == 0:
+        return _IdBatch(np.zeros(_ID_PADDING, np.uint8), np.empty(0, np.int64), np.empty(0, np.int64))
+    try:
+        # One join + one encode for the whole batch: "\x00" separates ids (found again below).
+        encoded = "\x00".join(ids).encode("utf-8")
+    except TypeError:
+        _as_id_array(ids, what)  # raises, naming the first non-str element
+        raise
+    except UnicodeEncodeError:
+        bad = next(i for i, v in enumerate(ids) if not _encodes(v))
+        raise ValueError(f"{what}[{bad}] = {ids[bad]!r} cannot be encoded as UTF-8 (a lone surrogate?); "
+                         "ids are stored as UTF-8") from None
+    buffer = np.frombuffer(encoded + bytes(_ID_PADDING), np.uint8)
+    separators = np.flatnonzero(buffer == 0)
+    if len(separators) != len(ids) - 1 + _ID_PADDING:  # an id holds "\x00": find the ids one by one
+        return _arrow_batch(pa.array(ids, type=pa.large_string()))
+    starts = np.empty(len(ids), np.int64)
+    starts[0] = 0
+    starts[1:] = separators[: len(ids) - 1] + 1
+    return _IdBatch(buffer, starts, separators[: len(ids)] - starts)
+
+
+def _encodes(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _arrow_batch(array: pa.Array) -> _IdBatch:
+    """A pyarrow string / large_string array without nulls -> :class:`_IdBatch` (one copy of its bytes)."""
+    offset_type = np.int64 if pa.types.is_large_string(array.type) else np.int32
+    offsets = np.frombuffer(array.buffers()[1], offset_type, count=len(array) + 1,
+                            offset=array.offset * np.dtype(offset_type).itemsize).astype(np.int64)
+    data = array.buffers()[2]
+    buffer = np.zeros(int(offsets[-1] - offsets[0]) + _ID_PADDING, np.uint8)
+    if data is not None:
+        buffer[: len(buffer) - _ID_PADDING] = np.frombuffer(data, np.uint8)[offsets[0]: offsets[-1]]
+    return _IdBatch(buffer, offsets[:-1] - offsets[0], np.diff(offsets))
+
+
+def _fixed_width_batch(ids: np.ndarray, what: str) -> _IdBatch:
+    """numpy 'U' (str) or 'S' (UTF-8 bytes) array -> :class:`_IdBatch`, row i of a zero-padded matrix.
+
+    ASCII 'U' arrays are narrowed to bytes in bulk; other 'U' arrays go through the str path."""
+    ids = np.ascontiguousarray(ids)
+    width = ids.dtype.itemsize // (4 if ids.dtype.kind == "U" else 1)
+    if width == 0:  # dtype 'U0'/'S0': every id is ""
+        return _IdBatch(np.zeros(_ID_PADDING, np.uint8), np.zeros(len(ids), np.int64), np.zeros(len(ids), np.int64))
+    if ids.dtype.kind == "U":
+        codes = ids.view(np.uint32).reshape(len(ids), width)
+        if len(ids) and width and int(codes.max()) >= 128:
+            return _id_batch(ids.tolist(), what)
+    else:
+        codes = ids.view(np.uint8).reshape(len(ids), width)
+        if len(ids) and width and int(codes.max()) >= 128:
+            _decode_utf8_array(ids, what)  # ValueError for bytes that are no UTF-8 str
+    stride = -(-max(width, 1) // 8) * 8
+    buffer = np.zeros(len(ids) * stride + _ID_PADDING, np.uint8)
+    buffer[: len(ids) * stride].reshape(len(ids), stride)[:, :width] = codes
+    return _IdBatch(buffer, np.arange(len(ids), dtype=np.int64) * stride, np.char.str_len(ids).astype(np.int64))
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_seed(hash_key: str) -> np.uint64:
+    return np.uint64(int.from_bytes(hashlib.blake2b(hash_key.encode("utf-8"), digest_size=8).digest(), "little"))
+
+
+def _hash_batch(batch: _IdBatch, hash_key: str) -> np.ndarray:
+    """(N,) ids -> (N,) uint64 ``HASH_ALGORITHM`` values under ``hash_key``, in ~15 numpy operations.
+
+    Per id: ``h = len * K ^ seed``; for each 8-byte word w (at least 2, zero-padded):
+    ``h ^= w; h *= K; h ^= h >> 32``. Each step is a bijection of uint64 (K is odd), so two ids
+    of one length that differ in a single word never collide, and the multiply carries every
+    input bit into the top bits the bucket directory reads."""
+    h = batch.lengths.astype(np.uint64)
+    h *= _HASH_MULTIPLIER
+    h ^= _hash_seed(hash_key)
+    for _, rows, _, words in batch.word_columns:
+        if isinstance(rows, slice):
+            h ^= words
+            h *= _HASH_MULTIPLIER
+            h ^= h >> _SHIFT_32
+        else:
+            part = h[rows] ^ words
+            part *= _HASH_MULTIPLIER
+            part ^= part >> _SHIFT_32
+            h[rows] = part
+    return h
+
+
+def _hash_ids(ids: np.ndarray | pa.Array, hash_key: str) -> np.ndarray:
+    """(N,) str ids (object array or pyarrow string array) -> (N,) uint64 ``HASH_ALGORITHM``
+    values, hashed in chunks so temporaries stay bounded."""
+    chunk = 1 << 20
+    return np.concatenate([np.empty(0, np.uint64)] + [_hash_batch(_id_batch(ids[start:start + chunk]), hash_key)
+                                                      for start in range(0, len(ids), chunk)])
+
+
+def _legacy_hash_ids(ids: np.ndarray, hash_key: str) -> np.ndarray:
+    """Format-1 hash: (N,) object array of str -> (N,) uint64 pandas SipHash under ``hash_key``."""
     if len(ids) == 0:
         return np.empty(0, np.uint64)
     return pd.util.hash_array(ids, encoding="utf8", hash_key=hash_key, categorize=False)
 
 
 def _salt(attempt: int) -> str:
-    return f"mimcenter{attempt:07d}"  # pandas needs a 16-byte key
+    return f"mimcenter{attempt:07d}"  # 16 bytes (format 1's pandas SipHash needed exactly 16)
 
 
 def _check_unique(ids: np.ndarray, what: str) -> None:
@@ -285,12 +491,14 @@ def _sorted_hash_table(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _bucket_directory(sorted_hashes: np.ndarray) -> np.ndarray:
-    """(N,) sorted uint64 hashes -> (2**bits + 1,) int64 start offset of each top-``bits`` bucket.
+    """(N,) sorted uint64 hashes -> (2**bits + 1,) start offset of each top-``bits`` bucket.
 
-    ``bits`` gives ~2-4 hashes per bucket, so finding a hash touches a cache line or two."""
-    bits = max(1, math.ceil(math.log2(max(len(sorted_hashes), 2))) - 2)
+    ``bits`` = ceil(log2 N) + 1 gives 0.25-0.5 hash per bucket, so ~4 in 5 ids are found at their
+    bucket's first entry; int32 (while N < 2**31) keeps that at 4-8 bytes per item. Format 1
+    wrote int64 with 3 fewer bits; the reader takes ``bits`` from the length."""
+    bits = max(1, math.ceil(math.log2(max(len(sorted_hashes), 2))) + 1)
     buckets = (sorted_hashes >> np.uint64(64 - bits)).astype(np.int64)
-    directory = np.zeros(2**bits + 1, np.int64)
+    directory = np.zeros(2**bits + 1, np.int32 if len(sorted_hashes) < 2**31 else np.int64)
     np.cumsum(np.bincount(buckets, minlength=2**bits), out=directory[1:])
     return directory
 
@@ -375,9 +583,6 @@ def _rows_normalized(arrays: Mapping[str, np.ndarray]) -> bool:
     return True
 
 
-IN_MEMORY_INDEX_MAX_ITEMS = 2_000_000  # up to this many items, id -> row goes through a RAM hash index
-
-
 class RepresentationCenter:
     """A memory-mapped item_id -> content-embedding store (see the module docstring for layout).
 
@@ -406,9 +611,9 @@ class RepresentationCenter:
         missing = [f for f in REQUIRED_METADATA_FIELDS if f not in metadata]
         if missing:
             raise ValueError(f"{metadata_path}: missing required field(s) {missing}")
-        if metadata["format_version"] != FORMAT_VERSION:
+        if metadata["format_version"] not in READABLE_FORMAT_VERSIONS:
             raise ValueError(f"{metadata_path}: format_version {metadata['format_version']!r} is not supported "
-                             f"(this mim-hf reads {FORMAT_VERSION})")
+                             f"(this mim-hf reads {list(READABLE_FORMAT_VERSIONS)})")
         num_items, embed_dim = int(metadata["num_items"]), int(metadata["embed_dim"])
         dtype = metadata["dtype"]
         if dtype not in _STORAGE_DTYPES:
@@ -458,26 +663,38 @@ class RepresentationCenter:
         self._id_array = pa.LargeStringArray.from_buffers(
             num_items, pa.py_buffer(offsets), pa.py_buffer(blob))
         self._hash_key = metadata["hash_key"]
-        self._id_lookup: pd.Index | None = None  # in-memory id index, built on first look-up (small centers)
+        self._legacy_hash = metadata["format_version"] == 1
+        # Unaligned 8-byte reads anywhere in the stored ids (a tiny blob is padded in RAM).
+        word_source = blob if len(blob) >= 8 else np.concatenate([blob, np.zeros(8, np.uint8)])
+        self._id_words = np.ndarray((len(word_source) - 7,), dtype="<u8", buffer=word_source, strides=(1,))
         self._sorted_hashes = index["id_hash_sorted"]
         self._sorted_rows = index["id_hash_rows"]
         self._bucket_directory = directory
         self._check_hash_compatibility()
 
     def _check_hash_compatibility(self) -> None:
-        """Re-hash two stored ids: if this pandas hashes differently, rebuild the table in RAM."""
+        """Re-hash two stored ids: format 1 tables whose pandas hashes differently are rebuilt in
+        RAM; a format 2 table that disagrees with its own ids is corrupted (ValueError)."""
         if self.num_items == 0:
             return
         probe = np.array([0, self.num_items - 1])
-        probe_ids = np.asarray(self._id_array.take(pa.array(self._sorted_rows[probe])).to_pylist(), dtype=object)
-        if np.array_equal(_hash_ids(probe_ids, self._hash_key), self._sorted_hashes[probe]):
+        probe_ids = self._id_array.take(pa.array(self._sorted_rows[probe]))
+        if np.array_equal(self._hash(probe_ids), self._sorted_hashes[probe]):
             return
+        if not self._legacy_hash:
+            raise ValueError(f"{self.version_dir / INDEX_FILE}: corrupted id index (id_hash_sorted does not match "
+                             f"the hashes of the stored ids {probe_ids.to_pylist()})")
         logger.warning("%s: stored id hashes differ from this pandas' hash_array; rebuilding the id table "
                        "in memory (%d ids)", self.version_dir, self.num_items)
-        all_ids = np.asarray(self._id_array.to_pylist(), dtype=object)
-        self._sorted_hashes, self._sorted_rows = _sorted_hash_table(_hash_ids(all_ids, self._hash_key))
+        self._sorted_hashes, self._sorted_rows = _sorted_hash_table(self._hash(self._id_array))
         self._bucket_directory = _bucket_directory(self._sorted_hashes)
         self.stats["index_rebuilt_in_memory"] = 1
+
+    def _hash(self, item_ids: Any, batch: _IdBatch | None = None) -> np.ndarray:
+        """(N,) ids -> (N,) uint64 with this center's hash (format 2, or format 1's SipHash)."""
+        if self._legacy_hash:
+            return _legacy_hash_ids(_as_id_array(item_ids), self._hash_key)
+        return _hash_batch(batch if batch is not None else _id_batch(item_ids), self._hash_key)
 
     @classmethod
     def load(cls, path_or_repo_id: str | os.PathLike, revision: str | None = None,
@@ -560,42 +777,68 @@ class RepresentationCenter:
 
     # ---- look-up ------------------------------------------------------------------------
     def rows_for(self, item_ids: Sequence[str]) -> np.ndarray:
-        """(N,) str ids -> (N,) int64 rows, -1 for ids not in the center. Vectorised."""
-        ids = _as_id_array(item_ids)
-        if len(ids) == 0 or self.num_items == 0:
-            return np.full(len(ids), -1, np.int64)
-        if self.num_items <= IN_MEMORY_INDEX_MAX_ITEMS:
-            # One pass over the ids (~0.5 s and ~100 MB per million) buys a single C hash probe per
-            # id afterwards; bigger catalogues keep the on-disk table so opening stays O(1).
-            # (python-backed string dtype: get_indexer on an object Index re-infers the whole
-            # index's dtype per call and measured ~3x slower per 4096-id batch on 1M ids)
-            if self._id_lookup is None:
-                self._id_lookup = pd.Index(self._id_array.to_numpy(zero_copy_only=False), dtype="string[python]")
-            return self._id_lookup.get_indexer(pd.Index(ids, dtype="string[python]")).astype(np.int64)
-        hashes = _hash_ids(ids, self._hash_key)
-        directory = self._bucket_directory
-        buckets = (hashes >> np.uint64(64 - int(np.log2(len(directory) - 1)))).astype(np.int64)
-        starts, stops = directory[buckets], directory[buckets + 1]
-        # Compare each id with every hash of its bucket at once: a (Q, widest bucket) window
-        # (buckets hold ~2-4 hashes, so this is a few contiguous reads per id).
-        window = np.arange(max(int((stops - starts).max()), 1))
-        positions = np.minimum(starts[:, None] + window, self.num_items - 1)
-        match = (self._sorted_hashes[positions] == hashes[:, None]) & (window < (stops - starts)[:, None])
-        found = match.any(axis=1)
-        rows = np.where(found, self._sorted_rows[positions[np.arange(len(ids)), match.argmax(axis=1)]], -1)
-        hit = np.flatnonzero(rows >= 0)
-        if len(hit):
-            # Verify hits against the stored strings: a 64-bit hash match is not proof.
-            stored = self._id_array.take(pa.array(rows[hit]))
-            same = pc.equal(stored, pa.array(ids[hit], type=pa.large_string())).to_numpy(zero_copy_only=False)
-            rows[hit[~same]] = -1
+        """(N,) str ids -> (N,) int64 rows, -1 for ids not in the center. Vectorised.
+
+        ``item_ids``: list/tuple of str, numpy ``'U'``/object array of str or ``'S'`` array of
+        UTF-8 bytes, pandas Series/Index of str, or pyarrow string array (fastest: read in place).
+        Raises ``TypeError`` for non-str ids, ``ValueError`` for a str with no UTF-8 form or a
+        corrupted index file."""
+        batch = _id_batch(item_ids)
+        if len(batch.starts) == 0 or self.num_items == 0:
+            return np.full(len(batch.starts), -1, np.int64)
+        try:
+            rows = self._find_hashes(self._hash(item_ids, batch))
+            return self._verified(batch, rows)
+        except IndexError as err:  # only a corrupted table points outside its arrays
+            raise ValueError(f"{self.version_dir / INDEX_FILE}: corrupted id index ({err}); "
+                             "RepresentationCenter.verify() names the damaged file") from None
+
+    def _find_hashes(self, hashes: np.ndarray) -> np.ndarray:
+        """(Q,) uint64 -> (Q,) int64 row of the stored entry with that hash, -1 where none has it."""
+        directory, table, n_items = self._bucket_directory, self._sorted_hashes, self.num_items
+        bucket = (hashes >> np.uint64(65 - len(directory).bit_length())).astype(np.int64)  # top log2(len - 1) bits
+        position, stop = directory[bucket], directory[bucket + 1]
+        probe = np.minimum(position, n_items - 1)  # an empty last bucket starts at n_items
+        stored = table[probe]
+        rows = np.where((stored == hashes) & (position < stop), self._sorted_rows[probe], -1)
+        # The rest of a bucket (sorted): only where the first entry is below the wanted hash.
+        rest = np.flatnonzero((stored < hashes) & (position + 1 < stop))
+        if len(rest):
+            first, size = position[rest] + 1, stop[rest] - position[rest] - 1
+            window = np.arange(int(size.max()))
+            positions = np.minimum(first[:, None] + window, n_items - 1)
+            match = (table[positions] == hashes[rest, None]) & (window < size[:, None])
+            column = match.argmax(axis=1)
+            found = match[np.arange(len(rest)), column]
+            rows[rest[found]] = self._sorted_rows[positions[np.flatnonzero(found), column[found]]]
         return rows
+
+    def _verified(self, batch: _IdBatch, rows: np.ndarray) -> np.ndarray:
+        """``rows`` with -1 wherever the stored id differs from the query id (a hash collision)."""
+        found = rows >= 0
+        all_found = bool(found.all())
+        candidates = rows if all_found else np.where(found, rows, 0)
+        start = self._id_offsets[candidates]
+        same = (self._id_offsets[candidates + 1] - start) == batch.lengths
+        last_word = len(self._id_words) - 1
+        max_start = int(start.max(initial=0))
+        for j, columns, mask, query_words in batch.word_columns:
+            position = start[columns] + 8 * j if j else start[columns]
+            if max_start + 8 * j <= last_word:
+                stored = self._id_words[position]
+            else:  # ids ending in the blob's last 8 bytes: read the last word, shift the id's bytes down
+                clamped = np.minimum(position, last_word)
+                stored = self._id_words[clamped] >> ((position - clamped) * 8).astype(np.uint64)
+            same[columns] &= (stored & mask) == query_words
+        if not all_found:
+            same &= found
+        return np.where(same, rows, -1)
 
     def lookup(self, item_ids: Sequence[str], level: str = DEFAULT_LEVEL,
                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings of a batch of item ids.
 
-        ``item_ids``: (N,) str ids (list, tuple, numpy/pandas/arrow array). Returns
+        ``item_ids``: (N,) str ids (see :meth:`rows_for` for the accepted containers). Returns
         ``(embeds (N, embed_dim) in ``dtype``, found_mask BoolTensor (N,))``; ids not in the
         center get a zero row and ``found_mask`` False, and are counted in
         ``stats["unknown_lookups"]``. Raises ``TypeError`` for non-str ids.
@@ -603,15 +846,16 @@ class RepresentationCenter:
         self._check_level(level)
         rows = self.rows_for(item_ids)
         found = rows >= 0
-        table = self._levels[level]
         self.stats["lookups"] += len(rows)
-        if found.all():
-            embeds = torch.from_numpy(np.take(table, rows, axis=0)).to(dtype)
-        else:
+        if self.num_items == 0:
+            self.stats["unknown_lookups"] += len(rows)
+            return torch.zeros(len(rows), self.embed_dim, dtype=dtype), torch.from_numpy(found)
+        all_found = bool(found.all())
+        gathered = np.take(self._levels[level], rows if all_found else np.where(found, rows, 0), axis=0)
+        if not all_found:
             self.stats["unknown_lookups"] += int((~found).sum())
-            embeds = torch.zeros(len(rows), self.embed_dim, dtype=dtype)
-            embeds[torch.from_numpy(found)] = torch.from_numpy(np.take(table, rows[found], axis=0)).to(dtype)
-        return embeds, torch.from_numpy(found)
+            gathered[~found] = 0
+        return torch.from_numpy(gathered).to(dtype), torch.from_numpy(found)
 
     # ---- nearest neighbours -------------------------------------------------------------
     def nearest(self, queries: Sequence[str] | torch.Tensor, k: int = 10, level: str = DEFAULT_LEVEL,
@@ -731,8 +975,8 @@ class RepresentationCenter:
             if not overwrite:
                 raise ValueError(f"{root}: a representation center already exists; pass overwrite=True to "
                                  "write a new version, or use upsert() to add items")
+        hash_key, sorted_hashes, sorted_rows = cls._hash_table_for(ids)  # first: names an id with no UTF-8 form
         blob, offsets = _encode_ids(ids)
-        hash_key, sorted_hashes, sorted_rows = cls._hash_table_for(ids)
         metadata = {
             "format_version": FORMAT_VERSION,
             "encoder_name": encoder_name,
@@ -788,8 +1032,9 @@ class RepresentationCenter:
         return arrays
 
     @staticmethod
-    def _hash_table_for(ids: np.ndarray) -> tuple[str, np.ndarray, np.ndarray]:
-        """Find a hash key without collisions among ``ids``; return (key, sorted hashes, rows)."""
+    def _hash_table_for(ids: np.ndarray | pa.Array) -> tuple[str, np.ndarray, np.ndarray]:
+        """Find a hash key without collisions among ``ids`` (object array of str or pyarrow string
+        array); return (key, sorted hashes, rows)."""
         for attempt in range(16):
             key = _salt(attempt)
             sorted_hashes, sorted_rows = _sorted_hash_table(_hash_ids(ids, key))
@@ -804,7 +1049,7 @@ class RepresentationCenter:
         directory = _bucket_directory(sorted_hashes)
         return [
             ("item_id_offsets", np.dtype(np.int64), (len(offsets),), [offsets]),
-            ("id_hash_buckets", np.dtype(np.int64), (len(directory),), [directory]),
+            ("id_hash_buckets", directory.dtype, (len(directory),), [directory]),
             ("id_hash_sorted", np.dtype(np.uint64), (len(sorted_hashes),), [sorted_hashes]),
             ("id_hash_rows", np.dtype(np.int64), (len(sorted_rows),), [sorted_rows]),
             ("item_id_bytes", np.dtype(np.uint8), (sum(len(b) for b in blob_chunks),), blob_chunks),
@@ -895,17 +1140,18 @@ class RepresentationCenter:
         new_blob, new_offsets = _encode_ids(new_ids)
         offsets = np.concatenate([self._id_offsets, new_offsets[1:] + self._id_offsets[-1]])
         hash_key = self._hash_key
-        new_hashes = _hash_ids(new_ids, hash_key)
-        hashes = np.concatenate([self._sorted_hashes, new_hashes])
-        hash_rows = np.concatenate([self._sorted_rows, np.arange(n_old, n_old + n_new, dtype=np.int64)])
-        order = np.argsort(hashes, kind="stable")
-        sorted_hashes, sorted_rows = hashes[order], hash_rows[order]
-        if _has_collision(sorted_hashes):  # astronomically rare: re-key over all ids
-            all_ids = np.concatenate([np.asarray(self._id_array.to_pylist(), dtype=object), new_ids])
+        if not self._legacy_hash:  # hash only the new ids and merge them into the sorted table
+            hashes = np.concatenate([self._sorted_hashes, _hash_ids(new_ids, hash_key)])
+            hash_rows = np.concatenate([self._sorted_rows, np.arange(n_old, n_old + n_new, dtype=np.int64)])
+            order = np.argsort(hashes, kind="stable")
+            sorted_hashes, sorted_rows = hashes[order], hash_rows[order]
+        if self._legacy_hash or _has_collision(sorted_hashes):  # format 1 (rehash all), or a collision: re-key
+            all_ids = pa.concat_arrays([self._id_array, pa.array(new_ids, type=pa.large_string())])
             hash_key, sorted_hashes, sorted_rows = self._hash_table_for(all_ids)
         index_specs = self._index_specs([self._id_bytes, new_blob], offsets, sorted_hashes, sorted_rows)
         metadata = {**{k: v for k, v in self.metadata.items() if k not in ("version", "files")},
-                    "num_items": n_old + n_new, "hash_key": hash_key, "updated_at": _utc_now()}
+                    "format_version": FORMAT_VERSION, "num_items": n_old + n_new, "hash_key": hash_key,
+                    "updated_at": _utc_now()}
         if metadata["normalized"]:
             metadata["normalized"] = _rows_normalized(arrays)
         self._write_version(self.root, metadata, level_specs, index_specs, keep_versions)
@@ -1023,7 +1269,7 @@ center.check_fingerprint(model_fingerprint, {metadata['embed_dim']})  # refuse a
 - `{INDEX_FILE}`: item ids as UTF-8 bytes (`item_id_bytes`) with `item_id_offsets`
   (id *i* = `bytes[off[i]:off[i+1]]`, row *i* of every embedding tensor), and a sorted
   64-bit hash table (`id_hash_sorted`, `id_hash_rows`, bucket starts by top bits
-  `id_hash_buckets`; {HASH_ALGORITHM}, key in metadata).
+  `id_hash_buckets`; hash `{HASH_ALGORITHM}`, key in metadata).
 - `{METADATA_FILE}`: everything in the table above plus file checksums.
 """
 

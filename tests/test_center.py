@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 import mim_hf.center as center_module
 from mim_hf.center import (
@@ -79,39 +80,157 @@ def test_build_load_lookup_equals_embeddings(tmp_path, dtype):
     assert "| Items | 40 |" in card and FINGERPRINT in card
 
 
-@pytest.fixture(params=["memory", "disk"])
-def id_index(request, monkeypatch):
-    """Run a look-up test through both id -> row paths: the RAM index and the on-disk hash table."""
-    monkeypatch.setattr(center_module, "IN_MEMORY_INDEX_MAX_ITEMS", 10**9 if request.param == "memory" else 0)
+ID_CONTAINERS = ["list", "tuple", "numpy_str", "numpy_object", "numpy_bytes", "pandas", "pandas_arrow", "pyarrow",
+                 "generator"]
+
+
+def as_container(item_ids, kind):
+    """The same ids in each container ``lookup``/``rows_for`` accept."""
+    import pandas as pd
+    import pyarrow as pa
+
+    return {
+        "list": lambda: list(item_ids),
+        "tuple": lambda: tuple(item_ids),
+        "numpy_str": lambda: np.array(item_ids, dtype=str),
+        "numpy_object": lambda: np.array(item_ids, dtype=object),
+        "numpy_bytes": lambda: np.array([i.encode("utf-8") for i in item_ids], dtype=bytes),
+        "pandas": lambda: pd.Series(item_ids, dtype="string[python]"),
+        "pandas_arrow": lambda: pd.Index(item_ids, dtype="string[pyarrow]"),
+        "pyarrow": lambda: pa.chunked_array([pa.array(item_ids[:1]), pa.array(item_ids[1:])], type=pa.string()),
+        "generator": lambda: (i for i in item_ids),
+    }[kind]()
+
+
+@pytest.fixture(params=ID_CONTAINERS)
+def container(request):
     return request.param
 
 
-def test_unicode_and_numeric_looking_ids(tmp_path, id_index):
-    item_ids = ["242", "é-ß-中文", "a b", "0242"]
-    embeddings = make_embeddings(4, levels=("item_embeds",))
+def reference_rows(stored_ids, queries):
+    """What rows_for must return, from a plain dict."""
+    row_of = {item_id: row for row, item_id in enumerate(stored_ids)}
+    return np.array([row_of.get(q, -1) for q in queries], dtype=np.int64)
+
+
+def test_unicode_and_numeric_looking_ids(tmp_path, container):
+    item_ids = ["242", "é-ß-中文", "a b", "0242", "x" * 17, "Ünïcødé-" * 5, "🙂"]
+    embeddings = make_embeddings(len(item_ids), levels=("item_embeds",))
     center = RepresentationCenter.build(item_ids, embeddings, tmp_path / "c", encoder_name="e",
                                         encoder_fingerprint=FINGERPRINT, dtype="float32")
-    embeds, found = center.lookup(np.array(["0242", "é-ß-中文", "242"]))
-    assert found.all()
-    torch.testing.assert_close(embeds, embeddings["item_embeds"][[3, 1, 0]], rtol=0, atol=0)
+    queries = ["0242", "é-ß-中文", "242", "Ünïcødé-" * 5, "x" * 17, "x" * 16, "🙂", "24"]
+    embeds, found = center.lookup(as_container(queries, container))
+    assert found.tolist() == [True] * 5 + [False, True, False]
+    torch.testing.assert_close(embeds[found], embeddings["item_embeds"][[3, 1, 0, 5, 4, 6]], rtol=0, atol=0)
+    assert embeds[~found].abs().sum() == 0
 
 
-def test_lookup_many_ids_in_any_order(tmp_path, id_index):
+def test_lookup_many_ids_in_any_order(tmp_path, container):
     rng = np.random.default_rng(0)
-    item_ids = [f"{rng.integers(1e9)}-{'x' * int(rng.integers(0, 20))}-{i}" for i in range(3000)]
+    item_ids = [f"{rng.integers(1e9)}-{'x' * int(rng.integers(0, 30))}-{i}" for i in range(3000)]
     embeddings = {"item_embeds": torch.from_numpy(rng.standard_normal((3000, 4)).astype(np.float32))}
     center = RepresentationCenter.build(item_ids, embeddings, tmp_path / "c", encoder_name="e",
                                         encoder_fingerprint=FINGERPRINT, dtype="float32")
     order = rng.permutation(3000)
     queries = [item_ids[i] for i in order] + ["absent-1", "absent-2"]
-    rows = center.rows_for(queries)
+    rows = center.rows_for(as_container(queries, container))
     np.testing.assert_array_equal(rows, np.concatenate([order, [-1, -1]]))
-    embeds, found = center.lookup(queries)
+    embeds, found = center.lookup(as_container(queries, container))
     torch.testing.assert_close(embeds[:3000], embeddings["item_embeds"][order], rtol=0, atol=0)
     assert found.sum() == 3000
 
 
-def test_unknown_ids_give_zero_rows_and_are_counted(tmp_path, id_index):
+def random_ids(rng, n, alphabet):
+    """``n`` distinct random ids: lengths 1-40 (1-, 2- and many-word hashes), drawn from ``alphabet``."""
+    ids = set()
+    while len(ids) < n:
+        ids.add("".join(alphabet[k] for k in rng.integers(0, len(alphabet), int(rng.integers(1, 41)))))
+    return sorted(ids)
+
+
+ALPHABETS = {
+    "ascii": list("abcdefghij0123456789-_ "),
+    "unicode": list("aé中🙂ß\u00a0\t") + ["\u0301", "Ω"],
+    "with_nul": list("ab\x00c"),
+}
+
+
+@pytest.mark.parametrize("alphabet", sorted(ALPHABETS))
+def test_random_ids_match_a_dict_and_the_format_1_path(tmp_path, alphabet):
+    """Random ids (1-40 chars, unicode, embedded NUL) through every container: rows equal a plain
+    dict's answer; the same queries on a format-1 copy of the center (pandas SipHash) agree."""
+    rng = np.random.default_rng(len(alphabet))
+    stored = random_ids(rng, 400, ALPHABETS[alphabet])
+    center, _, _ = build_with_ids(tmp_path / "c", stored)
+    absent = [i for i in random_ids(rng, 200, ALPHABETS[alphabet]) if i not in set(stored)]
+    queries = [stored[i] for i in rng.integers(0, len(stored), 300)] + absent + [s + "x" for s in stored[:20]]
+    expected = reference_rows(stored, queries)
+    legacy = downgraded_to_format_1(center, tmp_path / "legacy")
+    assert legacy.metadata["format_version"] == 1 and center.metadata["format_version"] == 2
+    for kind in ID_CONTAINERS:
+        if kind in ("numpy_str", "numpy_bytes") and alphabet == "with_nul":
+            continue  # numpy 'U'/'S' arrays drop trailing NULs: such ids cannot be held in one
+        np.testing.assert_array_equal(center.rows_for(as_container(queries, kind)), expected, err_msg=kind)
+    np.testing.assert_array_equal(legacy.rows_for(queries), expected)
+
+
+def build_with_ids(path, item_ids, dim=4, seed=0):
+    embeddings = make_embeddings(len(item_ids), dim=dim, seed=seed, levels=("item_embeds",))
+    center = RepresentationCenter.build(item_ids, embeddings, path, encoder_name="e",
+                                        encoder_fingerprint=FINGERPRINT, dtype="float32")
+    return center, item_ids, embeddings
+
+
+def downgraded_to_format_1(center, path):
+    """A flat copy of ``center`` rewritten as format 1 (pandas SipHash table), as mim-hf <= 0.1 wrote it."""
+    shutil.copytree(center.version_dir, path)
+    ids = np.asarray(center.item_ids(), dtype=object)
+    hashes = center_module._legacy_hash_ids(ids, "mimcenter0000000")
+    sorted_hashes, sorted_rows = center_module._sorted_hash_table(hashes)
+    bits = max(1, int(np.ceil(np.log2(max(len(ids), 2)))) - 2)
+    directory = np.zeros(2**bits + 1, np.int64)
+    np.cumsum(np.bincount((sorted_hashes >> np.uint64(64 - bits)).astype(np.int64), minlength=2**bits),
+              out=directory[1:])
+    index = load_file(path / INDEX_FILE)
+    index.update(id_hash_sorted=sorted_hashes, id_hash_rows=sorted_rows, id_hash_buckets=directory)
+    save_file(index, path / INDEX_FILE, metadata={"hash": center_module.LEGACY_HASH_ALGORITHM})
+    metadata = json.loads((path / METADATA_FILE).read_text())
+    metadata.update(format_version=1, hash_key="mimcenter0000000")
+    metadata.pop("files")
+    (path / METADATA_FILE).write_text(json.dumps(metadata))
+    return RepresentationCenter.load(path)
+
+
+FORMAT_1_FIXTURE = REPO_ROOT / "tests" / "fixtures" / "center_format1"
+
+
+def test_reads_a_center_written_by_format_1(tmp_path):
+    """A center written by the format-1 writer (committed fixture) looks up like before, and an
+    upsert rewrites it as format 2 without changing a row."""
+    center = RepresentationCenter.load(FORMAT_1_FIXTURE)
+    center.verify()
+    assert center.metadata["format_version"] == 1 and len(center) == 28
+    stored = center.item_ids()
+    assert "é-ß-中文" in stored and "🙂 emoji" in stored
+    table = load_file(FORMAT_1_FIXTURE / EMBEDDINGS_FILE)["item_embeds"]
+    queries = stored[::-1] + ["nope", "item-1 ", "é-ß-中"]
+    embeds, found = center.lookup(queries)
+    assert found.tolist() == [True] * 28 + [False] * 3
+    np.testing.assert_array_equal(embeds[:28].numpy(), table[::-1].astype(np.float32))
+    # upsert: a versioned copy becomes format 2 (every id re-hashed); old rows unchanged, new one found
+    shutil.copytree(FORMAT_1_FIXTURE, tmp_path / "c" / "v0001")
+    (tmp_path / "c" / "CURRENT").write_text("v0001\n")
+    copy = RepresentationCenter.load(tmp_path / "c")
+    assert copy.metadata["format_version"] == 1
+    copy.upsert_embeddings(["new-ü"], make_embeddings(1, levels=("item_embeds", "text_embeds")))
+    assert copy.metadata["format_version"] == 2 and copy.version == "v0002"
+    embeds, found = copy.lookup(queries + ["new-ü"])
+    assert found.tolist() == [True] * 28 + [False] * 3 + [True]
+    np.testing.assert_array_equal(embeds[:28].numpy(), table[::-1].astype(np.float32))
+    copy.verify()
+
+
+def test_unknown_ids_give_zero_rows_and_are_counted(tmp_path):
     center, _, embeddings = build(tmp_path / "c")
     embeds, found = center.lookup(["item-1", "nope", "item-2", "item-1x", ""])
     assert found.tolist() == [True, False, True, False, False]
@@ -122,18 +241,54 @@ def test_unknown_ids_give_zero_rows_and_are_counted(tmp_path, id_index):
     assert center.stats == {"lookups": 6, "unknown_lookups": 4}
     embeds, found = center.lookup([])
     assert embeds.shape == (0, 8) and found.shape == (0,)
+    embeds, found = center.lookup(["nope"] * 3, dtype=torch.float16)
+    assert embeds.dtype == torch.float16 and embeds.abs().sum() == 0 and not found.any()
 
 
 def test_hash_collision_is_verified_against_stored_ids(tmp_path, monkeypatch):
-    monkeypatch.setattr(center_module, "IN_MEMORY_INDEX_MAX_ITEMS", 0)  # the on-disk hash table path
     center, _, embeddings = build(tmp_path / "c", n_items=10)
     # Force every query to hash onto the table's first entry: only the stored id may match.
     first_hash = center._sorted_hashes[0]
     first_id = center.item_ids([center._sorted_rows[0]])[0]
-    monkeypatch.setattr(center_module, "_hash_ids", lambda ids, key: np.full(len(ids), first_hash, np.uint64))
-    embeds, found = center.lookup([first_id, "impostor"])
-    assert found.tolist() == [True, False]
+    monkeypatch.setattr(center_module, "_hash_batch", lambda batch, key: np.full(len(batch.starts), first_hash, np.uint64))
+    embeds, found = center.lookup([first_id, "impostor", first_id + "x", first_id[:-1]])
+    assert found.tolist() == [True, False, False, False]
     torch.testing.assert_close(embeds[0], embeddings["item_embeds"][int(first_id.split("-")[1])], rtol=0, atol=0)
+    assert center.stats["unknown_lookups"] == 3
+
+
+def colliding_under_first_key(real_hash):
+    """A hash that maps every id to one value under key attempt 0, and is the real one otherwise."""
+    def hash_batch(batch, key):
+        if key == center_module._salt(0):
+            return np.full(len(batch.starts), 12345, np.uint64)
+        return real_hash(batch, key)
+    return hash_batch
+
+
+def test_build_and_upsert_rekey_on_hash_collisions(tmp_path, monkeypatch):
+    monkeypatch.setattr(center_module, "_hash_batch", colliding_under_first_key(center_module._hash_batch))
+    center, item_ids, embeddings = build(tmp_path / "c", n_items=30)
+    assert center.metadata["hash_key"] == center_module._salt(1)
+    np.testing.assert_array_equal(center.rows_for(item_ids[::-1]), np.arange(30)[::-1])
+    # an upsert whose new id collides with a stored one under the live key re-keys every id
+    live_key = center.metadata["hash_key"]
+    target = center._sorted_hashes[5]
+    real = center_module._hash_batch
+
+    def collide_new_id(batch, key):
+        hashes = real(batch, key)
+        if key == live_key:
+            ids = [bytes(batch.buffer[s:s + n]).decode() for s, n in zip(batch.starts, batch.lengths)]
+            hashes[[i for i, v in enumerate(ids) if v == "newcomer"]] = target
+        return hashes
+
+    monkeypatch.setattr(center_module, "_hash_batch", collide_new_id)
+    center.upsert_embeddings(["newcomer"], make_embeddings(1, seed=3))
+    assert center.metadata["hash_key"] == center_module._salt(2)  # attempt 0 still collides, 1 is the live key
+    assert center.metadata["hash_key"] != live_key
+    rows = center.rows_for(item_ids + ["newcomer"])
+    np.testing.assert_array_equal(rows, np.arange(31))
 
 
 @pytest.mark.parametrize("bad, fragment", [
@@ -551,11 +706,14 @@ def test_upsert_with_encoder_encodes_only_given_items(tmp_path, tiny_encoder):
 
 
 def _prepared_dir(tmp_path, items):
-    from datasets import DatasetDict
+    from datasets import Dataset, DatasetDict
 
     from mim_hf.data import PrepareConfig, PreparedData
 
-    prepared = PreparedData(name="tiny", items=items, samples=DatasetDict(), pairs=DatasetDict(), vocabs={},
+    # Only items matter to a center build; samples/pairs get their splits, one tiny row each.
+    samples = DatasetDict({split: Dataset.from_dict({"user_id": ["u0"], "item_id": [items[0]["item_id"]]})
+                           for split in ("train", "valid", "test")})
+    prepared = PreparedData(name="tiny", items=items, samples=samples, pairs=samples, vocabs={},
                             train_item_ids=[], config=PrepareConfig())
     return prepared.save(tmp_path / "prepared")
 
