@@ -3,6 +3,8 @@
 Self-contained: imports only ``transformers`` so it can be uploaded as Hub remote code.
 """
 
+import math
+
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -111,10 +113,20 @@ class MIMContentEncoderConfig(PreTrainedConfig):
         ):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not supported; expected one of {allowed}")
-        if not isinstance(self.embed_dim, int) or self.embed_dim <= 0:
-            raise ValueError(f"embed_dim must be a positive int, got {self.embed_dim!r}")
-        if self.lora_r <= 0:
-            raise ValueError(f"lora_r must be a positive int, got {self.lora_r!r}")
+        for name in ("embed_dim", "lora_r"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, low, high in (("projection_dropout", 0.0, 1.0), ("lora_dropout", 0.0, 1.0),
+                                ("initializer_range", 0.0, math.inf), ("lora_alpha", 0.0, math.inf)):
+            value = getattr(self, name)
+            # NaN fails both comparisons, so it is refused too.
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+                raise ValueError(f"{name} must be a number in [{low}, {high}), got {value!r}")
+        for name in ("lora_text_target_modules", "lora_vision_target_modules"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (list, tuple)) or not all(isinstance(m, str) for m in value)):
+                raise ValueError(f"{name} must be a list of module names (str) or None, got {value!r}")
         # Resolve architecture defaults now so config.json records the modules actually adapted.
         if self.lora_text_target_modules is None:
             self.lora_text_target_modules = default_lora_target_modules(self.text_config.model_type)

@@ -227,6 +227,47 @@ class MIMContentEncoder(MIMContentEncoderPreTrainedModel):
                 f"{projection.in_features}; the tower does not match config.{name}_config"
             )
 
+    def _check_inputs(self, input_ids, attention_mask, token_type_ids, pixel_values, image_mask) -> None:
+        """Shapes, dtypes and value ranges of ``forward``'s inputs, checked before any tower runs so a
+        bad batch is a ``ValueError``/``TypeError`` naming the input, not an index error deep in torch."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must have shape (batch_size >= 1, seq_len >= 1), got {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        vocab_size = getattr(self.config.text_config, "vocab_size", None)
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or (vocab_size is not None and high >= vocab_size):
+            raise ValueError(f"input_ids hold ids in [{low}, {high}]; expected 0 <= id < vocab_size={vocab_size} "
+                             "(is the tokenizer the text tower's?)")
+        for name, tensor in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            if tensor is not None and (not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(input_ids.shape)):
+                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise ValueError(f"{name} must be a tensor shaped like input_ids {tuple(input_ids.shape)}, got {shape}")
+        if token_type_ids is not None:
+            type_vocab_size = getattr(self.config.text_config, "type_vocab_size", None)
+            if int(token_type_ids.min()) < 0 or (type_vocab_size is not None and int(token_type_ids.max()) >= type_vocab_size):
+                raise ValueError(f"token_type_ids must lie in [0, {type_vocab_size}), got values in "
+                                 f"[{int(token_type_ids.min())}, {int(token_type_ids.max())}]")
+        if pixel_values is None:
+            if image_mask is not None and bool(torch.as_tensor(image_mask).any()):
+                raise ValueError("image_mask marks rows with an image but no pixel_values were given")
+            return
+        if self.vision_model is None:
+            raise ValueError("pixel_values given but this encoder has no vision tower (config.vision_config is None)")
+        if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
+            raise TypeError("pixel_values must be a floating-point tensor (B, C, H, W), got "
+                            f"{getattr(pixel_values, 'dtype', type(pixel_values).__name__)}")
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must have shape (B, C, H, W), got {tuple(pixel_values.shape)}")
+        channels = getattr(self.config.vision_config, "num_channels", None)
+        if channels is not None and pixel_values.shape[1] != channels:
+            raise ValueError(f"pixel_values have {pixel_values.shape[1]} channels; the vision tower expects {channels}")
+        if not bool(torch.isfinite(pixel_values).all()):
+            row = int((~torch.isfinite(pixel_values)).flatten(1).any(dim=1).nonzero()[0])
+            raise ValueError(f"pixel_values row {row} holds NaN or inf; expected finite pixel values")
+
     def encode_text(
         self,
         input_ids: torch.LongTensor,
@@ -275,6 +316,7 @@ class MIMContentEncoder(MIMContentEncoderPreTrainedModel):
             `MIMContentEncoderOutput` with text_embeds, image_embeds (None without pixels),
             item_embeds, all (B, embed_dim) and L2-normalised, and image_mask (B,).
         """
+        self._check_inputs(input_ids, attention_mask, token_type_ids, pixel_values, image_mask)
         batch_size = input_ids.shape[0]
         text_embeds = self.encode_text(input_ids, attention_mask, token_type_ids)
         text_embeds = nn.functional.normalize(text_embeds, dim=-1)

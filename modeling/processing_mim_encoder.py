@@ -17,6 +17,10 @@ from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
 from transformers.image_utils import load_image
 
 PROCESSOR_CONFIG_NAME = "mim_processor_config.json"
+# The constructor settings saved in PROCESSOR_CONFIG_NAME (tokenizer / image processor have their own files).
+PROCESSOR_SETTINGS = (
+    "max_length", "attribute_fields", "title_field", "image_field", "id_field", "attribute_separator", "untitled_text",
+)
 TEXT_VIEWS = ("full", "title", "attributes")
 FALLBACK_COUNT_KEYS = (
     "empty_title",  # title empty/whitespace -> attributes text, else `untitled_text`
@@ -32,12 +36,21 @@ def rows_to_records(rows) -> list[dict]:
     """Item rows as a list of dicts; accepts a dict of equal-length lists (a datasets batch),
     a single dict of scalars is NOT accepted (ambiguous); or any sequence of dicts."""
     if isinstance(rows, Mapping):
+        for key, values in rows.items():
+            # A str is iterable: {"title": "Toy Story"} would silently become 9 one-letter items.
+            if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__len__"):
+                raise TypeError(
+                    f"item column {key!r} is a {type(values).__name__}; a dict of items must map each column to a "
+                    "list of values (for one item pass [row])"
+                )
         columns = {key: list(values) for key, values in rows.items()}
         lengths = {key: len(values) for key, values in columns.items()}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"item columns have different lengths: {lengths}")
         n_rows = next(iter(lengths.values()), 0)
         return [{key: columns[key][i] for key in columns} for i in range(n_rows)]
+    if isinstance(rows, (str, bytes)):
+        raise TypeError(f"items must be a dict of lists or a sequence of dicts, got {type(rows).__name__}")
     if isinstance(rows, Sequence) or hasattr(rows, "__iter__"):
         records = list(rows)
         for position, record in enumerate(records):
@@ -51,6 +64,18 @@ def _is_missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or (
         isinstance(value, str) and not value.strip()
     )
+
+
+def _check_encodable(text: str, row: int) -> None:
+    """Lone surrogates (from broken decoding) make the tokenizer fail with an obscure TypeError."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(
+                f"item row {row}: text {text[max(err.start - 10, 0):err.end + 10]!r} holds {text[err.start:err.end]!r}, "
+                "which is not valid Unicode (a lone surrogate); expected text that encodes as UTF-8"
+            ) from None
 
 
 def format_attribute_value(value) -> str:
@@ -97,8 +122,16 @@ class MIMContentProcessor:
         attribute_separator: str = " | ",
         untitled_text: str = "[untitled]",
     ):
-        if not isinstance(max_length, int) or max_length < 2:
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+        for name, value in (("title_field", title_field), ("image_field", image_field), ("id_field", id_field),
+                            ("attribute_separator", attribute_separator), ("untitled_text", untitled_text)):
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be a str, got {value!r} ({type(value).__name__})")
+        if attribute_fields is not None and (
+            isinstance(attribute_fields, str) or not all(isinstance(f, str) for f in attribute_fields)
+        ):
+            raise TypeError(f"attribute_fields must be a list of column names (str) or None, got {attribute_fields!r}")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.max_length = max_length
@@ -147,6 +180,7 @@ class MIMContentProcessor:
                 texts.append(
                     self.attribute_separator.join(p for p in (title, attributes) if p) or self.untitled_text
                 )
+            _check_encodable(texts[-1], len(texts) - 1)
         return texts
 
     def tokenize(self, texts: list[str], padding="longest", return_tensors="pt"):
@@ -162,37 +196,55 @@ class MIMContentProcessor:
 
     # ---- images -----------------------------------------------------------------------
     def load_rgb_image(self, image):
-        """One image value -> RGB PIL image, or None (missing/unreadable, counted)."""
+        """One image value -> RGB PIL image, or None (missing/unreadable, counted).
+
+        Accepts a PIL image, a local file path, a ``{"bytes", "path"}`` dict or None; another type
+        is a ``TypeError``. A path that is not a local file (URLs included: nothing is
+        downloaded) or that does not decode counts as ``unreadable_image``.
+        """
         if image is None:
             self.fallback_counts["missing_image"] += 1
             return None
+        if isinstance(image, Mapping):
+            raw, path = image.get("bytes"), image.get("path")
+            if raw is not None and not isinstance(raw, (bytes, bytearray, memoryview)):
+                raise TypeError(f"image dict 'bytes' must be bytes, got {type(raw).__name__}")
+            if raw is None and path is not None and not isinstance(path, (str, os.PathLike)):
+                raise TypeError(f"image dict 'path' must be a str or path, got {type(path).__name__}")
+        elif not isinstance(image, (str, os.PathLike)) and not hasattr(image, "convert"):
+            raise TypeError(
+                f"image must be a PIL image, a path, a {{'bytes','path'}} dict or None, got {type(image).__name__}"
+            )
         try:
             if isinstance(image, Mapping):  # datasets Image feature, undecoded
                 if image.get("bytes") is not None:
-                    image = load_image(base64.b64encode(image["bytes"]).decode("ascii"))
+                    image = load_image(base64.b64encode(bytes(image["bytes"])).decode("ascii"))
                 elif image.get("path"):
-                    image = load_image(image["path"])
+                    image = self._load_path(image["path"])
                 else:
                     self.fallback_counts["missing_image"] += 1
                     return None
             elif isinstance(image, (str, os.PathLike)):
-                image = load_image(str(image))
-            elif not hasattr(image, "convert"):
-                raise TypeError(
-                    f"image must be a PIL image, a path, a {{'bytes','path'}} dict or None, got {type(image).__name__}"
-                )
+                image = self._load_path(image)
             image.load()  # force decoding now so truncated files are caught here
             if image.width == 0 or image.height == 0:
                 raise ValueError("empty image")
             if image.mode != "RGB":
+                image = image.convert("RGB")  # counted once it worked (a failed one is unreadable)
                 self.fallback_counts["converted_image_mode"] += 1
-                image = image.convert("RGB")
             return image
-        except TypeError:
-            raise
         except Exception:  # any decoder failure -> documented, counted fallback
             self.fallback_counts["unreadable_image"] += 1
             return None
+
+    @staticmethod
+    def _load_path(path):
+        """A local image file. URLs are not fetched: the processor never touches the network
+        (an item table is data, and a fetch could hang); they count as unreadable."""
+        path = os.fspath(path)
+        if isinstance(path, bytes) or not os.path.isfile(path):
+            raise FileNotFoundError(f"no local image file at {path!r}")
+        return load_image(path)
 
     def process_images(self, images: list) -> tuple[torch.FloatTensor | None, torch.BoolTensor]:
         """Image values -> (pixel_values (B, C, H, W) with zeros where missing, or None if no
@@ -227,16 +279,7 @@ class MIMContentProcessor:
 
     # ---- persistence --------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {
-            "processor_class": type(self).__name__,
-            "max_length": self.max_length,
-            "attribute_fields": self.attribute_fields,
-            "title_field": self.title_field,
-            "image_field": self.image_field,
-            "id_field": self.id_field,
-            "attribute_separator": self.attribute_separator,
-            "untitled_text": self.untitled_text,
-        }
+        return {"processor_class": type(self).__name__, **{name: getattr(self, name) for name in PROCESSOR_SETTINGS}}
 
     def save_pretrained(self, save_directory) -> None:
         """Write tokenizer files, the image processor config (if any) and mim_processor_config.json."""
@@ -257,8 +300,16 @@ class MIMContentProcessor:
         config_file = os.path.join(str(text_model_path), PROCESSOR_CONFIG_NAME)
         if os.path.isfile(config_file):
             with open(config_file, encoding="utf-8") as handle:
-                settings = json.load(handle)
+                try:
+                    settings = json.load(handle)
+                except ValueError as err:
+                    raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+            if not isinstance(settings, dict):
+                raise ValueError(f"{config_file} holds {type(settings).__name__}; expected a JSON object")
             settings.pop("processor_class", None)
+            unknown = sorted(set(settings) - set(PROCESSOR_SETTINGS))
+            if unknown:
+                raise ValueError(f"{config_file}: unknown setting(s) {unknown}; expected some of {list(PROCESSOR_SETTINGS)}")
         settings.update(kwargs)
         tokenizer = AutoTokenizer.from_pretrained(text_model_path)
         image_processor = None

@@ -357,3 +357,70 @@ def test_cli_help_explains_options(capsys):
     text = capsys.readouterr().out
     for option in ("--dataset", "--out", "--protocol", "--max-len", "--seed", "--source", "--json"):
         assert option in text
+
+
+# ---------------------------------------------------------------- regressions found by tests/test_fuzz_data.py
+
+def test_items_with_only_id_and_title_columns():
+    items = validate_items(Dataset.from_dict({"item_id": ["a", "b"], "title": ["A", None]}))
+    assert items.column_names == ["item_id", "title"] and items["title"] == ["A", ""]
+
+
+def test_ids_of_any_scalar_dtype_become_the_same_strings():
+    items = validate_items(Dataset.from_pandas(pd.DataFrame({"item_id": [1, 2], "title": ["A", "B"]})))
+    assert items["item_id"] == ["1", "2"]
+    # An int id column with gaps reads back as float: 2.0 is item "2", not "2.0".
+    frame = pd.DataFrame({"user_id": [7.0, 8.0], "item_id": [2.0, 1.0], "timestamp": [5, 6], "label": [True, False]})
+    out = validate_interactions(Dataset.from_pandas(frame), items)
+    assert out["user_id"] == ["7", "8"] and out["item_id"] == ["2", "1"] and out["label"] == [1, 0]
+
+
+@pytest.mark.parametrize("ids, bad", [(["a", " "], "' '"), (["a", "[UNK]"], "'\\[UNK\\]'"), ([["x"], ["y"]], "array")])
+def test_bad_ids_named(ids, bad):
+    with pytest.raises(ValueError, match=rf"item_id at row \d is {bad}.*expected"):
+        validate_items(Dataset.from_pandas(pd.DataFrame({"item_id": pd.Series(ids, dtype=object), "title": ["A", "B"]})))
+
+
+@pytest.mark.parametrize("stamps, bad", [([1.0, float("inf")], "inf"), ([1.0, 1e19], "1e\\+19"), ([True, False], "True")])
+def test_bad_timestamps_named(stamps, bad):
+    with pytest.raises(ValueError, match=rf"timestamp.*{bad}.*expected"):
+        validate_interactions(Dataset.from_pandas(pd.DataFrame(
+            {"user_id": ["u1", "u2"], "item_id": ["a", "b"], "timestamp": stamps, "label": [1, 0]})), validate_items(_items()))
+
+
+def test_empty_interactions_are_an_error():
+    empty = Dataset.from_dict({"user_id": [], "item_id": [], "timestamp": [], "label": []})
+    with pytest.raises(ValueError, match="interactions table is empty"):
+        validate_interactions(empty, validate_items(_items()))
+
+
+def test_prepare_checks_raw_tables_instead_of_dropping_rows():
+    # int item ids in the items table, str in the log: before, item-cold matched no item and lost every row.
+    items = Dataset.from_dict({"item_id": [1, 2, 3], "title": ["A", "B", "C"]})
+    log = Dataset.from_dict({"user_id": ["u", "u", "v"], "item_id": ["1", "2", "3"], "timestamp": [1, 2, 3], "label": [1, 1, 0]})
+    out = prepare(RecData("raw", items, log), protocol="item-cold")
+    assert sum(len(out.samples[s]) for s in ("train", "valid", "test")) == 3
+    with pytest.raises(ValueError, match=r"column\(s\) \['split'\], which prepare\(\) writes"):
+        prepare(RecData("raw", items, log.add_column("split", ["x"] * 3)))
+
+
+def test_vocabulary_refuses_reserved_value():
+    with pytest.raises(ValueError, match="reserved for index 0"):
+        Vocabulary.build(["[UNK]", "a"], "genres")
+
+
+def test_empty_split_saves_and_loads(tmp_path):
+    items = validate_items(_items())
+    out = prepare(RecData("tiny", items, validate_interactions(_interactions(), items)), protocol="item-cold")
+    assert min(len(out.samples[s]) for s in ("train", "valid", "test")) == 0
+    loaded = PreparedData.load(out.save(tmp_path / "p"))
+    assert {s: len(loaded.samples[s]) for s in loaded.samples} == {s: len(out.samples[s]) for s in out.samples}
+
+
+def test_grouplens_bad_values_name_file_and_line(tmp_path):
+    (tmp_path / "u.item").write_text("|".join(["10", "A \"quoted\" title (1994)", "", "", ""] + ["0"] * 19) + "\n")
+    (tmp_path / "u.data").write_text("1\t10\t5\t100\n1\t10\t\t200\n")
+    with pytest.raises(ValueError, match=r"u.data, line 2: rating is ''; expected a finite number"):
+        load_movielens_100k(tmp_path)
+    (tmp_path / "u.data").write_text("1\t10\t5\t100\n")
+    assert load_movielens_100k(tmp_path).items["title"] == ['A "quoted" title']

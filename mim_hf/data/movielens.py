@@ -12,6 +12,7 @@ Label = ``rating >= 4``. Expected: 943 users, 1,682 items, 100,000 interactions.
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import re
@@ -20,10 +21,11 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from datasets import Dataset
 
-from .tables import RecData, ValidationReport, validate_interactions, validate_items
+from .tables import RecData, ValidationReport, validate_interactions, validate_items, validate_users
 
 RECBOLE_SPEC = "recbole==1.2.1"
 WHEEL_PREFIX = "recbole/dataset_example/ml-100k/"
@@ -68,57 +70,117 @@ def fetch_recbole_wheel(cache_dir: str | os.PathLike | None = None) -> Path:
     return wheels[-1]
 
 
-def _read_atomic(text: str) -> pd.DataFrame:
+def _read_table(source, name: str, **read_csv_kwargs) -> pd.DataFrame:
+    """``pd.read_csv`` whose failures (missing, empty, ragged, undecodable) name the file."""
+    if isinstance(source, Path) and not source.is_file():
+        raise ValueError(f"MovieLens file {name} is missing from {str(source.parent)!r}; expected the ml-100k layout")
+    try:
+        # MovieLens files are not quoted: a '"' in a title is part of the title.
+        return pd.read_csv(source, dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE, **read_csv_kwargs)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ValueError(f"MovieLens file {name}: cannot be read as a table ({err}); expected the ml-100k layout") from None
+
+
+def _columns(frame: pd.DataFrame, name: str, needed) -> None:
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise ValueError(f"MovieLens file {name} lacks column(s) {missing}; it has {list(frame.columns)}, "
+                         f"expected at least {list(needed)}")
+
+
+def _numbers(values: pd.Series, name: str, column: str, first_line: int) -> pd.Series:
+    """Text column -> numbers (int64 when all are integers, so large timestamps stay exact); a missing
+    or non-numeric value is a ``ValueError`` naming file and line."""
+    numbers = pd.to_numeric(values.fillna("").astype(str).str.strip(), errors="coerce")
+    bad = ~np.isfinite(numbers.to_numpy(dtype=float, na_value=np.nan))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"MovieLens file {name}, line {row + first_line}: {column} is {values.iloc[row]!r}; "
+                         "expected a finite number")
+    return numbers
+
+
+def _read_atomic(text: str, name: str) -> pd.DataFrame:
     """RecBole atomic file: tab-separated, header 'name:type'."""
-    frame = pd.read_csv(io.StringIO(text), sep="\t", dtype=str, keep_default_na=False)
-    frame.columns = [c.split(":")[0] for c in frame.columns]
+    frame = _read_table(io.StringIO(text), name, sep="\t")
+    frame.columns = [str(c).split(":")[0] for c in frame.columns]
     return frame
 
 
+def _interactions(user_ids: pd.Series, item_ids: pd.Series, timestamps: pd.Series, ratings: pd.Series, name: str,
+                  first_line: int) -> pd.DataFrame:
+    if len(user_ids) == 0:
+        raise ValueError(f"MovieLens file {name} holds no interactions; expected one rating per line")
+    return pd.DataFrame({
+        "user_id": user_ids,
+        "item_id": item_ids,
+        # timestamps stay numbers here; validate_interactions names any out-of-range one
+        "timestamp": _numbers(timestamps, name, "timestamp", first_line),
+        "rating": _numbers(ratings, name, "rating", first_line).astype("float32"),
+    })
+
+
 def _from_atomic(inter: str, item: str, user: str | None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
-    inter_f, item_f = _read_atomic(inter), _read_atomic(item)
+    inter_f, item_f = _read_atomic(inter, "ml-100k.inter"), _read_atomic(item, "ml-100k.item")
+    _columns(inter_f, "ml-100k.inter", ("user_id", "item_id", "rating", "timestamp"))
+    _columns(item_f, "ml-100k.item", ("item_id", "movie_title", "release_year", "class"))
     items = pd.DataFrame({
         "item_id": item_f["item_id"],
         "title": item_f["movie_title"].map(natural_title),
         "genres": item_f["class"].map(lambda s: s.split()),
         "year": pd.to_numeric(item_f["release_year"], errors="coerce").astype("Int64"),
     })
-    interactions = pd.DataFrame({
-        "user_id": inter_f["user_id"],
-        "item_id": inter_f["item_id"],
-        "timestamp": pd.to_numeric(inter_f["timestamp"]).astype("int64"),
-        "rating": pd.to_numeric(inter_f["rating"]).astype("float32"),
-    })
+    interactions = _interactions(inter_f["user_id"], inter_f["item_id"], inter_f["timestamp"], inter_f["rating"],
+                                 "ml-100k.inter", 2)
     users = None
     if user is not None:
-        user_f = _read_atomic(user)
+        user_f = _read_atomic(user, "ml-100k.user")
+        _columns(user_f, "ml-100k.user", ("user_id", "age", "gender", "occupation"))
         users = user_f[["user_id", "age", "gender", "occupation"]].copy()
     return items, interactions, users
 
 
 def _from_grouplens(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
-    data = pd.read_csv(folder / "u.data", sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"], dtype=str)
-    raw_items = pd.read_csv(folder / "u.item", sep="|", header=None, encoding="latin-1", dtype=str, keep_default_na=False)
-    flags = raw_items.iloc[:, 5:5 + len(GROUPLENS_GENRES)].astype(int).to_numpy()
-    genres = [[g for g, on in zip(GROUPLENS_GENRES, row) if on] for row in flags]
-    year_in_title = raw_items[1].str.extract(r"\((\d{4})\)\s*$")[0]
+    data = _read_table(folder / "u.data", "u.data", sep="\t", header=None,
+                       names=["user_id", "item_id", "rating", "timestamp"])
+    raw_items = _read_table(folder / "u.item", "u.item", sep="|", header=None, encoding="latin-1")
+    n_columns = 5 + len(GROUPLENS_GENRES)
+    if raw_items.shape[1] != n_columns:
+        raise ValueError(f"MovieLens file u.item has {raw_items.shape[1]} '|'-separated fields; expected {n_columns} "
+                         "(id, title, release date, video date, url, 19 genre flags)")
+    flag_text = raw_items.iloc[:, 5:].fillna("")
+    flags = flag_text.isin(["0", "1"])
+    if not flags.to_numpy().all():
+        row, col = (int(i[0]) for i in np.nonzero(~flags.to_numpy()))
+        raise ValueError(f"MovieLens file u.item, line {row + 1}: genre flag {GROUPLENS_GENRES[col]!r} is "
+                         f"{flag_text.iat[row, col]!r}; expected 0 or 1")
+    genres = [[g for g, on in zip(GROUPLENS_GENRES, row) if on == "1"] for row in flag_text.to_numpy()]
+    titles = raw_items[1].fillna("")
+    year_in_title = titles.str.extract(r"\((\d{4})\)\s*$")[0]
     items = pd.DataFrame({
         "item_id": raw_items[0],
-        "title": raw_items[1].str.replace(r"\s*\(\d{4}\)\s*$", "", regex=True).map(natural_title),
+        "title": titles.str.replace(r"\s*\(\d{4}\)\s*$", "", regex=True).map(natural_title),
         "genres": genres,
         "year": pd.to_numeric(year_in_title, errors="coerce").astype("Int64"),
     })
-    interactions = pd.DataFrame({
-        "user_id": data["user_id"],
-        "item_id": data["item_id"],
-        "timestamp": pd.to_numeric(data["timestamp"]).astype("int64"),
-        "rating": pd.to_numeric(data["rating"]).astype("float32"),
-    })
+    interactions = _interactions(data["user_id"], data["item_id"], data["timestamp"], data["rating"], "u.data", 1)
     users = None
     if (folder / "u.user").exists():
-        users = pd.read_csv(folder / "u.user", sep="|", header=None, dtype=str,
-                            names=["user_id", "age", "gender", "occupation", "zip_code"])[["user_id", "age", "gender", "occupation"]]
+        users = _read_table(folder / "u.user", "u.user", sep="|", header=None,
+                            names=["user_id", "age", "gender", "occupation", "zip_code"])
+        users = users[["user_id", "age", "gender", "occupation"]]
     return items, interactions, users
+
+
+def _decode(raw: bytes, name: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"MovieLens file {name} is not UTF-8 text ({err}); expected RecBole's atomic files") from None
+
+
+def _read_text(path: Path) -> str:
+    return _decode(path.read_bytes(), path.name)
 
 
 def load_movielens_100k(source: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> RecData:
@@ -138,13 +200,13 @@ def load_movielens_100k(source: str | os.PathLike | None = None, cache_dir: str 
     path = Path(source) if source is not None else fetch_recbole_wheel(cache_dir)
     if path.is_file() and path.suffix == ".whl":
         with zipfile.ZipFile(path) as wheel:
-            read = lambda name: wheel.read(WHEEL_PREFIX + name).decode("utf-8")  # noqa: E731
+            read = lambda name: _decode(wheel.read(WHEEL_PREFIX + name), name)  # noqa: E731
             items, interactions, users = _from_atomic(read("ml-100k.inter"), read("ml-100k.item"), read("ml-100k.user"))
     elif (path / "ml-100k.inter").exists():
         user_file = path / "ml-100k.user"
         items, interactions, users = _from_atomic(
-            (path / "ml-100k.inter").read_text(), (path / "ml-100k.item").read_text(),
-            user_file.read_text() if user_file.exists() else None,
+            _read_text(path / "ml-100k.inter"), _read_text(path / "ml-100k.item"),
+            _read_text(user_file) if user_file.exists() else None,
         )
     elif (path / "u.data").exists():
         items, interactions, users = _from_grouplens(path)
@@ -156,9 +218,11 @@ def load_movielens_100k(source: str | os.PathLike | None = None, cache_dir: str 
     interactions["label"] = (interactions["rating"] >= POSITIVE_RATING).astype("int8")
     if users is not None:
         age = pd.to_numeric(users["age"], errors="coerce")
-        users = users.assign(age=(age // 10 * 10).astype("Int64").astype(str) + "s")
+        decade = (age // 10 * 10).astype("Int64")
+        # A missing or non-numeric age is a missing feature (None), not a "<NA>s" category.
+        users = users.assign(age=[None if pd.isna(d) else f"{d}s" for d in decade])
     report = ValidationReport()
     items_ds = validate_items(Dataset.from_pandas(items, preserve_index=False), report)
     interactions_ds = validate_interactions(Dataset.from_pandas(interactions, preserve_index=False), items_ds)
-    users_ds = Dataset.from_pandas(users, preserve_index=False) if users is not None else None
+    users_ds = validate_users(Dataset.from_pandas(users, preserve_index=False)) if users is not None else None
     return RecData("movielens-100k", items_ds, interactions_ds, users_ds, report)

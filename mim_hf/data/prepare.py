@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +29,16 @@ import pyarrow as pa
 from datasets import Dataset, DatasetDict, load_from_disk
 import datasets.utils as datasets_utils
 
-from .tables import ITEM_CONTENT_COLUMNS, RecData
+from .tables import ITEM_CONTENT_COLUMNS, ITEM_REQUIRED, RecData, _column, _require_columns, interaction_frame, \
+    replace_column, unique_id_strings, validate_users
 from .vocab import Vocabulary
 
 PROTOCOLS = ("temporal", "item-cold")
 SPLITS = ("train", "valid", "test")
 BUCKETS = ("cold", "long_tail", "head")
 FORMAT_VERSION = 1
+# Columns prepare() adds to every sample (an interactions table must not bring its own).
+SAMPLE_COLUMNS = ("split", "popularity_bucket", "history_length", "behavior_item_ids", "behavior_timestamps")
 
 
 @dataclass
@@ -49,18 +52,42 @@ class PrepareConfig:
     long_tail_max: int = 20  # items with 1..long_tail_max train interactions are long-tail; more is head
     pair_window: int = 3  # each train positive is a target for its pair_window most recent earlier positives
 
+    @classmethod
+    def from_dict(cls, values, source: str = "config") -> "PrepareConfig":
+        """A config from its saved JSON form (``fractions`` as a list); validated."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: config is {values!r}; expected a JSON object of PrepareConfig fields")
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{source}: unknown PrepareConfig field(s) {unknown}; expected some of "
+                             f"{[f.name for f in fields(cls)]}")
+        fractions = values.get("fractions", cls.fractions)
+        config = cls(**{**values, "fractions": tuple(fractions) if isinstance(fractions, list) else fractions})
+        config.validate()
+        return config
+
     def validate(self) -> None:
-        if self.protocol not in PROTOCOLS:
+        """Raise ``ValueError`` naming the field, its value and what is expected."""
+        if not isinstance(self.protocol, str) or self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol {self.protocol!r} is not one of {list(PROTOCOLS)}")
-        if not isinstance(self.max_len, (int, np.integer)) or self.max_len <= 0:
-            raise ValueError(f"max_len must be a positive integer, got {self.max_len!r}")
-        if self.pair_window <= 0:
-            raise ValueError(f"pair_window must be a positive integer, got {self.pair_window!r}")
-        if self.long_tail_max < 1:
-            raise ValueError(f"long_tail_max must be >= 1, got {self.long_tail_max!r}")
+        _check_int("max_len", self.max_len, 1, "a positive integer")
+        _check_int("pair_window", self.pair_window, 1, "a positive integer")
+        _check_int("long_tail_max", self.long_tail_max, 1, "an integer >= 1")
+        _check_int("seed", self.seed, 0, "an integer >= 0")
+        expected = f"fractions must be three positive numbers summing to 1, got {self.fractions!r}"
+        if isinstance(self.fractions, (str, bytes)) or not hasattr(self.fractions, "__len__") or len(self.fractions) != 3:
+            raise ValueError(expected)
+        if not all(isinstance(f, (int, float, np.integer, np.floating)) and not isinstance(f, (bool, np.bool_))
+                   for f in self.fractions):
+            raise ValueError(expected)
         fractions = tuple(float(f) for f in self.fractions)
-        if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
-            raise ValueError(f"fractions must be three positive numbers summing to 1, got {self.fractions!r}")
+        if not all(np.isfinite(fractions)) or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
+            raise ValueError(expected)
+
+
+def _check_int(name: str, value, minimum: int, expected: str) -> None:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 @dataclass
@@ -92,8 +119,9 @@ class PreparedData:
         path.mkdir(parents=True, exist_ok=True)
         with _quiet_progress():
             self.items.save_to_disk(str(path / "items"))
-            self.samples.save_to_disk(str(path / "samples"))
-            self.pairs.save_to_disk(str(path / "pairs"))
+            for name, table in (("samples", self.samples), ("pairs", self.pairs)):
+                # datasets writes no shard for an empty split and then cannot load it: ask for one.
+                table.save_to_disk(str(path / name), num_shards={s: 1 for s, split in table.items() if len(split) == 0})
         meta = {
             "format_version": FORMAT_VERSION,
             "name": self.name,
@@ -107,25 +135,85 @@ class PreparedData:
 
     @classmethod
     def load(cls, path: str | Path) -> "PreparedData":
+        """Read a directory written by :meth:`save`.
+
+        Only the fixed file names of :meth:`save` are read, and every file datasets is told to
+        open (split names, Arrow shard names) must lie inside ``path``: a tampered directory
+        (``../``, absolute names, symlinks leading out) is a ``ValueError``, as are missing files,
+        invalid JSON and an invalid config.
+        """
         path = Path(path)
         meta_file = path / "prepared.json"
-        if not meta_file.exists():
+        if not meta_file.is_file():
             raise ValueError(f"{str(path)!r} is not a prepared-data directory (no prepared.json); run `mim-hf data prepare`")
-        meta = json.loads(meta_file.read_text())
+        meta = _read_json(path, "prepared.json")
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_file} holds {type(meta).__name__}; expected a JSON object")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{meta_file}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
-        vocabs = {k: Vocabulary.from_dict(v) for k, v in json.loads((path / "vocabs.json").read_text()).items()}
-        config = PrepareConfig(**{**meta["config"], "fractions": tuple(meta["config"]["fractions"])})
+        missing = [key for key in ("name", "config", "train_item_ids") if key not in meta]
+        if missing:
+            raise ValueError(f"{meta_file} lacks {missing}; expected the fields written by PreparedData.save")
+        vocab_entries = _read_json(path, "vocabs.json")
+        try:
+            vocabs = {k: Vocabulary.from_dict(v) for k, v in vocab_entries.items()}
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path / 'vocabs.json'}: malformed vocabulary ({err!r}); expected "
+                             "{name: {'name': ..., 'tokens': [...]}}") from None
+        config = PrepareConfig.from_dict(meta["config"], source=str(meta_file))
+        tables = {name: _load_saved_table(path, name, splits) for name, splits in
+                  (("items", None), ("samples", SPLITS), ("pairs", SPLITS))}
         return cls(
             name=meta["name"],
-            items=load_from_disk(str(path / "items")),
-            samples=load_from_disk(str(path / "samples")),
-            pairs=load_from_disk(str(path / "pairs")),
+            items=tables["items"],
+            samples=tables["samples"],
+            pairs=tables["pairs"],
             vocabs=vocabs,
             train_item_ids=meta["train_item_ids"],
             config=config,
-            stats=json.loads((path / "stats.json").read_text()),
+            stats=_read_json(path, "stats.json"),
         )
+
+
+def _inside(root: Path, path: Path) -> Path:
+    """``path`` resolved (symlinks followed); ``ValueError`` unless it lies inside ``root``."""
+    resolved, base = path.resolve(), root.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise ValueError(f"{str(path)!r} resolves to {str(resolved)!r}, outside {str(base)!r}; a prepared-data "
+                         "directory must be self-contained (no '../', absolute names or symlinks leading out)")
+    return resolved
+
+
+def _read_json(root: Path, relative: str):
+    file = root / relative
+    _inside(root, file)
+    if not file.is_file():
+        raise ValueError(f"{str(root)!r}: {relative} is missing; expected the files written by PreparedData.save")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+
+
+def _load_saved_table(root: Path, name: str, splits: tuple[str, ...] | None) -> Dataset | DatasetDict:
+    """``load_from_disk`` of ``root/name`` once every file it would open is checked to be inside ``root``."""
+    folder = root / name
+    if splits is not None:
+        listed = _read_json(root, f"{name}/dataset_dict.json").get("splits")
+        if listed != list(splits):
+            raise ValueError(f"{folder / 'dataset_dict.json'} lists splits {listed!r}; expected {list(splits)}")
+    for table in [f"{name}/{split}" for split in splits] if splits is not None else [name]:
+        state = _read_json(root, f"{table}/state.json")
+        files = state.get("_data_files") if isinstance(state, dict) else None
+        if not isinstance(files, list):  # an empty split saves an empty list
+            raise ValueError(f"{root / table / 'state.json'}: no _data_files list; expected a datasets save_to_disk folder")
+        for entry in files:
+            filename = entry.get("filename") if isinstance(entry, dict) else None
+            if not isinstance(filename, str) or filename in ("", ".", "..") or Path(filename).name != filename:
+                raise ValueError(f"{root / table / 'state.json'} names data file {filename!r}; expected a plain file "
+                                 "name inside that folder")
+            _inside(root, root / table / filename)
+    return load_from_disk(str(folder))
 
 
 @contextlib.contextmanager
@@ -172,6 +260,7 @@ def behaviour_sequences(frame: pd.DataFrame, history_mask: np.ndarray, max_len: 
     finds where its user's strictly-earlier history ends, and the last ``max_len`` of those
     are gathered. Returns Arrow list arrays (item ids, timestamps), most recent last.
     """
+    max_len = min(int(max_len), len(frame))  # a huge max_len would overflow the int64 offsets below
     users = pd.factorize(frame["user_id"])[0].astype(np.int64)
     distinct_times = np.unique(frame["timestamp"].to_numpy())
     rank = np.searchsorted(distinct_times, frame["timestamp"].to_numpy()).astype(np.int64)
@@ -200,6 +289,32 @@ def popularity_buckets(train_item_ids: np.ndarray, item_ids: np.ndarray, long_ta
     return np.select([n == 0, n <= long_tail_max], ["cold", "long_tail"], "head").astype(object)
 
 
+def _checked_items(items: Dataset) -> Dataset:
+    """The items table with ids as unique non-empty str (see :func:`validate_items` for the rest)."""
+    _require_columns(items, ITEM_REQUIRED, "items")
+    if len(items) == 0:
+        raise ValueError("items table is empty (expected at least one item)")
+    raw = _column(items, "item_id")
+    ids = unique_id_strings(raw, "items", "item_id").tolist()
+    if items.features["item_id"].dtype == "string" and raw.tolist() == ids:
+        return items
+    return replace_column(items, "item_id", ids)
+
+
+def _check_column_names(frame: pd.DataFrame, items: Dataset, users: Dataset | None) -> None:
+    """Sample columns prepare() adds must not collide with the user's own columns."""
+    taken = [c for c in frame.columns if c in SAMPLE_COLUMNS]
+    if taken:
+        raise ValueError(f"interactions table has column(s) {taken}, which prepare() writes; expected none of "
+                         f"{list(SAMPLE_COLUMNS)} (rename them)")
+    joined = [f"item_{c}" for c in items.column_names if c not in ITEM_CONTENT_COLUMNS]
+    joined += [f"user_{c}" for c in users.column_names if c != "user_id"] if users is not None else []
+    clashes = sorted(set(joined) & set(frame.columns))
+    if len(set(joined)) != len(joined) or clashes:
+        raise ValueError(f"side-feature column(s) {clashes or joined} collide: item/user attributes become item_<name>/"
+                         "user_<name> sample columns; expected the interactions table not to hold those names")
+
+
 def _side_features(frame: pd.DataFrame, items: Dataset, users: Dataset | None) -> pd.DataFrame:
     """Join ``item_*`` (catalogue attributes) and ``user_*`` (user table) columns onto samples."""
     item_cols = [c for c in items.column_names if c not in ITEM_CONTENT_COLUMNS]
@@ -208,12 +323,13 @@ def _side_features(frame: pd.DataFrame, items: Dataset, users: Dataset | None) -
         attrs = attrs.reindex(frame["item_id"].to_numpy())
         for col in item_cols:
             values = attrs[col]
-            if pd.api.types.is_float_dtype(values) and np.all(np.isnan(values) | (values == np.round(values))):
+            exact_int = np.isfinite(values) & (values == np.round(values)) & (np.abs(values) < 2**53) \
+                if pd.api.types.is_float_dtype(values) else None
+            if exact_int is not None and np.all(np.isnan(values) | exact_int):
                 values = values.astype("Int64")  # an int attribute with gaps (e.g. year) stays int
             frame[f"item_{col}"] = values.to_numpy() if values.dtype != "Int64" else values.array
     if users is not None:
         user_frame = users.to_pandas()
-        user_frame["user_id"] = user_frame["user_id"].astype(str)
         user_frame = user_frame.set_index("user_id").reindex(frame["user_id"].to_numpy())
         for col in user_frame.columns:
             frame[f"user_{col}"] = user_frame[col].to_numpy()
@@ -246,8 +362,12 @@ def prepare(data: RecData, config: PrepareConfig | None = None, **overrides) -> 
     """
     config = PrepareConfig(**{**(config.__dict__ if config else {}), **overrides})
     config.validate()
-    frame = data.interactions.to_pandas()
-    item_ids = np.asarray(data.items["item_id"], dtype=object)
+    items, users = _checked_items(data.items), validate_users(data.users) if data.users is not None else None
+    item_ids = _column(items, "item_id").to_numpy(dtype=object)
+    # Re-checked here (cheap, idempotent) so unvalidated tables cannot lose rows silently,
+    # e.g. int item ids that would match no item-cold split.
+    frame = interaction_frame(data.interactions.to_pandas(), pd.Index(item_ids))
+    _check_column_names(frame, items, users)
     split, train_items = split_interactions(frame, item_ids, config)
     frame["split"] = split
     # Stable order inside each split: by time, then by the log's own order.
@@ -261,7 +381,7 @@ def prepare(data: RecData, config: PrepareConfig | None = None, **overrides) -> 
     history_mask = positive & is_train if config.protocol == "item-cold" else positive
     behaviours, behaviour_times = behaviour_sequences(frame, history_mask, config.max_len)
     frame["popularity_bucket"] = popularity_buckets(frame["item_id"].to_numpy()[is_train], frame["item_id"].to_numpy(), config.long_tail_max)
-    frame = _side_features(frame, data.items, data.users)
+    frame = _side_features(frame, items, users)
 
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.append_column("behavior_item_ids", behaviours).append_column("behavior_timestamps", behaviour_times)
@@ -286,7 +406,7 @@ def prepare(data: RecData, config: PrepareConfig | None = None, **overrides) -> 
         if col.startswith(("user_", "item_")) and col not in ("user_id", "item_id"):
             vocabs[col] = Vocabulary.build(train_frame[col], col)
 
-    prepared = PreparedData(data.name, data.items, samples, pairs, vocabs, [str(i) for i in train_items], config)
+    prepared = PreparedData(data.name, items, samples, pairs, vocabs, [str(i) for i in train_items], config)
     frame["history_length"] = np.diff(offsets)
     prepared.stats = compute_stats(prepared, frame, data, self_pairs)
     return prepared

@@ -42,8 +42,11 @@ class Vocabulary:
         first = flat.dropna().iloc[0] if flat.notna().any() else None
         if isinstance(first, (list, tuple, np.ndarray)):  # multi-valued feature (e.g. genres)
             flat = flat.explode()
-        flat = flat.dropna().astype(str)
-        return cls(sorted(flat.unique()), name=name)
+        tokens = sorted(flat.dropna().astype(str).unique())
+        if UNKNOWN_TOKEN in tokens:  # as data it would silently merge with the unknown row
+            raise ValueError(f"vocabulary {name!r}: the value {UNKNOWN_TOKEN!r} is reserved for index 0 "
+                             "(unknown/padding); expected data values other than it")
+        return cls(tokens, name=name)
 
     def __len__(self) -> int:
         return len(self.tokens)
