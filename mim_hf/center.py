@@ -469,6 +469,18 @@ def _salt(attempt: int) -> str:
     return f"mimcenter{attempt:07d}"  # 16 bytes (format 1's pandas SipHash needed exactly 16)
 
 
+def validated_catalogue_ids(item_ids: Any) -> np.ndarray:
+    """The ids of a catalogue to write, as an (N,) object array of str; ``TypeError`` for non-str
+    ids, ``ValueError`` for no ids, an empty id or duplicates."""
+    ids = _as_id_array(item_ids)
+    if len(ids) == 0:
+        raise ValueError("cannot build a representation center from 0 items")
+    if (pd.Series(ids).str.len() == 0).any():
+        raise ValueError("item_ids contains an empty string; ids must be non-empty")
+    _check_unique(ids, "item_ids")
+    return ids
+
+
 def _check_unique(ids: np.ndarray, what: str) -> None:
     duplicated = pd.Index(ids).duplicated()
     if duplicated.any():
@@ -591,35 +603,38 @@ class RepresentationCenter:
     ids that were not in the center and got a zero row).
     """
 
-    def __init__(self, root: Path, version_dir: Path, versioned: bool):
-        """Use :meth:`load`; this opens the version in ``version_dir`` (memory-mapped)."""
+    def __init__(self, root: Path, version_dir: Path, versioned: bool, trusted_dir: Path | None = None):
+        """Use :meth:`load`; this opens the version in ``version_dir`` (memory-mapped).
+
+        Every file read must resolve (symlinks followed) inside ``trusted_dir`` (default
+        ``root``; for a Hub snapshot the repo's cache folder, whose snapshot files link to its
+        blobs), so a tampered center cannot make mim-hf read files elsewhere."""
         self.root = Path(root)
         self.version_dir = Path(version_dir)
         self.versioned = versioned
+        self._trusted_dir = Path(trusted_dir) if trusted_dir is not None else self.root
         self.stats = {"lookups": 0, "unknown_lookups": 0}
         self._open()
+
+    def _file(self, name: str) -> Path:
+        """``version_dir / name``, refused (``ValueError``) if it resolves outside the center."""
+        return _inside(self._trusted_dir, self.version_dir / name)
 
     # ---- opening ------------------------------------------------------------------------
     def _open(self) -> None:
         metadata_path = self.version_dir / METADATA_FILE
         if not metadata_path.is_file():
             raise ValueError(f"{metadata_path}: missing file (a representation center needs it)")
+        resolved = self._file(METADATA_FILE)
         try:
-            metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
+            metadata = json.loads(resolved.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError) as err:
             raise ValueError(f"{metadata_path}: not valid JSON ({err})") from None
-        missing = [f for f in REQUIRED_METADATA_FIELDS if f not in metadata]
-        if missing:
-            raise ValueError(f"{metadata_path}: missing required field(s) {missing}")
-        if metadata["format_version"] not in READABLE_FORMAT_VERSIONS:
-            raise ValueError(f"{metadata_path}: format_version {metadata['format_version']!r} is not supported "
-                             f"(this mim-hf reads {list(READABLE_FORMAT_VERSIONS)})")
-        num_items, embed_dim = int(metadata["num_items"]), int(metadata["embed_dim"])
+        _check_metadata(metadata, metadata_path)
+        num_items, embed_dim = metadata["num_items"], metadata["embed_dim"]
         dtype = metadata["dtype"]
-        if dtype not in _STORAGE_DTYPES:
-            raise ValueError(f"{metadata_path}: dtype {dtype!r} is not one of {sorted(_STORAGE_DTYPES)}")
 
-        embeddings_path = self.version_dir / EMBEDDINGS_FILE
+        embeddings_path = self._file(EMBEDDINGS_FILE)
         arrays, _ = _open_safetensors(embeddings_path)
         levels = list(metadata["levels"])
         if DEFAULT_LEVEL not in levels:
@@ -635,7 +650,7 @@ class RepresentationCenter:
             if array.dtype != np.dtype(_STORAGE_DTYPES[dtype]):
                 raise ValueError(f"{embeddings_path}: tensor {level!r} is {array.dtype}, metadata.json says {dtype}")
 
-        index_path = self.version_dir / INDEX_FILE
+        index_path = self._file(INDEX_FILE)
         index, _ = _open_safetensors(index_path)
         expected = {"item_id_bytes": 1, "item_id_offsets": num_items + 1,
                     "id_hash_sorted": num_items, "id_hash_rows": num_items, "id_hash_buckets": 3}
@@ -710,22 +725,28 @@ class RepresentationCenter:
         if local.is_dir():
             if revision is not None:
                 raise ValueError(f"revision={revision!r} only applies to Hub repos; {local} is a local directory")
-            return cls(*cls._resolve_local(local))
+            return cls(*cls._resolve_local(local), trusted_dir=local)
         if local.exists():
             raise ValueError(f"{local}: not a directory (a representation center is a directory)")
         from huggingface_hub import snapshot_download
 
         snapshot = snapshot_download(repo_id=str(path_or_repo_id), repo_type="dataset", revision=revision, token=token)
-        return cls(*cls._resolve_local(Path(snapshot)))
+        snapshot = Path(snapshot)
+        # Hub cache layout: <repo folder>/snapshots/<sha>/<file> links into <repo folder>/blobs/.
+        repo_folder = snapshot.parent.parent if snapshot.parent.name == "snapshots" else snapshot
+        return cls(*cls._resolve_local(snapshot), trusted_dir=repo_folder)
 
     @staticmethod
     def _resolve_local(root: Path) -> tuple[Path, Path, bool]:
         current = root / CURRENT_FILE
         if current.is_file():
-            name = current.read_text(encoding="utf-8").strip()
+            try:
+                name = current.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                raise ValueError(f"{current}: not a UTF-8 version name (corrupted)") from None
             if not _VERSION_RE.match(name) or not (root / name).is_dir():
                 raise ValueError(f"{current}: names version {name!r}, which is not a version directory in {root}")
-            return root, root / name, True
+            return root, _inside(root, root / name), True
         if (root / METADATA_FILE).is_file():
             return root, root, False
         raise ValueError(f"{root}: not a representation center (no {CURRENT_FILE} or {METADATA_FILE})")
@@ -929,9 +950,9 @@ class RepresentationCenter:
         """Re-hash every file against the checksums in metadata.json (reads everything).
 
         Raises ``ValueError`` naming the file whose bytes changed (silent corruption)."""
-        for name, expected in self.metadata.get("files", {}).items():
+        for name, expected in self.metadata.get("files", {}).items():  # names checked at open: center files only
             digest = hashlib.sha256()
-            with open(self.version_dir / name, "rb") as handle:
+            with open(self._file(name), "rb") as handle:
                 for block in iter(lambda: handle.read(1 << 24), b""):
                     digest.update(block)
             if digest.hexdigest() != expected["sha256"]:
@@ -954,27 +975,12 @@ class RepresentationCenter:
         mismatched shapes, or an existing center at ``path`` without ``overwrite``.
         Returns the opened center.
         """
-        ids = _as_id_array(item_ids)
-        if len(ids) == 0:
-            raise ValueError("cannot build a representation center from 0 items")
-        if (pd.Series(ids).str.len() == 0).any():
-            raise ValueError("item_ids contains an empty string; ids must be non-empty")
-        _check_unique(ids, "item_ids")
+        ids = validated_catalogue_ids(item_ids)
         arrays = cls._validated_embeddings(ids, embeddings, dtype, expected_levels=None, expected_dim=None)
         if normalized is None:
             normalized = _rows_normalized(arrays)
         root = Path(path)
-        if root.exists() and any(root.iterdir()):
-            try:
-                cls._resolve_local(root)
-                is_center = True
-            except ValueError:
-                is_center = False
-            if not is_center:
-                raise ValueError(f"{root}: exists and is not an empty directory or a representation center")
-            if not overwrite:
-                raise ValueError(f"{root}: a representation center already exists; pass overwrite=True to "
-                                 "write a new version, or use upsert() to add items")
+        cls.check_destination(root, overwrite)
         hash_key, sorted_hashes, sorted_rows = cls._hash_table_for(ids)  # first: names an id with no UTF-8 form
         blob, offsets = _encode_ids(ids)
         metadata = {
@@ -996,6 +1002,22 @@ class RepresentationCenter:
         index_specs = cls._index_specs(blob, offsets, sorted_hashes, sorted_rows)
         cls._write_version(root, metadata, level_specs, index_specs, keep_versions)
         return cls.load(root)
+
+    @classmethod
+    def check_destination(cls, root: str | os.PathLike, overwrite: bool) -> None:
+        """Raise ``ValueError`` unless a center can be written at ``root``: missing, empty (hidden
+        entries such as a build's staging aside) or, with ``overwrite``, a center."""
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"{root}: exists and is not a directory")
+        if root.is_dir() and any(not entry.name.startswith(".") for entry in root.iterdir()):
+            try:
+                cls._resolve_local(root)
+            except ValueError:
+                raise ValueError(f"{root}: exists and is not an empty directory or a representation center") from None
+            if not overwrite:
+                raise ValueError(f"{root}: a representation center already exists; pass overwrite=True to "
+                                 "write a new version, or use upsert() to add items")
 
     @staticmethod
     def _validated_embeddings(ids: np.ndarray, embeddings: Mapping[str, Any], dtype: str,
@@ -1174,6 +1196,7 @@ class RepresentationCenter:
 
     def _reopen(self) -> None:
         self.root, self.version_dir, self.versioned = self._resolve_local(self.root)
+        self._trusted_dir = self.root
         self._open()
 
     # ---- sharing ------------------------------------------------------------------------
@@ -1195,8 +1218,65 @@ class RepresentationCenter:
         info = api.upload_folder(
             repo_id=repo_id, repo_type="dataset", folder_path=str(self.version_dir), revision=revision,
             commit_message=message, delete_patterns=["*.safetensors", "*.json", CARD_FILE],
+            allow_patterns=[EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE, CARD_FILE],  # nothing else in the folder
         )
         return str(info)
+
+
+def _inside(base: Path, path: Path) -> Path:
+    """``path`` with symlinks resolved; ``ValueError`` unless it lies inside ``base`` (resolved)."""
+    resolved, trusted = path.resolve(), base.resolve()
+    if resolved != trusted and trusted not in resolved.parents:
+        raise ValueError(f"{path}: resolves to {resolved}, outside the center directory {trusted}; a center "
+                         "must be self-contained (no '..' names, absolute names or symlinks leading out)")
+    return resolved
+
+
+_HEX_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _check_metadata(metadata: Any, path: Path) -> None:
+    """Raise ``ValueError`` naming ``path``, the field and its value unless ``metadata`` is a
+    center's metadata.json as :meth:`RepresentationCenter.build` writes it."""
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(metadata).__name__}")
+    missing = [f for f in REQUIRED_METADATA_FIELDS if f not in metadata]
+    if missing:
+        raise ValueError(f"{path}: missing required field(s) {missing}")
+
+    def is_int(value, minimum):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+    version = metadata["format_version"]
+    if not is_int(version, 0) or version not in READABLE_FORMAT_VERSIONS:
+        raise ValueError(f"{path}: format_version {version!r} is not supported "
+                         f"(this mim-hf reads {list(READABLE_FORMAT_VERSIONS)})")
+    levels = metadata["levels"]
+    key = metadata["hash_key"]
+    problems = {
+        "num_items": (is_int(metadata["num_items"], 0), "an int >= 0"),
+        "embed_dim": (is_int(metadata["embed_dim"], 1), "an int >= 1"),
+        "dtype": (metadata["dtype"] in _STORAGE_DTYPES, f"one of {sorted(_STORAGE_DTYPES)}"),
+        "levels": (isinstance(levels, list) and all(isinstance(lv, str) for lv in levels)
+                   and len(set(levels)) == len(levels), "a list of distinct level names"),
+        "normalized": (isinstance(metadata["normalized"], bool), "true or false"),
+        "encoder_fingerprint": (isinstance(metadata["encoder_fingerprint"], str), "a str"),
+        "hash_key": (isinstance(key, str) and (version != 1 or len(key.encode("utf-8")) == 16),
+                     "a str (16 bytes in format 1)"),
+        "files": (_valid_files_field(metadata.get("files", {})),
+                  f"a mapping of {[EMBEDDINGS_FILE, INDEX_FILE]} to {{'bytes': int, 'sha256': 64 hex chars}}"),
+    }
+    for field, (ok, expected) in problems.items():
+        if not ok:
+            raise ValueError(f"{path}: field {field!r} is {metadata.get(field)!r}; expected {expected}")
+
+
+def _valid_files_field(files: Any) -> bool:
+    """The checksums entry names only the center's own files (it decides what verify() opens)."""
+    return isinstance(files, dict) and all(
+        name in (EMBEDDINGS_FILE, INDEX_FILE) and isinstance(entry, dict)
+        and isinstance(entry.get("sha256"), str) and bool(_HEX_SHA256.match(entry["sha256"]))
+        for name, entry in files.items())
 
 
 @contextlib.contextmanager
@@ -1297,27 +1377,159 @@ def encode_levels(encoder, processor, items, levels: Sequence[str], batch_size: 
     return {level: embeddings[level] for level in levels}
 
 
+STAGING_DIR = ".build-staging"
+STAGING_MANIFEST = "manifest.json"
+DEFAULT_CHUNK_SIZE = 8192
+
+
+class CenterBuildStaging:
+    """Encoded chunks of a center build kept on disk, so that a killed build resumes where it stopped.
+
+    Lives in ``<center dir>/.build-staging/``: ``manifest.json`` names what is being built
+    (encoder fingerprint, levels, storage dtype, chunk size, item count, sha256 of the item ids)
+    and ``chunk-NNNNNN.safetensors`` holds chunk k: rows ``k*chunk_size`` up to
+    ``(k+1)*chunk_size`` of every level, already validated and cast to the storage dtype. A chunk
+    is written under a temp name, fsynced and renamed, so a kill leaves only whole chunks (and a
+    temp file, removed on the next start). ``resume=False`` discards earlier chunks; with
+    ``resume=True`` they are kept when the manifest matches, else ``ValueError`` says what differs.
+    """
+
+    def __init__(self, path: str | os.PathLike, item_ids: np.ndarray, *, encoder_fingerprint: str,
+                 levels: Sequence[str], dtype: str, chunk_size: int = DEFAULT_CHUNK_SIZE, resume: bool = False):
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        if dtype not in _STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_STORAGE_DTYPES)}, got {dtype!r}")
+        self.item_ids, self.levels, self.dtype, self.chunk_size = item_ids, tuple(levels), dtype, chunk_size
+        self.dir = Path(path) / STAGING_DIR
+        blob, offsets = _encode_ids(item_ids)
+        ids_digest = hashlib.sha256(offsets.tobytes() + blob.tobytes()).hexdigest()
+        self.manifest = {"encoder_fingerprint": encoder_fingerprint, "levels": list(self.levels), "dtype": dtype,
+                         "chunk_size": chunk_size, "num_items": len(item_ids), "item_ids_sha256": ids_digest}
+        manifest_path = self.dir / STAGING_MANIFEST
+        if resume and manifest_path.is_file():
+            try:
+                previous = json.loads(manifest_path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                previous = None
+            if previous != self.manifest:
+                differs = sorted(k for k in self.manifest if not isinstance(previous, dict)
+                                 or previous.get(k) != self.manifest[k])
+                raise ValueError(f"{manifest_path}: the staged chunks belong to another build ({', '.join(differs)} "
+                                 "differ); build without resume to start over")
+            for stale in self.dir.glob(".chunk-*"):  # half-written by a killed build
+                stale.unlink()
+            return
+        if self.dir.exists():
+            logger.info("%s: discarding the chunks of an earlier build (resume=False)", self.dir)
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+        _write_text_synced(manifest_path, json.dumps(self.manifest, indent=2) + "\n")
+        _fsync_dir(self.dir)
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-len(self.item_ids) // self.chunk_size)
+
+    def chunk_rows(self, chunk: int) -> range:
+        """Catalogue rows of ``chunk``."""
+        return range(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, len(self.item_ids)))
+
+    def _chunk_path(self, chunk: int) -> Path:
+        return self.dir / f"chunk-{chunk:06d}.safetensors"
+
+    def _read_chunk(self, chunk: int) -> dict[str, np.ndarray]:
+        """Level -> (rows, D) memory-mapped array of a staged chunk; ValueError if it is not whole."""
+        path = self._chunk_path(chunk)
+        arrays, _ = _open_safetensors(path)
+        rows = len(self.chunk_rows(chunk))
+        for level in self.levels:
+            array = arrays.get(level)
+            if array is None or array.ndim != 2 or array.shape[0] != rows or array.dtype != _STORAGE_DTYPES[self.dtype]:
+                raise ValueError(f"{path}: staged chunk lacks a ({rows}, D) {self.dtype} tensor {level!r}")
+        return {level: arrays[level] for level in self.levels}
+
+    def missing(self) -> list[int]:
+        """Chunks still to encode (a staged chunk that does not read back whole counts as missing)."""
+        todo = []
+        for chunk in range(self.num_chunks):
+            if not self._chunk_path(chunk).exists():
+                todo.append(chunk)
+                continue
+            try:
+                self._read_chunk(chunk)
+            except ValueError as err:
+                logger.warning("re-encoding chunk %d: %s", chunk, err)
+                todo.append(chunk)
+        return todo
+
+    def write(self, chunk: int, embeddings: Mapping[str, torch.Tensor | np.ndarray]) -> None:
+        """Validate ``embeddings`` (level -> (rows of ``chunk``, D)) and stage them atomically."""
+        rows = self.chunk_rows(chunk)
+        arrays = RepresentationCenter._validated_embeddings(
+            self.item_ids[rows.start:rows.stop], embeddings, self.dtype, expected_levels=self.levels, expected_dim=None)
+        temp = self.dir / f".chunk-{chunk:06d}-{os.getpid()}.tmp"
+        _write_safetensors(temp, [(level, arrays[level].dtype, arrays[level].shape, [arrays[level]])
+                                  for level in self.levels])
+        _stage_chunk(temp, self._chunk_path(chunk))
+
+    def read(self) -> dict[str, np.ndarray]:
+        """Level -> (N, D) storage-dtype array of the whole catalogue; ValueError if a chunk is missing."""
+        missing = self.missing()
+        if missing:
+            raise ValueError(f"{self.dir}: chunks {missing[:10]} are not staged yet")
+        chunks = [self._read_chunk(chunk) for chunk in range(self.num_chunks)]
+        return {level: np.concatenate([chunk[level] for chunk in chunks]) for level in self.levels}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _stage_chunk(temp: Path, final: Path) -> None:
+    """Publish a fully written chunk (a separate function so tests can kill the process here)."""
+    os.replace(temp, final)
+    _fsync_dir(final.parent)
+
+
 def build_center(encoder: torch.nn.Module, processor, items, path: str | os.PathLike, batch_size: int = 64,
                  dtype: str = "float16", levels: Sequence[str] | None = None, encoder_name: str | None = None,
                  encoder_revision: str | None = None, show_progress: bool = True,
-                 overwrite: bool = False) -> RepresentationCenter:
+                 overwrite: bool = False, resume: bool = False,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> RepresentationCenter:
     """Encode every item of ``items`` and write a center at ``path``.
 
     ``items``: ``datasets.Dataset`` with an ``item_id`` str column plus the content columns
     ``processor`` reads (title, attributes, image). ``levels``: which embeddings to store
     (default :func:`encoder_levels`: item + text, + image with a vision tower); rows of items
     without an image are zero in ``image_embeds``. Encoding is ``mim_hf.encoding.encode_items``
-    (batched, length-sorted, original order restored). ``encoder_name`` defaults to the
-    encoder's ``name_or_path``. Returns the opened :class:`RepresentationCenter`.
+    (batched, length-sorted, original order restored), ``chunk_size`` items at a time; each
+    finished chunk is staged on disk (:class:`CenterBuildStaging`) and ``resume=True`` skips the
+    chunks a killed build already staged (same encoder, items, levels, dtype, chunk size), so
+    the result equals an uninterrupted build exactly. ``encoder_name`` defaults to the encoder's
+    ``name_or_path``. Returns the opened :class:`RepresentationCenter`.
     """
+    from tqdm.auto import tqdm
+
     levels = tuple(levels) if levels is not None else encoder_levels(encoder)
-    embeddings = encode_levels(encoder, processor, items, levels, batch_size, show_progress)
+    if "item_id" not in items.column_names:
+        raise ValueError(f"items must have an 'item_id' column, got columns {items.column_names}")
+    RepresentationCenter.check_destination(path, overwrite)  # before the encoding, not after
+    item_ids = validated_catalogue_ids(items["item_id"])
+    fingerprint = encoder_fingerprint(encoder)
+    staging = CenterBuildStaging(path, item_ids, encoder_fingerprint=fingerprint, levels=levels, dtype=dtype,
+                                 chunk_size=chunk_size, resume=resume)
+    todo = staging.missing()
+    for chunk in tqdm(todo, desc="encoding chunks", unit="chunk", disable=not show_progress or len(todo) < 2):
+        rows = staging.chunk_rows(chunk)
+        staging.write(chunk, encode_levels(encoder, processor, items.select(rows), levels, batch_size,
+                                           show_progress=show_progress and len(todo) == 1))
     config = getattr(encoder, "config", None)
-    return RepresentationCenter.build(
-        items["item_id"], embeddings, path, encoder_name=encoder_name or _encoder_name(encoder),
-        encoder_fingerprint=encoder_fingerprint(encoder),
-        encoder_revision=encoder_revision or getattr(config, "_commit_hash", None), dtype=dtype,
-        overwrite=overwrite)
+    center = RepresentationCenter.build(
+        item_ids, staging.read(), path, encoder_name=encoder_name or _encoder_name(encoder),
+        encoder_fingerprint=fingerprint, encoder_revision=encoder_revision or getattr(config, "_commit_hash", None),
+        dtype=dtype, overwrite=overwrite)
+    staging.remove()
+    return center
 
 
 def _encoder_name(encoder: torch.nn.Module) -> str:

@@ -1,6 +1,7 @@
 """``mim-hf center build|info|nearest``: the Representation Center on the command line.
 
     mim-hf center build --encoder runs/csft/encoder --data data/ml100k/temporal --out runs/center
+    mim-hf center build ... --resume      # after a crash: encode only the chunks not yet staged
     mim-hf center info runs/center
     mim-hf center nearest runs/center --item-id 50 --item-id 181 --k 5
 
@@ -13,6 +14,7 @@ import argparse
 import json
 import time
 
+from mim_hf.center import DEFAULT_CHUNK_SIZE
 from mim_hf.encoders import load_encoder_and_processor
 
 
@@ -26,7 +28,7 @@ def center_build_cli(args: argparse.Namespace) -> int:
     items = PreparedData.load(args.data).items
     center = build_center(encoder, processor, items, args.out, batch_size=args.batch_size, dtype=args.dtype,
                           encoder_name=args.encoder_name or str(args.encoder), show_progress=not args.quiet,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, resume=args.resume, chunk_size=args.chunk_size)
     fallbacks = {k: v for k, v in processor.fallback_counts.items() if v}
     print(f"built {center} in {time.perf_counter() - started:.1f}s; processor fallbacks: {fallbacks or 'none'}")
     return 0
@@ -77,6 +79,12 @@ def add_center_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype")
     parser.add_argument("--encoder-name", default=None, help="name recorded in metadata (default: --encoder)")
     parser.add_argument("--overwrite", action="store_true", help="write a new version over an existing center")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the chunks an interrupted build of the same items and encoder staged in "
+                             "OUT/.build-staging and encode only the rest")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                        help=f"items encoded and staged per chunk, the unit a resumed build skips (default "
+                             f"{DEFAULT_CHUNK_SIZE}); a resumed build must use the same value")
 
 
 def add_center_subparsers(commands) -> argparse.ArgumentParser:

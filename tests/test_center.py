@@ -612,6 +612,60 @@ def test_load_rejects_non_centers(tmp_path):
         RepresentationCenter.load(tmp_path / "empty", revision="main")
 
 
+def test_paths_cannot_escape_the_center_directory(tmp_path):
+    """A version pointer, a version directory, a file or a checksummed name leading out of the
+    center is refused with ValueError; nothing outside is opened."""
+    root, outside = tmp_path / "c", tmp_path / "elsewhere"
+    build(root, n_items=4)
+    build(outside, n_items=4)  # a valid center the tampered one points at
+    for pointer in ("../../etc", "../elsewhere/v0001", "/etc", "v0001/../../elsewhere/v0001", "v0001\x00"):
+        (root / "CURRENT").write_text(pointer + "\n")
+        with pytest.raises(ValueError, match="names version"):
+            RepresentationCenter.load(root)
+    (root / "CURRENT").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match="not a UTF-8 version name"):
+        RepresentationCenter.load(root)
+    (root / "v0002").symlink_to(outside / "v0001", target_is_directory=True)
+    (root / "CURRENT").write_text("v0002\n")
+    with pytest.raises(ValueError, match=r"v0002: resolves to .*elsewhere/v0001, outside the center directory"):
+        RepresentationCenter.load(root)
+    (root / "CURRENT").write_text("v0001\n")
+    for name in (EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE):
+        path = root / "v0001" / name
+        original = path.read_bytes()
+        path.unlink()
+        path.symlink_to(outside / "v0001" / name)
+        with pytest.raises(ValueError, match=rf"{name}: resolves to .*, outside the center directory"):
+            RepresentationCenter.load(root)
+        path.unlink()
+        path.write_bytes(original)
+    RepresentationCenter.load(root).verify()
+    # metadata.json decides which files verify() reads: only the center's own
+    _edit_metadata(root, lambda m: m["files"].update({"../../../etc/passwd": {"bytes": 1, "sha256": "0" * 64}}))
+    with pytest.raises(ValueError, match=r"field 'files' is .*passwd.*; expected a mapping of"):
+        RepresentationCenter.load(root)
+
+
+def test_a_hub_center_naming_outside_files_is_refused(tmp_path, hub_server, monkeypatch):
+    from huggingface_hub import HfApi
+
+    monkeypatch.chdir(tmp_path)
+    center, _, _ = build(tmp_path / "c", n_items=5)
+    tampered = tmp_path / "tampered"
+    shutil.copytree(center.version_dir, tampered)
+    metadata = json.loads((tampered / METADATA_FILE).read_text())
+    metadata["files"]["../../../../etc/hostname"] = {"bytes": 1, "sha256": "0" * 64}
+    (tampered / METADATA_FILE).write_text(json.dumps(metadata))
+    repo_id = f"{hub_server.user}/tampered-center"
+    api = HfApi(endpoint=hub_server.endpoint, token=hub_server.token)
+    api.create_repo(repo_id, repo_type="dataset", private=True)
+    api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(tampered))
+    with pytest.raises(ValueError, match="field 'files'"):
+        RepresentationCenter.load(repo_id)
+    center.push_to_hub(repo_id)  # the untampered files: the snapshot's links into the cache are inside
+    assert len(RepresentationCenter.load(repo_id)) == 5
+
+
 def test_flat_center_is_read_only(tmp_path):
     center, _, embeddings = build(tmp_path / "c", n_items=6)
     flat = RepresentationCenter.load(tmp_path / "c" / center.version)  # the Hub layout
@@ -748,6 +802,126 @@ def test_center_cli_build_info_nearest(tmp_path, tiny_encoder, capsys):
     assert text.splitlines()[0] == "m3:" and ids[0][0] in text.splitlines()[1]
 
 
+def _kill_while_staging_chunk_2(argv: list[str]) -> str:
+    """A python -c program running ``mim-hf`` with ``argv`` that SIGKILLs itself once chunk 2 is
+    written to its temp file but not yet published."""
+    return textwrap.dedent(f"""
+        import os, signal, torch
+        torch.set_num_threads({torch.get_num_threads()})  # the same kernels as the resumed, in-process build
+        import mim_hf.center as m
+        from mim_hf.cli import main
+        real_stage = m._stage_chunk
+        def stage(temp, final):
+            if final.name == "chunk-000002.safetensors":
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_stage(temp, final)
+        m._stage_chunk = stage
+        main({argv!r})
+    """)
+
+
+def test_build_center_resumes_after_sigkill_and_equals_an_uninterrupted_build(tmp_path, tiny_encoder, monkeypatch):
+    """``mim-hf center build`` SIGKILLed while staging chunk 2 of 4, then a crash while writing
+    the center: no center that loads wrong is left, and the resumed build encodes only the
+    missing chunks and equals an uninterrupted build bit for bit (same chunking, eval mode,
+    float32 storage)."""
+    encoder, processor = tiny_encoder
+    encoder.save_pretrained(tmp_path / "enc")
+    processor.save_pretrained(tmp_path / "enc")
+    items = tiny_items()
+    data_dir = _prepared_dir(tmp_path, items)
+    out = tmp_path / "c"
+    argv = ["center", "build", "--encoder", str(tmp_path / "enc"), "--data", str(data_dir), "--out", str(out),
+            "--batch-size", "2", "--chunk-size", "3", "--dtype", "float32", "--quiet"]
+    staging = out / center_module.STAGING_DIR
+    proc = subprocess.run([sys.executable, "-c", _kill_while_staging_chunk_2(argv)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert sorted(p.name for p in staging.iterdir() if p.name.startswith("chunk")) == [
+        "chunk-000000.safetensors", "chunk-000001.safetensors"]
+    assert list(staging.glob(".chunk-000002-*.tmp")), "the kill should have left chunk 2's temp file"
+    with pytest.raises(ValueError, match="not a representation center"):
+        RepresentationCenter.load(out)
+
+    encoded = []
+    real_encode = center_module.encode_levels
+    monkeypatch.setattr(center_module, "encode_levels", lambda enc, proc_, chunk, *a, **k: (
+        encoded.append(list(chunk["item_id"])), real_encode(enc, proc_, chunk, *a, **k))[1])
+    with pytest.raises(ValueError, match="chunk_size differ"):
+        build_center(encoder, processor, items, out, batch_size=2, chunk_size=4, dtype="float32",
+                     show_progress=False, resume=True)
+    # resume, crashing half-way through the center's embeddings file: staging survives, no center
+    real_write = center_module._write_chunk
+
+    def crash_in_embeddings(handle, array):
+        real_write(handle, array[: len(array) // 2])
+        if handle.name.endswith(EMBEDDINGS_FILE):
+            raise OSError("disk full (injected)")
+        real_write(handle, array[len(array) // 2:])
+
+    monkeypatch.setattr(center_module, "_write_chunk", crash_in_embeddings)
+    with pytest.raises(OSError, match="injected"):
+        build_center(encoder, processor, items, out, batch_size=2, chunk_size=3, dtype="float32",
+                     show_progress=False, resume=True)
+    monkeypatch.setattr(center_module, "_write_chunk", real_write)
+    assert encoded == [["m6", "m7", "m8"], ["m9", "m10"]]  # chunks 2 and 3 only
+    assert not list(staging.glob(".chunk-*")) and len(list(staging.glob("chunk-*"))) == 4
+    with pytest.raises(ValueError, match="not a representation center"):
+        RepresentationCenter.load(out)
+    resumed = build_center(encoder, processor, items, out, batch_size=2, chunk_size=3, dtype="float32",
+                           show_progress=False, resume=True)
+    assert len(encoded) == 2 and not staging.exists()  # nothing left to encode
+    reference = build_center(encoder, processor, items, tmp_path / "ref", batch_size=2, chunk_size=3,
+                             dtype="float32", show_progress=False)
+    assert len(encoded) == 6  # the uninterrupted build encodes all 4 chunks
+    assert resumed.item_ids() == reference.item_ids() and resumed.version == "v0001"
+    for level in reference.levels:
+        np.testing.assert_array_equal(np.array(resumed.embeddings(level)), np.array(reference.embeddings(level)))
+    resumed.verify()
+    # chunking changes nothing but float rounding: one-shot encoding agrees to float32 precision
+    direct = direct_embeddings(encoder, processor, items)
+    torch.testing.assert_close(torch.from_numpy(np.array(resumed.embeddings())), direct["item_embeds"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_build_center_resume_reencodes_only_missing_chunks(tmp_path, tiny_encoder, monkeypatch):
+    """An exception after chunk 1 (in-process stand-in for a crash): resume encodes chunks 2-3 only;
+    without resume a build starts over; a staging of other items is refused."""
+    encoder, processor = tiny_encoder
+    items = tiny_items()
+    calls = []
+    real_stage = center_module._stage_chunk
+
+    def crash_after_two(temp, final):
+        calls.append(final.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("injected crash")
+        real_stage(temp, final)
+
+    monkeypatch.setattr(center_module, "_stage_chunk", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build_center(encoder, processor, items, tmp_path / "c", batch_size=4, chunk_size=3, show_progress=False)
+    monkeypatch.setattr(center_module, "_stage_chunk", real_stage)
+    encoded = []
+    real_encode = center_module.encode_levels
+    monkeypatch.setattr(center_module, "encode_levels", lambda enc, proc_, chunk, *a, **k: (
+        encoded.append(list(chunk["item_id"])), real_encode(enc, proc_, chunk, *a, **k))[1])
+    with pytest.raises(ValueError, match="item_ids_sha256, num_items differ"):
+        build_center(encoder, processor, tiny_items(12), tmp_path / "c", chunk_size=3, show_progress=False,
+                     resume=True)
+    center = build_center(encoder, processor, items, tmp_path / "c", batch_size=4, chunk_size=3,
+                          show_progress=False, resume=True)
+    assert encoded == [["m6", "m7", "m8"], ["m9", "m10"]]
+    reference = build_center(encoder, processor, items, tmp_path / "ref", batch_size=4, chunk_size=3,
+                             show_progress=False)
+    np.testing.assert_array_equal(np.array(center.embeddings()), np.array(reference.embeddings()))
+    # a build over an existing center is refused before anything is encoded
+    encoded.clear()
+    with pytest.raises(ValueError, match="already exists"):
+        build_center(encoder, processor, items, tmp_path / "c", chunk_size=3, show_progress=False)
+    assert encoded == []
+
+
 def _load_training_script():
     import importlib.util
 
@@ -771,6 +945,40 @@ def test_training_build_center_single_process_matches_build_center(tmp_path, tin
     for level in reference.levels:
         np.testing.assert_allclose(np.array(center.embeddings(level)), np.array(reference.embeddings(level)),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_training_build_center_resume(tmp_path, tiny_encoder, monkeypatch, capsys):
+    """training/build_center.py interrupted after 2 of 3 chunks, then run with --resume: only the
+    third chunk is encoded and the center equals build_center's with the same chunking."""
+    encoder, processor = tiny_encoder
+    encoder.save_pretrained(tmp_path / "enc")
+    processor.save_pretrained(tmp_path / "enc")
+    items = tiny_items()
+    data_dir = _prepared_dir(tmp_path, items)
+    script = _load_training_script()
+    argv = ["--encoder", str(tmp_path / "enc"), "--data", str(data_dir), "--out", str(tmp_path / "c"),
+            "--batch-size", "3", "--chunk-size", "4", "--dtype", "float32"]
+    real_stage = center_module._stage_chunk
+    staged = []
+
+    def crash_on_third(temp, final):
+        if len(staged) == 2:
+            raise KeyboardInterrupt("injected crash")
+        staged.append(final.name)
+        real_stage(temp, final)
+
+    monkeypatch.setattr(center_module, "_stage_chunk", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(argv)
+    monkeypatch.setattr(center_module, "_stage_chunk", real_stage)
+    script.main(argv + ["--resume"])
+    assert "1 of 3 chunk(s) encoded in this run" in capsys.readouterr().out
+    center = RepresentationCenter.load(tmp_path / "c")
+    reference = build_center(encoder, processor, items, tmp_path / "ref", batch_size=3, chunk_size=4,
+                             dtype="float32", show_progress=False)
+    assert center.item_ids() == reference.item_ids() and center.metadata["built_by_processes"] == 1
+    for level in reference.levels:
+        np.testing.assert_array_equal(np.array(center.embeddings(level)), np.array(reference.embeddings(level)))
 
 
 @pytest.mark.slow
