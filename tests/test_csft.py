@@ -100,6 +100,8 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(data_dir, towers, tmp_
     assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in straight["history"]], abs=1e-6)
     for split in ("valid", "test"):
         assert resumed["retrieval"]["final"][split] == pytest.approx(straight["retrieval"]["final"][split], abs=1e-9)
+        # the start is scored before the checkpoint's weights are loaded
+        assert resumed["retrieval"]["start"][split] == pytest.approx(straight["retrieval"]["start"][split], abs=1e-9)
     assert resumed["best_step"] == straight["best_step"]
 
 

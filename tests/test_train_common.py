@@ -1,24 +1,36 @@
-"""Shared training utilities: configs from YAML/CLI, atomic checkpoints, progress state."""
+"""Shared training utilities: configs from YAML/CLI, progress state, atomic pickle-free checkpoints."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import pickle
+import random
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import transformers
 from accelerate import Accelerator
+from unpickling_guard import forbid_unpickling
 
+from mim_hf.losses import InfoNCELoss
+from mim_hf.train import common
 from mim_hf.train.common import (
     TrainingProgress,
     config_field,
     latest_checkpoint,
+    load_checkpoint,
     load_config,
     parse_config,
+    restore_folder,
     resume_if_requested,
     save_checkpoint,
 )
+from mim_hf.train.csft import BestWeights
 
 
 @dataclasses.dataclass
@@ -50,42 +62,261 @@ def test_unknown_and_badly_typed_fields_are_named(tmp_path):
         load_config(ToyConfig, overrides={"use_queue": "maybe"})
 
 
-def test_checkpoint_is_atomic_and_resumable(tmp_path):
+class Counter:
+    """A registered object whose state is pure Python (ints as dict keys, tuples, nested lists)."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def state_dict(self):
+        return {"seen": dict(self.seen), "shape": (2, 3), "nan": float("nan"), "order": [[1, None], ["a", True]]}
+
+    def load_state_dict(self, state):
+        self.seen = state["seen"]
+        assert state["shape"] == (2, 3) and state["order"] == [[1, None], ["a", True]]
+        assert math.isnan(state["nan"])
+
+
+def toy_training(tmp_path, queue_size=6):
+    """A prepared model + AdamW + warm-up scheduler, a queue-holding loss, progress and a plain object."""
     torch.manual_seed(0)
     accelerator = Accelerator(cpu=True)
-    model = torch.nn.Linear(3, 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    progress = TrainingProgress()
-    accelerator.register_for_checkpointing(progress)
-    model(torch.ones(2, 3)).sum().backward()
-    optimizer.step()
-    progress.step = 1
-    progress.record({"auc": 0.7}, key="auc")
-    save_checkpoint(accelerator, tmp_path, step=1)
-    # A crash mid-write leaves only a temporary folder, which is never picked up.
-    (tmp_path / "checkpoints" / ".tmp_step_2").mkdir()
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))
+    loss = InfoNCELoss(temperature=0.1, learnable_temperature=True, queue_size=queue_size, embed_dim=2)
+    optimizer = torch.optim.AdamW([*model.parameters(), *loss.parameters()], lr=0.1)
+    scheduler = transformers.get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=20)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    progress, counter, best = TrainingProgress(), Counter(), BestWeights()
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress,
+             "counter": counter, "best_weights": best, "loss": loss}
+
+    def step():
+        x = torch.randn(4, 3)
+        value = loss(model(x), model(x + 0.1), torch.arange(4), torch.arange(4) + progress.step * 4)
+        value.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        progress.step += 1
+        progress.batches_in_epoch += 1
+        counter.seen[progress.step] = (float(value.detach()), [progress.step])
+        progress.record({"loss": float(value.detach())}, key="loss", higher_is_better=False)
+        if progress.best_step == progress.step:
+            best.capture(accelerator.unwrap_model(model), {"loss": float(value.detach())})
+
+    return accelerator, state, step
+
+
+def snapshot(state):
+    """Deep copies of every entry's state (tensors cloned) for exact comparison."""
+    def copy(value):
+        if isinstance(value, torch.Tensor):
+            return value.detach().clone()
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(copy(v) for v in value)
+        return value
+    return {name: copy(obj.state_dict()) for name, obj in state.items() if name != "counter"} | {
+        "counter": copy(state["counter"].seen)}
+
+
+def assert_same(actual, expected, where=""):
+    if isinstance(expected, torch.Tensor):
+        assert actual.dtype == expected.dtype and torch.equal(actual, expected), where
+    elif isinstance(expected, dict):
+        assert list(actual) == list(expected), where
+        for key in expected:
+            assert_same(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert type(actual) is type(expected) and len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_same(a, e, f"{where}.{i}")
+    elif isinstance(expected, float) and math.isnan(expected):
+        assert math.isnan(actual), where
+    else:
+        assert actual == expected, where
+
+
+def random_draws():
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+
+def test_checkpoint_restores_every_state_exactly_without_unpickling(tmp_path):
+    accelerator, state, step = toy_training(tmp_path)
+    for _ in range(3):
+        step()
+    path = save_checkpoint(accelerator, tmp_path, step=3, state=state, per_process=("loss",))
+    assert path.name == "step_3" and len(state["loss"].queue) == 6
+    expected, expected_draws = snapshot(state), random_draws()
+    for _ in range(2):  # moves every state on
+        step()
+    assert state["progress"].step == 5
+    with forbid_unpickling():
+        assert resume_if_requested(accelerator, tmp_path, resume=True, state=state, per_process=("loss",)) == path
+    # every entry, including AdamW's moments and step counts, the scheduler, the queue and the
+    # best weights, equals the saved state bit for bit; the RNGs continue where they were
+    assert_same(snapshot(state), expected)
+    assert random_draws() == expected_draws
+    files = sorted(p.name for p in path.iterdir())
+    assert files == ["best_weights.safetensors", "counter.safetensors", "loss_0.safetensors", "manifest.json",
+                     "model.safetensors", "optimizer.safetensors", "progress.safetensors", "rng_state_0.safetensors",
+                     "scheduler.safetensors"]
+    assert json.loads((path / "manifest.json").read_text())["entries"]["loss"] == {"per_process": True}
+
+
+def test_resumed_toy_training_equals_uninterrupted(tmp_path):
+    """Dropout (global RNG), AdamW, warm-up and the queue: 3 steps + resume + 3 = 6 straight steps."""
+    accelerator, state, step = toy_training(tmp_path)
+    for _ in range(6):
+        step()
+    straight = snapshot(state)
+    accelerator, state, step = toy_training(tmp_path)
+    for _ in range(3):
+        step()
+    save_checkpoint(accelerator, tmp_path / "run", step=3, state=state, per_process=("loss",))
+    accelerator, state, step = toy_training(tmp_path)  # a new process: fresh objects, then resume
+    resume_if_requested(accelerator, tmp_path / "run", resume=True, state=state, per_process=("loss",))
+    for _ in range(3):
+        step()
+    assert_same(snapshot(state), straight)
+
+
+def evil_pickle(marker: Path) -> bytes:
+    """A pickle that, when unpickled, creates ``marker`` (stands for any code an attacker runs)."""
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+    return pickle.dumps({"state": Payload()})
+
+
+def test_pickles_in_a_checkpoint_folder_are_never_opened(tmp_path):
+    accelerator, state, step = toy_training(tmp_path)
+    step()
+    path = save_checkpoint(accelerator, tmp_path, step=1, state=state, per_process=("loss",))
+    marker = tmp_path / "pwned"
+    # the file names accelerate's save_state uses, and a torch.save-style .bin
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "pytorch_model.bin",
+                 "scheduler.bin", "model.pkl"):
+        (path / name).write_bytes(evil_pickle(marker))
+    with forbid_unpickling():
+        resume_if_requested(accelerator, tmp_path, resume=True, state=state, per_process=("loss",))
+    assert not marker.exists()
+    # an Accelerator.save_state-style folder (pickles, no manifest) is refused, not loaded
+    legacy = tmp_path / "legacy" / "checkpoints" / "step_7"
+    legacy.mkdir(parents=True)
+    (legacy / "custom_checkpoint_0.pkl").write_bytes(evil_pickle(marker))
+    (legacy / "model.safetensors").write_bytes(b"")
+    with forbid_unpickling(), pytest.raises(ValueError, match="no manifest.json: not a mim-hf checkpoint"):
+        resume_if_requested(accelerator, tmp_path / "legacy", resume=True, state=state, per_process=("loss",))
+    assert not marker.exists()
+
+
+def test_kill_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    accelerator, state, step = toy_training(tmp_path)
+    step()
+    save_checkpoint(accelerator, tmp_path, step=1, state=state, per_process=("loss",))
+    expected = snapshot(state)
+    step()
+
+    written = []
+
+    def write_then_crash(path, value):
+        real_write(path, value)
+        written.append(path.name)
+        if len(written) == 3:
+            raise KeyboardInterrupt("killed mid-write")
+
+    real_write = common._write_state_file
+    monkeypatch.setattr(common, "_write_state_file", write_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, tmp_path, step=2, state=state, per_process=("loss",))
+    monkeypatch.setattr(common, "_write_state_file", real_write)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [".tmp_step_2", "step_1"]
     assert latest_checkpoint(tmp_path).name == "step_1"
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-    progress.step = 99
-    assert resume_if_requested(accelerator, tmp_path, resume=True).name == "step_1"
-    assert progress.step == 1 and progress.best_metric == 0.7
-    for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, saved[k])
+    resume_if_requested(accelerator, tmp_path, resume=True, state=state, per_process=("loss",))
+    assert_same(snapshot(state), expected)
+    # the next complete save removes the dead temporary
+    save_checkpoint(accelerator, tmp_path, step=2, state=state, per_process=("loss",))
+    assert sorted(p.name for p in root.iterdir()) == ["step_1", "step_2"]
+
+
+def test_damaged_or_mismatching_checkpoints_are_refused_by_name(tmp_path):
+    accelerator, state, step = toy_training(tmp_path)
+    step()
+    path = save_checkpoint(accelerator, tmp_path, step=1, state=state, per_process=("loss",))
+    with pytest.raises(ValueError, match=r"holds entries .* this run expects"):
+        load_checkpoint(accelerator, path, {k: v for k, v in state.items() if k != "counter"}, per_process=("loss",))
+    with pytest.raises(ValueError, match=r"holds entries .*'loss': True.* this run expects .*'loss': False"):
+        load_checkpoint(accelerator, path, state)
+    other_model = {**state, "model": torch.nn.Linear(3, 3)}
+    with pytest.raises(ValueError, match=r"checkpoint entry 'model' .* does not fit this run's Linear"):
+        load_checkpoint(accelerator, path, other_model, per_process=("loss",))
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "num_processes": 2}))
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\); resuming with 1"):
+        load_checkpoint(accelerator, path, state, per_process=("loss",))
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    optimizer_file = path / "optimizer.safetensors"
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:-10])  # truncated by a failing disk or copy
+    with pytest.raises(ValueError, match=r"optimizer.safetensors is damaged: \d+ bytes, the manifest says"):
+        load_checkpoint(accelerator, path, state, per_process=("loss",))
+
+
+def test_state_that_needs_pickle_is_refused_at_save_time(tmp_path):
+    class Opaque:
+        def state_dict(self):
+            return {"fn": print}
+
+        def load_state_dict(self, state):
+            pass
+
+    accelerator = Accelerator(cpu=True)
+    with pytest.raises(TypeError, match=r"checkpoint state 'fn': a builtin_function_or_method cannot be stored"):
+        save_checkpoint(accelerator, tmp_path, step=1, state={"opaque": Opaque()})
+    with pytest.raises(ValueError, match="checkpoint entry name 'model_0' must match"):
+        save_checkpoint(accelerator, tmp_path, step=1, state={"model_0": TrainingProgress()})
+    with pytest.raises(TypeError, match="entry 'x': a int has no state_dict"):
+        save_checkpoint(accelerator, tmp_path, step=1, state={"x": 3})
+
+
+def test_folders_travel_with_the_checkpoint(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    progress = TrainingProgress()
+    best = tmp_path / "model"
+    save_checkpoint(accelerator, tmp_path, step=1, state={"progress": progress}, folders={"best_model": best})
+    best.mkdir()
+    (best / "weights.safetensors").write_bytes(b"step-2 best")
+    second = save_checkpoint(accelerator, tmp_path, step=2, state={"progress": progress}, folders={"best_model": best})
+    (best / "weights.safetensors").unlink()  # writers replace files: the checkpoint's link keeps the old bytes
+    (best / "weights.safetensors").write_bytes(b"step-3 best, written after the checkpoint")
+    assert restore_folder(second, "best_model", best)
+    assert (best / "weights.safetensors").read_bytes() == b"step-2 best"
+    first = tmp_path / "checkpoints" / "step_1"
+    assert not restore_folder(first, "best_model", best) and not best.exists()  # absent at step 1
+    with pytest.raises(ValueError, match="holds no folder entry 'other'"):
+        restore_folder(second, "other", best)
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        resume_if_requested(Accelerator(cpu=True), tmp_path, resume=True)
+        resume_if_requested(Accelerator(cpu=True), tmp_path, resume=True, state={"progress": TrainingProgress()})
+
+
+def test_fresh_run_removes_an_earlier_runs_checkpoints(tmp_path):
+    accelerator, progress = Accelerator(cpu=True), TrainingProgress()
+    save_checkpoint(accelerator, tmp_path, step=40, state={"progress": progress})
+    with pytest.warns(UserWarning, match=r"removing the earlier run's checkpoints \['step_40'\]"):
+        assert resume_if_requested(accelerator, tmp_path, resume=False, state={"progress": progress}) is None
+    save_checkpoint(accelerator, tmp_path, step=2, state={"progress": progress})
+    assert latest_checkpoint(tmp_path).name == "step_2"
 
 
 def test_keeps_newest_checkpoints_only(tmp_path):
     accelerator = Accelerator(cpu=True)
     for step in (1, 2, 3):
-        save_checkpoint(accelerator, tmp_path, step=step, keep=2)
+        save_checkpoint(accelerator, tmp_path, step=step, state={"progress": TrainingProgress()}, keep=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2", "step_3"]
 
 

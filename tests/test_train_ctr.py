@@ -133,8 +133,8 @@ def test_resume_gives_the_same_metrics(world_dirs, tmp_path, monkeypatch):
 
     real_save = ctr_module.save_checkpoint
 
-    def save_then_die(accelerator, output_dir, step, keep=2):
-        path = real_save(accelerator, output_dir, step, keep)
+    def save_then_die(accelerator, output_dir, step, state, **kwargs):
+        path = real_save(accelerator, output_dir, step, state, **kwargs)
         if step == 8:  # mid-epoch (an epoch is 9 or 10 steps here), after the first evaluation
             raise Interrupted(f"killed after checkpoint {path.name}")
         return path

@@ -5,6 +5,10 @@
     python training/csft.py --config ... --resume                                       # newest checkpoint
 
 Writes output_dir/{config.json, checkpoints/, encoder/, metrics.json}; see mim_hf.train.csft.
+
+--resume continues from the newest complete checkpoint under OUTPUT_DIR/checkpoints (exactly:
+same metrics and weights as an uninterrupted run; no pickle is loaded). Without it, a fresh
+run removes the checkpoints an earlier run left there.
 """
 
 from mim_hf.train.common import parse_config

@@ -5,6 +5,10 @@
     python training/pretrain.py --config training/configs/pretrain_ml100k.yaml --resume ...
 
 Writes OUTPUT_DIR/encoder (merged encoder + processor), adapters/, checkpoints/, metrics.json.
+
+--resume continues from the newest complete checkpoint under OUTPUT_DIR/checkpoints (exactly:
+same metrics and weights as an uninterrupted run; no pickle is loaded). Without it, a fresh
+run removes the checkpoints an earlier run left there.
 """
 
 from mim_hf.train.common import parse_config

@@ -5,6 +5,10 @@
 
 Writes <output_dir>/config.json, checkpoints/, model/ (save_pretrained; the center is not copied)
 and metrics.json (valid + test, overall and per popularity bucket).
+
+--resume continues from the newest complete checkpoint under OUTPUT_DIR/checkpoints (exactly:
+same metrics and weights as an uninterrupted run; no pickle is loaded). Without it, a fresh
+run removes the checkpoints an earlier run left there.
 """
 
 from mim_hf.train.common import parse_config

@@ -100,6 +100,8 @@ class CSFTConfig:
     symmetric: bool = config_field(False, "also contrast target -> trigger and average")
     queue_size: int = config_field(0, "time negatives: FIFO of earlier targets per level (0 = off; a "
                                     "large queue hurt MovieLens at lr 1e-3: stale negatives)")
+    logq_correction: bool = config_field(False, "sampling-bias correction: subtract log(train-target frequency) "
+                                         "from every in-batch/queue candidate's logit")
     gather_across_devices: bool = config_field(True, "space negatives: targets of all processes (no-op with one)")
     hard_negatives: int = config_field(0, "hard negatives per pair (same hard_negative_field value), 0 = none")
     hard_negative_field: str = config_field("", "item column for hard negatives (e.g. genres, category)")
@@ -306,6 +308,15 @@ def _select_outputs(output, positions: torch.Tensor) -> dict:
             if getattr(output, name, None) is not None}
 
 
+def target_log_prior(batches: PairBatches) -> torch.Tensor:
+    """``(num_catalogue_rows,)`` log frequency of each item as a train target (floor: one count).
+
+    In-batch candidates are other pairs' targets, drawn with exactly this frequency.
+    """
+    counts = torch.bincount(batches.target_rows, minlength=len(batches.items)).double().clamp(min=1)
+    return (counts / counts.sum()).log().float()
+
+
 def _epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
     return np.random.default_rng([seed, epoch]).permutation(num_pairs).tolist()
 
@@ -350,7 +361,7 @@ def run(config: CSFTConfig, resume: bool = False, accelerator: Accelerator | Non
         weights=config.level_weights, temperature=config.temperature,
         learnable_temperature=config.learnable_temperature, gather_across_devices=config.gather_across_devices,
         queue_size=config.queue_size, symmetric=config.symmetric, catalogue_size=len(prepared.items),
-        embed_dim=encoder.config.embed_dim,
+        embed_dim=encoder.config.embed_dim, candidate_log_prior=target_log_prior(batches) if config.logq_correction else None,
     ).to(device)
     parameters = [p for p in encoder.parameters() if p.requires_grad] + list(loss_fn.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -358,16 +369,17 @@ def run(config: CSFTConfig, resume: bool = False, accelerator: Accelerator | Non
         optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0)
     encoder_model, optimizer, scheduler = accelerator.prepare(encoder, optimizer, scheduler)
     progress, best = TrainingProgress(), BestWeights()
-    for state in (progress, loss_fn, best):
-        accelerator.register_for_checkpointing(state)
-    resumed_from = resume_if_requested(accelerator, output_dir, resume)
+    checkpoint_state = {"model": encoder_model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress,
+                        "best_weights": best, "loss": loss_fn}
 
     retrieval: dict = {}
     started_eval = time.perf_counter()
     retrieval["popularity"] = popularity_retrieval(train_item_counts(prepared.samples["train"]), eval_pairs,
                                                    prepared.items["item_id"])
-    retrieval["start"] = evaluate(("valid", "test"))
+    retrieval["start"] = evaluate(("valid", "test"))  # before a resume loads trained weights
     timings["start_eval"] = time.perf_counter() - started_eval
+    # The loss holds the time-negative queues, which differ per process unless they are gathered.
+    resumed_from = resume_if_requested(accelerator, output_dir, resume, checkpoint_state, per_process=("loss",))
     if progress.step == 0 and not progress.history:
         progress.record({"loss": None, "levels": {}, SELECTION_METRIC: retrieval["start"]["valid"]["recall@10"],
                          "valid": retrieval["start"]["valid"]}, key=SELECTION_METRIC)
@@ -446,7 +458,8 @@ def run(config: CSFTConfig, resume: bool = False, accelerator: Accelerator | Non
                               f"valid recall@10 {valid['recall@10']:.4f} (best {progress.best_metric:.4f} "
                               f"at step {progress.best_step})")
             if config.checkpoint_every and progress.step % config.checkpoint_every == 0:
-                save_checkpoint(accelerator, output_dir, progress.step, keep=config.keep_checkpoints)
+                save_checkpoint(accelerator, output_dir, progress.step, checkpoint_state,
+                                keep=config.keep_checkpoints, per_process=("loss",))
             if progress.step >= config.max_steps:
                 break
         else:

@@ -22,16 +22,21 @@ Unknown users/items (and unseen side-feature values) map to row 0 of their table
 a fraction of training IDs by 0 so the network learns what "unknown" looks like (item-cold
 valid/test targets are all unknown). The same policy applies to every mode, DIN included.
 
-Determinism: same seed, same machine, CPU -> same metrics (shuffling uses its own generator per
-epoch, so a resumed run sees the same batches). Multi-process runs are not bit-identical to
-single-process ones (different batch composition per process).
+Checkpoints (every ``checkpoint_every`` steps, see :mod:`mim_hf.train.common`): model, optimizer,
+progress (with the running train loss), RNG states and the best model so far (``model/``, which a
+resume puts back as it was at the checkpointed step). ``run(config, resume=True)`` continues from
+the newest one.
+
+Determinism: same seed, same machine, CPU -> same metrics, and a run killed and resumed gives the
+uninterrupted run's metrics and weights exactly (shuffling uses its own generator per epoch, so a
+resumed run sees the same batches; tests/test_reliability_resume.py). Multi-process runs are not
+bit-identical to single-process ones (different batch composition per process).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import shutil
 import time
@@ -47,6 +52,7 @@ from mim_hf.metrics import evaluate_by_bucket
 from mim_hf.train.common import (
     TrainingProgress,
     config_field,
+    restore_folder,
     resume_if_requested,
     save_checkpoint,
     save_config,
@@ -533,8 +539,8 @@ def _train_and_evaluate(config: CTRTrainConfig, resume: bool, accelerator) -> di
     progress = TrainingProgress()
     # running train-loss sum since the last evaluation travels in the checkpoint too
     progress.train_loss_sum, progress.train_loss_count = 0.0, 0
-    accelerator.register_for_checkpointing(progress)
-    checkpoint = resume_if_requested(accelerator, output_dir, resume)
+    checkpoint_state = {"model": model, "optimizer": optimizer, "progress": progress}
+    checkpoint = resume_if_requested(accelerator, output_dir, resume, checkpoint_state)
 
     steps_per_epoch = len(train_loader)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
@@ -543,6 +549,15 @@ def _train_and_evaluate(config: CTRTrainConfig, resume: bool, accelerator) -> di
     eval_every = config.eval_every or steps_per_epoch
     checkpoint_every = config.checkpoint_every or eval_every
     best_dir = output_dir / "model"
+    if accelerator.is_main_process:
+        # model/ is written at each improvement, between checkpoints: the checkpoint carries its
+        # copy, so a resumed run starts from the best model of the checkpointed step, and a fresh
+        # run never finds an earlier run's model.
+        if checkpoint is not None:
+            restore_folder(checkpoint, "best_model", best_dir)
+        elif best_dir.exists():
+            shutil.rmtree(best_dir)
+    accelerator.wait_for_everyone()
     stopped_early = progress.best_step is not None and config.patience and progress.evals_without_improvement >= config.patience
     bar = tqdm(total=total_steps, initial=progress.step, desc=f"ctr {config.mode}", unit="step",
                disable=not (config.show_progress and accelerator.is_main_process))
@@ -588,7 +603,8 @@ def _train_and_evaluate(config: CTRTrainConfig, resume: bool, accelerator) -> di
             if progress.step % eval_every == 0 or done:
                 stopped_early = evaluate_and_maybe_stop() and not done
             if progress.step % checkpoint_every == 0 or done or stopped_early:
-                save_checkpoint(accelerator, output_dir, progress.step, keep=config.keep_checkpoints)
+                save_checkpoint(accelerator, output_dir, progress.step, checkpoint_state,
+                                keep=config.keep_checkpoints, folders={"best_model": best_dir})
             if done or stopped_early:
                 break
     bar.close()

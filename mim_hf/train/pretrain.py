@@ -17,6 +17,12 @@ recall@K is measured on held-out items before, during and after training. The re
 ``output_dir/encoder`` (LoRA merged; ``encoder.save_pretrained`` + ``processor.save_pretrained``),
 ``output_dir/adapters`` (LoRA adapters + heads, ``mim_hf.lora.save_adapters``) and
 ``output_dir/metrics.json``.
+
+Checkpoints (``checkpoint_every``, see :mod:`mim_hf.train.common`) hold the objectives module
+(encoder + MLM head + temperature), AdamW, the scheduler, progress (with the alignment history),
+the running loss sums and the RNG states. Batches come from ``(seed, epoch)`` and MLM masks from
+``(seed, step)``, so ``run(config, resume=True)`` after a kill gives the uninterrupted run's
+metrics and weights exactly (same machine, CPU).
 """
 
 from __future__ import annotations
@@ -527,8 +533,8 @@ def run(config: PretrainConfig, resume: bool = False, accelerator=None) -> dict:
                                            num_training_steps=total_steps)
     objectives, optimizer, dataloader, scheduler = accelerator.prepare(objectives, optimizer, dataloader, scheduler)
     progress, meter = TrainingProgress(), LossMeter()
-    accelerator.register_for_checkpointing(progress)
-    accelerator.register_for_checkpointing(meter)
+    checkpoint_state = {"model": objectives, "optimizer": optimizer, "scheduler": scheduler, "progress": progress,
+                        "loss_meter": meter}
     unwrapped = accelerator.unwrap_model(objectives)
     tokenizer = processor.tokenizer
     special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
@@ -537,7 +543,7 @@ def run(config: PretrainConfig, resume: bool = False, accelerator=None) -> dict:
         return alignment_recall(unwrapped.encoder, eval_views, candidate_view, config.eval_batch_size,
                                 accelerator.device)
 
-    resumed_from = resume_if_requested(accelerator, output_dir, resume)
+    resumed_from = resume_if_requested(accelerator, output_dir, resume, checkpoint_state)
     tick = time.perf_counter()
     if not progress.history:  # fresh run: the "before" point
         progress.record({"losses": {}, "alignment": evaluate()})
@@ -573,7 +579,7 @@ def run(config: PretrainConfig, resume: bool = False, accelerator=None) -> dict:
                 progress.record({"losses": meter.means_and_reset(), "learning_rate": scheduler.get_last_lr()[0],
                                  "alignment": evaluate()})
             if last or (config.checkpoint_every and progress.step % config.checkpoint_every == 0):
-                save_checkpoint(accelerator, output_dir, progress.step, keep=config.keep_checkpoints)
+                save_checkpoint(accelerator, output_dir, progress.step, checkpoint_state, keep=config.keep_checkpoints)
             if last:
                 break
         else:
