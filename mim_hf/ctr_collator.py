@@ -12,7 +12,10 @@ positions ``0 .. n-1`` (oldest first), padding after them with id 0, zero conten
 ``behavior_mask`` False. The model ignores order, so the side only matters for reading tensors.
 
 Nothing is dropped silently: unknown users/items/feature values map to index 0 and missing
-content to a zero vector, and every such fallback is counted in ``collator.stats``.
+content to a zero vector, and every such fallback is counted in ``collator.stats``. Malformed
+input raises instead: a row without ``user_id`` / ``item_id`` / ``behavior_item_ids`` / a user
+feature, "label" in some rows only, a label other than 0/1 (NaN included), a history that is not
+a list, non-finite content from the lookup (ValueError / TypeError naming the row or item).
 """
 
 from __future__ import annotations
@@ -151,24 +154,61 @@ class CTRCollator:
         return codes
 
     def _lookup_content(self, item_ids: list[str]) -> torch.Tensor:
-        embeds, found = self.lookup(item_ids)
+        result = self.lookup(item_ids)
+        if not (isinstance(result, tuple) and len(result) == 2 and all(isinstance(t, torch.Tensor) for t in result)):
+            raise TypeError(f"content lookup must return (embeds tensor, found_mask tensor), got {type(result).__name__}")
+        embeds, found = result
         if embeds.dim() != 2 or embeds.shape[0] != len(item_ids) or found.shape != (len(item_ids),):
             raise ValueError(
                 f"content lookup of {len(item_ids)} ids returned embeds {tuple(embeds.shape)} and found_mask "
                 f"{tuple(found.shape)}; expected ({len(item_ids)}, C) and ({len(item_ids)},)"
             )
+        if not embeds.is_floating_point():
+            raise TypeError(f"content lookup returned {embeds.dtype} embeddings; expected a floating-point tensor")
+        finite = torch.isfinite(embeds).all(dim=1)
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0])
+            raise ValueError(f"content lookup returned non-finite values (NaN/inf) for item {item_ids[bad]!r}; "
+                             "content embeddings must be finite (rebuild or repair the Representation Center)")
         self.stats["content_missing"] += int((~found.bool()).sum())
         return embeds.float()
 
-    def __call__(self, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence]) -> dict[str, Any]:
+    def _rows_of(self, rows) -> list[Mapping[str, Any]]:
+        """The batch as a list of row mappings, checked: every row has the required keys, "label" is in
+        all rows or none, behaviour histories are lists (or None). ValueError / TypeError otherwise."""
         if isinstance(rows, Mapping):  # a batched Dataset slice: columns -> lists
+            lengths = {key: len(values) for key, values in rows.items()}
+            if len(set(lengths.values())) > 1:
+                raise ValueError(f"batched columns must have equal lengths, got {lengths}")
             rows = [dict(zip(rows.keys(), values)) for values in zip(*rows.values())]
+        elif isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
+            raise TypeError(f"rows must be a list of dicts or a dict of columns, got {type(rows).__name__}")
         if len(rows) == 0:
             raise ValueError("cannot collate an empty batch")
+        required = ["user_id", "item_id", "behavior_item_ids", *self.user_features]
+        labelled = isinstance(rows[0], Mapping) and "label" in rows[0]
+        for index, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise TypeError(f"row {index} must be a dict of columns, got {type(row).__name__}")
+            missing = [key for key in required if key not in row]
+            if missing:
+                raise ValueError(f"row {index} lacks {missing}; every row needs {required} (and 'label' to train)")
+            if ("label" in row) != labelled:
+                raise ValueError(f"row {index} {'lacks' if labelled else 'has'} 'label' but row 0 "
+                                 f"{'has' if labelled else 'lacks'} one: give a label in every row or in none")
+            history = row["behavior_item_ids"]
+            if history is not None and (isinstance(history, (str, bytes)) or not isinstance(history, (Sequence, np.ndarray))):
+                raise TypeError(f"row {index}: behavior_item_ids must be a list of item ids (or None), "
+                                f"got {type(history).__name__} {history!r}")
+        return list(rows)
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence]) -> dict[str, Any]:
+        rows = self._rows_of(rows)
         batch_size, max_len = len(rows), self.max_len
         user_ids = [str(row["user_id"]) for row in rows]
         target_ids = [str(row["item_id"]) for row in rows]
-        histories = [[str(i) for i in (row["behavior_item_ids"] or [])][-max_len:] for row in rows]
+        full_histories = [[] if row["behavior_item_ids"] is None else row["behavior_item_ids"] for row in rows]
+        histories = [[str(i) for i in history[-max_len:]] for history in full_histories]
         lengths = np.array([len(h) for h in histories], dtype=np.int64)
         flat_history = list(chain.from_iterable(histories))
         # right padding: sample b's behaviours at positions 0..lengths[b]-1
@@ -177,7 +217,7 @@ class CTRCollator:
 
         self.stats["samples"] += batch_size
         self.stats["behaviors"] += len(flat_history)
-        self.stats["truncated_samples"] += sum(len(row["behavior_item_ids"] or []) > max_len for row in rows)
+        self.stats["truncated_samples"] += sum(len(history) > max_len for history in full_histories)
         batch: dict[str, Any] = {
             "user_ids": torch.from_numpy(self._encode("user_id", user_ids, "unknown_users")),
             "target_item_ids": torch.from_numpy(self._encode("item_id", target_ids, "unknown_target_items")),
@@ -206,10 +246,15 @@ class CTRCollator:
             behavior_content[torch.from_numpy(row_of), torch.from_numpy(pos_of)] = content[batch_size:]
             batch["behavior_content_embeds"] = behavior_content
         if "label" in rows[0]:
-            labels = np.array([row["label"] for row in rows])
-            if not np.isin(labels, (0, 1)).all():
-                raise ValueError(f"label must be 0 or 1, got {sorted(set(labels.tolist()) - {0, 1})}")
-            batch["labels"] = torch.from_numpy(labels.astype(np.int64))
+            labels = [row["label"].item() if isinstance(row["label"], torch.Tensor) and row["label"].numel() == 1
+                      else row["label"] for row in rows]
+            # bools and integral floats are 0/1; NaN, None, strings and other numbers are not
+            bad = [(index, label) for index, label in enumerate(labels)
+                   if isinstance(label, (str, bytes)) or not isinstance(label, (int, float, np.number)) or label not in (0, 1)]
+            if bad:
+                raise ValueError(f"label must be 0 or 1, got {bad[0][1]!r} in row {bad[0][0]}"
+                                 + (f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""))
+            batch["labels"] = torch.tensor([int(label) for label in labels], dtype=torch.int64)
         return batch
 
 

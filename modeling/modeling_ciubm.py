@@ -1,19 +1,26 @@
 """CiUBM: content-interest-aware user behaviour modelling for CTR (Stage 3 of MIM).
 
 One model, one file, top to bottom: feature embedding, DIN attention unit, content
-similarity / content-interest / histogram blocks, SIM top-k search, then
-``CiUBMPreTrainedModel`` and ``CiUBMForCTR``. Imports only torch and transformers so it can be
-uploaded as Hub remote code next to ``configuration_ciubm.py``.
+similarity / content-interest / histogram blocks, SIM top-k search, the two ways behaviour
+content can come in, then ``CiUBMPreTrainedModel`` and ``CiUBMForCTR``. Imports only torch and
+transformers so it can be uploaded as Hub remote code next to ``configuration_ciubm.py``.
 
-Content embeddings are inputs: they come frozen from the Representation Center, looked up by
-the collator; the model holds no copy of the center, so checkpoints stay small.
+Content embeddings are inputs: they come frozen from the Representation Center, either as
+dense tensors looked up by the collator (``target_content_embeds`` (B, C),
+``behavior_content_embeds`` (B, L, C)) or as row numbers into a content table passed with the
+batch (``content_table`` (N, C), ``target_content_rows`` (B,), ``behavior_content_rows`` (B, L)),
+which never builds a (B, L, C) tensor. The model holds no copy of the center, so checkpoints
+stay small.
 
 Padding and unknown IDs share row 0 of every embedding table. Padded behaviours get exactly
-zero attention weight (masked softmax, then multiplied by the mask), their IDs are replaced by
-0 before look-up, so whatever sits at padded positions cannot change the output, provided
-padded content vectors are finite (the collator writes zeros there).
+zero attention weight (masked softmax, then multiplied by the mask), their IDs, side features
+and content rows are replaced by 0 before look-up, so whatever sits at padded positions cannot
+change the output, provided padded content vectors are finite (the collator writes zeros;
+non-finite content anywhere raises a ValueError).
 """
 
+import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -89,7 +96,8 @@ class CiUBMFeatureEmbedding(nn.Module):
 
     Row 0 of every table is the padding/unknown row. Side-feature tables keep row 0 at zero
     (padding_idx); the user/item ID tables follow `config.unknown_row_policy`. Multi-valued
-    item features (B, ..., G) are averaged over their non-zero values.
+    item features (..., G) are averaged over their non-zero values. Inputs are assumed valid
+    (`CiUBMForCTR.forward` checks them once per batch).
     """
 
     def __init__(self, config: CiUBMConfig):
@@ -108,57 +116,22 @@ class CiUBMFeatureEmbedding(nn.Module):
         self.user_dim = dim * (1 + len(config.user_feature_sizes))
         self.item_dim = dim * (1 + len(config.item_feature_sizes))
 
-    @staticmethod
-    def _check_ids(name: str, ids: torch.Tensor, size: int):
-        if ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
-            raise ValueError(
-                f"{name} holds index {int(ids.max()) if int(ids.max()) >= size else int(ids.min())} "
-                f"outside the vocabulary [0, {size})"
-            )
-
-    @staticmethod
-    def _features_of(kind: str, features: dict | None, expected) -> dict:
-        features = {} if features is None else dict(features)
-        if set(features) != set(expected):
-            raise ValueError(
-                f"{kind} features {sorted(features)} do not match the config's {sorted(expected)}"
-            )
-        return features
-
-    def embed_users(self, user_ids: torch.Tensor, user_features: dict | None) -> torch.Tensor:
+    def embed_users(self, user_ids: torch.Tensor, user_features: dict) -> torch.Tensor:
         """user_ids (B,), user_features name -> (B,) -> (B, user_dim)."""
-        features = self._features_of("user", user_features, self.user_feature_embeddings.keys())
-        self._check_ids("user_ids", user_ids, self.user_id_embeddings.num_embeddings)
         parts = [self.user_id_embeddings(user_ids)]
-        for name, table in self.user_feature_embeddings.items():
-            self._check_ids(f"user feature {name!r}", features[name], table.num_embeddings)
-            parts.append(table(features[name]))
+        parts += [table(user_features[name]) for name, table in self.user_feature_embeddings.items()]
         return torch.cat(parts, dim=-1)
 
-    def embed_items(self, item_ids: torch.Tensor, item_features: dict | None, what: str) -> torch.Tensor:
+    def embed_items(self, item_ids: torch.Tensor, item_features: dict) -> torch.Tensor:
         """item_ids (*S), item_features name -> (*S) or (*S, G) if multi-valued -> (*S, item_dim)."""
-        features = self._features_of(what, item_features, self.item_feature_embeddings.keys())
-        self._check_ids(f"{what} ids", item_ids, self.item_id_embeddings.num_embeddings)
         parts = [self.item_id_embeddings(item_ids)]
         for name, table in self.item_feature_embeddings.items():
-            values = features[name]
-            self._check_ids(f"{what} feature {name!r}", values, table.num_embeddings)
+            values = item_features[name]
             if name in self.multi_valued_item_features:
-                if values.dim() != item_ids.dim() + 1:
-                    raise ValueError(
-                        f"multi-valued {what} feature {name!r} must have shape {tuple(item_ids.shape)} + (G,), "
-                        f"got {tuple(values.shape)}"
-                    )
                 present = (values != 0).unsqueeze(-1).to(table.weight.dtype)
                 # row 0 is zero, so the sum only counts real values; divide by their number
                 parts.append(table(values).sum(-2) / present.sum(-2).clamp_min(1.0))
             else:
-                if values.shape != item_ids.shape:
-                    raise ValueError(
-                        f"{what} feature {name!r} must have shape {tuple(item_ids.shape)}, got {tuple(values.shape)}"
-                    )
                 parts.append(table(values))
         return torch.cat(parts, dim=-1)
 
@@ -169,9 +142,13 @@ class CiUBMTargetAttention(nn.Module):
     Pooling is a masked softmax over behaviours (`"softmax"`, default: bounded interest vector
     whatever the sequence length, and an additive bias acts as a log-weight) or DIN's
     unnormalised weighted sum (`"sum"`). The first MLP layer is applied without building the
-    (B, L, 4D) concatenation: W[q, k, q-k, q*k] = (W_q + W_d) q + (W_k - W_d + W_p diag(q)) k,
-    one batched matmul over behaviours; the result equals the textbook form.
+    (B, L, 4D) concatenation: W[q, k, q-k, q*k] = (W_q + W_d) q + (W_k - W_d) k + W_p (q * k);
+    the result equals the textbook form. On CPU, when at most `packing_max_density` of the
+    positions are real behaviours, the MLP runs on those only (padded scores are never used).
     """
+
+    # above this fraction of real behaviours, gathering them costs more than it saves
+    packing_max_density = 0.7
 
     def __init__(self, embed_dim: int, hidden_sizes: list, hidden_act: str, normalization: str):
         super().__init__()
@@ -189,11 +166,24 @@ class CiUBMTargetAttention(nn.Module):
     def forward(self, query, keys, mask, score_bias=None):
         """query (B, D), keys (B, L, D), mask (B, L) bool, score_bias (B, L) or None ->
         (interest (B, D), weights (B, L))."""
-        w_query, w_key, w_diff, w_prod = self.input_layer.weight.split(self.embed_dim, dim=1)  # (H, D) each
-        query_part = F.linear(query, w_query + w_diff, self.input_layer.bias)  # (B, H)
-        key_matrix = (w_key - w_diff).t().unsqueeze(0) + query.unsqueeze(2) * w_prod.t().unsqueeze(0)  # (B, D, H)
-        hidden = torch.baddbmm(query_part.unsqueeze(1), keys, key_matrix)  # (B, L, H)
-        scores = self.score_layers(self.activation(hidden)).squeeze(-1)  # (B, L)
+        batch_size, seq_len, dim = keys.shape
+        w_query, w_key, w_diff, w_prod = self.input_layer.weight.split(dim, dim=1)  # (H, D) each
+        valid = mask.reshape(-1).nonzero().squeeze(1) if keys.device.type == "cpu" else None
+        if valid is not None and valid.numel() <= self.packing_max_density * mask.numel():
+            valid_keys = keys.reshape(-1, dim).index_select(0, valid)  # (V, D)
+            valid_queries = query.index_select(0, torch.div(valid, seq_len, rounding_mode="floor"))  # (V, D)
+            pair = torch.cat([valid_keys, valid_queries * valid_keys, valid_queries], dim=1)  # (V, 3D)
+            weight = torch.cat([w_key - w_diff, w_prod, w_query + w_diff], dim=1)  # (H, 3D)
+            hidden = F.linear(pair, weight, self.input_layer.bias)  # (V, H)
+            valid_scores = self.score_layers(self.activation(hidden)).squeeze(-1)
+            scores = valid_scores.new_zeros(batch_size * seq_len).index_copy(0, valid, valid_scores)
+            scores = scores.view(batch_size, seq_len)
+        else:
+            # one (L, D) x (D, H) product per sample with the query folded into the matrix
+            query_part = F.linear(query, w_query + w_diff, self.input_layer.bias)  # (B, H)
+            key_matrix = (w_key - w_diff).t().unsqueeze(0) + query.unsqueeze(2) * w_prod.t().unsqueeze(0)  # (B, D, H)
+            hidden = torch.baddbmm(query_part.unsqueeze(1), keys, key_matrix)  # (B, L, H)
+            scores = self.score_layers(self.activation(hidden)).squeeze(-1)  # (B, L)
         if score_bias is not None:
             scores = scores + score_bias
         if self.normalization == "softmax":
@@ -208,29 +198,119 @@ def content_cosine_similarity(target_content: torch.Tensor, behavior_content: to
     """Cosine similarity of the target with each behaviour: (B, C), (B, L, C) -> (B, L) in [-1, 1].
 
     Norms are computed separately so the (B, L, C) tensor is never copied; all-zero vectors
-    (content missing from the center) get similarity 0.
+    (content missing from the center) get similarity 0. The dots are one (1, C) x (C, L) product
+    per sample: on CPU that orientation streams the behaviours at memory speed, (L, C) x (C, 1)
+    runs about 3x slower.
     """
-    dots = torch.bmm(behavior_content, target_content.unsqueeze(2)).squeeze(2)
+    dots = torch.bmm(target_content.unsqueeze(1), behavior_content.transpose(1, 2)).squeeze(1)
     norms = torch.linalg.vector_norm(behavior_content, dim=-1) * torch.linalg.vector_norm(
         target_content, dim=-1, keepdim=True
     )
     return dots / norms.clamp_min(1e-8)
 
 
+def sampled_row_dots(table: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """dots[i] = table[rows[i]] . target[sample[i]]: (N, C), (B, C), (V,) integer, (V,) integer -> (V,).
+
+    A sampled dense-dense product (`torch.sparse.sampled_addmm`) over the pattern "table row r
+    meets sample b", its rows sorted by table row so that each table row is read once however
+    many samples hold it; gathering table[rows] instead writes V*C floats and reads rows in
+    random order (several times slower at L = 1000). No gradient flows (the table is frozen).
+    """
+    n_rows, batch_size = table.shape[0], target.shape[0]
+    index_dtype = torch.int32 if max(n_rows, batch_size, rows.numel()) < 2**31 else torch.int64
+    sorted_rows, order = torch.sort(rows.to(index_dtype), stable=True)
+    crow = torch.zeros(n_rows + 1, dtype=index_dtype, device=rows.device)
+    crow[1:] = torch.bincount(sorted_rows, minlength=n_rows).cumsum(0)
+    values = torch.zeros(rows.numel(), dtype=table.dtype, device=table.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        pattern = torch.sparse_csr_tensor(crow, sample.index_select(0, order).to(index_dtype), values,
+                                          size=(n_rows, batch_size), check_invariants=False)
+        sorted_dots = torch.sparse.sampled_addmm(pattern, table, target.t(), beta=0.0).values()
+    return torch.empty_like(sorted_dots).index_copy_(0, order, sorted_dots)
+
+
+def table_cosine_similarity(
+    target_content: torch.Tensor, table: torch.Tensor, table_norms: torch.Tensor, rows: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """`content_cosine_similarity(target_content, table[rows])` at the positions where `mask` is
+    True, 0 elsewhere, without building table[rows] and without computing padded positions.
+
+    target_content (B, C), table (N, C), table_norms (N,) = row norms of the table, rows (B, L)
+    integer, mask (B, L) bool -> (B, L) in [-1, 1].
+    """
+    batch_size, seq_len = rows.shape
+    valid = mask.reshape(-1).nonzero().squeeze(1)  # (V,) flat positions
+    valid_rows = rows.reshape(-1).index_select(0, valid)
+    sample = torch.div(valid, max(seq_len, 1), rounding_mode="floor")
+    dots = sampled_row_dots(table, target_content, valid_rows, sample)
+    norms = table_norms.index_select(0, valid_rows) * torch.linalg.vector_norm(target_content, dim=-1).index_select(
+        0, sample
+    )
+    similarity = dots.new_zeros(batch_size * seq_len).index_copy(0, valid, dots / norms.clamp_min(1e-8))
+    return similarity.view(batch_size, seq_len)
+
+
+class _DenseBehaviorContent:
+    """Behaviour content given densely: target (B, C), behaviours (B, L, C)."""
+
+    def __init__(self, target: torch.Tensor, behaviors: torch.Tensor):
+        self.target, self.behaviors = target, behaviors
+
+    def similarity(self) -> torch.Tensor:
+        """(B, L) cosine similarity of target and behaviours."""
+        return content_cosine_similarity(self.target, self.behaviors)
+
+    def select(self, indices: torch.Tensor) -> "_DenseBehaviorContent":
+        """Keep positions indices (B, k) of each sequence (a row copy, no (B, k, C) index tensor)."""
+        batch_size, seq_len, dim = self.behaviors.shape
+        offsets = torch.arange(batch_size, device=indices.device).unsqueeze(1) * seq_len
+        kept = self.behaviors.reshape(-1, dim).index_select(0, (indices + offsets).reshape(-1))
+        return _DenseBehaviorContent(self.target, kept.view(*indices.shape, dim))
+
+    def pool(self, weights: torch.Tensor) -> torch.Tensor:
+        """weights (B, L) -> (B, C) = sum_l weights[b, l] * behaviours[b, l]."""
+        return torch.bmm(weights.unsqueeze(1).to(self.behaviors.dtype), self.behaviors).squeeze(1)
+
+
+class _TableBehaviorContent:
+    """Behaviour content given as rows (B, L) of a frozen content table (N, C) with row norms (N,)."""
+
+    def __init__(self, target: torch.Tensor, table: torch.Tensor, table_norms: torch.Tensor, rows: torch.Tensor,
+                 mask: torch.Tensor):
+        self.target, self.table, self.table_norms, self.rows, self.mask = target, table, table_norms, rows, mask
+
+    def similarity(self) -> torch.Tensor:
+        """(B, L) cosine similarity at real behaviours, 0 at padded positions (never used)."""
+        return table_cosine_similarity(self.target, self.table, self.table_norms, self.rows, self.mask)
+
+    def select(self, indices: torch.Tensor) -> "_TableBehaviorContent":
+        return _TableBehaviorContent(self.target, self.table, self.table_norms, self.rows.gather(1, indices),
+                                     self.mask.gather(1, indices))
+
+    def pool(self, weights: torch.Tensor) -> torch.Tensor:
+        if self.rows.shape[1] == 0:  # embedding_bag cannot split empty bags out of a 2-D input
+            return self.table.new_zeros(self.rows.shape[0], self.table.shape[1])
+        # one fused gather-and-sum per sample: the (B, L, C) rows are never written out
+        return F.embedding_bag(self.rows, self.table, per_sample_weights=weights.to(self.table.dtype), mode="sum")
+
+
 class CiUBMContentInterest(nn.Module):
     """(a) Content-interest vector: behaviour content pooled by softmax(similarity / temperature).
 
-    similarity (B, L), behavior_content (B, L, C), mask (B, L) -> (pooled (B, C), weights (B, L)).
+    similarity (B, L), mask (B, L), behaviour content (dense or table rows) ->
+    (pooled (B, C), weights (B, L)).
     """
 
     def __init__(self, temperature: float):
         super().__init__()
         self.temperature = temperature
 
-    def forward(self, similarity, behavior_content, mask):
+    def forward(self, similarity, mask, behavior_content):
         weights = masked_softmax(similarity / self.temperature, mask)
-        pooled = torch.bmm(weights.unsqueeze(1).to(behavior_content.dtype), behavior_content).squeeze(1)
-        return pooled, weights
+        return behavior_content.pool(weights), weights
 
 
 class CiUBMSimilarityHistogram(nn.Module):
@@ -244,7 +324,7 @@ class CiUBMSimilarityHistogram(nn.Module):
         self.n_bins = n_bins
 
     def forward(self, similarity, mask):
-        # NaN at padded positions becomes some bin index, but its count weight is mask = 0
+        # padded positions fall in some bin, but their count weight is mask = 0
         bins = ((similarity.detach() + 1.0) * (self.n_bins / 2.0)).floor().long().clamp(0, self.n_bins - 1)
         valid = mask.to(similarity.dtype)
         counts = torch.zeros(similarity.shape[0], self.n_bins, dtype=similarity.dtype, device=similarity.device)
@@ -255,8 +335,9 @@ class CiUBMSimilarityHistogram(nn.Module):
 class CiUBMBehaviorSearch(nn.Module):
     """SIM-style search stage: keep the top-k valid behaviours by content similarity.
 
-    similarity (B, L), mask (B, L) -> indices (B, k) into the sequence, with k = min(top_k, L);
-    rows with fewer than k valid behaviours also return padded positions (still masked).
+    similarity (B, L), mask (B, L) -> indices (B, k) into the sequence (in no particular order),
+    with k = min(top_k, L); rows with fewer than k valid behaviours also return padded positions
+    (still masked).
     """
 
     def __init__(self, top_k: int):
@@ -265,7 +346,8 @@ class CiUBMBehaviorSearch(nn.Module):
 
     def forward(self, similarity, mask):
         k = min(self.top_k, similarity.shape[1])
-        return similarity.masked_fill(~mask, float("-inf")).topk(k, dim=1).indices
+        # unsorted: the model is order-invariant over behaviours, and a partial selection is cheaper
+        return similarity.masked_fill(~mask, float("-inf")).topk(k, dim=1, sorted=False).indices
 
 
 class CiUBMPreTrainedModel(PreTrainedModel):
@@ -325,6 +407,10 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
         self.similarity_scale = (
             nn.Parameter(torch.empty(())) if full and config.similarity_in_attention else None
         )
+        # the similarity feeds the search and parts (a)-(c); "content_feature" alone never needs it
+        self.uses_similarity = config.base == "sim" or any(
+            part is not None for part in (self.content_interest, self.similarity_histogram, self.similarity_scale)
+        )
         fusion_dim = user_dim + 2 * item_dim  # user, target item, ID interest
         if config.mode == "content_feature":
             fusion_dim += 2 * config.content_proj_dim  # target content, mean behaviour content
@@ -333,53 +419,164 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
             fusion_dim += config.content_proj_dim if self.content_interest is not None else 0
             fusion_dim += config.histogram_n_bins if self.similarity_histogram is not None else 0
         self.fusion = CiUBMMLP(fusion_dim, config.fusion_hidden_sizes, 1, config.hidden_act, config.dropout)
+        # (weak ref to the last content_table seen, (its version, dtype), its row norms)
+        self._content_table_cache = None
         self.post_init()
 
     # ------------------------------------------------------------------ input checks
-    def _check_inputs(self, user_ids, target_item_ids, behavior_item_ids, behavior_mask,
-                      target_content_embeds, behavior_content_embeds, labels):
+    def _check_inputs(self, inputs: dict) -> dict:
+        """Check every input once per batch and return them cleaned.
+
+        Types and shapes are checked for free (metadata); values (ID ranges, mask and label
+        values) with a few reductions and ONE host sync, and only when something is wrong is the
+        offending value looked up for the message. Raises TypeError (not a tensor, wrong dtype) or
+        ValueError (shape, range, value), naming the input, the bad value and what is expected.
+        Returns the inputs with a bool mask, padded behaviour IDs / side features / content rows
+        replaced by 0, feature dicts filled, and "content" = the behaviour content (or None).
+        """
+        config = self.config
+        user_ids = _tensor("user_ids", inputs["user_ids"], "integer")
+        if user_ids.dim() != 1 or user_ids.shape[0] == 0:
+            raise ValueError(f"user_ids must be (batch_size,) with batch_size >= 1, got shape {tuple(user_ids.shape)}")
         batch_size = user_ids.shape[0]
-        if user_ids.dim() != 1 or target_item_ids.shape != (batch_size,):
-            raise ValueError(
-                f"user_ids and target_item_ids must both be (batch_size,), got {tuple(user_ids.shape)} "
-                f"and {tuple(target_item_ids.shape)}"
-            )
+        target_item_ids = _tensor("target_item_ids", inputs["target_item_ids"], "integer", (batch_size,))
+        behavior_item_ids = _tensor("behavior_item_ids", inputs["behavior_item_ids"], "integer")
         if behavior_item_ids.dim() != 2 or behavior_item_ids.shape[0] != batch_size:
             raise ValueError(f"behavior_item_ids must be ({batch_size}, L), got {tuple(behavior_item_ids.shape)}")
-        if behavior_mask.shape != behavior_item_ids.shape:
-            raise ValueError(
-                f"behavior_mask shape {tuple(behavior_mask.shape)} != behavior_item_ids shape "
-                f"{tuple(behavior_item_ids.shape)}"
-            )
+        seq_shape = tuple(behavior_item_ids.shape)
+        raw_mask = _tensor("behavior_mask", inputs["behavior_mask"], "any")
+        if raw_mask.shape != seq_shape:
+            raise ValueError(f"behavior_mask shape {tuple(raw_mask.shape)} != behavior_item_ids shape {seq_shape}")
+        mask = raw_mask if raw_mask.dtype == torch.bool else raw_mask != 0
+        padding = ~mask
+
+        checks = []  # (bad: 0-dim bool tensor, message: callable) evaluated with one sync below
+        if raw_mask.dtype != torch.bool:
+            checks.append(_value_check("behavior_mask", raw_mask, "0/1 (or bool)"))
+        checks.append(_range_check("user_ids", user_ids, config.n_users))
+        checks.append(_range_check("target_item_ids", target_item_ids, config.n_items))
+        behavior_item_ids = behavior_item_ids.masked_fill(padding, 0)  # any value allowed at padding
+        checks.append(_range_check("behavior_item_ids (at unpadded positions)", behavior_item_ids, config.n_items))
+
+        user_features = _feature_dict("user_features", inputs["user_features"], config.user_feature_sizes)
+        target_features = _feature_dict("target_item_features", inputs["target_item_features"], config.item_feature_sizes)
+        behavior_features = _feature_dict(
+            "behavior_item_features", inputs["behavior_item_features"], config.item_feature_sizes
+        )
+        multi = set(config.multi_valued_item_features)
+        for name, size in config.user_feature_sizes.items():
+            values = _tensor(f"user_features[{name!r}]", user_features[name], "integer", (batch_size,))
+            checks.append(_range_check(f"user_features[{name!r}]", values, size))
+        for name, size in config.item_feature_sizes.items():
+            tail = "G" if name in multi else None
+            target_values = _tensor(f"target_item_features[{name!r}]", target_features[name], "integer",
+                                    (batch_size,), tail)
+            behavior_values = _tensor(f"behavior_item_features[{name!r}]", behavior_features[name], "integer",
+                                      seq_shape, tail)
+            behavior_values = behavior_values.masked_fill(padding.unsqueeze(-1) if tail else padding, 0)
+            behavior_features[name] = behavior_values
+            checks.append(_range_check(f"target_item_features[{name!r}]", target_values, size))
+            checks.append(_range_check(f"behavior_item_features[{name!r}] (at unpadded positions)", behavior_values, size))
+
+        content = None
         if self.needs_content_inputs:
-            if target_content_embeds is None or behavior_content_embeds is None:
-                raise ValueError(
-                    f"mode={self.config.mode!r}, base={self.config.base!r} needs target_content_embeds "
-                    "(B, C) and behavior_content_embeds (B, L, C) from the Representation Center"
-                )
-            for name, tensor in (("target_content_embeds", target_content_embeds),
-                                 ("behavior_content_embeds", behavior_content_embeds)):
-                if tensor.shape[-1] != self.config.content_dim:
-                    raise ValueError(
-                        f"{name} has content dim {tensor.shape[-1]} but config.content_dim is "
-                        f"{self.config.content_dim} (was the center built with another encoder?)"
-                    )
-            if target_content_embeds.shape != (batch_size, self.config.content_dim):
-                raise ValueError(
-                    f"target_content_embeds must be ({batch_size}, {self.config.content_dim}), "
-                    f"got {tuple(target_content_embeds.shape)}"
-                )
-            expected = (*behavior_item_ids.shape, self.config.content_dim)
-            if behavior_content_embeds.shape != expected:
-                raise ValueError(
-                    f"behavior_content_embeds must be {expected}, got {tuple(behavior_content_embeds.shape)}"
-                )
+            content, content_checks = self._behavior_content(inputs, batch_size, seq_shape, padding)
+            checks += content_checks
+        labels = inputs["labels"]
         if labels is not None:
-            if labels.shape != (batch_size,):
-                raise ValueError(f"labels must be ({batch_size},), got {tuple(labels.shape)}")
-            bad = (labels != 0) & (labels != 1)
-            if bool(bad.any()):
-                raise ValueError(f"labels must be 0 or 1, got {labels[bad][0].item()!r}")
+            labels = _tensor("labels", labels, "any", (batch_size,))
+            checks.append(_value_check("labels", labels, "0 or 1"))
+
+        bad = torch.stack([flag for flag, _ in checks])
+        if bool(bad.any()):
+            for flag, message in checks:
+                if flag:
+                    raise ValueError(message())
+        return {
+            "user_ids": user_ids, "target_item_ids": target_item_ids, "behavior_item_ids": behavior_item_ids,
+            "behavior_mask": mask, "user_features": user_features, "target_item_features": target_features,
+            "behavior_item_features": behavior_features, "content": content, "labels": labels,
+        }
+
+    def _behavior_content(self, inputs, batch_size, seq_shape, padding):
+        """The behaviour content of the batch (dense or table rows) and its value checks."""
+        dim = self.config.content_dim
+        dense = inputs["target_content_embeds"] is not None or inputs["behavior_content_embeds"] is not None
+        rows = (inputs["content_table"] is not None or inputs["target_content_rows"] is not None
+                or inputs["behavior_content_rows"] is not None)
+        needed = (f"mode={self.config.mode!r}, base={self.config.base!r} needs target_content_embeds (B, C) and "
+                  "behavior_content_embeds (B, L, C), or content_table (N, C) with target_content_rows (B,) and "
+                  "behavior_content_rows (B, L), from the Representation Center")
+        if dense and rows:
+            raise ValueError(f"give content either as embeddings or as table rows, not both. {needed}")
+        if not rows:
+            if inputs["target_content_embeds"] is None or inputs["behavior_content_embeds"] is None:
+                raise ValueError(needed)
+            target = _tensor("target_content_embeds", inputs["target_content_embeds"], "float")
+            behaviors = _tensor("behavior_content_embeds", inputs["behavior_content_embeds"], "float")
+            for name, tensor in (("target_content_embeds", target), ("behavior_content_embeds", behaviors)):
+                if tensor.dim() and tensor.shape[-1] != dim:
+                    raise ValueError(f"{name} has content dim {tensor.shape[-1]} but config.content_dim is {dim} "
+                                     "(was the center built with another encoder?)")
+            _tensor("target_content_embeds", target, "float", (batch_size, dim))
+            _tensor("behavior_content_embeds", behaviors, "float", (*seq_shape, dim))
+            target = target.to(self.dtype)
+            # the target is checked here; behaviours through the similarities and logits they feed
+            return _DenseBehaviorContent(target, behaviors.to(self.dtype)), [_finite_check("target_content_embeds", target)]
+        if any(inputs[name] is None for name in ("content_table", "target_content_rows", "behavior_content_rows")):
+            raise ValueError(needed)
+        table = _tensor("content_table", inputs["content_table"], "float")
+        if table.dim() != 2 or table.shape[0] == 0 or table.shape[1] != dim:
+            raise ValueError(f"content_table must be (N, {dim}) with N >= 1 (config.content_dim = {dim}), "
+                             f"got {tuple(table.shape)}")
+        target_rows = _tensor("target_content_rows", inputs["target_content_rows"], "integer", (batch_size,))
+        behavior_rows = _tensor("behavior_content_rows", inputs["behavior_content_rows"], "integer", seq_shape)
+        behavior_rows = behavior_rows.masked_fill(padding, 0)
+        checks = [_range_check(name, rows, table.shape[0], "the rows of content_table") for name, rows in (
+            ("target_content_rows", target_rows), ("behavior_content_rows (at unpadded positions)", behavior_rows))]
+        table, table_norms = self._prepared_table(table)
+        target = table.index_select(0, target_rows.clamp(0, table.shape[0] - 1))  # clamped: checked with the rest
+        checks.append(_finite_check("content_table (at target_content_rows)", target))
+        return _TableBehaviorContent(target, table, table_norms, behavior_rows, ~padding), checks
+
+    def _prepared_table(self, table: torch.Tensor):
+        """(table in the model dtype, detached; its row norms (N,)). The norms are computed once per
+        table object and version (an in-place change recomputes them); a weak reference, so the
+        model never keeps a caller's table alive."""
+        frozen = table.detach().to(self.dtype)
+        cache = self._content_table_cache
+        if cache is None or cache[0]() is not table or cache[1] != (table._version, frozen.dtype):
+            cache = (weakref.ref(table), (table._version, frozen.dtype), torch.linalg.vector_norm(frozen, dim=-1))
+            self._content_table_cache = cache
+        return frozen, cache[2]
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_content_table_cache"] = None  # a per-process cache of a caller's tensor: never pickled
+        return state
+
+    def _non_finite_error(self, content, similarity, logits) -> ValueError:
+        """Explain non-finite similarities or logits: which content input holds NaN/inf, else the model."""
+        if content is not None:
+            if isinstance(content, _DenseBehaviorContent):
+                named = (("target_content_embeds", content.target), ("behavior_content_embeds", content.behaviors))
+            else:
+                named = (("content_table", content.table),)
+            for name, tensor in named:
+                bad = ~torch.isfinite(tensor)
+                if bool(bad.any()):
+                    where = tuple(int(i) for i in bad.nonzero()[0])
+                    return ValueError(
+                        f"{name} holds {tensor[where].item()} at index {where[:-1]}: content embeddings must be "
+                        "finite everywhere, padded positions included (the collator writes zeros there)"
+                    )
+        samples = (~torch.isfinite(logits)).nonzero().flatten()[:5].tolist()
+        where = "the content similarity" if similarity is not None and not bool(torch.isfinite(similarity).all()) else (
+            f"the logits of samples {samples}")
+        return ValueError(
+            f"finite inputs gave non-finite values in {where}: content vectors too large for "
+            f"{self.dtype} (norms overflow), or diverged weights"
+        )
 
     def _drop_to_unknown(self, ids: torch.Tensor) -> torch.Tensor:
         """In training, replace IDs by the unknown row 0 with prob unknown_id_dropout."""
@@ -400,42 +597,59 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
         target_content_embeds: torch.FloatTensor | None = None,
         behavior_content_embeds: torch.FloatTensor | None = None,
         labels: torch.Tensor | None = None,
+        content_table: torch.FloatTensor | None = None,
+        target_content_rows: torch.LongTensor | None = None,
+        behavior_content_rows: torch.LongTensor | None = None,
         **kwargs,
     ) -> CiUBMOutput:
         r"""Score (user, target item, behaviour sequence) samples.
 
         Args:
-            user_ids (`(B,)` long): user vocabulary index, 0 = unknown.
-            target_item_ids (`(B,)` long): item vocabulary index, 0 = unknown.
-            behavior_item_ids (`(B, L)` long): past items; any value at padded positions.
-            behavior_mask (`(B, L)` bool): True at real behaviours.
+            user_ids (`(B,)` int64/int32): user vocabulary index, 0 = unknown; B >= 1.
+            target_item_ids (`(B,)` int64/int32): item vocabulary index, 0 = unknown.
+            behavior_item_ids (`(B, L)` int64/int32): past items (L may be 0); any value at padded positions.
+            behavior_mask (`(B, L)` bool, or 0/1 integers/floats): True at real behaviours.
             user_features (`dict[str, (B,)]`): one tensor per `config.user_feature_sizes` key.
             target_item_features (`dict[str, (B,) | (B, G)]`): per `config.item_feature_sizes` key
                 ((B, G) for multi-valued features, 0-padded).
-            behavior_item_features (`dict[str, (B, L) | (B, L, G)]`): same for behaviours.
+            behavior_item_features (`dict[str, (B, L) | (B, L, G')]`): same for behaviours; any
+                value at padded positions.
             target_content_embeds (`(B, C)` float): content embedding of the target item; ignored
                 (may be None) in mode "din" with base "din".
             behavior_content_embeds (`(B, L, C)` float): content of the behaviours (finite at padding).
             labels (`(B,)` 0/1, optional): clicks; gives `loss`.
+            content_table (`(N, C)` float, optional): instead of the two content embeddings, a frozen
+                content table (e.g. the Representation Center's rows; row norms are computed once per
+                table object) with
+            target_content_rows (`(B,)` int): the target's row in `content_table`, and
+            behavior_content_rows (`(B, L)` int): each behaviour's row (any value at padded positions).
+                Same outputs as passing `content_table[rows]` as embeddings, without building them.
 
         Returns:
             [`CiUBMOutput`] with logits/probs `(B,)` and `loss` when labels are given.
+
+        Raises:
+            TypeError / ValueError naming the input, the bad value and what is expected: a
+            non-tensor or wrong dtype, a shape that disagrees with the batch, IDs / rows outside
+            their table, labels other than 0/1, non-finite content.
         """
         if kwargs:
             raise TypeError(f"CiUBMForCTR.forward got unexpected inputs {sorted(kwargs)}")
-        behavior_mask = behavior_mask.bool()
-        self._check_inputs(user_ids, target_item_ids, behavior_item_ids, behavior_mask,
-                           target_content_embeds, behavior_content_embeds, labels)
-        behavior_item_features = dict(behavior_item_features or {})
-        # padded IDs never reach a table row other than 0
-        behavior_item_ids = behavior_item_ids.masked_fill(~behavior_mask, 0)
+        checked = self._check_inputs({
+            "user_ids": user_ids, "target_item_ids": target_item_ids, "behavior_item_ids": behavior_item_ids,
+            "behavior_mask": behavior_mask, "user_features": user_features,
+            "target_item_features": target_item_features, "behavior_item_features": behavior_item_features,
+            "target_content_embeds": target_content_embeds, "behavior_content_embeds": behavior_content_embeds,
+            "content_table": content_table, "target_content_rows": target_content_rows,
+            "behavior_content_rows": behavior_content_rows, "labels": labels,
+        })
+        behavior_mask, content, labels = checked["behavior_mask"], checked["content"], checked["labels"]
+        behavior_item_ids = checked["behavior_item_ids"]
+        behavior_item_features = checked["behavior_item_features"]
 
-        similarity = None
-        if self.needs_content_inputs:
-            dtype = self.dtype
-            target_content_embeds = target_content_embeds.to(dtype)
-            behavior_content_embeds = behavior_content_embeds.to(dtype)
-            similarity = content_cosine_similarity(target_content_embeds, behavior_content_embeds)
+        # computed once, reused by the search, the content interest, the logit bias and the histogram
+        similarity = content.similarity() if self.uses_similarity else None
+        full_similarity = similarity
 
         selected = None
         if self.behavior_search is not None and behavior_item_ids.shape[1] > self.config.sim_top_k:
@@ -443,22 +657,23 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
             behavior_item_ids = behavior_item_ids.gather(1, selected)
             behavior_mask = behavior_mask.gather(1, selected)
             similarity = similarity.gather(1, selected)
-            behavior_content_embeds = behavior_content_embeds.gather(
-                1, selected.unsqueeze(-1).expand(-1, -1, behavior_content_embeds.shape[-1])
-            )
+            content = content.select(selected)
             behavior_item_features = {
                 name: values.gather(1, selected if values.dim() == 2 else
                                     selected.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
                 for name, values in behavior_item_features.items()
             }
 
-        user_repr = self.embeddings.embed_users(self._drop_to_unknown(user_ids), user_features)
-        target_repr = self.embeddings.embed_items(
-            self._drop_to_unknown(target_item_ids), target_item_features, "target item"
-        )
-        behavior_repr = self.embeddings.embed_items(
-            self._drop_to_unknown(behavior_item_ids), behavior_item_features, "behavior item"
-        )
+        user_repr = self.embeddings.embed_users(self._drop_to_unknown(checked["user_ids"]), checked["user_features"])
+        # target and behaviours in one look-up per table: one embedding backward instead of two
+        item_ids = torch.cat([self._drop_to_unknown(checked["target_item_ids"]).unsqueeze(1),
+                              self._drop_to_unknown(behavior_item_ids)], dim=1)
+        item_features = {
+            name: _prepend_target(checked["target_item_features"][name], behavior_item_features[name])
+            for name in behavior_item_features
+        }
+        item_repr = self.embeddings.embed_items(item_ids, item_features)  # (B, 1 + L, item_dim)
+        target_repr, behavior_repr = item_repr[:, 0], item_repr[:, 1:]
 
         score_bias = None
         if self.similarity_scale is not None:
@@ -468,20 +683,23 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
         fusion_inputs = [user_repr, target_repr, id_interest]
         content_weights = None
         if self.config.mode == "content_feature":
-            valid = behavior_mask.unsqueeze(1).to(behavior_content_embeds.dtype)  # (B, 1, L)
-            mean_content = torch.bmm(valid, behavior_content_embeds).squeeze(1) / valid.sum(-1).clamp_min(1.0)
-            fusion_inputs += [self.content_projection(target_content_embeds), self.content_projection(mean_content)]
+            valid = behavior_mask.to(content.target.dtype)
+            mean_content = content.pool(valid) / valid.sum(-1, keepdim=True).clamp_min(1.0)
+            fusion_inputs += [self.content_projection(content.target), self.content_projection(mean_content)]
         elif self.config.mode == "ciubm":
-            fusion_inputs.append(self.content_projection(target_content_embeds))
+            fusion_inputs.append(self.content_projection(content.target))
             if self.content_interest is not None:
-                pooled_content, content_weights = self.content_interest(
-                    similarity, behavior_content_embeds, behavior_mask
-                )
+                pooled_content, content_weights = self.content_interest(similarity, behavior_mask, content)
                 fusion_inputs.append(self.content_projection(pooled_content))
             if self.similarity_histogram is not None:
                 fusion_inputs.append(self.similarity_histogram(similarity, behavior_mask))
 
         logits = self.fusion(torch.cat(fusion_inputs, dim=-1)).squeeze(-1)
+        non_finite = ~torch.isfinite(logits).all()
+        if full_similarity is not None:  # a NaN similarity can vanish in the histogram: check it too
+            non_finite = non_finite | ~torch.isfinite(full_similarity).all()
+        if bool(non_finite):
+            raise self._non_finite_error(checked["content"], full_similarity, logits)
         loss = None
         if labels is not None:
             loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
@@ -493,6 +711,85 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
             content_attention_weights=content_weights,
             selected_behavior_indices=selected,
         )
+
+
+_DTYPE_KINDS = {
+    "integer": ((torch.int64, torch.int32), "an int64 or int32 tensor"),
+    "float": ((torch.float16, torch.bfloat16, torch.float32, torch.float64), "a floating-point tensor"),
+}
+
+
+def _tensor(name: str, value, kind: str, shape: tuple | None = None, tail: str | None = None) -> torch.Tensor:
+    """Check that `value` is a tensor of the dtype kind ("integer", "float", "any") and, if given, of
+    `shape` (plus one free trailing dim when `tail` names it); returns it. TypeError / ValueError."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if kind != "any" and value.dtype not in _DTYPE_KINDS[kind][0]:
+        raise TypeError(f"{name} must be {_DTYPE_KINDS[kind][1]}, got {value.dtype}")
+    if kind == "any" and value.dtype.is_complex:
+        raise TypeError(f"{name} must be a real tensor, got {value.dtype}")
+    if shape is not None:
+        actual = tuple(value.shape)
+        if (actual[:-1] if tail else actual) != tuple(shape) or (tail and value.dim() != len(shape) + 1):
+            expected = str(tuple(shape)) + (f" + ({tail},)" if tail else "")
+            raise ValueError(f"{name} must have shape {expected}, got {actual}")
+    return value
+
+
+def _feature_dict(name: str, features, expected: dict) -> dict:
+    """The feature dict (None = {}) with exactly the config's keys, else ValueError / TypeError."""
+    if features is None:
+        features = {}
+    if not isinstance(features, dict):
+        raise TypeError(f"{name} must be a dict of tensors, got {type(features).__name__}")
+    if set(features) != set(expected):
+        raise ValueError(f"{name} keys {sorted(features)} do not match the config's features {sorted(expected)}")
+    return dict(features)
+
+
+def _range_check(name: str, ids: torch.Tensor, size: int, of: str = "the vocabulary"):
+    """(bad flag, message) for integer `ids` outside [0, size) (rows of `of`); no sync until the flag is read."""
+    if ids.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=ids.device), None
+    low, high = torch.aminmax(ids)
+
+    def message():
+        value = int(high) if int(high) >= size else int(low)
+        return f"{name} holds index {value} outside {of} [0, {size})"
+
+    return (low < 0) | (high >= size), message
+
+
+def _value_check(name: str, values: torch.Tensor, expected: str):
+    """(bad flag, message) for values other than 0 and 1 (NaN included)."""
+    bad = (values != 0) & (values != 1)
+
+    def message():
+        return f"{name} must be {expected}, got {values[bad][0].item()!r}"
+
+    return bad.any(), message
+
+
+def _finite_check(name: str, values: torch.Tensor):
+    """(bad flag, message) for NaN/inf anywhere in `values`."""
+    finite = torch.isfinite(values)
+
+    def message():
+        where = tuple(int(i) for i in (~finite).nonzero()[0])
+        return f"{name} holds {values[where].item()} at index {where}: content embeddings must be finite"
+
+    return ~finite.all(), message
+
+
+def _prepend_target(target: torch.Tensor, behaviors: torch.Tensor) -> torch.Tensor:
+    """target (B,) or (B, G), behaviours (B, L) or (B, L, G') -> (B, 1 + L) or (B, 1 + L, max(G, G'))."""
+    target = target.unsqueeze(1)
+    if behaviors.dim() == 3 and target.shape[-1] != behaviors.shape[-1]:
+        # multi-valued lists of different widths: 0 is the padding value the mean ignores
+        width = max(target.shape[-1], behaviors.shape[-1])
+        target = F.pad(target, (0, width - target.shape[-1]))
+        behaviors = F.pad(behaviors, (0, width - behaviors.shape[-1]))
+    return torch.cat([target, behaviors], dim=1)
 
 
 # save_pretrained then writes auto_map and copies this file and configuration_ciubm.py

@@ -14,6 +14,7 @@ from mim_hf.modeling.modeling_ciubm import (
     CiUBMSimilarityHistogram,
     CiUBMTargetAttention,
     content_cosine_similarity,
+    sampled_row_dots,
 )
 
 N_USERS, N_ITEMS, CONTENT_DIM = 9, 30, 8
@@ -71,6 +72,14 @@ class CiUBMModelTester:
 
 
 tester = CiUBMModelTester()
+
+
+@pytest.fixture(params=["packed", "per_sample"])
+def attention_path(request, monkeypatch):
+    """Run a test through both DIN-attention code paths: MLP on the real behaviours only
+    ("packed", CPU with enough padding) and one (L, D) x (D, H) product per sample."""
+    monkeypatch.setattr(CiUBMTargetAttention, "packing_max_density", 1.0 if request.param == "packed" else -1.0)
+    return request.param
 
 
 def with_padding_garbage(inputs, extra, seed=123):
@@ -148,7 +157,7 @@ def test_content_changes_output_in_content_modes():
 
 @pytest.mark.parametrize("base", ["din", "sim"])
 @pytest.mark.parametrize("mode", MODES)
-def test_padding_never_changes_output(mode, base):
+def test_padding_never_changes_output(mode, base, attention_path):
     model = tester.get_model(mode=mode, base=base, attention_normalization="softmax")
     inputs = tester.get_inputs()
     expected = model(**inputs).logits
@@ -156,7 +165,7 @@ def test_padding_never_changes_output(mode, base):
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
 
 
-def test_padding_invariance_with_din_sum_pooling():
+def test_padding_invariance_with_din_sum_pooling(attention_path):
     model = tester.get_model(mode="ciubm", attention_normalization="sum")
     inputs = tester.get_inputs()
     torch.testing.assert_close(model(**with_padding_garbage(inputs, 4)).logits, model(**inputs).logits)
@@ -174,7 +183,7 @@ def test_all_padding_sequences_are_finite(mode):
     assert out.id_attention_weights.abs().sum() == 0
 
 
-def test_attention_unit_equals_textbook_concatenation():
+def test_attention_unit_equals_textbook_concatenation(attention_path):
     torch.manual_seed(0)
     unit = CiUBMTargetAttention(embed_dim=5, hidden_sizes=[7, 3], hidden_act="relu", normalization="softmax")
     query, keys = torch.randn(2, 5), torch.randn(2, 4, 5)
@@ -186,6 +195,172 @@ def test_attention_unit_equals_textbook_concatenation():
     expected_weights = torch.softmax(scores, dim=-1)
     torch.testing.assert_close(weights, expected_weights)
     torch.testing.assert_close(interest, (expected_weights.unsqueeze(-1) * keys).sum(1))
+
+
+# ---------------------------------------------------------------- reference computation
+def reference_logits(model, inputs):
+    """CiUBMForCTR's logits recomputed the straightforward way, sample by sample, from the model's
+    parameters: textbook DIN (concatenated [q, k, q-k, q*k] through the attention MLP), cosine
+    similarity from explicit norms, SIM as an explicit sort, histogram by counting. Content comes
+    dense or as `content_table` rows."""
+    config, emb = model.config, model.embeddings
+    inputs = dict(inputs)
+    if "content_table" in inputs:
+        table = inputs["content_table"]
+        target_content = table[inputs["target_content_rows"]]
+        behavior_content = table[inputs["behavior_content_rows"]]
+    else:
+        target_content, behavior_content = inputs.get("target_content_embeds"), inputs.get("behavior_content_embeds")
+    multi = set(config.multi_valued_item_features)
+
+    def item_vector(item_id, features):
+        parts = [emb.item_id_embeddings.weight[item_id]]
+        for name, table in emb.item_feature_embeddings.items():
+            value = features[name]
+            if name in multi:
+                present = [v for v in value.tolist() if v != 0]
+                parts.append(sum((table.weight[v] for v in present), torch.zeros(config.id_embed_dim))
+                             / max(len(present), 1))
+            else:
+                parts.append(table.weight[value])
+        return torch.cat(parts)
+
+    def cosine(a, b):
+        return float(a @ b) / max(float(a.norm() * b.norm()), 1e-8)
+
+    unit = model.id_attention
+    logits = []
+    for b in range(len(inputs["user_ids"])):
+        user = torch.cat([emb.user_id_embeddings.weight[inputs["user_ids"][b]]] + [
+            table.weight[inputs["user_features"][name][b]] for name, table in emb.user_feature_embeddings.items()])
+        target = item_vector(inputs["target_item_ids"][b], {k: v[b] for k, v in inputs["target_item_features"].items()})
+        positions = [l for l in range(inputs["behavior_mask"].shape[1]) if inputs["behavior_mask"][b, l]]
+        sims = {l: cosine(target_content[b], behavior_content[b, l]) for l in positions} if (
+            target_content is not None and model.needs_content_inputs) else {}
+        if config.base == "sim" and inputs["behavior_mask"].shape[1] > config.sim_top_k:
+            positions = sorted(positions, key=lambda l: -sims[l])[:config.sim_top_k]
+        keys = [item_vector(inputs["behavior_item_ids"][b, l], {k: v[b, l] for k, v in inputs["behavior_item_features"].items()})
+                for l in positions]
+        interest, content_pooled = torch.zeros_like(target), None
+        if keys:
+            k = torch.stack(keys)
+            q = target.expand_as(k)
+            scores = unit.score_layers(unit.activation(unit.input_layer(torch.cat([q, k, q - k, q * k], -1)))).squeeze(-1)
+            if model.similarity_scale is not None:
+                scores = scores + model.similarity_scale * torch.tensor([sims[l] for l in positions])
+            weights = torch.softmax(scores, 0) if config.attention_normalization == "softmax" else scores
+            interest = (weights.unsqueeze(-1) * k).sum(0)
+        parts = [user, target, interest]
+        project = model.content_projection
+        if config.mode == "content_feature":
+            mean = (sum((behavior_content[b, l] for l in positions), torch.zeros(config.content_dim))
+                    / max(len(positions), 1))
+            parts += [project(target_content[b]), project(mean)]
+        elif config.mode == "ciubm":
+            parts.append(project(target_content[b]))
+            if model.content_interest is not None:
+                pooled = torch.zeros(config.content_dim)
+                if positions:
+                    w = torch.softmax(torch.tensor([sims[l] for l in positions]) / config.content_temperature, 0)
+                    pooled = sum(w[i] * behavior_content[b, l] for i, l in enumerate(positions))
+                parts.append(project(pooled))
+            if model.similarity_histogram is not None:
+                n_bins = config.histogram_n_bins
+                counts = torch.zeros(n_bins)
+                for l in positions:
+                    counts[min(max(int((sims[l] + 1) * n_bins / 2), 0), n_bins - 1)] += 1
+                parts.append(counts / max(len(positions), 1))
+        logits.append(model.fusion(torch.cat(parts)).squeeze(-1))
+    return torch.stack(logits)
+
+
+def as_table_rows(inputs, seed=7):
+    """The same content given as rows of a table: every (sample, position) its own row, row 0 = padding."""
+    g = torch.Generator().manual_seed(seed)
+    batch, length, dim = inputs["behavior_content_embeds"].shape
+    table = torch.cat([inputs["target_content_embeds"], inputs["behavior_content_embeds"].reshape(-1, dim)])
+    order = torch.randperm(len(table), generator=g)  # rows in no particular order
+    table = torch.cat([torch.zeros(1, dim), table[order]])
+    row_of = torch.empty_like(order)
+    row_of[order] = torch.arange(len(order)) + 1
+    out = {k: v for k, v in inputs.items() if k not in ("target_content_embeds", "behavior_content_embeds")}
+    out.update(content_table=table, target_content_rows=row_of[:batch],
+               behavior_content_rows=row_of[batch:].view(batch, length) * inputs["behavior_mask"])
+    return out
+
+
+@pytest.mark.parametrize("content", ["embeds", "rows"])
+@pytest.mark.parametrize("normalization", ["softmax", "sum"])
+@pytest.mark.parametrize("base", ["din", "sim"])
+@pytest.mark.parametrize("mode", MODES)
+def test_logits_equal_reference_computation(mode, base, normalization, content, attention_path):
+    # a wide init makes logits O(1), so the comparison has teeth
+    model = tester.get_model(mode=mode, base=base, attention_normalization=normalization, initializer_range=0.5)
+    inputs = tester.get_inputs(seq_len=7)
+    if content == "rows":
+        inputs = as_table_rows(inputs)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        expected = reference_logits(model, inputs)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_parts_switched_off_equal_reference():
+    for part in ("content_interest_vector", "similarity_in_attention", "similarity_histogram"):
+        model = tester.get_model(mode="ciubm", initializer_range=0.5, **{part: False})
+        inputs = tester.get_inputs()
+        with torch.no_grad():
+            torch.testing.assert_close(model(**inputs).logits, reference_logits(model, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_row_dots_equal_gathered_dots():
+    g = torch.Generator().manual_seed(0)
+    table, target = torch.randn(11, 6, generator=g), torch.randn(4, 6, generator=g)
+    rows = torch.tensor([3, 3, 0, 10, 3, 7, 7, 1])  # repeated rows, within and across samples
+    sample = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    torch.testing.assert_close(sampled_row_dots(table, target, rows, sample), (table[rows] * target[sample]).sum(-1))
+    assert sampled_row_dots(table, target, rows[:0], sample[:0]).shape == (0,)
+
+
+def test_content_table_rows_equal_embeddings_in_training_mode():
+    # gradients, loss and the unknown-ID dropout draws agree whichever way content comes in
+    inputs = tester.get_inputs()
+    grads = []
+    for given in (inputs, as_table_rows(inputs)):
+        model = tester.get_model(mode="ciubm", unknown_row_policy="trained", unknown_id_dropout=0.3).train()
+        torch.manual_seed(1)
+        loss = model(**given).loss
+        loss.backward()
+        grads.append((loss.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_content_table_norms_follow_in_place_changes():
+    model = tester.get_model(mode="ciubm")
+    inputs = as_table_rows(tester.get_inputs())
+    before = model(**inputs).logits
+    table = inputs["content_table"]
+    table[inputs["behavior_content_rows"][0, 0]] = torch.randn(CONTENT_DIM) * 5  # same tensor, new content
+    fresh = tester.get_model(mode="ciubm")
+    expected = fresh(**{**inputs, "content_table": table.clone()}).logits
+    torch.testing.assert_close(model(**inputs).logits, expected)
+    assert not torch.allclose(expected, before)
+
+
+def test_content_both_ways_at_once_is_refused():
+    model = tester.get_model(mode="ciubm")
+    inputs = tester.get_inputs()
+    rows = as_table_rows(inputs)
+    with pytest.raises(ValueError, match="not both"):
+        model(**inputs, content_table=rows["content_table"], target_content_rows=rows["target_content_rows"],
+              behavior_content_rows=rows["behavior_content_rows"])
+    with pytest.raises(ValueError, match="behavior_content_rows"):
+        model(**{**rows, "behavior_content_rows": None})
+    with pytest.raises(ValueError, match=r"target_content_rows holds index 99 outside the rows of content_table \[0, 29\)"):
+        model(**{**rows, "target_content_rows": torch.tensor([1, 2, 99, 3])})
 
 
 def test_similarity_histogram_by_hand():
