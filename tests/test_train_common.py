@@ -5,14 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pickle
 import random
+import socket
 import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 import transformers
 from accelerate import Accelerator
 from unpickling_guard import forbid_unpickling
@@ -264,6 +267,24 @@ def test_damaged_or_mismatching_checkpoints_are_refused_by_name(tmp_path):
         load_checkpoint(accelerator, path, state, per_process=("loss",))
 
 
+def test_tied_and_non_contiguous_tensors_round_trip(tmp_path):
+    """Tied weights (one storage, two names) and transposed views: safetensors refuses both as-is."""
+    accelerator = Accelerator(cpu=True)
+    embedding, decoder = torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5, bias=False)
+    decoder.weight = embedding.weight  # tied, as in language-model heads
+    model = torch.nn.ModuleDict({"embedding": embedding, "decoder": decoder})
+    holder = TrainingProgress()
+    holder.state_dict = lambda: {"view": embedding.weight.detach().T, "again": embedding.weight.detach()}
+    holder.load_state_dict = lambda state: holder.__dict__.update(loaded=state)
+    save_checkpoint(accelerator, tmp_path, step=1, state={"model": model, "holder": holder})
+    expected = embedding.weight.detach().clone()
+    with torch.no_grad():
+        embedding.weight.zero_()
+    resume_if_requested(accelerator, tmp_path, resume=True, state={"model": model, "holder": holder})
+    assert model.decoder.weight is model.embedding.weight and torch.equal(model.embedding.weight, expected)
+    assert torch.equal(holder.loaded["view"], expected.T) and torch.equal(holder.loaded["again"], expected)
+
+
 def test_state_that_needs_pickle_is_refused_at_save_time(tmp_path):
     class Opaque:
         def state_dict(self):
@@ -297,6 +318,65 @@ def test_folders_travel_with_the_checkpoint(tmp_path):
     assert not restore_folder(first, "best_model", best) and not best.exists()  # absent at step 1
     with pytest.raises(ValueError, match="holds no folder entry 'other'"):
         restore_folder(second, "other", best)
+
+
+def _ddp_worker(rank: int, port: int, root: str) -> None:
+    """One of 2 data-parallel CPU processes: train, checkpoint, move on, resume, report."""
+    from accelerate.state import AcceleratorState
+
+    torch.set_num_threads(1)  # forked: the parent's OpenMP pool does not survive fork
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    AcceleratorState._reset_state(reset_partial_state=True)  # the parent's single-process state was forked too
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    torch.manual_seed(10 + rank)  # each process draws its own dropout masks and data
+    progress, local = TrainingProgress(), Counter()
+    state = {"model": model, "optimizer": optimizer, "progress": progress, "local": local}
+
+    def step():
+        model(torch.randn(4, 3)).square().mean().backward()  # DDP averages gradients across the 2 processes
+        optimizer.step()
+        optimizer.zero_grad()
+        progress.step += 1
+        local.seen[progress.step] = (rank, float(torch.rand(1)))
+
+    step()
+    path = save_checkpoint(accelerator, root, step=1, state=state, per_process=("local",))
+    expected = {"model": {k: v.clone() for k, v in accelerator.unwrap_model(model).state_dict().items()},
+                "seen": dict(local.seen), "draw": torch.rand(3)}
+    step()
+    step()
+    with forbid_unpickling():
+        assert resume_if_requested(accelerator, root, resume=True, state=state, per_process=("local",)) == path
+    restored = accelerator.unwrap_model(model).state_dict()
+    ok = (accelerator.num_processes == 2 and isinstance(model, torch.nn.parallel.DistributedDataParallel)
+          and all(torch.equal(restored[k], v) for k, v in expected["model"].items()) and local.seen == expected["seen"]
+          and progress.step == 1 and torch.equal(torch.rand(3), expected["draw"]))
+    Path(root, f"rank{rank}.json").write_text(json.dumps({"ok": ok, "seen": {str(k): v for k, v in local.seen.items()}}))
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
+
+
+def test_data_parallel_checkpoint_saves_shared_state_once_and_per_process_state_per_rank(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"  # fork reuses the imports
+    mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method=start_method)
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [report["ok"] for report in reports] == [True, True]
+    assert reports[0]["seen"] != reports[1]["seen"]  # the per-process entry really differed per rank
+    checkpoint = tmp_path / "checkpoints" / "step_1"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "local_0.safetensors", "local_1.safetensors", "manifest.json", "model.safetensors",
+        "optimizer.safetensors", "progress.safetensors", "rng_state_0.safetensors", "rng_state_1.safetensors"]
+    # a single process cannot continue a 2-process run exactly: refused by name
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\); resuming with 1"):
+        load_checkpoint(Accelerator(cpu=True), checkpoint, {"progress": TrainingProgress()})
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):

@@ -32,7 +32,8 @@ Guarantees:
   and the folder is renamed to ``step_<N>`` (then the parent is fsynced). Old checkpoints are
   renamed away before deletion. So a ``step_<N>`` folder is always complete: a process killed
   during a write leaves only a ``.tmp_`` folder, which :func:`latest_checkpoint` ignores and the
-  next save removes.
+  next save removes. (The fsyncs make a checkpoint survive a power loss too; they are most of
+  the save time.)
 * **Exact resume on one machine.** Model, optimizer (AdamW moments and step counts), scheduler,
   RNG states and every stage object are restored; the data position is
   ``TrainingProgress.epoch`` / ``batches_in_epoch``, and the stages' samplers are functions of
@@ -237,18 +238,25 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return complete[-1][1] if complete else None
 
 
-def _encode_state(value, tensors: dict[str, torch.Tensor], path: str):
+def _encode_state(value, tensors: dict[str, torch.Tensor], path: str, storages: set[int] | None = None):
     """A state tree -> a JSON-able skeleton; its tensors go into ``tensors`` under their path.
 
     Dicts keep their key types and order, tuples stay tuples, numpy arrays keep their dtype:
-    :func:`_decode_state` gives back an equal tree without any pickle.
+    :func:`_decode_state` gives back an equal tree without any pickle. ``storages`` (data
+    pointers already stored) is internal: tensors sharing storage (tied weights) are copied,
+    since safetensors refuses shared storage.
     """
+    storages = set() if storages is None else storages
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, torch.Tensor):
         key = path if path and path not in tensors else f"{path}#{len(tensors)}"
-        # A contiguous CPU copy: safetensors refuses views and tensors sharing storage (tied weights).
-        tensors[key] = value.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+        tensor = value.detach().to("cpu")
+        pointer = tensor.untyped_storage().data_ptr()
+        if not tensor.is_contiguous() or pointer in storages:
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        storages.add(pointer)
+        tensors[key] = tensor
         return {"__tensor__": key}
     if isinstance(value, np.ndarray):
         if value.dtype.hasobject:
@@ -257,16 +265,18 @@ def _encode_state(value, tensors: dict[str, torch.Tensor], path: str):
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, tuple):
-        return {"__tuple__": [_encode_state(v, tensors, f"{path}.{i}".lstrip(".")) for i, v in enumerate(value)]}
+        return {"__tuple__": [_encode_state(v, tensors, f"{path}.{i}".lstrip("."), storages)
+                              for i, v in enumerate(value)]}
     if isinstance(value, list):
-        return [_encode_state(v, tensors, f"{path}.{i}".lstrip(".")) for i, v in enumerate(value)]
+        return [_encode_state(v, tensors, f"{path}.{i}".lstrip("."), storages) for i, v in enumerate(value)]
     if isinstance(value, typing.Mapping):
         items = []
         for key, item in value.items():
             if not (key is None or isinstance(key, (bool, int, float, str, tuple))):
                 raise TypeError(f"checkpoint state {path!r}: dict key {key!r} ({type(key).__name__}) is not a "
                                 "str, int, float, bool, None or tuple")
-            items.append([_encode_state(key, {}, path), _encode_state(item, tensors, f"{path}.{key}".lstrip("."))])
+            items.append([_encode_state(key, {}, path),
+                          _encode_state(item, tensors, f"{path}.{key}".lstrip("."), storages)])
         return {"__dict__": items}
     raise TypeError(f"checkpoint state {path!r}: a {type(value).__name__} cannot be stored without pickle (allowed: "
                     "tensors, numpy arrays, dict, list, tuple, str, int, float, bool, None)")
