@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ ITEMS_SPLIT = "catalogue"  # the items config holds the whole catalogue as one s
 # Files never uploaded from an artefact folder: locks, caches, the card (regenerated).
 _SKIP_NAMES = {CARD_FILE, ".lock", "__pycache__", ".gitattributes"}
 _MODELING_DIR = Path(__file__).resolve().parent / "modeling"
+_MODULE_REF = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*")
 
 
 # ------------------------------------------------------------------------------------------
@@ -118,6 +120,33 @@ def resolve_revision(repo_id: str, revision: str | None = None, repo_type: str =
     return info.sha
 
 
+# Every model load: weights from safetensors only, and the package's own classes, never code from the repo.
+_SAFE_LOAD = {"use_safetensors": True, "trust_remote_code": False}
+
+
+def _snapshot(repo_id: str, sha: str, repo_type: str, token: str | None) -> Path:
+    """Local folder of a repo at a commit (downloaded once into the HF cache).
+
+    Loading from this folder rather than passing ``repo_id`` on means a local directory that
+    happens to be named like the repo id is never read instead of the Hub repo.
+    """
+    from huggingface_hub import snapshot_download
+
+    with _hub_errors("load", repo_id, sha, repo_type):
+        return Path(snapshot_download(repo_id, repo_type=repo_type, revision=sha, token=token))
+
+
+def _model_snapshot(repo_id: str, sha: str, token: str | None) -> Path:
+    """:func:`_snapshot` of a model repo that must hold safetensors weights (pickle files are never opened)."""
+    local = _snapshot(repo_id, sha, "model", token)
+    if not any(local.glob("*.safetensors")) and not any(local.glob("*.safetensors.index.json")):
+        pickled = sorted(p.name for p in local.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+        raise ValueError(f"model repo {repo_id!r}@{sha[:12]} holds no *.safetensors weights"
+                         + (f", only {pickled} (pickle), which mim-hf never loads" if pickled else "")
+                         + "; expected a repo written by push_encoder / push_ctr_model")
+    return local
+
+
 def _artefact_dir(path: str | os.PathLike, what: str, required: tuple[str, ...]) -> Path:
     path = Path(path)
     if not path.is_dir():
@@ -142,12 +171,28 @@ def _metrics_for(folder: Path, metrics) -> dict:
     return hub_cards.load_metrics(metrics)
 
 
+def _inside(folder: Path, path: Path) -> Path:
+    """``path`` with symlinks resolved; ``ValueError`` unless it lies inside ``folder``."""
+    resolved, base = path.resolve(), folder.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise ValueError(f"{str(path)!r} resolves to {str(resolved)!r}, outside {str(base)!r}; an artefact folder must "
+                         f"be self-contained (no symlinks or '../' leading out), so nothing else is uploaded")
+    return resolved
+
+
 def _folder_operations(folder: Path, replaced: Mapping[str, bytes]) -> list[CommitOperationAdd]:
-    """Every file under ``folder`` (minus skipped ones) + ``replaced`` {path_in_repo: bytes}."""
+    """Every file under ``folder`` (minus skipped ones) + ``replaced`` {path_in_repo: bytes}.
+
+    A file or folder that is a symlink leading out of ``folder`` is a ``ValueError``: a push
+    uploads the artefact, never what a link points at elsewhere on the machine.
+    """
     operations = []
     for file in sorted(folder.rglob("*")):
         relative = file.relative_to(folder)
-        if not file.is_file() or set(relative.parts) & _SKIP_NAMES or relative.parts[0].startswith("."):
+        if set(relative.parts) & _SKIP_NAMES or relative.parts[0].startswith("."):
+            continue
+        _inside(folder, file)
+        if not file.is_file():
             continue
         if relative.as_posix() not in replaced:
             operations.append(CommitOperationAdd(relative.as_posix(), str(file)))
@@ -158,8 +203,14 @@ def _folder_operations(folder: Path, replaced: Mapping[str, bytes]) -> list[Comm
 def _remote_code_files(folder: Path, config: Mapping[str, Any]) -> dict[str, bytes]:
     """The modeling files ``config['auto_map']`` names but the folder lacks, from this package."""
     # "repo--module.Class" refers to code in another repo: nothing to ship from here.
-    names = {ref.split(".")[0] + ".py" for ref in (config.get("auto_map") or {}).values()
-             if isinstance(ref, str) and "--" not in ref}
+    refs = [ref for value in (config.get("auto_map") or {}).values()
+            for ref in (value if isinstance(value, list) else [value]) if isinstance(ref, str) and "--" not in ref]
+    for ref in refs:
+        # A module name only: "../x.Class" or "/abs/x.Class" would read (and upload) a file from elsewhere.
+        if not _MODULE_REF.fullmatch(ref):
+            raise ValueError(f"config.json auto_map entry {ref!r} is not 'module.ClassName' (a module name of letters, "
+                             "digits and '_'); refusing to read code from a path")
+    names = {ref.split(".")[0] + ".py" for ref in refs}
     out = {}
     for name in sorted(names):
         if not (folder / name).is_file():
@@ -227,16 +278,15 @@ def push_encoder(directory: str | os.PathLike, repo_id: str, *, metrics=None, re
 
 
 def load_encoder_from_hub(repo_id: str, revision: str | None = None, token: str | None = None):
-    """``(MIMContentEncoder, MIMContentProcessor | None)`` from a repo written by :func:`push_encoder`."""
-    from huggingface_hub import snapshot_download
+    """``(MIMContentEncoder, MIMContentProcessor | None)`` from a repo written by :func:`push_encoder`
+    (safetensors weights and this package's classes only; the repo's own code is never run)."""
     from transformers import AutoModel
 
     from mim_hf.modeling.processing_mim_encoder import MIMContentProcessor
 
     sha = resolve_revision(repo_id, revision, "model", token)
-    with _hub_errors("load", repo_id, revision, "model"):
-        local = Path(snapshot_download(repo_id, revision=sha, token=token))
-    encoder = AutoModel.from_pretrained(local)
+    local = _model_snapshot(repo_id, sha, token)
+    encoder = AutoModel.from_pretrained(local, **_SAFE_LOAD)
     processor = MIMContentProcessor.from_pretrained(local) if (local / "mim_processor_config.json").is_file() else None
     return encoder, processor
 
@@ -284,21 +334,20 @@ def push_adapters(directory: str | os.PathLike, repo_id: str, *, base_model: str
 def load_adapters_from_hub(repo_id: str, revision: str | None = None, *, base_model: str | None = None,
                            base_revision: str | None = None, token: str | None = None):
     """Base encoder (from the repo the adapters name, or ``base_model``) with the adapters and head loaded."""
-    from huggingface_hub import snapshot_download
     from transformers import AutoModel
 
     from mim_hf.lora import load_adapters
 
     sha = resolve_revision(repo_id, revision, "model", token)
-    with _hub_errors("load", repo_id, revision, "model"):
-        local = Path(snapshot_download(repo_id, revision=sha, token=token))
+    local = _snapshot(repo_id, sha, "model", token)
     meta = _read_json(local / ADAPTERS_META_FILE) if (local / ADAPTERS_META_FILE).is_file() else {}
     base_model = base_model or meta.get("base_model")
     if not base_model:
         raise ValueError(f"adapters repo {repo_id!r} names no base encoder ({ADAPTERS_META_FILE} missing); "
                          f"pass base_model=...")
+    _check_repo_id(base_model)
     base_sha = resolve_revision(base_model, base_revision or meta.get("base_revision"), "model", token)
-    encoder = AutoModel.from_pretrained(base_model, revision=base_sha, token=token)
+    encoder = AutoModel.from_pretrained(_model_snapshot(base_model, base_sha, token), **_SAFE_LOAD)
     return load_adapters(encoder, local)
 
 
@@ -413,8 +462,7 @@ def load_ctr_from_hub(repo_id: str, revision: str | None = None, token: str | No
     from mim_hf.center import RepresentationCenter
 
     sha = resolve_revision(repo_id, revision, "model", token)
-    with _hub_errors("load", repo_id, revision, "model"):
-        model = AutoModel.from_pretrained(repo_id, revision=sha, token=token).eval()
+    model = AutoModel.from_pretrained(_model_snapshot(repo_id, sha, token), **_SAFE_LOAD).eval()
     config = model.config
     vocabs = dict(config.vocabularies or {})
     if not vocabs:
@@ -422,6 +470,10 @@ def load_ctr_from_hub(repo_id: str, revision: str | None = None, token: str | No
     center = None
     if load_center and config.center_repo is not None:
         center_sha, _ = _center_metadata(config.center_repo, config.center_revision, token)
+        if Path(config.center_repo).exists():  # RepresentationCenter.load would open it instead of the Hub repo
+            raise ValueError(f"CTR model {repo_id!r} names center repo {config.center_repo!r}, which is also a local path "
+                             f"here ({Path(config.center_repo).resolve()}); a name from a Hub config never opens a "
+                             "local folder: run from another directory")
         center = RepresentationCenter.load(config.center_repo, revision=center_sha, token=token)
         if config.center_fingerprint is not None:
             center.check_fingerprint(config.center_fingerprint, config.content_dim if _needs_center(config.to_dict())
@@ -517,17 +569,15 @@ def load_prepared_from_hub(repo_id: str, revision: str | None = None, token: str
                            cache_dir: str | None = None):
     """``PreparedData`` from a repo written by :func:`push_prepared` (tables via ``load_dataset``)."""
     from datasets import load_dataset
-    from huggingface_hub import hf_hub_download
 
     from mim_hf.data.prepare import FORMAT_VERSION, PrepareConfig, PreparedData
     from mim_hf.data.vocab import Vocabulary
 
     sha = resolve_revision(repo_id, revision, "dataset", token)
-    with _hub_errors("load", repo_id, revision, "dataset"):
-        files = {name: _read_json(Path(hf_hub_download(repo_id, name, repo_type="dataset", revision=sha, token=token)))
-                 for name in PREPARED_FILES}
-        tables = {name: load_dataset(repo_id, name, revision=sha, token=token, cache_dir=cache_dir)
-                  for name in PREPARED_CONFIGS}
+    local = _snapshot(repo_id, sha, "dataset", token)
+    files = {name: _read_json(local / name) for name in PREPARED_FILES}
+    # load_dataset on the snapshot folder: a repo id that is also a local path would read that path.
+    tables = {name: load_dataset(str(local), name, cache_dir=cache_dir) for name in PREPARED_CONFIGS}
     meta = files["prepared.json"]
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{repo_id}: prepared.json format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
@@ -535,7 +585,7 @@ def load_prepared_from_hub(repo_id: str, revision: str | None = None, token: str
         name=meta["name"], items=tables["items"][ITEMS_SPLIT], samples=tables["samples"], pairs=tables["pairs"],
         vocabs={k: Vocabulary.from_dict(v) for k, v in files["vocabs.json"].items()},
         train_item_ids=meta["train_item_ids"],
-        config=PrepareConfig(**{**meta["config"], "fractions": tuple(meta["config"]["fractions"])}),
+        config=PrepareConfig.from_dict(meta["config"], source=f"{repo_id}/prepared.json"),
         stats=files["stats.json"],
     )
 

@@ -155,6 +155,27 @@ class MIMContentEncoder(MIMContentEncoderPreTrainedModel):
         return expected
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` reading safetensors weights only.
+
+        ``use_safetensors`` defaults to True here, so a pickle-based ``pytorch_model.bin`` is never
+        opened (a local folder holding only such files is a ``ValueError``); pass
+        ``use_safetensors=False`` to opt out. Everything else is ``PreTrainedModel.from_pretrained``.
+        """
+        kwargs.setdefault("use_safetensors", True)
+        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if kwargs["use_safetensors"] and os.path.isdir(folder):
+            names = os.listdir(folder)
+            if not any(name.endswith((".safetensors", ".safetensors.index.json")) for name in names):
+                pickled = sorted(name for name in names if name.endswith((".bin", ".bin.index.json", ".pt", ".pth", ".ckpt", ".pkl")))
+                if pickled:
+                    raise ValueError(
+                        f"{folder} holds weights only as {pickled} (pickle), which are not loaded; expected "
+                        "model.safetensors (re-save with save_pretrained, or pass use_safetensors=False if you trust the file)"
+                    )
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @classmethod
     def from_towers(
         cls,
         text_model: str | os.PathLike | PreTrainedModel,
@@ -171,14 +192,15 @@ class MIMContentEncoder(MIMContentEncoderPreTrainedModel):
             vision_model: same for a vision-only model (e.g. ``CLIPVisionModel``, ``ViTModel``,
                 ``ConvNextModel``), or None for a text-only encoder.
             embed_dim: shared embedding size.
-            tower_kwargs: extra kwargs for ``AutoModel.from_pretrained`` of string towers.
+            tower_kwargs: extra kwargs for ``AutoModel.from_pretrained`` of string towers
+                (``trust_remote_code`` defaults to False: a tower's remote code runs only if you pass True).
             **config_kwargs: other [`MIMContentEncoderConfig`] fields (fusion_type, lora_r, ...).
         Returns:
             a `MIMContentEncoder` whose config embeds both towers' configs.
         LoRA is not applied here (modeling files import only torch/transformers): use
         ``mim_hf.encoders.build_content_encoder`` or ``mim_hf.lora.apply_lora``.
         """
-        tower_kwargs = dict(tower_kwargs or {})
+        tower_kwargs = {"trust_remote_code": False, **(tower_kwargs or {})}
 
         def load(tower):
             if tower is None or isinstance(tower, PreTrainedModel):

