@@ -195,7 +195,8 @@ def _open_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
             begin, end = (int(o) for o in spec["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path}: corrupted safetensors header entry for tensor {name!r}: {spec!r}") from None
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
+        if (any(s < 0 for s in shape) or begin < 0 or end < begin
+                or end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize):
             raise ValueError(f"{path}: corrupted safetensors header: tensor {name!r} offsets {begin}..{end} "
                              f"do not match shape {shape} of {dtype}")
         specs[name] = (dtype, shape, begin, end)
@@ -341,6 +342,8 @@ def _id_batch(item_ids: Any, what: str = "item_ids") -> _IdBatch:
     """
     if isinstance(item_ids, (pa.Array, pa.ChunkedArray)):
         array = item_ids.combine_chunks() if isinstance(item_ids, pa.ChunkedArray) else item_ids
+        if len(array) == 0:
+            return _id_batch([], what)
         if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)) or array.null_count:
             _as_id_array(array, what)  # raises, naming the offending element
             raise TypeError(f"{what} must be a pyarrow string array without nulls, got {array.type}")
@@ -475,14 +478,19 @@ def validated_catalogue_ids(item_ids: Any) -> np.ndarray:
     ids = _as_id_array(item_ids)
     if len(ids) == 0:
         raise ValueError("cannot build a representation center from 0 items")
-    if (pd.Series(ids).str.len() == 0).any():
-        raise ValueError("item_ids contains an empty string; ids must be non-empty")
-    _check_unique(ids, "item_ids")
+    _check_new_ids(ids, "item_ids")
     return ids
 
 
+def _check_new_ids(ids: np.ndarray, what: str) -> None:
+    """ValueError unless the (N,) str ids can be stored: UTF-8 encodable, non-empty, unique."""
+    if (_id_batch(ids, what).lengths == 0).any():  # _id_batch names an id with no UTF-8 form
+        raise ValueError(f"{what} contains an empty string; ids must be non-empty")
+    _check_unique(ids, what)
+
+
 def _check_unique(ids: np.ndarray, what: str) -> None:
-    duplicated = pd.Index(ids).duplicated()
+    duplicated = pd.Index(ids, dtype=object).duplicated()
     if duplicated.any():
         dupes = list(dict.fromkeys(ids[duplicated]))[:5]
         raise ValueError(f"{what} holds {int(duplicated.sum())} duplicate id(s), e.g. {dupes}; ids must be unique")
@@ -595,6 +603,9 @@ def _rows_normalized(arrays: Mapping[str, np.ndarray]) -> bool:
     return True
 
 
+_MAX_BUCKET_WINDOW = 64  # widest bucket scanned by window; wider ones only come from a damaged file
+
+
 class RepresentationCenter:
     """A memory-mapped item_id -> content-embedding store (see the module docstring for layout).
 
@@ -674,9 +685,6 @@ class RepresentationCenter:
         self._levels = {level: arrays[level] for level in levels}
         self._id_offsets = offsets
         self._id_bytes = blob
-        # Zero-copy Arrow view of the ids: rows -> str without building 10M Python strings.
-        self._id_array = pa.LargeStringArray.from_buffers(
-            num_items, pa.py_buffer(offsets), pa.py_buffer(blob))
         self._hash_key = metadata["hash_key"]
         self._legacy_hash = metadata["format_version"] == 1
         # Unaligned 8-byte reads anywhere in the stored ids (a tiny blob is padded in RAM).
@@ -693,7 +701,7 @@ class RepresentationCenter:
         if self.num_items == 0:
             return
         probe = np.array([0, self.num_items - 1])
-        probe_ids = self._id_array.take(pa.array(self._sorted_rows[probe]))
+        probe_ids = self._id_strings(self._sorted_rows[probe])
         if np.array_equal(self._hash(probe_ids), self._sorted_hashes[probe]):
             return
         if not self._legacy_hash:
@@ -701,7 +709,7 @@ class RepresentationCenter:
                              f"the hashes of the stored ids {probe_ids.to_pylist()})")
         logger.warning("%s: stored id hashes differ from this pandas' hash_array; rebuilding the id table "
                        "in memory (%d ids)", self.version_dir, self.num_items)
-        self._sorted_hashes, self._sorted_rows = _sorted_hash_table(self._hash(self._id_array))
+        self._sorted_hashes, self._sorted_rows = _sorted_hash_table(self._hash(self._id_strings()))
         self._bucket_directory = _bucket_directory(self._sorted_hashes)
         self.stats["index_rebuilt_in_memory"] = 1
 
@@ -787,10 +795,46 @@ class RepresentationCenter:
         return self._levels[level]
 
     def item_ids(self, rows: Sequence[int] | np.ndarray | None = None) -> list[str]:
-        """Ids of ``rows`` (all rows when None; that materialises every id, avoid on huge centers)."""
+        """Ids of ``rows`` (all rows when None; that materialises every id, avoid on huge centers).
+
+        Raises ``ValueError`` for a row outside ``0..num_items-1`` or a corrupted index file."""
+        return self._id_strings(rows).to_pylist()
+
+    def _id_strings(self, rows: Sequence[int] | np.ndarray | None = None) -> pa.LargeStringArray:
+        """Stored ids of ``rows`` (all when None: a zero-copy view) as a validated Arrow array.
+
+        Only the offsets and bytes of these rows are checked, so reading two ids of a 10M-item
+        center stays O(1); corrupted offsets or bytes are a ``ValueError``, never a wild read."""
+        offsets, blob, n_items = self._id_offsets, self._id_bytes, self.num_items
         if rows is None:
-            return self._id_array.to_pylist()
-        return self._id_array.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
+            starts, ends = offsets[:-1], offsets[1:]
+        else:
+            rows = np.asarray(rows)
+            if rows.ndim != 1 or (len(rows) and rows.dtype.kind not in "iu"):
+                raise ValueError(f"rows must be a 1-D sequence of ints, got {rows.dtype} of shape {rows.shape}")
+            rows = rows.astype(np.int64)
+            if len(rows) and (rows.min() < 0 or rows.max() >= n_items):
+                bad = rows[(rows < 0) | (rows >= n_items)][:5].tolist()
+                raise ValueError(f"rows {bad} are outside 0..{n_items - 1} ({self.version_dir / INDEX_FILE})")
+            starts, ends = offsets[rows], offsets[rows + 1]
+        index_path = self.version_dir / INDEX_FILE
+        if len(starts) and (starts.min() < 0 or ends.max() > len(blob) or (ends < starts).any()):
+            raise ValueError(f"{index_path}: corrupted item_id_offsets (an id outside 0..{len(blob)} or of negative "
+                             "length); RepresentationCenter.verify() names the damaged file")
+        if rows is None:
+            array = pa.LargeStringArray.from_buffers(n_items, pa.py_buffer(offsets), pa.py_buffer(blob))
+        else:
+            lengths = ends - starts
+            new_offsets = np.zeros(len(rows) + 1, np.int64)
+            np.cumsum(lengths, out=new_offsets[1:])
+            positions = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
+            array = pa.LargeStringArray.from_buffers(len(rows), pa.py_buffer(new_offsets),
+                                                     pa.py_buffer(np.ascontiguousarray(blob[positions])))
+        try:
+            array.validate(full=True)
+        except pa.ArrowInvalid as err:
+            raise ValueError(f"{index_path}: corrupted item ids ({err})") from None
+        return array
 
     def _check_level(self, level: str) -> None:
         if level not in self._levels:
@@ -825,8 +869,14 @@ class RepresentationCenter:
         # The rest of a bucket (sorted): only where the first entry is below the wanted hash.
         rest = np.flatnonzero((stored < hashes) & (position + 1 < stop))
         if len(rest):
-            first, size = position[rest] + 1, stop[rest] - position[rest] - 1
-            window = np.arange(int(size.max()))
+            first = position[rest] + 1
+            size = np.minimum(stop[rest], n_items) - first
+            wide = size > _MAX_BUCKET_WINDOW  # never in a sound table (buckets hold ~0.5 hashes)
+            if wide.any():  # a damaged directory: binary-search the whole (sorted) table instead
+                at = np.minimum(np.searchsorted(table, hashes[rest[wide]]), n_items - 1)
+                rows[rest[wide]] = np.where(table[at] == hashes[rest[wide]], self._sorted_rows[at], -1)
+                rest, first, size = rest[~wide], first[~wide], size[~wide]
+            window = np.arange(int(size.max(initial=0)))
             positions = np.minimum(first[:, None] + window, n_items - 1)
             match = (table[positions] == hashes[rest, None]) & (window < size[:, None])
             column = match.argmax(axis=1)
@@ -890,15 +940,22 @@ class RepresentationCenter:
         best first.
         """
         self._check_level(level)
-        if k < 1 or chunk_size < 1:
-            raise ValueError(f"k and chunk_size must be >= 1, got k={k}, chunk_size={chunk_size}")
+        for name, value in (("k", k), ("chunk_size", chunk_size)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         query_rows = None
         if isinstance(queries, torch.Tensor):
+            if not (queries.is_floating_point() or queries.dtype in (torch.int32, torch.int64)):
+                raise TypeError(f"query vectors must be a float tensor, got {queries.dtype}")
             query_vectors = queries.detach().float().cpu()
             if query_vectors.ndim == 1:
                 query_vectors = query_vectors[None]
             if query_vectors.ndim != 2 or query_vectors.shape[1] != self.embed_dim:
                 raise ValueError(f"query vectors must be (Q, {self.embed_dim}), got {tuple(queries.shape)}")
+            if not bool(torch.isfinite(query_vectors).all()):
+                raise ValueError("query vectors hold NaN/inf; nearest() needs finite vectors")
         else:
             query_rows = self.rows_for(queries)
             if (query_rows < 0).any():
@@ -1132,9 +1189,7 @@ class RepresentationCenter:
         ids = _as_id_array(item_ids)
         if len(ids) == 0:
             return {"added": 0, "replaced": 0, "version": self.version}
-        if (pd.Series(ids).str.len() == 0).any():
-            raise ValueError("item_ids contains an empty string; ids must be non-empty")
-        _check_unique(ids, "upsert item_ids")
+        _check_new_ids(ids, "upsert item_ids")
         arrays = self._validated_embeddings(ids, embeddings, self.metadata["dtype"],
                                             expected_levels=self.levels, expected_dim=self.embed_dim)
         rows = self.rows_for(ids)
@@ -1168,7 +1223,7 @@ class RepresentationCenter:
             order = np.argsort(hashes, kind="stable")
             sorted_hashes, sorted_rows = hashes[order], hash_rows[order]
         if self._legacy_hash or _has_collision(sorted_hashes):  # format 1 (rehash all), or a collision: re-key
-            all_ids = pa.concat_arrays([self._id_array, pa.array(new_ids, type=pa.large_string())])
+            all_ids = pa.concat_arrays([self._id_strings(), pa.array(new_ids, type=pa.large_string())])
             hash_key, sorted_hashes, sorted_rows = self._hash_table_for(all_ids)
         index_specs = self._index_specs([self._id_bytes, new_blob], offsets, sorted_hashes, sorted_rows)
         metadata = {**{k: v for k, v in self.metadata.items() if k not in ("version", "files")},
