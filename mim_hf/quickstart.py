@@ -114,6 +114,21 @@ def _needed(config: QuickstartConfig, stage: str, artefact: Path) -> bool:
     return not artefact.exists()
 
 
+def _resume(config: QuickstartConfig, stage_dir: Path) -> bool:
+    """Whether a training stage continues an interrupted run: yes when ``stage_dir`` holds a complete
+    checkpoint (a killed quickstart picks up where it stopped), unless ``--force`` asked for a
+    recomputation, which discards those checkpoints."""
+    from mim_hf.train.common import checkpoint_dir, latest_checkpoint
+
+    if config.force:
+        shutil.rmtree(checkpoint_dir(stage_dir), ignore_errors=True)
+        return False
+    checkpoint = latest_checkpoint(stage_dir)
+    if checkpoint is not None:
+        print(f"[quickstart] resuming {stage_dir} from {checkpoint.name}", flush=True)
+    return checkpoint is not None
+
+
 def _load_world(config: QuickstartConfig):
     from mim_hf.data import load_movielens_100k, make_synthetic_world
 
@@ -149,12 +164,12 @@ def run_protocol(config: QuickstartConfig, protocol: str, data, timings: dict) -
         with _Stage(timings, f"{protocol}/pretrain"):
             pretrain.run(stage_config(pretrain.PretrainConfig, names["pretrain"], **stage_overrides["pretrain"],
                                       data_dir=str(data_dir), output_dir=str(pretrain_dir),
-                                      show_progress=config.show_progress))
+                                      show_progress=config.show_progress), resume=_resume(config, pretrain_dir))
     if _needed(config, "csft", csft_dir / "metrics.json"):
         with _Stage(timings, f"{protocol}/csft"):
             csft.run(stage_config(csft.CSFTConfig, names["csft"], **stage_overrides["csft"], data_dir=str(data_dir),
                                   output_dir=str(csft_dir), encoder_path=str(pretrain_dir / "encoder"),
-                                  show_progress=config.show_progress))
+                                  show_progress=config.show_progress), resume=_resume(config, csft_dir))
 
     centers = {}
     for name, encoder_dir in (("pretrained", pretrain_dir / "encoder"), ("csft", csft_dir / "encoder")):
@@ -192,7 +207,7 @@ def run_protocol(config: QuickstartConfig, protocol: str, data, timings: dict) -
                         ctr.CTRTrainConfig, names["ctr"] + model, **stage_overrides["ctr"],
                         data_dir=str(data_dir), output_dir=str(run_dir),
                         mode=mode, seed=seed, center_path=str(centers[center]) if center else None,
-                        show_progress=config.show_progress))
+                        show_progress=config.show_progress), resume=_resume(config, run_dir))
             if (run_dir / "metrics.json").exists():
                 per_seed.append(json.loads((run_dir / "metrics.json").read_text())["test"])
         if per_seed:

@@ -72,3 +72,20 @@ def test_overrides_parse_and_reject_bad_input():
         parse_overrides(["epochs=1"])
     with pytest.raises(ValueError, match="unknown stage"):
         run_quickstart(QuickstartConfig(stages=("train",)))
+
+
+def test_an_interrupted_stage_resumes_and_force_starts_over(quickstart_run, capsys):
+    # Runs last: it rewrites the temporal C-SFT artefacts of the shared run.
+    out, config, _ = quickstart_run
+    csft_dir = out / "temporal" / "csft"
+    finished = json.loads((csft_dir / "metrics.json").read_text())
+    (csft_dir / "metrics.json").unlink()  # as if killed after its last checkpoint
+    only_csft = {**config.__dict__, "stages": ("csft",), "protocols": ("temporal",), "jobs": 1}
+    run_quickstart(QuickstartConfig(**only_csft))
+    assert "resuming" in capsys.readouterr().out
+    resumed = json.loads((csft_dir / "metrics.json").read_text())
+    assert resumed["resumed_from"].endswith("step_2")
+    assert resumed["retrieval"] == finished["retrieval"] and resumed["history"] == finished["history"]
+    run_quickstart(QuickstartConfig(**{**only_csft, "force": True}))
+    assert "resuming" not in capsys.readouterr().out
+    assert json.loads((csft_dir / "metrics.json").read_text())["resumed_from"] is None

@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import socket
 import tomllib
 from pathlib import Path
@@ -384,13 +385,16 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
         resume_if_requested(Accelerator(cpu=True), tmp_path, resume=True, state={"progress": TrainingProgress()})
 
 
-def test_fresh_run_removes_an_earlier_runs_checkpoints(tmp_path):
+def test_fresh_run_refuses_an_earlier_runs_checkpoints(tmp_path):
     accelerator, progress = Accelerator(cpu=True), TrainingProgress()
     save_checkpoint(accelerator, tmp_path, step=40, state={"progress": progress})
-    with pytest.warns(UserWarning, match=r"removing the earlier run's checkpoints \['step_40'\]"):
-        assert resume_if_requested(accelerator, tmp_path, resume=False, state={"progress": progress}) is None
-    save_checkpoint(accelerator, tmp_path, step=2, state={"progress": progress})
-    assert latest_checkpoint(tmp_path).name == "step_2"
+    with pytest.raises(FileExistsError, match=r"earlier run \(step_40\): pass --resume"):
+        resume_if_requested(accelerator, tmp_path, resume=False, state={"progress": progress})
+    assert latest_checkpoint(tmp_path).name == "step_40"  # nothing was deleted
+    shutil.rmtree(tmp_path / "checkpoints")
+    (tmp_path / "checkpoints" / ".tmp_step_3").mkdir(parents=True)  # a killed write: not a checkpoint
+    assert resume_if_requested(accelerator, tmp_path, resume=False, state={"progress": progress}) is None
+    assert not (tmp_path / "checkpoints" / ".tmp_step_3").exists()
 
 
 def test_keeps_newest_checkpoints_only(tmp_path):

@@ -115,7 +115,7 @@ class InfoNCELoss(nn.Module):
         embed_dim: optional embedding width; creates the queue now instead of on the first
             forward. Not needed to resume: ``load_state_dict`` creates the queue from the
             saved shape.
-        candidate_log_prior: optional ``(num_items,)`` float, :math:`\log q` per item index:
+        candidate_log_prior: optional ``(num_items,)`` float, :math:`\\log q` per item index:
             turns on the logQ correction (module docstring). Every finite; derived from the
             training data, so it is not part of ``state_dict``.
 

@@ -43,8 +43,10 @@ Guarantees:
   Not covered: a different number of processes (refused), a different thread count or device
   (float reductions reorder), GPU kernels without ``torch.use_deterministic_algorithms``, and
   FSDP / DeepSpeed (their sharded state is refused, not gathered).
-* A fresh run (no ``--resume``) removes checkpoints an earlier run left in ``output_dir``, with
-  a warning, so an old ``step_<N>`` can never be mistaken for this run's.
+* A fresh run (no ``--resume``) refuses an ``output_dir`` that holds an earlier run's complete
+  checkpoints (``FileExistsError``): an old ``step_<N>`` can never be mistaken for this run's, and
+  a forgotten ``--resume`` never deletes hours of training. Half-written ``.tmp_step_*`` folders
+  are not checkpoints and are removed.
 """
 
 from __future__ import annotations
@@ -557,15 +559,21 @@ def load_checkpoint(accelerator, checkpoint: str | os.PathLike, state: typing.Ma
 def resume_if_requested(accelerator, output_dir: str | os.PathLike, resume: bool,
                         state: typing.Mapping[str, typing.Any], per_process: typing.Collection[str] = ()) -> Path | None:
     """With ``resume``: load the newest complete checkpoint into ``state`` (error if none exists)
-    and return its path. Without: start fresh; checkpoints an earlier run left in ``output_dir``
-    are removed (with a warning), so they can never mix with this run's. Returns None then."""
+    and return its path. Without: start fresh and return None; an earlier run's complete
+    checkpoints in ``output_dir`` are an error (``FileExistsError``: resume it or delete them),
+    never silently replaced or mixed with this run's."""
     root = checkpoint_dir(output_dir)
     if not resume:
-        if accelerator.is_main_process and root.is_dir() and any(root.iterdir()):
-            stale = sorted(p.name for p in root.iterdir())
-            warnings.warn(f"starting a fresh run in {output_dir}: removing the earlier run's checkpoints {stale} "
-                          "(use --resume to continue it instead)", stacklevel=2)
-            shutil.rmtree(root)
+        earlier = latest_checkpoint(output_dir)
+        if earlier is not None:
+            complete = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+            raise FileExistsError(
+                f"{output_dir} holds checkpoints of an earlier run ({', '.join(complete)}): pass --resume to "
+                f"continue it, or delete {root} to start over")
+        if accelerator.is_main_process and root.is_dir():
+            for leftover in root.iterdir():  # half-written or half-deleted by a killed run: not checkpoints
+                if leftover.name.startswith(_TEMPORARY_PREFIXES):
+                    shutil.rmtree(leftover, ignore_errors=True)
         accelerator.wait_for_everyone()
         return None
     checkpoint = latest_checkpoint(output_dir)
