@@ -217,6 +217,8 @@ def sampled_row_dots(table: torch.Tensor, target: torch.Tensor, rows: torch.Tens
     many samples hold it; gathering table[rows] instead writes V*C floats and reads rows in
     random order (several times slower at L = 1000). No gradient flows (the table is frozen).
     """
+    if table.dtype in (torch.float16, torch.bfloat16):  # sampled_addmm has no CPU kernel for them
+        return sampled_row_dots(table.float(), target.float(), rows, sample).to(table.dtype)
     n_rows, batch_size = table.shape[0], target.shape[0]
     index_dtype = torch.int32 if max(n_rows, batch_size, rows.numel()) < 2**31 else torch.int64
     sorted_rows, order = torch.sort(rows.to(index_dtype), stable=True)

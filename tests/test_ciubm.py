@@ -350,6 +350,18 @@ def test_content_table_norms_follow_in_place_changes():
     assert not torch.allclose(expected, before)
 
 
+@pytest.mark.parametrize("base", ["din", "sim"])
+def test_bfloat16_model_reads_content_rows(base):
+    # the row dots run in float32 for half-precision models (no sampled_addmm kernel for them)
+    model = tester.get_model(mode="ciubm", base=base, initializer_range=0.5).to(torch.bfloat16)
+    inputs = tester.get_inputs(seq_len=7)
+    with torch.no_grad():
+        from_rows = model(**as_table_rows(inputs)).logits
+        from_embeds = model(**inputs).logits
+    assert from_rows.dtype == torch.bfloat16 and torch.isfinite(from_rows).all()
+    torch.testing.assert_close(from_rows, from_embeds, rtol=0.05, atol=0.05)
+
+
 def test_content_both_ways_at_once_is_refused():
     model = tester.get_model(mode="ciubm")
     inputs = tester.get_inputs()
