@@ -9,7 +9,8 @@ What happens:
    config, the center itself is NOT copied into the model.
 2. Every split is collated ONCE by :class:`~mim_hf.ctr_collator.CTRCollator` into tensors kept
    in memory (:class:`CTRTensorSplit`); content enters as a row number into a small
-   (catalogue + 1, C) content table and is gathered per batch, so no (N, L, C) tensor is held.
+   (catalogue + 1, C) content table that each batch hands to the model (``content_table``),
+   which reads the rows it needs, so no (N, L, C) or (B, L, C) content tensor is built.
 3. AdamW with gradient clipping; the valid split is evaluated every ``eval_every`` steps (default:
    each epoch); the best model by valid AUC is saved with ``save_pretrained`` to
    ``output_dir/model``; training stops after ``patience`` evaluations without improvement.
@@ -136,7 +137,7 @@ def needs_center(config: CTRTrainConfig) -> bool:
 
 
 # ------------------------------------------------------------------------------------------
-# Collate once, gather content per batch
+# Collate once; batches carry content rows and the content table
 # ------------------------------------------------------------------------------------------
 class ContentTable:
     """The catalogue's content embeddings as one dense (n_items + 1, C) tensor; row 0 = zeros.
@@ -146,7 +147,7 @@ class ContentTable:
     ``lookup(ids)`` is the collator's content source: it returns the row numbers as a (N, 1)
     "embedding" (the collator's own truncation and padding then place them, padding = row 0)
     and ``found`` = in the catalogue and in the center (the collator counts the misses);
-    :meth:`gather` turns row numbers into (..., C) content per batch.
+    batches pass ``table`` to the model as ``content_table`` next to the row numbers.
     """
 
     def __init__(self, center, item_ids: list[str], level: str = "item_embeds"):
@@ -167,10 +168,6 @@ class ContentTable:
     def lookup(self, item_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self._row_of.get_indexer(item_ids) + 1  # absent from the catalogue (-1) -> row 0
         return torch.from_numpy(rows.astype(np.float32)).unsqueeze(1), torch.from_numpy(self._found[rows])
-
-    def gather(self, rows: torch.Tensor) -> torch.Tensor:
-        """(...) integer rows -> (...) + (C,) float content."""
-        return self.table[rows]
 
 
 class CTRTensorSplit(torch.utils.data.Dataset):
@@ -205,7 +202,7 @@ class CTRTensorSplit(torch.utils.data.Dataset):
         return cls(_compact(tensors), content)
 
     def with_content(self, content: ContentTable | None) -> "CTRTensorSplit":
-        """The same tensors gathered from another content table (same catalogue, other center)."""
+        """The same tensors read from another content table (same catalogue, other center)."""
         return CTRTensorSplit(self.tensors, content)
 
     def __len__(self) -> int:
@@ -214,9 +211,8 @@ class CTRTensorSplit(torch.utils.data.Dataset):
     def __getitems__(self, indices) -> dict[str, Any]:
         index = torch.as_tensor(indices, dtype=torch.long)
         batch = _index_batch(self.tensors, index)
-        if self.content is not None:
-            batch["target_content_embeds"] = self.content.gather(batch.pop("target_content_rows"))
-            batch["behavior_content_embeds"] = self.content.gather(batch.pop("behavior_content_rows"))
+        if self.content is not None:  # the model reads target/behavior_content_rows from the table
+            batch["content_table"] = self.content.table
         batch["sample_index"] = index
         return batch
 
