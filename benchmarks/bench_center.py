@@ -3,11 +3,15 @@
     python benchmarks/bench_center.py                       # 1M look-up + 10M open (~3 GB in /tmp)
     python benchmarks/bench_center.py --open-items 1000000  # smaller open test
 
-1. Look-up: random batches of ``--batch-size`` string ids from a ``--lookup-items`` x ``--dim``
-   float16 center. ``center.lookup`` (hash the ids, binary-search the memory-mapped table,
-   verify the stored ids, gather rows from the memory-mapped file, zero-fill unknowns) against
-   the ceiling ``torch.index_select`` on the same table held in RAM with the row numbers
-   already known. Ratio = lookup throughput / ceiling throughput (goal >= 0.5).
+1. Look-up: random batches of ``--batch-size`` string ids (fresh ``str`` objects, as a data
+   loader makes them) from a ``--lookup-items`` x ``--dim`` float16 center. ``center.lookup``
+   (encode the batch to UTF-8 in one join, hash it with numpy, find the hashes in the
+   memory-mapped table, verify the stored id bytes, gather rows from the memory-mapped file,
+   zero-fill unknowns) against the ceiling ``torch.index_select`` on the same table held in RAM
+   with the row numbers already known. Ratio = ceiling time / lookup time, per round, each batch
+   timed right after the ceiling's run on it (goal >= 0.5). The headline is ``list of str ->
+   float16`` (the ceiling's output dtype); float32 output, id -> row only, and numpy 'U' /
+   pyarrow inputs are reported beside it.
 2. Open: a fresh process opens a ``--open-items`` center (``RepresentationCenter.load``) and
    reports wall time and memory growth (RSS and its private part), then a first look-up, then
    the reference: reading the embeddings file into RAM (what a store that is not mapped pays).

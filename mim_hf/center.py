@@ -1123,16 +1123,18 @@ class RepresentationCenter:
 
     @staticmethod
     def _index_specs(blob, offsets, sorted_hashes, sorted_rows) -> list:
-        """safetensors specs of the id index; 8-byte tensors first so everything is aligned."""
+        """safetensors specs of the id index, by decreasing itemsize so every tensor stays aligned
+        (an unaligned one would be copied into RAM at open)."""
         blob_chunks = blob if isinstance(blob, list) else [blob]
         directory = _bucket_directory(sorted_hashes)
-        return [
+        specs = [
             ("item_id_offsets", np.dtype(np.int64), (len(offsets),), [offsets]),
-            ("id_hash_buckets", directory.dtype, (len(directory),), [directory]),
             ("id_hash_sorted", np.dtype(np.uint64), (len(sorted_hashes),), [sorted_hashes]),
             ("id_hash_rows", np.dtype(np.int64), (len(sorted_rows),), [sorted_rows]),
+            ("id_hash_buckets", directory.dtype, (len(directory),), [directory]),
             ("item_id_bytes", np.dtype(np.uint8), (sum(len(b) for b in blob_chunks),), blob_chunks),
         ]
+        return sorted(specs, key=lambda spec: -spec[1].itemsize)  # stable: the order above within a size
 
     @classmethod
     def _write_version(cls, root: Path, metadata: dict, level_specs: list, index_specs: list,

@@ -80,6 +80,27 @@ def test_build_load_lookup_equals_embeddings(tmp_path, dtype):
     assert "| Items | 40 |" in card and FINGERPRINT in card
 
 
+def test_index_tensors_are_aligned_so_opening_copies_nothing(tmp_path):
+    """Every tensor of both files starts at a multiple of its itemsize (the int32 bucket directory
+    of odd length comes after the 8-byte tensors): nothing is copied into RAM at open."""
+    import struct
+
+    center, _, _ = build(tmp_path / "c", n_items=40)
+    for name in (EMBEDDINGS_FILE, INDEX_FILE):
+        raw = (center.version_dir / name).read_bytes()
+        (header_len,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + header_len])
+        header.pop("__metadata__", None)
+        itemsize = {"F16": 2, "F32": 4, "I32": 4, "I64": 8, "U64": 8, "U8": 1}
+        for tensor, spec in header.items():
+            assert (8 + header_len + spec["data_offsets"][0]) % itemsize[spec["dtype"]] == 0, (name, tensor)
+    assert center._bucket_directory.dtype == np.int32 and len(center._bucket_directory) % 2 == 1
+    for array in (center._sorted_hashes, center._sorted_rows, center._bucket_directory, center.embeddings()):
+        while not isinstance(array, np.memmap):  # a view of the file mapping, not a copy
+            assert isinstance(array, np.ndarray)
+            array = array.base
+
+
 ID_CONTAINERS = ["list", "tuple", "numpy_str", "numpy_object", "numpy_bytes", "pandas", "pandas_arrow", "pyarrow",
                  "generator"]
 
