@@ -603,6 +603,7 @@ def _rows_normalized(arrays: Mapping[str, np.ndarray]) -> bool:
     return True
 
 
+_ID_BOUNDS = np.dtype([("start", "<i8"), ("stop", "<i8")])
 _MAX_BUCKET_WINDOW = 64  # widest bucket scanned by window; wider ones only come from a damaged file
 
 
@@ -684,6 +685,8 @@ class RepresentationCenter:
         self.metadata = metadata
         self._levels = {level: arrays[level] for level in levels}
         self._id_offsets = offsets
+        # (start, stop) of id i as one 16-byte record: a look-up reads both with one gather.
+        self._id_bounds = np.ndarray((num_items,), dtype=_ID_BOUNDS, buffer=offsets, strides=(8,))
         self._id_bytes = blob
         self._hash_key = metadata["hash_key"]
         self._legacy_hash = metadata["format_version"] == 1
@@ -862,21 +865,25 @@ class RepresentationCenter:
         """(Q,) uint64 -> (Q,) int64 row of the stored entry with that hash, -1 where none has it."""
         directory, table, n_items = self._bucket_directory, self._sorted_hashes, self.num_items
         bucket = (hashes >> np.uint64(65 - len(directory).bit_length())).astype(np.int64)  # top log2(len - 1) bits
-        position, stop = directory[bucket], directory[bucket + 1]
+        position = directory[bucket]
         probe = np.minimum(position, n_items - 1)  # an empty last bucket starts at n_items
         stored = table[probe]
-        rows = np.where((stored == hashes) & (position < stop), self._sorted_rows[probe], -1)
+        # An empty bucket's start holds the next bucket's first hash, never equal to this one.
+        rows = np.where(stored == hashes, self._sorted_rows[probe], -1)
         # The rest of a bucket (sorted): only where the first entry is below the wanted hash.
-        rest = np.flatnonzero((stored < hashes) & (position + 1 < stop))
+        rest = np.flatnonzero(stored < hashes)
+        if len(rest) == 0:
+            return rows
+        first = position[rest] + 1
+        size = np.minimum(directory[bucket[rest] + 1], n_items) - first
+        wide = size > _MAX_BUCKET_WINDOW  # never in a sound table (buckets hold ~0.5 hashes)
+        if wide.any():  # a damaged directory: binary-search the whole (sorted) table instead
+            at = np.minimum(np.searchsorted(table, hashes[rest[wide]]), n_items - 1)
+            rows[rest[wide]] = np.where(table[at] == hashes[rest[wide]], self._sorted_rows[at], -1)
+        more = (size > 0) & ~wide  # size 0: the bucket held just the probed entry
+        rest, first, size = rest[more], first[more], size[more]
         if len(rest):
-            first = position[rest] + 1
-            size = np.minimum(stop[rest], n_items) - first
-            wide = size > _MAX_BUCKET_WINDOW  # never in a sound table (buckets hold ~0.5 hashes)
-            if wide.any():  # a damaged directory: binary-search the whole (sorted) table instead
-                at = np.minimum(np.searchsorted(table, hashes[rest[wide]]), n_items - 1)
-                rows[rest[wide]] = np.where(table[at] == hashes[rest[wide]], self._sorted_rows[at], -1)
-                rest, first, size = rest[~wide], first[~wide], size[~wide]
-            window = np.arange(int(size.max(initial=0)))
+            window = np.arange(int(size.max()))
             positions = np.minimum(first[:, None] + window, n_items - 1)
             match = (table[positions] == hashes[rest, None]) & (window < size[:, None])
             column = match.argmax(axis=1)
@@ -889,8 +896,9 @@ class RepresentationCenter:
         found = rows >= 0
         all_found = bool(found.all())
         candidates = rows if all_found else np.where(found, rows, 0)
-        start = self._id_offsets[candidates]
-        same = (self._id_offsets[candidates + 1] - start) == batch.lengths
+        bounds = self._id_bounds[candidates]  # offsets[row] and offsets[row + 1] in one gather
+        start = bounds["start"]
+        same = (bounds["stop"] - start) == batch.lengths
         last_word = len(self._id_words) - 1
         max_start = int(start.max(initial=0))
         for j, columns, mask, query_words in batch.word_columns:
