@@ -666,9 +666,13 @@ class RepresentationCenter:
         index, _ = _open_safetensors(index_path)
         expected = {"item_id_bytes": 1, "item_id_offsets": num_items + 1,
                     "id_hash_sorted": num_items, "id_hash_rows": num_items, "id_hash_buckets": 3}
+        dtypes = {"item_id_bytes": ("uint8",), "item_id_offsets": ("int64",), "id_hash_sorted": ("uint64",),
+                  "id_hash_rows": ("int64",), "id_hash_buckets": ("int32", "int64")}
         for name, length in expected.items():
             if name not in index:
                 raise ValueError(f"{index_path}: no tensor {name!r}")
+            if index[name].dtype.name not in dtypes[name]:
+                raise ValueError(f"{index_path}: tensor {name!r} is {index[name].dtype}, expected {dtypes[name]}")
             if index[name].ndim != 1 or (name not in ("item_id_bytes", "id_hash_buckets") and len(index[name]) != length):
                 raise ValueError(f"{index_path}: tensor {name!r} has shape {index[name].shape}, expected "
                                  f"({length},) for num_items={num_items}")

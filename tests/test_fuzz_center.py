@@ -256,6 +256,9 @@ CORRUPTIONS = st.one_of(
               st.one_of(st.none(), st.integers(-5, 10**12), st.text(max_size=5), st.lists(st.integers(), max_size=2),
                         st.booleans(), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))),
     st.tuples(st.just("current"), st.sampled_from(["v0002", "../v0001", "", "v0001/..", "v1"]), st.none()),
+    st.tuples(st.just("retype"), st.sampled_from(["item_id_offsets", "id_hash_sorted", "id_hash_rows",
+                                                  "id_hash_buckets", "item_id_bytes"]),
+              st.sampled_from(["F64", "I64", "U64", "F32", "I32", "U8", "F16"])),
     st.tuples(st.just("delete"), st.sampled_from([EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE, CURRENT_FILE]),
               st.none()),
 )
@@ -284,11 +287,13 @@ def test_damaged_files_end_in_a_result_or_a_clear_error(tmp_path_factory, corrup
             metadata = json.loads((version / METADATA_FILE).read_text())
             metadata[target] = detail
             (version / METADATA_FILE).write_text(json.dumps(metadata))
+        elif kind == "retype":  # the index header claims another dtype (same header length)
+            _retype_tensor(version / INDEX_FILE, target, detail)
         elif kind == "current":
             (root / CURRENT_FILE).write_text(target + "\n")
         else:
             (root / target if target == CURRENT_FILE else version / target).unlink()
-        changed_data = target in (EMBEDDINGS_FILE, INDEX_FILE) and (version / target).exists() and (
+        changed_data = kind != "retype" and target in (EMBEDDINGS_FILE, INDEX_FILE) and (version / target).exists() and (
             (version / target).read_bytes() != (source / "v0001" / target).read_bytes())
         try:
             center = RepresentationCenter.load(root)
@@ -308,3 +313,16 @@ def test_damaged_files_end_in_a_result_or_a_clear_error(tmp_path_factory, corrup
         if changed_data:
             with pytest.raises(ValueError, match="corrupted"):
                 center.verify()
+
+
+def _retype_tensor(path: Path, tensor: str, dtype: str) -> None:
+    """Rewrite ``tensor``'s dtype in a safetensors header, keeping the header's byte length."""
+    import struct
+
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    header[tensor]["dtype"] = dtype
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    if len(encoded) <= length:
+        path.write_bytes(raw[:8] + encoded + b" " * (length - len(encoded)) + raw[8 + length:])
