@@ -51,7 +51,7 @@ import shutil
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -304,6 +304,11 @@ class _IdBatch:
     def __len__(self) -> int:
         return len(self.starts)
 
+    def to_str_array(self) -> np.ndarray:
+        """(N,) object array of the ids as str (one Python object per id: format-1 hashing only)."""
+        return np.array([self.buffer[start:start + length].tobytes().decode("utf-8")
+                         for start, length in zip(self.starts.tolist(), self.lengths.tolist())] or [], dtype=object)
+
     @property
     def word_columns(self) -> list[tuple[int, Any, np.ndarray, np.ndarray]]:
         """``(j, rows, mask, words)`` for j = 0, 1, ...: ``rows`` the ids that have a j-th 8-byte
@@ -462,7 +467,7 @@ def _hash_ids(ids: np.ndarray | pa.Array, hash_key: str) -> np.ndarray:
 
 
 def _legacy_hash_ids(ids: np.ndarray, hash_key: str) -> np.ndarray:
-    """Format-1 hash: (N,) object array of str -> (N,) uint64 pandas SipHash under ``hash_key``."""
+    """Format-1 hash (``LEGACY_HASH_ALGORITHM``): (N,) object array of str -> (N,) uint64 under ``hash_key``."""
     if len(ids) == 0:
         return np.empty(0, np.uint64)
     return pd.util.hash_array(ids, encoding="utf8", hash_key=hash_key, categorize=False)
@@ -722,9 +727,10 @@ class RepresentationCenter:
 
     def _hash(self, item_ids: Any, batch: _IdBatch | None = None) -> np.ndarray:
         """(N,) ids -> (N,) uint64 with this center's hash (format 2, or format 1's SipHash)."""
+        batch = batch if batch is not None else _id_batch(item_ids)
         if self._legacy_hash:
-            return _legacy_hash_ids(_as_id_array(item_ids), self._hash_key)
-        return _hash_batch(batch if batch is not None else _id_batch(item_ids), self._hash_key)
+            return _legacy_hash_ids(batch.to_str_array(), self._hash_key)
+        return _hash_batch(batch, self._hash_key)
 
     @classmethod
     def load(cls, path_or_repo_id: str | os.PathLike, revision: str | None = None,

@@ -192,7 +192,7 @@ def test_random_ids_match_a_dict_and_the_format_1_path(tmp_path, alphabet):
         if kind in ("numpy_str", "numpy_bytes") and alphabet == "with_nul":
             continue  # numpy 'U'/'S' arrays drop trailing NULs: such ids cannot be held in one
         np.testing.assert_array_equal(center.rows_for(as_container(queries, kind)), expected, err_msg=kind)
-    np.testing.assert_array_equal(legacy.rows_for(queries), expected)
+        np.testing.assert_array_equal(legacy.rows_for(as_container(queries, kind)), expected, err_msg=f"format 1 {kind}")
 
 
 def build_with_ids(path, item_ids, dim=4, seed=0):
