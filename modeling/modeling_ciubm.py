@@ -19,6 +19,7 @@ change the output, provided padded content vectors are finite (the collator writ
 non-finite content anywhere raises a ValueError).
 """
 
+import os
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -358,6 +359,29 @@ class CiUBMPreTrainedModel(PreTrainedModel):
     config_class = CiUBMConfig
     base_model_prefix = "ciubm"
     main_input_name = "target_item_ids"
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` reading safetensors weights only.
+
+        ``use_safetensors`` defaults to True, so a pickle-based ``pytorch_model.bin`` is never
+        opened (a local folder holding only such files is a ``ValueError``); pass
+        ``use_safetensors=False`` to opt out. (Same rule as ``MIMContentEncoder``; repeated here
+        because each modeling file must stand alone as Hub remote code.)
+        """
+        kwargs.setdefault("use_safetensors", True)
+        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if kwargs["use_safetensors"] and os.path.isdir(folder):
+            names = os.listdir(folder)
+            if not any(name.endswith((".safetensors", ".safetensors.index.json")) for name in names):
+                pickled = sorted(name for name in names
+                                 if name.endswith((".bin", ".bin.index.json", ".pt", ".pth", ".ckpt", ".pkl")))
+                if pickled:
+                    raise ValueError(
+                        f"{folder} holds weights only as {pickled} (pickle), which are not loaded; expected "
+                        "model.safetensors (re-save with save_pretrained, or pass use_safetensors=False if you "
+                        "trust the file)")
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):

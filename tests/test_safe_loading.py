@@ -239,12 +239,15 @@ def test_ctr_folder_with_pickle_weights_never_unpickles_code(tmp_path):
     (folder / "model.safetensors").unlink()
     marker = tmp_path / "pickle-ran"
     plant_pickle(folder / "pytorch_model.bin", marker)
-    # How mim_hf.hub loads a CTR model: safetensors only, the package's classes only.
-    with pytest.raises(OSError, match="model.safetensors"):
-        AutoModel.from_pretrained(folder, use_safetensors=True, trust_remote_code=False)
-    # Even transformers' default path only reaches torch.load(weights_only=True), which refuses the payload.
+    # The class (and AutoModel, which dispatches to it; mim_hf.hub adds trust_remote_code=False)
+    # reads safetensors only and names the refused file.
+    for load in (CiUBMForCTR.from_pretrained, AutoModel.from_pretrained,
+                 lambda f: AutoModel.from_pretrained(f, use_safetensors=True, trust_remote_code=False)):
+        with forbid_unpickling(), pytest.raises(ValueError, match=r"pytorch_model.bin.*pickle.*expected model.safetensors"):
+            load(folder)
+    # Opting out reaches only torch.load(weights_only=True), which refuses the payload.
     with pytest.raises(Exception, match="(?i)weights.only|unpickl|unsupported global"):
-        CiUBMForCTR.from_pretrained(folder)
+        CiUBMForCTR.from_pretrained(folder, use_safetensors=False)
     assert not marker.exists()
 
 
