@@ -1279,25 +1279,17 @@ class RepresentationCenter:
     # ---- sharing ------------------------------------------------------------------------
     def push_to_hub(self, repo_id: str, revision: str | None = None, private: bool | None = None,
                     commit_message: str | None = None, token: str | None = None) -> str:
-        """Upload the live version (flat layout + generated card) as a Hub *dataset* repo.
+        """Upload the live version (flat layout + card) as a Hub *dataset* repo, in one commit.
 
         ``revision``: branch to push to (created if missing). Files of an earlier push that this
-        version no longer has are deleted. Returns the commit URL.
+        version no longer has are deleted. Returns the commit URL. The same code path as
+        ``mim_hf.hub.push_center`` (which this calls), so there is one card and one file list.
         """
-        from huggingface_hub import HfApi
+        from mim_hf.hub import push_center
 
-        api = HfApi(token=token)
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        if revision is not None:
-            api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True)
-        message = commit_message or (f"Representation center: {self.num_items} items, {self.embed_dim}-d, "
-                                     f"encoder {self.metadata['encoder_name']}")
-        info = api.upload_folder(
-            repo_id=repo_id, repo_type="dataset", folder_path=str(self.version_dir), revision=revision,
-            commit_message=message, delete_patterns=["*.safetensors", "*.json", CARD_FILE],
-            allow_patterns=[EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE, CARD_FILE],  # nothing else in the folder
-        )
-        return str(info)
+        info = push_center(self, repo_id, revision=revision, private=private, token=token,
+                           commit_message=commit_message)
+        return str(info.commit_url)
 
 
 def _inside(base: Path, path: Path) -> Path:

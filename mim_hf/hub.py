@@ -487,13 +487,19 @@ def load_ctr_from_hub(repo_id: str, revision: str | None = None, token: str | No
 # ------------------------------------------------------------------------------------------
 # Representation Center
 # ------------------------------------------------------------------------------------------
+def _center_files() -> frozenset[str]:
+    from mim_hf.center import EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE
+
+    return frozenset({EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE, CARD_FILE})
+
+
 def push_center(center, repo_id: str, *, revision: str | None = None, private: bool | None = None,
                 token: str | None = None, commit_message: str | None = None, create_branch: bool = True,
                 template_dir=None) -> CommitInfo:
     """Push the live version of a center (a ``RepresentationCenter`` or its directory) as a dataset repo.
 
-    Same files as ``RepresentationCenter.push_to_hub`` (flat layout) but one commit and the card
-    from ``hub_cards/center.md``. Files of an earlier push that this version lacks are removed.
+    Uploads the version's embeddings, index and metadata (flat layout) and a card from
+    ``hub_cards/center.md``, in one commit (``RepresentationCenter.push_to_hub`` calls this). Files of an earlier push that this version lacks are removed.
     Load with ``RepresentationCenter.load(repo_id, revision=...)``.
     """
     from huggingface_hub import CommitOperationDelete
@@ -505,7 +511,9 @@ def push_center(center, repo_id: str, *, revision: str | None = None, private: b
         center = RepresentationCenter.load(_artefact_dir(center, "representation center", ()))
     metadata = dict(center.metadata)
     card = hub_cards.center_card(metadata, repo_id, template_dir)
-    operations = _folder_operations(center.version_dir, {CARD_FILE: str(card).encode()})
+    # The center's own files only (whatever else a user left in the version folder stays local).
+    operations = [op for op in _folder_operations(center.version_dir, {CARD_FILE: str(card).encode()})
+                  if op.path_in_repo in _center_files()]
     api = HfApi(token=token)
     with _hub_errors("push", repo_id, revision, "dataset"):
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)

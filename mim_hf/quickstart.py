@@ -105,12 +105,14 @@ class _Stage:
             print(f"[quickstart] {self.name} done in {self.timings[self.name]:.1f}s", flush=True)
 
 
-def _needed(config: QuickstartConfig, stage: str, artefact: Path) -> bool:
-    """Run ``stage`` when selected and (forced or its artefact is missing)."""
+def _needed(config: QuickstartConfig, stage: str, artefact: Path, clear: Path | None = None) -> bool:
+    """Run ``stage`` when selected and (forced or its artefact is missing); ``--force`` removes
+    ``clear`` (default: the artefact) first."""
     if stage not in config.stages:
         return False
-    if config.force and artefact.exists():
-        shutil.rmtree(artefact) if artefact.is_dir() else artefact.unlink()
+    doomed = artefact if clear is None else clear
+    if config.force and doomed.exists():
+        shutil.rmtree(doomed) if doomed.is_dir() else doomed.unlink()
     return not artefact.exists()
 
 
@@ -141,7 +143,7 @@ def _load_world(config: QuickstartConfig):
 
 def run_protocol(config: QuickstartConfig, protocol: str, data, timings: dict) -> dict:
     """Every stage for one protocol; returns its slice of the report."""
-    from mim_hf.center import RepresentationCenter, build_center
+    from mim_hf.center import STAGING_DIR, RepresentationCenter, build_center
     from mim_hf.data import PreparedData, prepare
     from mim_hf.data.prepare import format_stats
     from mim_hf.encoders import load_encoder_and_processor
@@ -174,10 +176,12 @@ def run_protocol(config: QuickstartConfig, protocol: str, data, timings: dict) -
     centers = {}
     for name, encoder_dir in (("pretrained", pretrain_dir / "encoder"), ("csft", csft_dir / "encoder")):
         path = root / "centers" / name
-        if _needed(config, "centers", path / "CURRENT"):
+        if _needed(config, "centers", path / "CURRENT", clear=path):
             with _Stage(timings, f"{protocol}/center_{name}"):
                 encoder, processor = load_encoder_and_processor(encoder_dir)
-                build_center(encoder, processor, prepared.items, path, show_progress=config.show_progress)
+                # A killed build left its finished chunks staged: continue from them.
+                build_center(encoder, processor, prepared.items, path, show_progress=config.show_progress,
+                             resume=(path / STAGING_DIR).is_dir())
         centers[name] = path
 
     retrieval_file = root / "retrieval.json"

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from mim_hf.center import RepresentationCenter
 from mim_hf.quickstart import CTR_MODELS, QuickstartConfig, parse_overrides, run_quickstart
 
 TINY = {
@@ -86,6 +87,8 @@ def test_an_interrupted_stage_resumes_and_force_starts_over(quickstart_run, caps
     resumed = json.loads((csft_dir / "metrics.json").read_text())
     assert resumed["resumed_from"].endswith("step_2")
     assert resumed["retrieval"] == finished["retrieval"] and resumed["history"] == finished["history"]
-    run_quickstart(QuickstartConfig(**{**only_csft, "force": True}))
+    center_dir = out / "temporal" / "centers" / "csft"
+    run_quickstart(QuickstartConfig(**{**only_csft, "stages": ("csft", "centers"), "force": True}))
     assert "resuming" not in capsys.readouterr().out
     assert json.loads((csft_dir / "metrics.json").read_text())["resumed_from"] is None
+    assert RepresentationCenter.load(center_dir).num_items == 40
