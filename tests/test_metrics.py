@@ -131,3 +131,27 @@ def test_ctr_metrics_evaluate_module_accumulates_batches():
         predictions=probs, references=labels, user_ids=users, popularity_bucket=buckets
     )
     assert table["cold"]["auc"] == 0.0 and table["head"]["auc"] == 1.0
+
+
+def test_similarity_auc_example_scores_history_similarity():
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import torch
+    from datasets import Dataset
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "similarity_auc.py"
+    spec = importlib.util.spec_from_file_location("similarity_auc", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    vectors = {"a": [1.0, 0.0], "b": [0.9, 0.1], "c": [0.0, 1.0]}
+    center = SimpleNamespace(lookup=lambda ids: (torch.tensor([vectors[i] for i in ids]), torch.ones(len(ids), dtype=torch.bool)))
+    # Targets similar to the history are clicked: AUC 1; the history-less row is skipped.
+    samples = Dataset.from_dict({"item_id": ["b", "c", "b", "c", "a"],
+                                 "behavior_item_ids": [["a"], ["a"], ["a", "b"], ["b"], []],
+                                 "label": [1, 0, 1, 0, 1]})
+    result = module.similarity_auc(SimpleNamespace(samples={"test": samples}), center)
+    assert result == {"n": 4, "auc_mean_cos": 1.0, "auc_max_cos": 1.0}
+    flipped = samples.map(lambda row: {"label": 1 - row["label"]})
+    assert module.similarity_auc(SimpleNamespace(samples={"test": flipped}), center)["auc_mean_cos"] == 0.0
