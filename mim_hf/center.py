@@ -60,6 +60,8 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
+from mim_hf.fs import fsync_path, resolve_inside
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: vectorised id hash (HASH_ALGORITHM); 1 (pandas SipHash) is still read
@@ -218,15 +220,6 @@ def _open_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
         else:
             arrays[name] = buffer[data_start + begin: data_start + end].view(dtype).reshape(shape)
     return arrays, metadata
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it survives a power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------
@@ -637,7 +630,7 @@ class RepresentationCenter:
 
     def _file(self, name: str) -> Path:
         """``version_dir / name``, refused (``ValueError``) if it resolves outside the center."""
-        return _inside(self._trusted_dir, self.version_dir / name)
+        return resolve_inside(self._trusted_dir, self.version_dir / name, "the center directory")
 
     # ---- opening ------------------------------------------------------------------------
     def _open(self) -> None:
@@ -769,7 +762,7 @@ class RepresentationCenter:
                 raise ValueError(f"{current}: not a UTF-8 version name (corrupted)") from None
             if not _VERSION_RE.match(name) or not (root / name).is_dir():
                 raise ValueError(f"{current}: names version {name!r}, which is not a version directory in {root}")
-            return root, _inside(root, root / name), True
+            return root, resolve_inside(root, root / name, "the center directory"), True
         if (root / METADATA_FILE).is_file():
             return root, root, False
         raise ValueError(f"{root}: not a representation center (no {CURRENT_FILE} or {METADATA_FILE})")
@@ -1177,16 +1170,16 @@ class RepresentationCenter:
                 metadata = {**metadata, "version": name, "files": files}
                 _write_text_synced(tmp / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
                 _write_text_synced(tmp / CARD_FILE, dataset_card(metadata))
-                _fsync_dir(tmp)
+                fsync_path(tmp)
                 os.rename(tmp, root / name)
-                _fsync_dir(root)
+                fsync_path(root)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             # Publish: the single atomic step. Before it readers see the old version, after it the new.
             _write_text_synced(root / (CURRENT_FILE + ".tmp"), name + "\n")
             os.replace(root / (CURRENT_FILE + ".tmp"), root / CURRENT_FILE)
-            _fsync_dir(root)
+            fsync_path(root)
             for old in existing[: max(0, len(existing) + 1 - max(keep_versions, 1))]:
                 shutil.rmtree(root / f"v{old:04d}", ignore_errors=True)
         return root / name
@@ -1290,15 +1283,6 @@ class RepresentationCenter:
         info = push_center(self, repo_id, revision=revision, private=private, token=token,
                            commit_message=commit_message)
         return str(info.commit_url)
-
-
-def _inside(base: Path, path: Path) -> Path:
-    """``path`` with symlinks resolved; ``ValueError`` unless it lies inside ``base`` (resolved)."""
-    resolved, trusted = path.resolve(), base.resolve()
-    if resolved != trusted and trusted not in resolved.parents:
-        raise ValueError(f"{path}: resolves to {resolved}, outside the center directory {trusted}; a center "
-                         "must be self-contained (no '..' names, absolute names or symlinks leading out)")
-    return resolved
 
 
 _HEX_SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -1494,7 +1478,7 @@ class CenterBuildStaging:
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True)
         _write_text_synced(manifest_path, json.dumps(self.manifest, indent=2) + "\n")
-        _fsync_dir(self.dir)
+        fsync_path(self.dir)
 
     @property
     def num_chunks(self) -> int:
@@ -1557,7 +1541,7 @@ class CenterBuildStaging:
 def _stage_chunk(temp: Path, final: Path) -> None:
     """Publish a fully written chunk (a separate function so tests can kill the process here)."""
     os.replace(temp, final)
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
 
 
 def build_center(encoder: torch.nn.Module, processor, items, path: str | os.PathLike, batch_size: int = 64,

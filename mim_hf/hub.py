@@ -43,6 +43,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from mim_hf import hub_cards
+from mim_hf.fs import resolve_inside
 
 logger = logging.getLogger(__name__)
 
@@ -171,15 +172,6 @@ def _metrics_for(folder: Path, metrics) -> dict:
     return hub_cards.load_metrics(metrics)
 
 
-def _inside(folder: Path, path: Path) -> Path:
-    """``path`` with symlinks resolved; ``ValueError`` unless it lies inside ``folder``."""
-    resolved, base = path.resolve(), folder.resolve()
-    if resolved != base and base not in resolved.parents:
-        raise ValueError(f"{str(path)!r} resolves to {str(resolved)!r}, outside {str(base)!r}; an artefact folder must "
-                         f"be self-contained (no symlinks or '../' leading out), so nothing else is uploaded")
-    return resolved
-
-
 def _folder_operations(folder: Path, replaced: Mapping[str, bytes]) -> list[CommitOperationAdd]:
     """Every file under ``folder`` (minus skipped ones) + ``replaced`` {path_in_repo: bytes}.
 
@@ -191,7 +183,7 @@ def _folder_operations(folder: Path, replaced: Mapping[str, bytes]) -> list[Comm
         relative = file.relative_to(folder)
         if set(relative.parts) & _SKIP_NAMES or relative.parts[0].startswith("."):
             continue
-        _inside(folder, file)
+        resolve_inside(folder, file, "the artefact folder (nothing outside it is uploaded)")
         if not file.is_file():
             continue
         if relative.as_posix() not in replaced:

@@ -29,6 +29,8 @@ import pyarrow as pa
 from datasets import Dataset, DatasetDict, load_from_disk
 import datasets.utils as datasets_utils
 
+from mim_hf.fs import resolve_inside
+
 from .tables import ITEM_CONTENT_COLUMNS, ITEM_REQUIRED, RecData, _column, _require_columns, interaction_frame, \
     replace_column, unique_id_strings, validate_users
 from .vocab import Vocabulary
@@ -175,18 +177,9 @@ class PreparedData:
         )
 
 
-def _inside(root: Path, path: Path) -> Path:
-    """``path`` resolved (symlinks followed); ``ValueError`` unless it lies inside ``root``."""
-    resolved, base = path.resolve(), root.resolve()
-    if resolved != base and base not in resolved.parents:
-        raise ValueError(f"{str(path)!r} resolves to {str(resolved)!r}, outside {str(base)!r}; a prepared-data "
-                         "directory must be self-contained (no '../', absolute names or symlinks leading out)")
-    return resolved
-
-
 def _read_json(root: Path, relative: str):
     file = root / relative
-    _inside(root, file)
+    resolve_inside(root, file, "the prepared-data directory")
     if not file.is_file():
         raise ValueError(f"{str(root)!r}: {relative} is missing; expected the files written by PreparedData.save")
     try:
@@ -212,7 +205,7 @@ def _load_saved_table(root: Path, name: str, splits: tuple[str, ...] | None) -> 
             if not isinstance(filename, str) or filename in ("", ".", "..") or Path(filename).name != filename:
                 raise ValueError(f"{root / table / 'state.json'} names data file {filename!r}; expected a plain file "
                                  "name inside that folder")
-            _inside(root, root / table / filename)
+            resolve_inside(root, root / table / filename, "the prepared-data directory")
     return load_from_disk(str(folder))
 
 

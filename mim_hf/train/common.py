@@ -69,6 +69,8 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mim_hf.fs import fsync_path
+
 CHECKPOINT_PREFIX = "step_"
 CHECKPOINT_FORMAT = "mim-hf-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -306,21 +308,12 @@ def _decode_state(node, tensors: dict[str, torch.Tensor], where: str):
     raise ValueError(f"{where}: unknown state node with keys {sorted(node)} (a newer or foreign checkpoint format?)")
 
 
-def _fsync_path(path: Path) -> None:
-    """Flush a written file (or a folder's entries) to disk before it is renamed into place."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_state_file(path: Path, state) -> None:
     """One state tree -> ``path`` (safetensors: the tensors, plus the JSON skeleton as metadata)."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = json.dumps(_encode_state(state, tensors, ""))
     save_file(tensors, str(path), metadata={"format": "pt", _STATE_METADATA_KEY: skeleton})
-    _fsync_path(path)
+    fsync_path(path)
 
 
 def _read_state_file(path: Path):
@@ -433,8 +426,8 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
                       for path in sorted(tmp.rglob("*")) if path.is_file()},
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-        _fsync_path(tmp / MANIFEST_NAME)
-        _fsync_path(tmp)
+        fsync_path(tmp / MANIFEST_NAME)
+        fsync_path(tmp)
         _commit_checkpoint(tmp, final)
         for _, old in _complete_checkpoints(root)[:-keep]:
             _remove_folder(old)
@@ -459,7 +452,7 @@ def _link_or_copy_tree(source: Path, destination: Path) -> None:
             os.link(src, dst)
         except OSError:
             shutil.copy2(src, dst)
-            _fsync_path(Path(dst))
+            fsync_path(Path(dst))
 
     shutil.copytree(source, destination, copy_function=link_or_copy)
 
@@ -488,7 +481,7 @@ def _commit_checkpoint(tmp: Path, final: Path) -> None:
     if final.exists():  # the same step saved again: move the old copy away first
         _remove_folder(final)
     os.replace(tmp, final)
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
 
 
 def _remove_folder(path: Path) -> None:
