@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import mim_hf.center as center_module
 from mim_hf.center import EMBEDDINGS_FILE, RepresentationCenter
 
 
@@ -89,23 +90,38 @@ def bench_lookup(workdir: Path, n_items: int, dim: int, batch_size: int, n_batch
     # correctness first: every timed path returns the rows the ceiling gathers
     inputs = {"list": id_batches, "numpy": [np.array(ids) for ids in id_batches],
               "arrow": [pa.array(ids) for ids in id_batches]}
-    for name, batches in inputs.items():
-        embeds, found = center.lookup(batches[0], dtype=torch.float16)
-        assert bool(found.all()) and torch.equal(embeds, torch.index_select(ram_table, 0, row_tensors[0])), name
 
-    candidates = {
-        "lookup_list_float16": lambda ids: center.lookup(ids, dtype=torch.float16),
-        "lookup_list_float32": center.lookup,
-        "rows_for_list": center.rows_for,
-        "lookup_numpy_float16": lambda ids: center.lookup(ids, dtype=torch.float16),
-        "lookup_arrow_float16": lambda ids: center.lookup(ids, dtype=torch.float16),
-    }
-    batches = {name: inputs[name.split("_")[-2 if name.startswith("lookup") else -1]] for name in candidates}
+    def on_path(use_numba: bool, fn):
+        """``fn`` run with the compiled (numba) or the numpy look-up path selected."""
+        def run(ids):
+            center_module.USE_NUMBA = use_numba
+            try:
+                return fn(ids)
+            finally:
+                center_module.USE_NUMBA = default
+        return run
+
+    default = center_module.USE_NUMBA
+    paths = {"numba": True, "numpy": False} if center_module.lookup_backend() == "numba" else {"numpy": False}
+    candidates = {}
+    for path, use_numba in paths.items():
+        candidates.update({
+            f"{path}_lookup_list_float16": on_path(use_numba, lambda ids: center.lookup(ids, dtype=torch.float16)),
+            f"{path}_lookup_list_float32": on_path(use_numba, center.lookup),
+            f"{path}_rows_for_list": on_path(use_numba, center.rows_for),
+            f"{path}_lookup_numpy_float16": on_path(use_numba, lambda ids: center.lookup(ids, dtype=torch.float16)),
+            f"{path}_lookup_arrow_float16": on_path(use_numba, lambda ids: center.lookup(ids, dtype=torch.float16)),
+        })
+    for path, use_numba in paths.items():  # both paths give the ceiling's rows, before anything is timed
+        for name, batches in inputs.items():
+            embeds, found = on_path(use_numba, lambda ids: center.lookup(ids, dtype=torch.float16))(batches[0])
+            assert bool(found.all()) and torch.equal(embeds, torch.index_select(ram_table, 0, row_tensors[0])), name
+    batches = {name: inputs[name.split("_")[-2 if "_lookup_" in name else -1]] for name in candidates}
     timing = timed_against_ceiling(lambda rows: torch.index_select(ram_table, 0, rows), row_tensors,
                                    candidates, batches, repeats)
     total = batch_size * n_batches
     result = {"items": n_items, "dim": dim, "batch_size": batch_size, "batches": n_batches,
-              "build_s": round(build_s, 2), "repeats": repeats}
+              "build_s": round(build_s, 2), "repeats": repeats, "paths": list(paths)}
     result.update({f"{name}_ids_per_s": total / s for name, s in timing["seconds"].items()})
     result.update({f"ratio_{name}": r for name, r in timing["ratios"].items()})
     shutil.rmtree(workdir / "lookup-center")
@@ -196,17 +212,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"look-up, {lookup['items']:,} x {lookup['dim']} float16 center, {lookup['batches']} batches of "
               f"{lookup['batch_size']} random str ids, median of {lookup['repeats']} rounds, each batch timed "
               f"right after the ceiling (torch threads: {torch.get_num_threads()}):")
-        rows = [
-            ("ceiling", "torch.index_select (RAM, rows known) -> float16"),
-            ("lookup_list_float16", "center.lookup(list of str) -> float16"),
-            ("lookup_list_float32", "center.lookup(list of str) -> float32"),
-            ("rows_for_list", "id -> row only: center.rows_for(list)"),
-            ("lookup_numpy_float16", "center.lookup(numpy 'U' array) -> float16"),
-            ("lookup_arrow_float16", "center.lookup(pyarrow string array) -> float16"),
-        ]
+        rows = [("ceiling", "torch.index_select (RAM, rows known) -> float16")]
+        for path in lookup["paths"]:
+            rows += [
+                (f"{path}_lookup_list_float16", f"[{path}] center.lookup(list of str) -> float16"),
+                (f"{path}_lookup_list_float32", f"[{path}] center.lookup(list of str) -> float32"),
+                (f"{path}_rows_for_list", f"[{path}] id -> row only: center.rows_for(list)"),
+                (f"{path}_lookup_numpy_float16", f"[{path}] center.lookup(numpy 'U' array) -> float16"),
+                (f"{path}_lookup_arrow_float16", f"[{path}] center.lookup(pyarrow string array) -> float16"),
+            ]
         for key, label in rows:
             ratio = "" if key == "ceiling" else f"   ratio {lookup[f'ratio_{key}']:.2f}"
-            print(f"  {label:<48} {lookup[f'{key}_ids_per_s'] / 1e6:8.2f} M ids/s{ratio}")
+            print(f"  {label:<56} {lookup[f'{key}_ids_per_s'] / 1e6:8.2f} M ids/s{ratio}")
+        if "numba" not in lookup["paths"]:
+            print("  (numba is not installed or MIM_HF_NO_NUMBA=1: only the numpy path; pip install 'mim-hf[fast]')")
+        print(f"  default path: {lookup['paths'][0]}; goal: ratio >= 0.5 for "
+              f"[{lookup['paths'][0]}] center.lookup(list of str) -> float16")
         if args.open_items:
             opened = bench_open(Path(tmp), args.open_items, args.dim)
             print(f"open, {opened['items']:,} x {args.dim} float16 center ({opened['size_gb']:.2f} GB on disk, "

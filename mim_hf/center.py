@@ -363,17 +363,7 @@ def _id_batch(item_ids: Any, what: str = "item_ids") -> _IdBatch:
     ids = item_ids if isinstance(item_ids, (list, tuple, np.ndarray)) else list(item_ids)
     if len(ids) == 0:
         return _IdBatch(np.zeros(_ID_PADDING, np.uint8), np.empty(0, np.int64), np.empty(0, np.int64))
-    try:
-        # One join + one encode for the whole batch: "\x00" separates ids (found again below).
-        encoded = "\x00".join(ids).encode("utf-8")
-    except TypeError:
-        _as_id_array(ids, what)  # raises, naming the first non-str element
-        raise
-    except UnicodeEncodeError:
-        bad = next(i for i, v in enumerate(ids) if not _encodes(v))
-        raise ValueError(f"{what}[{bad}] = {ids[bad]!r} cannot be encoded as UTF-8 (a lone surrogate?); "
-                         "ids are stored as UTF-8") from None
-    buffer = np.frombuffer(encoded + bytes(_ID_PADDING), np.uint8)
+    buffer = np.frombuffer(_joined_utf8(ids, what) + bytes(_ID_PADDING), np.uint8)
     separators = np.flatnonzero(buffer == 0)
     if len(separators) != len(ids) - 1 + _ID_PADDING:  # an id holds "\x00": find the ids one by one
         return _arrow_batch(pa.array(ids, type=pa.large_string()))
@@ -381,6 +371,21 @@ def _id_batch(item_ids: Any, what: str = "item_ids") -> _IdBatch:
     starts[0] = 0
     starts[1:] = separators[: len(ids) - 1] + 1
     return _IdBatch(buffer, starts, separators[: len(ids)] - starts)
+
+
+def _joined_utf8(ids: Sequence[Any], what: str) -> bytes:
+    """UTF-8 of ``"\\x00".join(ids)``: one join + one encode for the whole batch (no object per id).
+
+    ``TypeError`` names the first non-str id, ``ValueError`` the first str with no UTF-8 form."""
+    try:
+        return "\x00".join(ids).encode("utf-8")
+    except TypeError:
+        _as_id_array(ids, what)  # raises, naming the first non-str element
+        raise
+    except UnicodeEncodeError:
+        bad = next(i for i, v in enumerate(ids) if not _encodes(v))
+        raise ValueError(f"{what}[{bad}] = {ids[bad]!r} cannot be encoded as UTF-8 (a lone surrogate?); "
+                         "ids are stored as UTF-8") from None
 
 
 def _encodes(value: str) -> bool:
@@ -603,6 +608,33 @@ def _rows_normalized(arrays: Mapping[str, np.ndarray]) -> bool:
     return True
 
 
+# The compiled look-up (mim_hf/center_numba.py, the ``fast`` extra) is used when numba imports;
+# MIM_HF_NO_NUMBA=1 or ``mim_hf.center.USE_NUMBA = False`` selects the numpy path (same results).
+USE_NUMBA = os.environ.get("MIM_HF_NO_NUMBA", "").strip().lower() in ("", "0", "false", "no")
+_NUMBA_KERNELS: list = []  # [module or None] once the import was tried
+
+
+def _numba_kernels():
+    """``mim_hf.center_numba`` when ``USE_NUMBA`` and numba imports, else None. Imported at the first
+    look-up, not at open (importing numba takes ~0.5 s; its functions compile at their first call)."""
+    if not USE_NUMBA:
+        return None
+    if not _NUMBA_KERNELS:
+        try:
+            from mim_hf import center_numba
+        except ImportError as err:
+            logger.info("numba is not available (%s); center look-ups use the numpy path "
+                        "(pip install 'mim-hf[fast]' for the compiled one)", err)
+            center_numba = None
+        _NUMBA_KERNELS.append(center_numba)
+    return _NUMBA_KERNELS[0]
+
+
+def lookup_backend() -> str:
+    """``"numba"`` or ``"numpy"``: the path format-2 look-ups take now (see ``USE_NUMBA``)."""
+    return "numba" if _numba_kernels() is not None else "numpy"
+
+
 _ID_BOUNDS = np.dtype([("start", "<i8"), ("stop", "<i8")])
 _MAX_BUCKET_WINDOW = 64  # widest bucket scanned by window; wider ones only come from a damaged file
 
@@ -688,6 +720,8 @@ class RepresentationCenter:
 
         self.metadata = metadata
         self._levels = {level: arrays[level] for level in levels}
+        # (num_items, row bytes) uint8 views: the compiled gather copies raw rows whatever the dtype
+        self._level_bytes = {level: np.ascontiguousarray(array).view(np.uint8) for level, array in self._levels.items()}
         self._id_offsets = offsets
         # (start, stop) of id i as one 16-byte record: a look-up reads both with one gather.
         self._id_bounds = np.ndarray((num_items,), dtype=_ID_BOUNDS, buffer=offsets, strides=(8,))
@@ -856,15 +890,54 @@ class RepresentationCenter:
         UTF-8 bytes, pandas Series/Index of str, or pyarrow string array (fastest: read in place).
         Raises ``TypeError`` for non-str ids, ``ValueError`` for a str with no UTF-8 form or a
         corrupted index file."""
+        return self._rows(item_ids)[0]
+
+    def _rows(self, item_ids: Any) -> tuple[np.ndarray, int, Any]:
+        """``(rows (N,) int64 with -1 for unknown ids, number of unknown ids, kernels)``; ``kernels``
+        is ``mim_hf.center_numba`` when the compiled path ran, else None (numpy path)."""
+        kernels = None if self._legacy_hash or self.num_items == 0 else _numba_kernels()
+        if kernels is not None:
+            rows, unknown = self._rows_compiled(item_ids, kernels)
+            return rows, unknown, kernels
         batch = _id_batch(item_ids)
         if len(batch.starts) == 0 or self.num_items == 0:
-            return np.full(len(batch.starts), -1, np.int64)
+            return np.full(len(batch.starts), -1, np.int64), len(batch.starts), None
         try:
-            rows = self._find_hashes(self._hash(item_ids, batch))
-            return self._verified(batch, rows)
+            rows = self._verified(batch, self._find_hashes(self._hash(item_ids, batch)))
         except IndexError as err:  # only a corrupted table points outside its arrays
             raise ValueError(f"{self.version_dir / INDEX_FILE}: corrupted id index ({err}); "
                              "RepresentationCenter.verify() names the damaged file") from None
+        return rows, int(np.count_nonzero(rows < 0)), None
+
+    def _rows_compiled(self, item_ids: Any, kernels) -> tuple[np.ndarray, int]:
+        """The numba path of :meth:`_rows` (format 2, num_items > 0): hash, probe and verify each id
+        in one compiled function over the batch's UTF-8 bytes."""
+        if isinstance(item_ids, (list, tuple)) and item_ids:
+            # list/tuple of str: one join + encode, split at the "\x00" separators by the kernel
+            # (numpy's separator search costs more than the hashing).
+            buffer = np.frombuffer(_joined_utf8(item_ids, "item_ids"), np.uint8)
+            starts, lengths = np.empty(len(item_ids), np.int64), np.empty(len(item_ids), np.int64)
+            if kernels.split_joined(buffer, len(buffer), starts, lengths) != len(item_ids):
+                batch = _id_batch(item_ids)  # an id holds "\x00": the general path finds the ids
+                buffer, starts, lengths = batch.buffer, batch.starts, batch.lengths
+        else:
+            batch = _id_batch(item_ids)
+            buffer, starts, lengths = batch.buffer, batch.starts, batch.lengths
+        if len(starts) == 0:
+            return np.empty(0, np.int64), 0
+        if buffer.flags.writeable:  # one compiled signature: query bytes are always read-only
+            buffer = buffer.view()
+            buffer.flags.writeable = False
+        rows = np.empty(len(starts), np.int64)
+        directory = self._bucket_directory
+        status = kernels.find_rows(buffer, starts, lengths, _hash_seed(self._hash_key),
+                                   np.uint64(65 - len(directory).bit_length()), directory, self._sorted_hashes,
+                                   self._sorted_rows, self._id_offsets, self._id_bytes, rows)
+        if status < 0:
+            raise ValueError(f"{self.version_dir / INDEX_FILE}: corrupted id index "
+                             f"({kernels.STATUS_MESSAGES[status]}); RepresentationCenter.verify() names the "
+                             "damaged file")
+        return rows, int(status)
 
     def _find_hashes(self, hashes: np.ndarray) -> np.ndarray:
         """(Q,) uint64 -> (Q,) int64 row of the stored entry with that hash, -1 where none has it."""
@@ -926,19 +999,25 @@ class RepresentationCenter:
         ``(embeds (N, embed_dim) in ``dtype``, found_mask BoolTensor (N,))``; ids not in the
         center get a zero row and ``found_mask`` False, and are counted in
         ``stats["unknown_lookups"]``. Raises ``TypeError`` for non-str ids.
+        With numba installed (``pip install 'mim-hf[fast]'``) ids are found and rows gathered by
+        compiled loops (:mod:`mim_hf.center_numba`), else by numpy; the results are identical.
         """
         self._check_level(level)
-        rows = self.rows_for(item_ids)
-        found = rows >= 0
+        rows, unknown, kernels = self._rows(item_ids)
         self.stats["lookups"] += len(rows)
+        self.stats["unknown_lookups"] += unknown
+        found = rows >= 0
         if self.num_items == 0:
-            self.stats["unknown_lookups"] += len(rows)
             return torch.zeros(len(rows), self.embed_dim, dtype=dtype), torch.from_numpy(found)
-        all_found = bool(found.all())
-        gathered = np.take(self._levels[level], rows if all_found else np.where(found, rows, 0), axis=0)
-        if not all_found:
-            self.stats["unknown_lookups"] += int((~found).sum())
-            gathered[~found] = 0
+        table = self._levels[level]
+        if kernels is not None:  # raw row bytes copied into a fresh buffer, unknown rows zeroed
+            gathered = np.empty((len(rows), table.shape[1] * table.itemsize), np.uint8)
+            kernels.gather_rows(self._level_bytes[level], rows, gathered)
+            gathered = gathered.view(table.dtype)
+        else:
+            gathered = np.take(table, rows if not unknown else np.where(found, rows, 0), axis=0)
+            if unknown:
+                gathered[~found] = 0
         return torch.from_numpy(gathered).to(dtype), torch.from_numpy(found)
 
     # ---- nearest neighbours -------------------------------------------------------------
