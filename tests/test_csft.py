@@ -1,6 +1,7 @@
 """C-SFT stage (mim_hf.train.csft): end to end on the tiny synthetic world with tiny towers."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -145,3 +146,52 @@ def test_bad_config_values_raise(data_dir, towers, tmp_path):
     config, resume = parse_config(CSFTConfig, "", ["--data-dir", data_dir, "--queue-size", "0",
                                                     "--level-weights", "{item: 1.0}", "--resume"])
     assert config.queue_size == 0 and config.level_weights == {"item": 1.0} and resume
+
+
+def test_user_negative_hard_negatives_come_from_the_users_unclicked_train_items(data_dir, towers, tmp_path):
+    """hard_negative_source='user_negatives': every drawn row is an item the pair's user saw in
+    the train split with label 0; a user without one gets masked slots, counted."""
+    from mim_hf.train.csft import PairBatches
+
+    prepared = PreparedData.load(data_dir)
+    config = tiny_config(data_dir, towers, tmp_path / "u", hard_negatives=3, hard_negative_source="user_negatives")
+    config.validate()
+    # Drop one user's unclicked samples so that the masked path is exercised too.
+    train = prepared.samples["train"]
+    pairs_users = prepared.pairs["train"]["user_id"]
+    dropped = pairs_users[0]
+    prepared.samples["train"] = train.filter(lambda r: not (r["user_id"] == dropped and r["label"] == 0))
+
+    class _Processor:
+        image_field = "image"
+
+    batches = PairBatches(prepared, _Processor(), object(), config)
+    samples = prepared.samples["train"].to_pandas()
+    unclicked = samples[samples["label"] == 0]
+    allowed = {u: set(g["item_id"].astype(str)) for u, g in unclicked.groupby("user_id")}
+    item_ids = prepared.items["item_id"]
+    positions = torch.arange(len(batches))
+    rows, mask = batches.hard_negative_rows(batches.target_rows[positions], 0, positions)
+    assert rows.shape == (len(batches), 3)
+    expected_masked = sum(u == dropped for u in pairs_users)
+    assert expected_masked > 0 and batches.hard_masked_pairs == expected_masked
+    assert mask is not None and int((~mask.all(1)).sum()) == expected_masked
+    for i, user in enumerate(pairs_users):
+        if user == dropped:
+            assert not mask[i].any()
+            continue
+        assert mask[i].all()
+        assert {str(item_ids[r]) for r in rows[i].tolist()} <= allowed[user]
+    # Seeded by (seed, step): the same step draws the same rows, another step others.
+    again, _ = batches.hard_negative_rows(batches.target_rows[positions], 0, positions)
+    other, _ = batches.hard_negative_rows(batches.target_rows[positions], 1, positions)
+    assert torch.equal(rows, again) and not torch.equal(rows, other)
+
+
+def test_user_negative_run_trains_and_reports_masked_pairs(data_dir, towers, tmp_path):
+    metrics = run(tiny_config(data_dir, towers, tmp_path / "run", hard_negatives=2,
+                              hard_negative_source="user_negatives", max_steps=2, eval_every=2))
+    assert metrics["hard_negative_masked_pairs"] >= 0 and metrics["hard_negative_fallbacks"] == 0
+    assert all(math.isfinite(h["loss"]) for h in metrics["history"] if h["loss"] is not None)
+    with pytest.raises(ValueError, match="hard_negative_source must be one of"):
+        tiny_config(data_dir, towers, tmp_path, hard_negative_source="genre").validate()

@@ -14,8 +14,13 @@ Loss: ``MultiLevelInfoNCE`` (item, text, image, cross levels with ``level_weight
 in-batch negatives, *space* negatives (``gather_across_devices``: the targets of every
 data-parallel process; with one process it is the plain in-batch loss), *time* negatives
 (``queue_size`` > 0: a FIFO of earlier targets, one queue per level) and optional *hard*
-negatives (``hard_negatives`` > 0: per pair, items from the training catalogue sharing a value
-of ``hard_negative_field`` with the target, e.g. a genre; none by default). A candidate with
+negatives (``hard_negatives`` > 0; none by default), from one of two sources:
+``hard_negative_source="field"``: items from the training catalogue sharing a value of
+``hard_negative_field`` with the target (e.g. a genre); ``"user_negatives"``: items the pair's
+user was shown in the training split and did not click (CTR label 0; on MovieLens, rated < 4) --
+the distinction a CTR model's content branch must read, which in-batch negatives (other pairs',
+mostly popular, targets) never show. A pair whose user has no such item gets masked slots
+(counted in ``metrics["hard_negative_masked_pairs"]``). A candidate with
 the pair's own target or trigger id -- a duplicate target in the batch or queue -- is masked by
 the loss, never a false negative. On a text-only catalogue the encoder's item embedding *is*
 its text embedding, so the item and text levels see the same vectors (the multi-level loss is
@@ -68,6 +73,7 @@ from mim_hf.train.common import (
 STAGE_NAME = "csft"
 ENCODER_INFO_NAME = "csft_encoder.json"
 SELECTION_METRIC = "valid_recall@10"
+HARD_NEGATIVE_SOURCES = ("field", "user_negatives")
 
 
 @dataclass
@@ -104,7 +110,10 @@ class CSFTConfig:
                                          "from every in-batch/queue candidate's logit")
     gather_across_devices: bool = config_field(True, "space negatives: targets of all processes (no-op with one)")
     hard_negatives: int = config_field(0, "hard negatives per pair (same hard_negative_field value), 0 = none")
-    hard_negative_field: str = config_field("", "item column for hard negatives (e.g. genres, category)")
+    hard_negative_field: str = config_field("", "item column for hard negatives (e.g. genres, category) when "
+                                            "hard_negative_source is 'field'")
+    hard_negative_source: str = config_field("field", "'field': same hard_negative_field value as the target; "
+                                             "'user_negatives': items the pair's user did not click in train")
     eval_every: int = config_field(50, "evaluate on valid pairs every N steps (and at the last step)")
     eval_batch_size: int = config_field(128, "items per forward pass when encoding the catalogue")
     checkpoint_every: int = config_field(100, "checkpoint every N steps (0 = never)")
@@ -133,7 +142,10 @@ class CSFTConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.hard_negatives and not self.hard_negative_field:
+        if self.hard_negative_source not in HARD_NEGATIVE_SOURCES:
+            raise ValueError(f"hard_negative_source must be one of {HARD_NEGATIVE_SOURCES}, "
+                             f"got {self.hard_negative_source!r}")
+        if self.hard_negatives and self.hard_negative_source == "field" and not self.hard_negative_field:
             raise ValueError(f"hard_negatives={self.hard_negatives} needs hard_negative_field (an item column)")
         if self.encoder_path is None and not self.text_model:
             raise ValueError("give encoder_path (a stage-1 encoder) or text_model (raw towers)")
@@ -250,14 +262,20 @@ class PairBatches:
         if config.max_train_pairs:
             train_pairs = train_pairs.select(range(min(config.max_train_pairs, len(train_pairs))))
         self.trigger_rows, self.target_rows = (torch.as_tensor(r) for r in pair_rows(train_pairs, self.index))
+        self.train_pairs = train_pairs
         # Text columns live in memory (cheap); images are read per batch.
         text_columns = [c for c in self.items.column_names if c != processor.image_field]
         self.records = rows_to_records(self.items.select_columns(text_columns)[:])
         self.with_images = (getattr(encoder, "vision_model", None) is not None
                             and processor.image_field in self.items.column_names)
         self.num_hard = config.hard_negatives
+        self.hard_source = config.hard_negative_source
         self.seed = config.seed
-        if self.num_hard:
+        self.hard_fallbacks = 0  # field source: targets without a same-value pool (whole train catalogue)
+        self.hard_masked_pairs = 0  # user source: pairs whose user has no unclicked train item (slots masked)
+        if self.num_hard and self.hard_source == "user_negatives":
+            self._build_user_pools(prepared)
+        elif self.num_hard:
             self._build_hard_pools(prepared, config.hard_negative_field)
 
     def __len__(self) -> int:
@@ -278,11 +296,60 @@ class PairBatches:
         self.hard_values = values_of_row
         self.hard_pools = {v: np.asarray(rows) for v, rows in pools.items()}
         self.train_rows = np.asarray(sorted(self.index[i] for i in train_items if i in self.index))
-        self.hard_fallbacks = 0  # targets without a same-value pool: drawn from the whole train catalogue
 
-    def hard_negative_rows(self, target_rows: torch.Tensor, step: int) -> torch.Tensor:
-        """``(B, H)`` rows sharing a field value with each target (seeded by seed and step)."""
+    def _build_user_pools(self, prepared) -> None:
+        """Per train pair, the catalogue rows its user saw in the train split with label 0 (CSR)."""
+        samples = prepared.samples["train"].select_columns(["user_id", "item_id", "label"]).with_format("numpy")[:]
+        missing = [c for c in ("user_id", "item_id", "label") if c not in samples]
+        if missing:
+            raise ValueError(f"hard_negative_source='user_negatives' needs train samples with {missing}")
+        unclicked = samples["label"] == 0
+        users = samples["user_id"][unclicked].astype(str)
+        items = samples["item_id"][unclicked].astype(str)
+        try:
+            rows = np.fromiter((self.index[i] for i in items), dtype=np.int64, count=len(items))
+        except KeyError as missing_id:
+            raise ValueError(f"train sample item_id {missing_id.args[0]!r} is absent from the catalogue") from None
+        user_names, user_codes = np.unique(users, return_inverse=True)
+        order = np.argsort(user_codes, kind="stable")
+        self.user_pool_rows = rows[order]
+        counts = np.bincount(user_codes, minlength=len(user_names))
+        self.user_pool_offsets = np.concatenate([[0], np.cumsum(counts)])
+        pair_users = np.asarray(self.train_pairs["user_id"]).astype(str)
+        if not len(user_names):  # no unclicked train sample at all: every slot is masked
+            self.pair_user = torch.full((len(pair_users),), -1, dtype=torch.int64)
+            return
+        slot = np.searchsorted(user_names, pair_users)
+        known = (slot < len(user_names)) & (user_names[np.minimum(slot, len(user_names) - 1)] == pair_users)
+        # -1 = the pair's user has no unclicked train item: its hard-negative slots are masked.
+        self.pair_user = torch.as_tensor(np.where(known, slot, -1))
+
+    def hard_negative_rows(self, target_rows: torch.Tensor, step: int,
+                           positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(B, H)`` hard-negative rows for a batch (seeded by seed and step) and a ``(B, H)`` bool
+        mask (False = padding slot) or None when every slot is real.
+
+        ``field`` source: rows sharing a field value with each target. ``user_negatives``: rows the
+        pair's user did not click in train (``positions``, the batch's pair positions, required).
+        """
         rng = np.random.default_rng([self.seed, step])
+        if self.hard_source == "user_negatives":
+            if positions is None:
+                raise ValueError("hard_negative_source='user_negatives' needs the batch's pair positions")
+            users = self.pair_user[positions].numpy()
+            has_pool = users >= 0
+            start = self.user_pool_offsets[np.where(has_pool, users, 0)]
+            size = self.user_pool_offsets[np.where(has_pool, users, 0) + 1] - start
+            has_pool &= size > 0
+            if not has_pool.any():
+                self.hard_masked_pairs += len(users)
+                return target_rows[:, None].repeat(1, self.num_hard), torch.zeros(len(users), self.num_hard, dtype=torch.bool)
+            picks = start[:, None] + (rng.random((len(users), self.num_hard)) * np.maximum(size, 1)[:, None]).astype(np.int64)
+            rows = np.where(has_pool[:, None], self.user_pool_rows[np.minimum(picks, len(self.user_pool_rows) - 1)],
+                            target_rows.numpy()[:, None])  # masked slots reuse the target row: nothing extra to encode
+            self.hard_masked_pairs += int((~has_pool).sum())
+            mask = None if has_pool.all() else torch.as_tensor(np.repeat(has_pool[:, None], self.num_hard, 1))
+            return torch.as_tensor(rows), mask
         out = np.empty((len(target_rows), self.num_hard), dtype=np.int64)
         for i, row in enumerate(target_rows.tolist()):
             values = self.hard_values[row]
@@ -291,7 +358,7 @@ class PairBatches:
                 pool = self.train_rows
                 self.hard_fallbacks += 1
             out[i] = rng.choice(pool, size=self.num_hard)
-        return torch.as_tensor(out)
+        return torch.as_tensor(out), None
 
     def encoder_inputs(self, rows: torch.Tensor) -> dict:
         """Catalogue rows ``(M,)`` (unique) -> processor output for those items."""
@@ -402,9 +469,9 @@ def run(config: CSFTConfig, resume: bool = False, accelerator: Accelerator | Non
             positions = positions.cpu()
             trigger_rows, target_rows = batches.trigger_rows[positions], batches.target_rows[positions]
             parts = [trigger_rows, target_rows]
-            hard_rows = None
+            hard_rows = hard_mask = None
             if batches.num_hard:
-                hard_rows = batches.hard_negative_rows(target_rows, progress.step)
+                hard_rows, hard_mask = batches.hard_negative_rows(target_rows, progress.step, positions)
                 parts.append(hard_rows.flatten())
             unique_rows, inverse = torch.unique(torch.cat(parts), return_inverse=True)
             inputs = {k: v.to(device) for k, v in batches.encoder_inputs(unique_rows).items()}
@@ -418,6 +485,8 @@ def run(config: CSFTConfig, resume: bool = False, accelerator: Accelerator | Non
             if hard_rows is not None:
                 hard_kwargs = {"hard_negative_outputs": _select_outputs(output, inverse[2 * size:]),
                                "hard_negative_ids": hard_rows.to(device)}
+                if hard_mask is not None:
+                    hard_kwargs["hard_negative_mask"] = hard_mask.to(device)
             loss, levels = loss_fn(_select_outputs(output, inverse[:size]), _select_outputs(output, inverse[size:2 * size]),
                                    trigger_rows.to(device), target_rows.to(device), **hard_kwargs)
             accelerator.backward(loss)
@@ -501,7 +570,8 @@ def run(config: CSFTConfig, resume: bool = False, accelerator: Accelerator | Non
         "epochs_completed": progress.epoch,
         "best_step": progress.best_step,
         "temperature": {name: f.temperature for name, f in loss_fn.directions.items()},
-        "hard_negative_fallbacks": getattr(batches, "hard_fallbacks", 0),
+        "hard_negative_fallbacks": batches.hard_fallbacks,
+        "hard_negative_masked_pairs": batches.hard_masked_pairs,
         "processor_fallbacks": {k: v for k, v in processor.fallback_counts.items() if v},
         "resumed_from": str(resumed_from) if resumed_from else None,
         "retrieval": retrieval,
