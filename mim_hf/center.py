@@ -610,7 +610,12 @@ def _rows_normalized(arrays: Mapping[str, np.ndarray]) -> bool:
 
 # The compiled look-up (mim_hf/center_numba.py, the ``fast`` extra) is used when numba imports;
 # MIM_HF_NO_NUMBA=1 or ``mim_hf.center.USE_NUMBA = False`` selects the numpy path (same results).
-USE_NUMBA = os.environ.get("MIM_HF_NO_NUMBA", "").strip().lower() in ("", "0", "false", "no")
+def _numba_wanted(no_numba: str | None) -> bool:
+    """False when the MIM_HF_NO_NUMBA value asks for the numpy path ("1", "true", "yes")."""
+    return (no_numba or "").strip().lower() in ("", "0", "false", "no")
+
+
+USE_NUMBA = _numba_wanted(os.environ.get("MIM_HF_NO_NUMBA"))
 _NUMBA_KERNELS: list = []  # [module or None] once the import was tried
 
 
