@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -124,8 +125,22 @@ def bench_lookup(workdir: Path, n_items: int, dim: int, batch_size: int, n_batch
               "build_s": round(build_s, 2), "repeats": repeats, "paths": list(paths)}
     result.update({f"{name}_ids_per_s": total / s for name, s in timing["seconds"].items()})
     result.update({f"ratio_{name}": r for name, r in timing["ratios"].items()})
+    if "numba" in paths:
+        result["first_call"] = bench_first_call(workdir, center.root)
     shutil.rmtree(workdir / "lookup-center")
     return result
+
+
+def bench_first_call(workdir: Path, center_path: Path) -> list[dict]:
+    """First look-up in fresh processes sharing an empty NUMBA_CACHE_DIR: the first compiles the
+    kernels (and writes the cache), the second only loads them (what every later process pays)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(workdir / "numba-cache")}
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, __file__, "--measure-open", str(center_path)], env=env,
+                              capture_output=True, text=True, check=True)
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return runs
 
 
 def measure_open(path: str) -> dict:
@@ -228,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
             print("  (numba is not installed or MIM_HF_NO_NUMBA=1: only the numpy path; pip install 'mim-hf[fast]')")
         print(f"  default path: {lookup['paths'][0]}; goal: ratio >= 0.5 for "
               f"[{lookup['paths'][0]}] center.lookup(list of str) -> float16")
+        for label, run in zip(("compiles (empty numba cache)", "loads the numba cache"), lookup.get("first_call", [])):
+            print(f"  first lookup of 4096 ids in a fresh process that {label}: "
+                  f"{run['first_lookup_4096_s'] * 1e3:.0f} ms (open {run['open_s'] * 1e3:.1f} ms)")
         if args.open_items:
             opened = bench_open(Path(tmp), args.open_items, args.dim)
             print(f"open, {opened['items']:,} x {args.dim} float16 center ({opened['size_gb']:.2f} GB on disk, "
