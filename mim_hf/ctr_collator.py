@@ -26,6 +26,7 @@ from itertools import chain
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from .data.vocab import Vocabulary
@@ -102,8 +103,6 @@ class CTRCollator:
     # ------------------------------------------------------------------ item feature table
     def _build_item_tables(self, items) -> None:
         """Encode each item feature once: row r of a table = features of catalogue item r; last row = zeros."""
-        import pandas as pd
-
         columns = items.column_names if hasattr(items, "column_names") else list(items)
         item_ids = [str(i) for i in items["item_id"]]
         self._item_index = pd.Index(item_ids)
@@ -130,12 +129,13 @@ class CTRCollator:
                 table[:-1] = vocab.encode(values)
             self._item_tables[feature] = table
 
-    def _item_feature_rows(self, item_ids: list[str]) -> np.ndarray:
-        """Row of each id in the item tables; ids absent from the catalogue get the all-zero last row."""
+    def _item_feature_rows(self, item_ids, counts: np.ndarray | None = None) -> np.ndarray:
+        """Row of each id in the item tables; ids absent from the catalogue get the all-zero last row.
+        ``counts`` (optional, one per id): how many batch positions each (distinct) id stands for."""
         rows = self._item_index.get_indexer(item_ids)
         absent = rows < 0
         if absent.any():
-            self.stats["items_missing_from_table"] += int(absent.sum())
+            self.stats["items_missing_from_table"] += int(absent.sum() if counts is None else counts[absent].sum())
         return np.where(absent, len(self._item_index), rows)
 
     def config_kwargs(self) -> dict:
@@ -153,7 +153,8 @@ class CTRCollator:
         self.stats[count_as] += int((codes == 0).sum())
         return codes
 
-    def _lookup_content(self, item_ids: list[str]) -> torch.Tensor:
+    def _lookup_content(self, item_ids: list[str], counts: np.ndarray) -> torch.Tensor:
+        """Content (N, C) float32 of (distinct) ``item_ids``; ``counts`` (N,): batch positions each stands for."""
         result = self.lookup(item_ids)
         if not (isinstance(result, tuple) and len(result) == 2 and all(isinstance(t, torch.Tensor) for t in result)):
             raise TypeError(f"content lookup must return (embeds tensor, found_mask tensor), got {type(result).__name__}")
@@ -170,69 +171,88 @@ class CTRCollator:
             bad = int((~finite).nonzero()[0])
             raise ValueError(f"content lookup returned non-finite values (NaN/inf) for item {item_ids[bad]!r}; "
                              "content embeddings must be finite (rebuild or repair the Representation Center)")
-        self.stats["content_missing"] += int((~found.bool()).sum())
+        self.stats["content_missing"] += int(counts[~found.bool().numpy()].sum())
         return embeds.float()
 
-    def _rows_of(self, rows) -> list[Mapping[str, Any]]:
-        """The batch as a list of row mappings, checked: every row has the required keys, "label" is in
-        all rows or none, behaviour histories are lists (or None). ValueError / TypeError otherwise."""
+    def _columns_of(self, rows) -> tuple[dict[str, list], int]:
+        """The batch as columns (name -> list, one value per row) and its size, checked: every row has
+        the required keys, "label" is in all rows or none, behaviour histories are lists (or None).
+        ValueError / TypeError otherwise. A dict of columns (a batched ``Dataset`` slice) is used as
+        it is: no per-row dicts are built."""
+        required = ["user_id", "item_id", "behavior_item_ids", *self.user_features]
         if isinstance(rows, Mapping):  # a batched Dataset slice: columns -> lists
             lengths = {key: len(values) for key, values in rows.items()}
             if len(set(lengths.values())) > 1:
                 raise ValueError(f"batched columns must have equal lengths, got {lengths}")
-            rows = [dict(zip(rows.keys(), values)) for values in zip(*rows.values())]
+            batch_size = next(iter(lengths.values()), 0)
+            if batch_size and (missing := [key for key in required if key not in rows]):
+                raise ValueError(f"row 0 lacks {missing}; every row needs {required} (and 'label' to train)")
+            columns = {key: list(rows[key]) for key in [*required, "label"] if key in rows}
         elif isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
             raise TypeError(f"rows must be a list of dicts or a dict of columns, got {type(rows).__name__}")
-        if len(rows) == 0:
+        else:
+            batch_size = len(rows)
+            labelled = batch_size > 0 and isinstance(rows[0], Mapping) and "label" in rows[0]
+            for index, row in enumerate(rows):
+                if not isinstance(row, Mapping):
+                    raise TypeError(f"row {index} must be a dict of columns, got {type(row).__name__}")
+                missing = [key for key in required if key not in row]
+                if missing:
+                    raise ValueError(f"row {index} lacks {missing}; every row needs {required} (and 'label' to train)")
+                if ("label" in row) != labelled:
+                    raise ValueError(f"row {index} {'lacks' if labelled else 'has'} 'label' but row 0 "
+                                     f"{'has' if labelled else 'lacks'} one: give a label in every row or in none")
+            columns = {key: [row[key] for row in rows] for key in [*required, "label"][:len(required) + labelled]}
+        if batch_size == 0:
             raise ValueError("cannot collate an empty batch")
-        required = ["user_id", "item_id", "behavior_item_ids", *self.user_features]
-        labelled = isinstance(rows[0], Mapping) and "label" in rows[0]
-        for index, row in enumerate(rows):
-            if not isinstance(row, Mapping):
-                raise TypeError(f"row {index} must be a dict of columns, got {type(row).__name__}")
-            missing = [key for key in required if key not in row]
-            if missing:
-                raise ValueError(f"row {index} lacks {missing}; every row needs {required} (and 'label' to train)")
-            if ("label" in row) != labelled:
-                raise ValueError(f"row {index} {'lacks' if labelled else 'has'} 'label' but row 0 "
-                                 f"{'has' if labelled else 'lacks'} one: give a label in every row or in none")
-            history = row["behavior_item_ids"]
+        for index, history in enumerate(columns["behavior_item_ids"]):
             if history is not None and (isinstance(history, (str, bytes)) or not isinstance(history, (Sequence, np.ndarray))):
                 raise TypeError(f"row {index}: behavior_item_ids must be a list of item ids (or None), "
                                 f"got {type(history).__name__} {history!r}")
-        return list(rows)
+        return columns, batch_size
 
     def __call__(self, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence]) -> dict[str, Any]:
-        rows = self._rows_of(rows)
-        batch_size, max_len = len(rows), self.max_len
-        user_ids = [str(row["user_id"]) for row in rows]
-        target_ids = [str(row["item_id"]) for row in rows]
-        full_histories = [[] if row["behavior_item_ids"] is None else row["behavior_item_ids"] for row in rows]
-        histories = [[str(i) for i in history[-max_len:]] for history in full_histories]
-        lengths = np.array([len(h) for h in histories], dtype=np.int64)
-        flat_history = list(chain.from_iterable(histories))
+        columns, batch_size = self._columns_of(rows)
+        max_len = self.max_len
+        user_ids = list(map(str, columns["user_id"]))
+        target_ids = list(map(str, columns["item_id"]))
+        full_histories = [() if history is None else history for history in columns["behavior_item_ids"]]
+        full_lengths = np.fromiter(map(len, full_histories), dtype=np.int64, count=batch_size)
+        lengths = np.minimum(full_lengths, max_len)
+        flat_history = list(map(str, chain.from_iterable(
+            history[-max_len:] if length > max_len else history for history, length in zip(full_histories, full_lengths))))
+        # histories repeat a few thousand items: look each distinct one up once, then expand
+        history_index, distinct_history = pd.factorize(np.asarray(flat_history, dtype=object), use_na_sentinel=False)
+        distinct_counts = np.bincount(history_index, minlength=len(distinct_history))
         # right padding: sample b's behaviours at positions 0..lengths[b]-1
         row_of = np.repeat(np.arange(batch_size), lengths)
         pos_of = np.arange(len(flat_history)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
         self.stats["samples"] += batch_size
         self.stats["behaviors"] += len(flat_history)
-        self.stats["truncated_samples"] += sum(len(history) > max_len for history in full_histories)
+        self.stats["truncated_samples"] += int((full_lengths > max_len).sum())
         batch: dict[str, Any] = {
             "user_ids": torch.from_numpy(self._encode("user_id", user_ids, "unknown_users")),
             "target_item_ids": torch.from_numpy(self._encode("item_id", target_ids, "unknown_target_items")),
         }
         behavior_ids = np.zeros((batch_size, max_len), dtype=np.int64)
-        behavior_ids[row_of, pos_of] = self._encode("item_id", flat_history, "unknown_behavior_items")
+        item_vocab = self.vocabs["item_id"]
+        distinct_codes = item_vocab.encode(list(distinct_history))
+        behavior_codes = distinct_codes[history_index]
+        unknown = int((behavior_codes == 0).sum())
+        self.stats["unknown_behavior_items"] += unknown
+        if hasattr(item_vocab, "unknown_count"):  # the vocabulary counts occurrences, not distinct ids
+            item_vocab.unknown_count += unknown - int((distinct_codes == 0).sum())
+        behavior_ids[row_of, pos_of] = behavior_codes
         batch["behavior_item_ids"] = torch.from_numpy(behavior_ids)
         batch["behavior_mask"] = torch.arange(max_len).unsqueeze(0) < torch.from_numpy(lengths).unsqueeze(1)
         batch["user_features"] = {
-            name: torch.from_numpy(self._encode(name, [row[name] for row in rows], f"unknown_{name}"))
+            name: torch.from_numpy(self._encode(name, columns[name], f"unknown_{name}"))
             for name in self.user_features
         }
         if self.item_features:
             target_rows = self._item_feature_rows(target_ids)
-            history_rows = self._item_feature_rows(flat_history)
+            history_rows = self._item_feature_rows(distinct_history, distinct_counts)[history_index]
             batch["target_item_features"], batch["behavior_item_features"] = {}, {}
             for name, table in self._item_tables.items():
                 batch["target_item_features"][name] = torch.from_numpy(table[target_rows])
@@ -240,14 +260,16 @@ class CTRCollator:
                 behavior_values[row_of, pos_of] = table[history_rows]
                 batch["behavior_item_features"][name] = torch.from_numpy(behavior_values)
         if self.lookup is not None:
-            content = self._lookup_content(target_ids + flat_history)
+            content = self._lookup_content(target_ids + list(distinct_history), np.concatenate(
+                [np.ones(batch_size, dtype=np.int64), distinct_counts]))
             batch["target_content_embeds"] = content[:batch_size]
             behavior_content = torch.zeros(batch_size, max_len, content.shape[1], dtype=content.dtype)
-            behavior_content[torch.from_numpy(row_of), torch.from_numpy(pos_of)] = content[batch_size:]
+            behavior_content[torch.from_numpy(row_of), torch.from_numpy(pos_of)] = content[batch_size:][
+                torch.from_numpy(history_index)]
             batch["behavior_content_embeds"] = behavior_content
-        if "label" in rows[0]:
-            labels = [row["label"].item() if isinstance(row["label"], torch.Tensor) and row["label"].numel() == 1
-                      else row["label"] for row in rows]
+        if "label" in columns:
+            labels = [label.item() if isinstance(label, torch.Tensor) and label.numel() == 1 else label
+                      for label in columns["label"]]
             # bools and integral floats are 0/1; NaN, None, strings and other numbers are not
             bad = [(index, label) for index, label in enumerate(labels)
                    if isinstance(label, (str, bytes)) or not isinstance(label, (int, float, np.number)) or label not in (0, 1)]

@@ -583,6 +583,24 @@ def test_collator_encodes_pads_and_counts_fallbacks():
     assert stats["items_missing_from_table"] == 0
 
 
+def test_collator_columns_equal_rows_and_repeated_items_count_per_occurrence():
+    center = DictCenter({"m1": [1.0, 0.0], "m2": [0.0, 1.0], "m3": [1.0, 1.0]})  # m4: no content
+    rows = ROWS + [{"user_id": "u1", "item_id": "m9", "label": 1, "user_gender": "F",
+                    "behavior_item_ids": ["m4", "m4", "m2"]}]  # an unknown item twice, m4 (no content) twice
+    by_rows, by_columns = tiny_collator(center), tiny_collator(center)
+    expected = by_rows(rows)
+    batch = by_columns({key: [row[key] for row in rows] for key in rows[0]})  # a batched Dataset slice
+    for key, value in expected.items():
+        if isinstance(value, dict):
+            assert value.keys() == batch[key].keys() and all(torch.equal(v, batch[key][k]) for k, v in value.items())
+        else:
+            assert torch.equal(value, batch[key]), key
+    assert by_columns.stats == by_rows.stats
+    # distinct ids are looked up once, fallbacks still count every position
+    assert by_rows.stats["content_missing"] == 2 + 2 + 1 and by_rows.stats["unknown_behavior_items"] == 1 + 2
+    assert by_rows.stats["unknown_target_items"] == 2
+
+
 def test_collator_feeds_the_model_end_to_end():
     torch.manual_seed(0)
     center = DictCenter({f"m{i}": torch.randn(CONTENT_DIM).tolist() for i in range(1, 5)})
