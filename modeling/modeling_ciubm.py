@@ -739,15 +739,18 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
             }
 
         user_repr = self.embeddings.embed_users(self._drop_to_unknown(checked["user_ids"]), checked["user_features"])
-        # target and behaviours in one look-up per table: one embedding backward instead of two
-        item_ids = torch.cat([self._drop_to_unknown(checked["target_item_ids"]).unsqueeze(1),
-                              self._drop_to_unknown(behavior_item_ids)], dim=1)
+        # behaviours then targets, flat, in one look-up per table (one embedding backward instead of
+        # two); both parts of the result are contiguous slices: no copy on the way in or out
+        batch_size, seq_len = behavior_item_ids.shape
+        target_item_ids = self._drop_to_unknown(checked["target_item_ids"])
+        item_ids = torch.cat([self._drop_to_unknown(behavior_item_ids).reshape(-1), target_item_ids])
         item_features = {
-            name: _prepend_target(checked["target_item_features"][name], behavior_item_features[name])
+            name: _behaviors_then_target(behavior_item_features[name], checked["target_item_features"][name])
             for name in behavior_item_features
         }
-        item_repr = self.embeddings.embed_items(item_ids, item_features)  # (B, 1 + L, item_dim)
-        target_repr, behavior_repr = item_repr[:, 0], item_repr[:, 1:]
+        item_repr = self.embeddings.embed_items(item_ids, item_features)  # (B * L + B, item_dim)
+        behavior_repr = item_repr[: batch_size * seq_len].view(batch_size, seq_len, item_repr.shape[-1])
+        target_repr = item_repr[batch_size * seq_len:]
 
         score_bias = None
         if self.similarity_scale is not None:
@@ -855,15 +858,17 @@ def _finite_check(name: str, values: torch.Tensor):
     return ~finite.all(), message
 
 
-def _prepend_target(target: torch.Tensor, behaviors: torch.Tensor) -> torch.Tensor:
-    """target (B,) or (B, G), behaviours (B, L) or (B, L, G') -> (B, 1 + L) or (B, 1 + L, max(G, G'))."""
-    target = target.unsqueeze(1)
-    if behaviors.dim() == 3 and target.shape[-1] != behaviors.shape[-1]:
-        # multi-valued lists of different widths: 0 is the padding value the mean ignores
-        width = max(target.shape[-1], behaviors.shape[-1])
-        target = F.pad(target, (0, width - target.shape[-1]))
-        behaviors = F.pad(behaviors, (0, width - behaviors.shape[-1]))
-    return torch.cat([target, behaviors], dim=1)
+def _behaviors_then_target(behaviors: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """behaviours (B, L) or (B, L, G'), target (B,) or (B, G) -> (B * L + B,) or (B * L + B, max(G, G')):
+    the behaviours flattened, then the targets."""
+    if behaviors.dim() == 3:
+        if target.shape[-1] != behaviors.shape[-1]:
+            # multi-valued lists of different widths: 0 is the padding value the mean ignores
+            width = max(target.shape[-1], behaviors.shape[-1])
+            target = F.pad(target, (0, width - target.shape[-1]))
+            behaviors = F.pad(behaviors, (0, width - behaviors.shape[-1]))
+        return torch.cat([behaviors.reshape(-1, behaviors.shape[-1]), target])
+    return torch.cat([behaviors.reshape(-1), target])
 
 
 # save_pretrained then writes auto_map and copies this file and configuration_ciubm.py
