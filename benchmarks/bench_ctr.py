@@ -27,6 +27,7 @@ sequence 50, each content path against itself (both runs take content the same w
 Goals: din >= 1.5x the reference, ciubm >= 1.0x, SIM(1000)/seq-50 <= 2.0.
 
     .venv/bin/python benchmarks/bench_ctr.py [--rounds 8] [--steps 3] [--threads N]
+    .venv/bin/python benchmarks/bench_ctr.py --density-sweep   # packed vs padded attention by density
 """
 
 from __future__ import annotations
@@ -210,6 +211,36 @@ def time_interleaved(entries, rounds: int, steps: int) -> dict:
     return {name: min(times) for name, times in per_round.items()}
 
 
+def density_sweep(batch_size: int, seq_len: int, rounds: int) -> None:
+    """Attention unit forward+backward, packed vs padded path, at several fractions of real behaviours,
+    for the bench shape (D = 16, H = 64) and the MovieLens quickstart shape (D = 48: item id, genres
+    and year; H = 32); prints the times and the density limit the automatic rule picks."""
+    from mim_hf.modeling.modeling_ciubm import CiUBMTargetAttention
+
+    for dim, hidden in ((ID_DIM, ATTENTION_UNITS[0]), (3 * ID_DIM, 32)):
+        torch.manual_seed(0)
+        unit = CiUBMTargetAttention(dim, [hidden], "relu", "softmax")
+        query = torch.randn(batch_size, dim, requires_grad=True)
+        keys = torch.randn(batch_size, seq_len, dim, requires_grad=True)
+        print(f"attention D={dim} H={hidden}: automatic rule packs up to density {unit.packing_density_limit():.2f}")
+        for density in (0.3, 0.5, 0.63, 0.8, 1.0):
+            lengths = torch.full((batch_size,), float(round(density * seq_len)), dtype=torch.float32)
+            mask = torch.arange(seq_len).unsqueeze(0) < lengths.unsqueeze(1)
+            runs = {"packed": [], "padded": []}
+            for round_index in range(rounds + 1):  # interleaved, round 0 is a warm-up
+                for name, limit in (("packed", 1.0), ("padded", -1.0)):
+                    unit.packing_max_density = limit
+                    start = time.perf_counter()
+                    interest, _ = unit(query, keys, mask)
+                    interest.sum().backward()
+                    if round_index:
+                        runs[name].append(time.perf_counter() - start)
+            times = {name: min(values) * 1000 for name, values in runs.items()}
+            unit.packing_max_density = None
+            print(f"  density {density:.2f}: packed {times['packed']:6.1f} ms, padded {times['padded']:6.1f} ms "
+                  f"(packed / padded = {times['packed'] / times['padded']:.2f})")
+
+
 def verdict(ratio: float, goal: float, at_least: bool) -> str:
     met = ratio >= goal if at_least else ratio <= goal
     return f"goal {'>=' if at_least else '<='} {goal}: {'met' if met else 'NOT met'}"
@@ -224,9 +255,14 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     parser.add_argument("--fuxictr-site", default=os.environ.get("FUXICTR_SITE", "/tmp/fxvenv/lib/python3.11/site-packages"))
+    parser.add_argument("--density-sweep", action="store_true",
+                        help="only time the attention unit's packed vs padded path at densities 0.3..1.0")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.density_sweep:
+        density_sweep(args.batch_size, args.seq_len, max(args.rounds, 5))
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, seq {args.seq_len}, "
           f"ID dim {ID_DIM}, content dim {CONTENT_DIM}, content table {N_ITEMS} x {CONTENT_DIM}")
 
