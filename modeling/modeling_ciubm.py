@@ -92,38 +92,6 @@ class CiUBMMLP(nn.Module):
         return self.layers(hidden_states)
 
 
-class _GatherRows(torch.autograd.Function):
-    """`F.embedding(ids, weight, padding_idx)` whose backward is one `index_add_` into a zero
-    gradient: on CPU about 1.7x faster than the embedding backward, which sorts the ids first.
-
-    weight (N, D), ids (*S) int64/int32, padding_idx int or None -> (*S, D); the padding row
-    gets no gradient, as with `nn.Embedding(padding_idx=...)`.
-    """
-
-    @staticmethod
-    def forward(ctx, weight, ids, padding_idx):
-        ctx.save_for_backward(ids)
-        ctx.num_rows, ctx.padding_idx = weight.shape[0], padding_idx
-        return weight.index_select(0, ids.reshape(-1)).view(*ids.shape, weight.shape[1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        (ids,) = ctx.saved_tensors
-        dim = grad.shape[-1]
-        grad_weight = grad.new_zeros(ctx.num_rows, dim).index_add_(0, ids.reshape(-1), grad.reshape(-1, dim))
-        if ctx.padding_idx is not None:
-            grad_weight[ctx.padding_idx] = 0
-        return grad_weight, None, None
-
-
-def embedding_lookup(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
-    """`table(ids)`: (*S) integer -> (*S, D); on CPU with gradients, through `_GatherRows`
-    (same values and gradients). Elsewhere the module itself (its CUDA backward is deterministic)."""
-    if table.weight.device.type == "cpu" and table.weight.requires_grad and torch.is_grad_enabled():
-        return _GatherRows.apply(table.weight, ids, table.padding_idx)
-    return table(ids)
-
-
 class CiUBMFeatureEmbedding(nn.Module):
     """ID and side-feature embeddings of users and items (concatenated per entity).
 
@@ -151,21 +119,21 @@ class CiUBMFeatureEmbedding(nn.Module):
 
     def embed_users(self, user_ids: torch.Tensor, user_features: dict) -> torch.Tensor:
         """user_ids (B,), user_features name -> (B,) -> (B, user_dim)."""
-        parts = [embedding_lookup(self.user_id_embeddings, user_ids)]
-        parts += [embedding_lookup(table, user_features[name]) for name, table in self.user_feature_embeddings.items()]
+        parts = [self.user_id_embeddings(user_ids)]
+        parts += [table(user_features[name]) for name, table in self.user_feature_embeddings.items()]
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
     def embed_items(self, item_ids: torch.Tensor, item_features: dict) -> torch.Tensor:
         """item_ids (*S), item_features name -> (*S) or (*S, G) if multi-valued -> (*S, item_dim)."""
-        parts = [embedding_lookup(self.item_id_embeddings, item_ids)]
+        parts = [self.item_id_embeddings(item_ids)]
         for name, table in self.item_feature_embeddings.items():
             values = item_features[name]
             if name in self.multi_valued_item_features:
                 present = (values != 0).unsqueeze(-1).to(table.weight.dtype)
                 # row 0 is zero, so the sum only counts real values; divide by their number
-                parts.append(embedding_lookup(table, values).sum(-2) / present.sum(-2).clamp_min(1.0))
+                parts.append(table(values).sum(-2) / present.sum(-2).clamp_min(1.0))
             else:
-                parts.append(embedding_lookup(table, values))
+                parts.append(table(values))
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
 
@@ -179,15 +147,17 @@ class CiUBMTargetAttention(nn.Module):
     the result equals the textbook form. Two ways to run it, same scores at real behaviours:
     padded: one (L, D) x (D, H) product per sample with the query folded into the matrix
     (~D + c multiply-adds per hidden unit and position, c = the activation/score work);
-    packed (CPU only): the MLP on real behaviours only, first layer as one (V, 2D) x (2D, H)
-    product (~2D + c per real behaviour). Packing is chosen when the fraction of real
-    behaviours is below (D + c) / (2D + c) (measured crossovers on CPU: ~0.7 at D=16, H=64;
-    ~0.55 at D=48, H=32; c = 16 gives 0.67 and 0.57), or below `packing_max_density` when
-    that is set (tests force a path).
+    packed (CPU only): the MLP on real behaviours only, first layer as one (V, 3D) x (3D, H)
+    product (~3D + c per real behaviour). Packing is chosen when the fraction of real
+    behaviours is below (D + c) / (3D + c) (c = 32: 0.6 at D=16, 0.45 at D=48; measured
+    crossovers on one CPU thread ~0.6 at D=16, H=64 and ~0.4-0.45 at D=48, H=32, see
+    `benchmarks/bench_ctr.py --density-sweep`), or below `packing_max_density` when that is
+    set (tests force a path). A (V, 2D) first layer with the query term gathered per row was
+    tried: faster on one thread, but its extra scatter-add backward is slow on two.
     """
 
     # per-hidden-unit work common to both paths, in multiply-adds per position (fitted on CPU)
-    packing_shared_cost = 16
+    packing_shared_cost = 32
     # None: the cost rule above; a number: pack when density <= it (1.0 always, -1.0 never)
     packing_max_density = None
 
@@ -196,7 +166,7 @@ class CiUBMTargetAttention(nn.Module):
         if self.packing_max_density is not None:
             return self.packing_max_density
         c = self.packing_shared_cost
-        return (self.embed_dim + c) / (2 * self.embed_dim + c)
+        return (self.embed_dim + c) / (3 * self.embed_dim + c)
 
     def __init__(self, embed_dim: int, hidden_sizes: list, hidden_act: str, normalization: str):
         super().__init__()
@@ -216,20 +186,19 @@ class CiUBMTargetAttention(nn.Module):
         (interest (B, D), weights (B, L))."""
         batch_size, seq_len, dim = keys.shape
         w_query, w_key, w_diff, w_prod = self.input_layer.weight.split(dim, dim=1)  # (H, D) each
-        # the query's own term, once per sample: (W_q + W_d) q + b
-        query_part = F.linear(query, w_query + w_diff, self.input_layer.bias)  # (B, H)
         valid = mask.reshape(-1).nonzero().squeeze(1) if keys.device.type == "cpu" else None
         if valid is not None and valid.numel() <= self.packing_density_limit() * mask.numel():
-            sample = torch.div(valid, seq_len, rounding_mode="floor")  # (V,) sample of each real behaviour
             valid_keys = keys.reshape(-1, dim).index_select(0, valid)  # (V, D)
-            pair = torch.cat([valid_keys, query.index_select(0, sample) * valid_keys], dim=1)  # (V, 2D)
-            weight = torch.cat([w_key - w_diff, w_prod], dim=1)  # (H, 2D)
-            hidden = torch.addmm(query_part.index_select(0, sample), pair, weight.t())  # (V, H)
+            valid_queries = query.index_select(0, torch.div(valid, seq_len, rounding_mode="floor"))  # (V, D)
+            pair = torch.cat([valid_keys, valid_queries * valid_keys, valid_queries], dim=1)  # (V, 3D)
+            weight = torch.cat([w_key - w_diff, w_prod, w_query + w_diff], dim=1)  # (H, 3D)
+            hidden = F.linear(pair, weight, self.input_layer.bias)  # (V, H)
             valid_scores = self.score_layers(self.activation(hidden)).squeeze(-1)
             scores = valid_scores.new_zeros(batch_size * seq_len).index_copy(0, valid, valid_scores)
             scores = scores.view(batch_size, seq_len)
         else:
             # one (L, D) x (D, H) product per sample with the query folded into the matrix
+            query_part = F.linear(query, w_query + w_diff, self.input_layer.bias)  # (B, H)
             key_matrix = (w_key - w_diff).t().unsqueeze(0) + query.unsqueeze(2) * w_prod.t().unsqueeze(0)  # (B, D, H)
             hidden = torch.baddbmm(query_part.unsqueeze(1), keys, key_matrix)  # (B, L, H)
             scores = self.score_layers(self.activation(hidden)).squeeze(-1)  # (B, L)

@@ -14,7 +14,6 @@ from mim_hf.modeling.modeling_ciubm import (
     CiUBMSimilarityHistogram,
     CiUBMTargetAttention,
     content_cosine_similarity,
-    embedding_lookup,
     sampled_row_dots,
 )
 
@@ -198,28 +197,11 @@ def test_attention_unit_equals_textbook_concatenation(attention_path):
     torch.testing.assert_close(interest, (expected_weights.unsqueeze(-1) * keys).sum(1))
 
 
-@pytest.mark.parametrize("padding_idx", [0, None])
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
-def test_embedding_lookup_matches_nn_embedding_values_and_gradients(padding_idx, dtype):
-    torch.manual_seed(0)
-    table = torch.nn.Embedding(9, 4, padding_idx=padding_idx)
-    ids = torch.tensor([[0, 3, 3, 8], [1, 0, 3, 2]], dtype=dtype)  # repeats and the padding row
-    upstream = torch.randn(2, 4, 4)
-    table(ids).backward(upstream)
-    expected = table.weight.grad.clone()
-    table.weight.grad = None
-    out = embedding_lookup(table, ids)
-    torch.testing.assert_close(out, table(ids))
-    out.backward(upstream)
-    torch.testing.assert_close(table.weight.grad, expected)
-    assert (table.weight.grad[0] == 0).all() == (padding_idx == 0)
-
-
 def test_packing_rule_packs_sparse_sequences_only():
     narrow = CiUBMTargetAttention(embed_dim=16, hidden_sizes=[64], hidden_act="relu", normalization="softmax")
     wide = CiUBMTargetAttention(embed_dim=48, hidden_sizes=[32], hidden_act="relu", normalization="softmax")
-    # the padded path's per-position cost grows with D half as fast as the packed path's per-row cost
-    assert 0.6 < narrow.packing_density_limit() < 0.75 and 0.5 < wide.packing_density_limit() < 0.6
+    # the padded path's per-position cost grows with D a third as fast as the packed path's per-row cost
+    assert 0.55 < narrow.packing_density_limit() < 0.65 and 0.4 < wide.packing_density_limit() < 0.5
     narrow.packing_max_density = 1.0
     assert narrow.packing_density_limit() == 1.0
 
