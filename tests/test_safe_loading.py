@@ -358,3 +358,28 @@ def test_prepared_data_bad_metadata_is_a_clear_error(prepared_dir):
     _edit_json(prepared_dir / "prepared.json", lambda d: d["config"].pop("__class__"))
     with pytest.raises(ValueError, match="stats.json is missing"):
         PreparedData.load(prepared_dir)
+
+
+def test_guard_exempts_only_numbas_own_cache_loader():
+    """The guard lets a pickle read through only when numba's cache module is the caller."""
+    import pickle
+
+    import unpickling_guard
+
+    payload = pickle.dumps({"version": 1})
+    numba_like = {"__name__": "numba.core.caching", "pickle": pickle, "payload": payload}
+    # Code whose frame belongs to a module named like numba's cache loader (no numba needed).
+    code = compile("def load_index():\n    return pickle.loads(payload)\n", "<numba-cache-like>", "exec")
+    exec(code, numba_like)  # noqa: S102 - builds the stand-in loader, test only
+    before = unpickling_guard.allowed_numba_cache_reads()
+    with forbid_unpickling():
+        assert numba_like["load_index"]() == {"version": 1}
+    assert unpickling_guard.allowed_numba_cache_reads() == before + 1
+    with pytest.raises(unpickling_guard.UnpicklingForbidden):
+        with forbid_unpickling():
+            pickle.loads(payload)
+    elsewhere = {"__name__": "numba.core.caching_not", "pickle": pickle, "payload": payload}
+    exec(code, elsewhere)  # noqa: S102
+    with pytest.raises(unpickling_guard.UnpicklingForbidden):
+        with forbid_unpickling():
+            elsewhere["load_index"]()
