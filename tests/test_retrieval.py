@@ -88,25 +88,31 @@ def test_popularity_reference_matches_brute_force():
 class ColumnEncoder(torch.nn.Module):
     """Stands in for a content encoder: embeds an item by a fixed vector looked up from its title."""
 
+    text_model = None  # no transformers tower: nothing for encode_items to switch
+
     def __init__(self, table):
         super().__init__()
         self.table = table
         self.config = type("C", (), {"embed_dim": table.shape[1]})()
         self.device = torch.device("cpu")
 
-    def forward(self, title_index, return_dict=True):
-        return type("O", (), {"item_embeds": self.table[title_index]})()
+    def forward(self, input_ids, attention_mask=None, return_dict=True):
+        return type("O", (), {"item_embeds": self.table[input_ids[:, 0]]})()
 
 
 class ColumnProcessor:
+    """Stands in for the processor: an item's "text" is its title, its one token the title as an int."""
+
     fallback_counts = {}
     image_field = "image"
+    image_processor = None
+    tokenizer = type("T", (), {"pad_token_id": 0, "padding_side": "right"})()
 
     def build_texts(self, rows, view="full"):
         return [r["title"] for r in rows]
 
-    def __call__(self, rows, view="full"):
-        return {"title_index": torch.tensor([int(r["title"]) for r in rows])}
+    def tokenize(self, texts, padding="longest", return_tensors="pt"):
+        return {"input_ids": [[int(t)] for t in texts], "attention_mask": [[1] for _ in texts]}
 
 
 def test_evaluate_pairs_encodes_once_per_call_and_maps_ids():
