@@ -148,9 +148,12 @@ class CTRCollator:
         }
 
     # ------------------------------------------------------------------ batch
-    def _encode(self, name: str, values: list, count_as: str) -> np.ndarray:
-        codes = self.vocabs[name].encode(values)
-        self.stats[count_as] += int((codes == 0).sum())
+    def _encode(self, name: str, values: list, count_as: str, counts: np.ndarray | None = None) -> np.ndarray:
+        """Vocabulary codes of ``values``, unknowns counted in ``stats[count_as]``; ``counts`` (optional,
+        one per value): how many batch positions each (distinct) value stands for."""
+        codes = self.vocabs[name].encode(values, counts)
+        unknown = codes == 0
+        self.stats[count_as] += int(unknown.sum() if counts is None else counts[unknown].sum())
         return codes
 
     def _lookup_content(self, item_ids: list[str], counts: np.ndarray) -> torch.Tensor:
@@ -236,14 +239,8 @@ class CTRCollator:
             "target_item_ids": torch.from_numpy(self._encode("item_id", target_ids, "unknown_target_items")),
         }
         behavior_ids = np.zeros((batch_size, max_len), dtype=np.int64)
-        item_vocab = self.vocabs["item_id"]
-        distinct_codes = item_vocab.encode(list(distinct_history))
-        behavior_codes = distinct_codes[history_index]
-        unknown = int((behavior_codes == 0).sum())
-        self.stats["unknown_behavior_items"] += unknown
-        if hasattr(item_vocab, "unknown_count"):  # the vocabulary counts occurrences, not distinct ids
-            item_vocab.unknown_count += unknown - int((distinct_codes == 0).sum())
-        behavior_ids[row_of, pos_of] = behavior_codes
+        behavior_ids[row_of, pos_of] = self._encode("item_id", list(distinct_history), "unknown_behavior_items",
+                                                    distinct_counts)[history_index]
         batch["behavior_item_ids"] = torch.from_numpy(behavior_ids)
         batch["behavior_mask"] = torch.arange(max_len).unsqueeze(0) < torch.from_numpy(lengths).unsqueeze(1)
         batch["user_features"] = {

@@ -581,6 +581,8 @@ def test_collator_columns_equal_rows_and_repeated_items_count_per_occurrence():
     # distinct ids are looked up once, fallbacks still count every position
     assert by_rows.stats["content_missing"] == 2 + 2 + 1 and by_rows.stats["unknown_behavior_items"] == 1 + 2
     assert by_rows.stats["unknown_target_items"] == 2
+    # the item vocabulary counts the same occurrences: 2 unknown targets + 3 unknown behaviours
+    assert by_rows.vocabs["item_id"].unknown_count == by_columns.vocabs["item_id"].unknown_count == 2 + 3
 
 
 def test_collator_feeds_the_model_end_to_end():

@@ -335,6 +335,9 @@ def test_vocabulary_encode_counts_unknown():
     assert vocab.tokens == ["[UNK]", "a", "b"]
     np.testing.assert_array_equal(vocab.encode(["b", "zzz", "a"]), [2, 0, 1])
     assert vocab.unknown_count == 1
+    # distinct values encoded once, standing for several occurrences each: unknowns counted per occurrence
+    np.testing.assert_array_equal(vocab.encode(["zzz", "a", "yyy"], counts=np.array([3, 5, 2])), [0, 1, 0])
+    assert vocab.unknown_count == 1 + 3 + 2
     assert Vocabulary.from_dict(vocab.to_dict()).tokens == vocab.tokens
     with pytest.raises(ValueError, match="duplicate tokens"):
         Vocabulary(["a", "a"])

@@ -54,12 +54,15 @@ class Vocabulary:
     def __contains__(self, token) -> bool:
         return str(token) in self._index
 
-    def encode(self, values: Iterable) -> np.ndarray:
-        """Indices (int64) of ``values``; unknown or missing values give 0 and are counted."""
+    def encode(self, values: Iterable, counts: np.ndarray | None = None) -> np.ndarray:
+        """Indices (int64) of ``values``; unknown or missing values give 0 and are counted.
+
+        ``counts`` (optional, one int per value): how many occurrences each value stands for when a
+        caller encodes distinct values once and expands them; the unknown count uses them."""
         values = pd.Index(pd.Series(list(values), dtype=object).astype(str))
         positions = self._index.get_indexer(values)
         unknown = positions < 0
-        self.unknown_count += int(unknown.sum())
+        self.unknown_count += int(unknown.sum() if counts is None else counts[unknown].sum())
         return np.where(unknown, 0, positions + 1).astype(np.int64)
 
     def decode(self, indices: Iterable[int]) -> list[str]:
