@@ -147,18 +147,21 @@ def catalogue_index(catalogue_item_ids: Sequence[str]) -> dict[str, int]:
     return index
 
 
+def catalogue_rows(item_ids: Sequence, index: Mapping[str, int], what: str) -> np.ndarray:
+    """Item ids -> int64 array of their catalogue rows; an id absent from the catalogue raises
+    ``ValueError`` naming it and ``what`` (where the ids come from)."""
+    try:
+        return np.fromiter((index[str(i)] for i in item_ids), dtype=np.int64, count=len(item_ids))
+    except KeyError as missing:
+        raise ValueError(f"{what} references item_id {missing.args[0]!r}, absent from the "
+                         f"catalogue ({len(index)} items)") from None
+
+
 def pair_rows(pairs, index: Mapping[str, int]) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (``trigger_item_id`` / ``target_item_id`` columns) -> ``(trigger_rows, target_rows)``
     int64 arrays of catalogue rows; an id absent from the catalogue raises naming it."""
-    rows = []
-    for column in ("trigger_item_id", "target_item_id"):
-        ids = pairs[column]
-        try:
-            rows.append(np.fromiter((index[str(i)] for i in ids), dtype=np.int64, count=len(ids)))
-        except KeyError as missing:
-            raise ValueError(f"pairs column {column!r} references item_id {missing.args[0]!r}, absent from the "
-                             f"catalogue ({len(index)} items)") from None
-    return rows[0], rows[1]
+    return tuple(catalogue_rows(pairs[column], index, f"pairs column {column!r}")
+                 for column in ("trigger_item_id", "target_item_id"))
 
 
 def _pair_sets(pairs) -> dict[str, object] | None:

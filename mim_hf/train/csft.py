@@ -262,7 +262,6 @@ class PairBatches:
         if config.max_train_pairs:
             train_pairs = train_pairs.select(range(min(config.max_train_pairs, len(train_pairs))))
         self.trigger_rows, self.target_rows = (torch.as_tensor(r) for r in pair_rows(train_pairs, self.index))
-        self.train_pairs = train_pairs
         # Text columns live in memory (cheap); images are read per batch.
         text_columns = [c for c in self.items.column_names if c != processor.image_field]
         self.records = rows_to_records(self.items.select_columns(text_columns)[:])
@@ -274,7 +273,7 @@ class PairBatches:
         self.hard_fallbacks = 0  # field source: targets without a same-value pool (whole train catalogue)
         self.hard_masked_pairs = 0  # user source: pairs whose user has no unclicked train item (slots masked)
         if self.num_hard and self.hard_source == "user_negatives":
-            self._build_user_pools(prepared)
+            self._build_user_pools(prepared, train_pairs["user_id"])
         elif self.num_hard:
             self._build_hard_pools(prepared, config.hard_negative_field)
 
@@ -297,25 +296,25 @@ class PairBatches:
         self.hard_pools = {v: np.asarray(rows) for v, rows in pools.items()}
         self.train_rows = np.asarray(sorted(self.index[i] for i in train_items if i in self.index))
 
-    def _build_user_pools(self, prepared) -> None:
-        """Per train pair, the catalogue rows its user saw in the train split with label 0 (CSR)."""
-        samples = prepared.samples["train"].select_columns(["user_id", "item_id", "label"]).with_format("numpy")[:]
-        missing = [c for c in ("user_id", "item_id", "label") if c not in samples]
+    def _build_user_pools(self, prepared, pair_users) -> None:
+        """Per train pair (its user in ``pair_users``), the catalogue rows that user saw in the train
+        split with label 0, as CSR pools."""
+        from mim_hf.retrieval import catalogue_rows
+
+        train = prepared.samples["train"]
+        missing = [c for c in ("user_id", "item_id", "label") if c not in train.column_names]
         if missing:
             raise ValueError(f"hard_negative_source='user_negatives' needs train samples with {missing}")
+        samples = train.select_columns(["user_id", "item_id", "label"]).with_format("numpy")[:]
         unclicked = samples["label"] == 0
         users = samples["user_id"][unclicked].astype(str)
-        items = samples["item_id"][unclicked].astype(str)
-        try:
-            rows = np.fromiter((self.index[i] for i in items), dtype=np.int64, count=len(items))
-        except KeyError as missing_id:
-            raise ValueError(f"train sample item_id {missing_id.args[0]!r} is absent from the catalogue") from None
+        rows = catalogue_rows(samples["item_id"][unclicked], self.index, "train samples column 'item_id'")
         user_names, user_codes = np.unique(users, return_inverse=True)
         order = np.argsort(user_codes, kind="stable")
         self.user_pool_rows = rows[order]
         counts = np.bincount(user_codes, minlength=len(user_names))
         self.user_pool_offsets = np.concatenate([[0], np.cumsum(counts)])
-        pair_users = np.asarray(self.train_pairs["user_id"]).astype(str)
+        pair_users = np.asarray(pair_users).astype(str)
         if not len(user_names):  # no unclicked train sample at all: every slot is masked
             self.pair_user = torch.full((len(pair_users),), -1, dtype=torch.int64)
             return
@@ -337,17 +336,16 @@ class PairBatches:
             if positions is None:
                 raise ValueError("hard_negative_source='user_negatives' needs the batch's pair positions")
             users = self.pair_user[positions].numpy()
-            has_pool = users >= 0
-            start = self.user_pool_offsets[np.where(has_pool, users, 0)]
-            size = self.user_pool_offsets[np.where(has_pool, users, 0) + 1] - start
-            has_pool &= size > 0
-            if not has_pool.any():
-                self.hard_masked_pairs += len(users)
-                return target_rows[:, None].repeat(1, self.num_hard), torch.zeros(len(users), self.num_hard, dtype=torch.bool)
-            picks = start[:, None] + (rng.random((len(users), self.num_hard)) * np.maximum(size, 1)[:, None]).astype(np.int64)
-            rows = np.where(has_pool[:, None], self.user_pool_rows[np.minimum(picks, len(self.user_pool_rows) - 1)],
-                            target_rows.numpy()[:, None])  # masked slots reuse the target row: nothing extra to encode
+            has_pool = users >= 0  # every known user has >= 1 unclicked item (pools are built from them)
             self.hard_masked_pairs += int((~has_pool).sum())
+            if not has_pool.any():
+                return target_rows[:, None].repeat(1, self.num_hard), torch.zeros(len(users), self.num_hard, dtype=torch.bool)
+            pool = np.where(has_pool, users, 0)  # masked pairs draw from pool 0; their rows are replaced below
+            start = self.user_pool_offsets[pool]
+            size = self.user_pool_offsets[pool + 1] - start
+            picks = start[:, None] + (rng.random((len(users), self.num_hard)) * size[:, None]).astype(np.int64)
+            rows = np.where(has_pool[:, None], self.user_pool_rows[picks],
+                            target_rows.numpy()[:, None])  # masked slots reuse the target row: nothing extra to encode
             mask = None if has_pool.all() else torch.as_tensor(np.repeat(has_pool[:, None], self.num_hard, 1))
             return torch.as_tensor(rows), mask
         out = np.empty((len(target_rows), self.num_hard), dtype=np.int64)
