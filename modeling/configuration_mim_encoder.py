@@ -5,8 +5,16 @@ Self-contained: imports only ``transformers`` so it can be uploaded as Hub remot
 
 import math
 
+import transformers
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+try:  # SubConfigSpec arrived in transformers 5.20; as Hub remote code this file meets any version
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError as error:
+    raise ImportError(
+        f"MIMContentEncoderConfig needs transformers >= 5.20 (for SubConfigSpec); this environment has "
+        f"transformers {transformers.__version__}: pip install -U 'transformers>=5.20'"
+    ) from error
 
 # LoRA target sub-module names per tower architecture (``model_type`` of the tower config).
 # These are the attention query/value projections (or the MLP for ConvNeXt, which has no

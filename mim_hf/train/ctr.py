@@ -148,15 +148,20 @@ class ContentTable:
     "embedding" (the collator's own truncation and padding then place them, padding = row 0)
     and ``found`` = in the catalogue and in the center (the collator counts the misses);
     batches pass ``table`` to the model as ``content_table`` next to the row numbers.
+    ``device``: where ``table`` lives (the model's device). It is moved there once, here: a batch
+    moved to the device then carries the same table object every step, so it is neither copied per
+    batch nor re-normed by the model (which caches row norms per table object).
     """
 
-    def __init__(self, center, item_ids: list[str], level: str = "item_embeds"):
+    def __init__(self, center, item_ids: list[str], level: str = "item_embeds", device=None):
         import pandas as pd
 
         if len(item_ids) + 1 > _MAX_CONTENT_ROWS:
             raise ValueError(f"catalogue of {len(item_ids)} items exceeds the {_MAX_CONTENT_ROWS - 1} rows a content table holds")
         embeds, found = center.lookup(list(item_ids), level=level)
         self.table = torch.cat([torch.zeros(1, embeds.shape[1]), embeds.float()])  # (n_items + 1, C)
+        if device is not None:
+            self.table = self.table.to(device)
         self.center_misses = int((~found).sum())  # catalogue items the center does not hold (zero rows)
         self._row_of = pd.Index(list(item_ids))
         self._found = np.concatenate([[False], found.numpy()])
@@ -433,7 +438,8 @@ def predict(model_dir: str | os.PathLike, samples, center=None, items=None, batc
         raise ValueError("this model uses item side features or content: pass items= (the item catalogue)")
     content = None
     if center is not None:
-        content = ContentTable(center, [str(i) for i in items["item_id"]], getattr(config, "center_level", "item_embeds"))
+        content = ContentTable(center, [str(i) for i in items["item_id"]], getattr(config, "center_level", "item_embeds"),
+                               device=model.device)
     collator = CTRCollator(
         config.vocabularies, items=items, center=content.lookup if content else None,
         max_len=getattr(config, "behavior_max_len", 50), user_features=list(config.user_feature_sizes),
@@ -513,7 +519,8 @@ def _train_and_evaluate(config: CTRTrainConfig, resume: bool, accelerator) -> di
     center = open_center(config.center_path) if needs_center(config) else None
     content = None
     if center is not None:
-        content = ContentTable(center, [str(i) for i in prepared.items["item_id"]], config.center_level)
+        content = ContentTable(center, [str(i) for i in prepared.items["item_id"]], config.center_level,
+                               device=accelerator.device)
     user_features, item_features = infer_features(prepared, config)
     collator = CTRCollator(prepared.vocabs, items=prepared.items, center=content.lookup if content else None,
                            max_len=config.max_len, user_features=user_features, item_features=item_features)
