@@ -640,6 +640,44 @@ def lookup_backend() -> str:
     return "numba" if _numba_kernels() is not None else "numpy"
 
 
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}  # storage dtypes
+_MIN_IDS_PER_THREAD = 1024  # smaller parts cost more in thread hand-off (~30 us) than they save
+_POOL: list = []  # [(pid, workers, ThreadPoolExecutor)]: the compiled look-up's helper threads, made at first use
+
+
+def _helper_pool(workers: int):
+    """A thread pool of ``workers`` threads owned by this process (a forked child, e.g. a DataLoader
+    worker, gets a fresh one: the parent's threads do not exist there)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not _POOL or _POOL[0][:2] != (os.getpid(), workers):
+        _POOL[:] = [(os.getpid(), workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mim-hf-center"))]
+    return _POOL[0][2]
+
+
+def _run_in_parts(kernel, shared: tuple, per_id: list[np.ndarray]) -> int:
+    """``kernel(buffer, starts, lengths, *shared[1:], rows[, embeddings, out])`` over the batch,
+    split into ``torch.get_num_threads()`` parts (at most one per ``_MIN_IDS_PER_THREAD`` ids) run
+    at once: the kernels release the GIL, and each id's result depends on that id alone.
+
+    ``shared``: (buffer, seed, shift, index arrays..., [embeddings]); ``per_id``: [starts, lengths,
+    rows, (out)], sliced per part. Returns the sum of the parts' unknown counts, or the first
+    part's negative status (a damaged index)."""
+    starts, lengths, rows, *out = per_id
+    buffer, index, extra = shared[0], shared[1:8], shared[8:]
+    n_ids = len(starts)
+    parts = max(1, min(torch.get_num_threads(), n_ids // _MIN_IDS_PER_THREAD))
+
+    def run(a: int, b: int) -> int:
+        return kernel(buffer, starts[a:b], lengths[a:b], *index, rows[a:b], *extra, *(o[a:b] for o in out))
+
+    if parts == 1:
+        return run(0, n_ids)
+    bounds = [n_ids * p // parts for p in range(parts + 1)]
+    pending = [_helper_pool(parts - 1).submit(run, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
+    statuses = [run(bounds[0], bounds[1])] + [future.result() for future in pending]
+    failed = [status for status in statuses if status < 0]
+    return failed[0] if failed else sum(statuses)
 _ID_BOUNDS = np.dtype([("start", "<i8"), ("stop", "<i8")])
 _MAX_BUCKET_WINDOW = 64  # widest bucket scanned by window; wider ones only come from a damaged file
 
@@ -897,13 +935,15 @@ class RepresentationCenter:
         corrupted index file."""
         return self._rows(item_ids)[0]
 
-    def _rows(self, item_ids: Any) -> tuple[np.ndarray, int, Any]:
-        """``(rows (N,) int64 with -1 for unknown ids, number of unknown ids, kernels)``; ``kernels``
-        is ``mim_hf.center_numba`` when the compiled path ran, else None (numpy path)."""
+    def _rows(self, item_ids: Any, level: str | None = None) -> tuple[np.ndarray, int, torch.Tensor | None]:
+        """``(rows (N,) int64 with -1 for unknown ids, number of unknown ids, embeds)``.
+
+        ``embeds`` is None unless ``level`` is given and the compiled path ran: then it is the
+        (N, embed_dim) tensor of ``level`` in the storage dtype, zero rows for unknown ids,
+        gathered by the same compiled call that found the rows."""
         kernels = None if self._legacy_hash or self.num_items == 0 else _numba_kernels()
         if kernels is not None:
-            rows, unknown = self._rows_compiled(item_ids, kernels)
-            return rows, unknown, kernels
+            return self._rows_compiled(item_ids, kernels, level)
         batch = _id_batch(item_ids)
         if len(batch.starts) == 0 or self.num_items == 0:
             return np.full(len(batch.starts), -1, np.int64), len(batch.starts), None
@@ -914,9 +954,9 @@ class RepresentationCenter:
                              "RepresentationCenter.verify() names the damaged file") from None
         return rows, int(np.count_nonzero(rows < 0)), None
 
-    def _rows_compiled(self, item_ids: Any, kernels) -> tuple[np.ndarray, int]:
+    def _rows_compiled(self, item_ids: Any, kernels, level: str | None) -> tuple[np.ndarray, int, torch.Tensor | None]:
         """The numba path of :meth:`_rows` (format 2, num_items > 0): hash, probe and verify each id
-        in one compiled function over the batch's UTF-8 bytes."""
+        (and gather ``level``'s rows) in one compiled call over the batch's UTF-8 bytes."""
         if isinstance(item_ids, (list, tuple)) and item_ids:
             # list/tuple of str: one join + encode, split at the "\x00" separators by the kernel
             # (numpy's separator search costs more than the hashing).
@@ -928,21 +968,30 @@ class RepresentationCenter:
         else:
             batch = _id_batch(item_ids)
             buffer, starts, lengths = batch.buffer, batch.starts, batch.lengths
-        if len(starts) == 0:
-            return np.empty(0, np.int64), 0
+        n_ids = len(starts)
+        if n_ids == 0:
+            return np.empty(0, np.int64), 0, None
         if buffer.flags.writeable:  # one compiled signature: query bytes are always read-only
             buffer = buffer.view()
             buffer.flags.writeable = False
-        rows = np.empty(len(starts), np.int64)
+        rows = np.empty(n_ids, np.int64)
         directory = self._bucket_directory
-        status = kernels.find_rows(buffer, starts, lengths, _hash_seed(self._hash_key),
-                                   np.uint64(65 - len(directory).bit_length()), directory, self._sorted_hashes,
-                                   self._sorted_rows, self._id_offsets, self._id_bytes, rows)
+        arguments = (buffer, _hash_seed(self._hash_key), np.uint64(65 - len(directory).bit_length()),
+                     directory, self._sorted_hashes, self._sorted_rows, self._id_offsets, self._id_bytes)
+        embeds = None
+        if level is None:
+            kernel, per_id = kernels.find_rows, [starts, lengths, rows]
+        else:  # written straight into a torch-owned buffer: no copy after the kernel
+            table = self._levels[level]
+            embeds = torch.empty(n_ids, table.shape[1], dtype=_TORCH_DTYPES[table.dtype.name])
+            kernel, per_id = kernels.lookup_rows, [starts, lengths, rows, embeds.numpy().view(np.uint8)]
+            arguments += (self._level_bytes[level],)
+        status = _run_in_parts(kernel, arguments, per_id)
         if status < 0:
             raise ValueError(f"{self.version_dir / INDEX_FILE}: corrupted id index "
                              f"({kernels.STATUS_MESSAGES[status]}); RepresentationCenter.verify() names the "
                              "damaged file")
-        return rows, int(status)
+        return rows, int(status), embeds
 
     def _find_hashes(self, hashes: np.ndarray) -> np.ndarray:
         """(Q,) uint64 -> (Q,) int64 row of the stored entry with that hash, -1 where none has it."""
@@ -1008,22 +1057,19 @@ class RepresentationCenter:
         compiled loops (:mod:`mim_hf.center_numba`), else by numpy; the results are identical.
         """
         self._check_level(level)
-        rows, unknown, kernels = self._rows(item_ids)
+        rows, unknown, embeds = self._rows(item_ids, level)
         self.stats["lookups"] += len(rows)
         self.stats["unknown_lookups"] += unknown
         found = rows >= 0
         if self.num_items == 0:
             return torch.zeros(len(rows), self.embed_dim, dtype=dtype), torch.from_numpy(found)
-        table = self._levels[level]
-        if kernels is not None:  # raw row bytes copied into a fresh buffer, unknown rows zeroed
-            gathered = np.empty((len(rows), table.shape[1] * table.itemsize), np.uint8)
-            kernels.gather_rows(self._level_bytes[level], rows, gathered)
-            gathered = gathered.view(table.dtype)
-        else:
+        if embeds is None:  # numpy path (or an empty batch)
+            table = self._levels[level]
             gathered = np.take(table, rows if not unknown else np.where(found, rows, 0), axis=0)
             if unknown:
                 gathered[~found] = 0
-        return torch.from_numpy(gathered).to(dtype), torch.from_numpy(found)
+            embeds = torch.from_numpy(gathered)
+        return embeds.to(dtype), torch.from_numpy(found)
 
     # ---- nearest neighbours -------------------------------------------------------------
     def nearest(self, queries: Sequence[str] | torch.Tensor, k: int = 10, level: str = DEFAULT_LEVEL,
