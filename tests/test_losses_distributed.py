@@ -90,8 +90,10 @@ def _free_port() -> int:
 def rank_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("infonce_ddp")
     # fork (like DataLoader workers) reuses the parent's imports: spawn would re-import
-    # torch + transformers in each child, ~10 s apiece on a busy 2-core machine.
-    start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # torch + transformers in each child, ~10 s apiece on a busy 2-core machine. On a CUDA host a
+    # backward in the parent has started autograd's device threads, which a forked child cannot
+    # use ("Autograd and Fork"), so spawn there.
+    start_method = "fork" if "fork" in mp.get_all_start_methods() and not torch.cuda.is_available() else "spawn"
     mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True,
                        start_method=start_method)
     return [load_file(out_dir / f"rank{rank}.safetensors") for rank in range(WORLD_SIZE)]

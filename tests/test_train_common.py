@@ -366,7 +366,9 @@ def test_data_parallel_checkpoint_saves_shared_state_once_and_per_process_state_
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"  # fork reuses the imports
+    # fork reuses the imports (fast); on a CUDA host a backward in the parent has started autograd's
+    # device threads, which a forked child cannot use ("Autograd and Fork"), so spawn there
+    start_method = "fork" if "fork" in mp.get_all_start_methods() and not torch.cuda.is_available() else "spawn"
     mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method=start_method)
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert [report["ok"] for report in reports] == [True, True]
