@@ -2,16 +2,20 @@
 
     python benchmarks/bench_center.py                       # 1M look-up + 10M open (~3 GB in /tmp)
     python benchmarks/bench_center.py --open-items 1000000  # smaller open test
+    python benchmarks/bench_center.py --device cuda         # + look-up into pinned memory -> GPU
 
 1. Look-up: random batches of ``--batch-size`` string ids (fresh ``str`` objects, as a data
    loader makes them) from a ``--lookup-items`` x ``--dim`` float16 center. ``center.lookup``
-   (encode the batch to UTF-8 in one join, hash it with numpy, find the hashes in the
-   memory-mapped table, verify the stored id bytes, gather rows from the memory-mapped file,
-   zero-fill unknowns) against the ceiling ``torch.index_select`` on the same table held in RAM
-   with the row numbers already known. Ratio = ceiling time / lookup time, per round, each batch
-   timed right after the ceiling's run on it (goal >= 0.5). The headline is ``list of str ->
-   float16`` (the ceiling's output dtype); float32 output, id -> row only, and numpy 'U' /
-   pyarrow inputs are reported beside it.
+   (with numba: one join + encode of the batch, then one compiled call that splits, hashes,
+   probes the memory-mapped hash table, verifies the stored id bytes and copies the rows from the
+   memory-mapped embeddings into the output, zero-filling unknowns; without numba the same in
+   numpy) against the ceiling ``torch.index_select`` on the same table held in RAM with the row
+   numbers already known. Ratio = ceiling time / lookup time, per round, each batch timed right
+   after the ceiling's run on it (goal >= 0.5); printed as the median over ``--repeats`` rounds
+   and the smallest-largest round. The headline is ``list of str -> float16`` (the ceiling's
+   output dtype); float32 output, id -> row only, and numpy 'U' / pyarrow inputs are reported
+   beside it. ``--device cuda`` adds a separate line: ``lookup(..., pin_memory=True)`` +
+   ``.to("cuda", non_blocking=True)`` against ``index_select`` on a CUDA copy of the table.
 2. Open: a fresh process opens a ``--open-items`` center (``RepresentationCenter.load``) and
    reports wall time and memory growth (RSS and its private part), then a first look-up, then
    the reference: reading the embeddings file into RAM (what a store that is not mapped pays).
@@ -51,7 +55,8 @@ def make_center(path: Path, n_items: int, dim: int, seed: int = 0) -> Representa
 
 def timed_against_ceiling(ceiling, ceiling_batches, candidates: dict, batches: dict, repeats: int) -> dict:
     """Seconds per pass over all batches, median of ``repeats`` rounds, for the ceiling and each
-    candidate, plus each candidate's ratio ceiling_time / candidate_time (median over rounds).
+    candidate, plus each candidate's ratio ceiling_time / candidate_time (median over rounds, and
+    its smallest and largest round).
 
     Batch by batch the ceiling and every candidate run back to back, so on a shared machine each
     ratio compares runs that saw the same load. ``batches[name]``: the input of candidate ``name``.
@@ -60,7 +65,7 @@ def timed_against_ceiling(ceiling, ceiling_batches, candidates: dict, batches: d
         fn(batches[name][0])  # warm-up
     ceiling(ceiling_batches[0])
     rounds = []
-    for _ in range(repeats):
+    for _ in range(repeats):  # interleaved: a load burst slows the ceiling and the candidates of one batch alike
         seconds = dict.fromkeys(["ceiling", *candidates], 0.0)
         for i, rows in enumerate(ceiling_batches):
             started = time.perf_counter()
@@ -72,11 +77,41 @@ def timed_against_ceiling(ceiling, ceiling_batches, candidates: dict, batches: d
                 seconds[name] += time.perf_counter() - started
         rounds.append(seconds)
     result = {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
-    ratios = {name: statistics.median(r["ceiling"] / r[name] for r in rounds) for name in candidates}
-    return {"seconds": result, "ratios": ratios}
+    per_round = {name: [r["ceiling"] / r[name] for r in rounds] for name in candidates}
+    ratios = {name: statistics.median(values) for name, values in per_round.items()}
+    return {"seconds": result, "ratios": ratios, "ratio_ranges": {name: (min(v), max(v)) for name, v in per_round.items()}}
 
 
-def bench_lookup(workdir: Path, n_items: int, dim: int, batch_size: int, n_batches: int, repeats: int) -> dict:
+def bench_cuda(center: RepresentationCenter, ram_table: torch.Tensor, id_batches: list, row_tensors: list,
+               repeats: int) -> dict:
+    """On a GPU: ``lookup`` into page-locked memory + ``.to("cuda", non_blocking=True)`` against the
+    CUDA ceiling, ``index_select`` on a CUDA copy of the table with the rows already on the GPU.
+    Both sides end with ``torch.cuda.synchronize()`` so the timer sees finished work."""
+    table = ram_table.to("cuda")
+    rows = [r.to("cuda") for r in row_tensors]
+
+    def ceiling(cuda_rows):
+        out = torch.index_select(table, 0, cuda_rows)
+        torch.cuda.synchronize()
+        return out
+
+    def lookup_to_cuda(ids):
+        embeds, found = center.lookup(ids, dtype=torch.float16, pin_memory=True)
+        embeds = embeds.to("cuda", non_blocking=True)
+        torch.cuda.synchronize()
+        return embeds, found
+
+    embeds, found = lookup_to_cuda(id_batches[0])
+    assert bool(found.all()) and torch.equal(embeds, ceiling(rows[0])), "cuda look-up differs from the ceiling"
+    timing = timed_against_ceiling(ceiling, rows, {"lookup_pinned_to_cuda": lookup_to_cuda},
+                                   {"lookup_pinned_to_cuda": id_batches}, repeats)
+    return {"device_name": torch.cuda.get_device_name(), "ceiling_s": timing["seconds"]["ceiling"],
+            "lookup_s": timing["seconds"]["lookup_pinned_to_cuda"], "ratio": timing["ratios"]["lookup_pinned_to_cuda"],
+            "range": timing["ratio_ranges"]["lookup_pinned_to_cuda"]}
+
+
+def bench_lookup(workdir: Path, n_items: int, dim: int, batch_size: int, n_batches: int, repeats: int,
+                 device: str = "cpu") -> dict:
     import pyarrow as pa
 
     started = time.perf_counter()
@@ -125,6 +160,9 @@ def bench_lookup(workdir: Path, n_items: int, dim: int, batch_size: int, n_batch
               "build_s": round(build_s, 2), "repeats": repeats, "paths": list(paths)}
     result.update({f"{name}_ids_per_s": total / s for name, s in timing["seconds"].items()})
     result.update({f"ratio_{name}": r for name, r in timing["ratios"].items()})
+    result.update({f"range_{name}": r for name, r in timing["ratio_ranges"].items()})
+    if device == "cuda":
+        result["cuda"] = bench_cuda(center, ram_table, id_batches, row_tensors, repeats)
     if "numba" in paths:
         result["first_call"] = bench_first_call(workdir, center.root)
     shutil.rmtree(workdir / "lookup-center")
@@ -210,23 +248,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--batches", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved rounds (ratios: median and range over rounds)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: also time lookup into pinned memory + copy to the GPU against index_select "
+                             "on a CUDA copy of the table (a separate line; the CPU ratio stays the headline)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for both sides (default 1: a 1 MB gather gains nothing from more, "
-                             "and on a shared machine idle OpenMP threads only add waits)")
+                        help="torch threads for both sides; the compiled look-up splits a batch over "
+                             "torch.get_num_threads() threads too (default 1: on a shared machine idle OpenMP "
+                             "threads only add waits)")
     parser.add_argument("--workdir", default="/tmp", help="where the temporary centers are written")
     parser.add_argument("--measure-open", default=None, help=argparse.SUPPRESS)  # internal: child process
     args = parser.parse_args(argv)
     if args.measure_open:
         print(json.dumps(measure_open(args.measure_open)))
         return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-center-") as tmp:
-        lookup = bench_lookup(Path(tmp), args.lookup_items, args.dim, args.batch_size, args.batches, args.repeats)
+        lookup = bench_lookup(Path(tmp), args.lookup_items, args.dim, args.batch_size, args.batches, args.repeats,
+                              args.device)
         print(f"look-up, {lookup['items']:,} x {lookup['dim']} float16 center, {lookup['batches']} batches of "
               f"{lookup['batch_size']} random str ids, median of {lookup['repeats']} rounds, each batch timed "
-              f"right after the ceiling (torch threads: {torch.get_num_threads()}):")
+              f"right after the ceiling (torch threads: {torch.get_num_threads()}; ratio = ceiling time / time, "
+              f"median (smallest-largest) over rounds):")
         rows = [("ceiling", "torch.index_select (RAM, rows known) -> float16")]
         for path in lookup["paths"]:
             rows += [
@@ -237,8 +283,15 @@ def main(argv: list[str] | None = None) -> None:
                 (f"{path}_lookup_arrow_float16", f"[{path}] center.lookup(pyarrow string array) -> float16"),
             ]
         for key, label in rows:
-            ratio = "" if key == "ceiling" else f"   ratio {lookup[f'ratio_{key}']:.2f}"
+            ratio = "" if key == "ceiling" else (f"   ratio {lookup[f'ratio_{key}']:.2f} "
+                                                 f"({lookup[f'range_{key}'][0]:.2f}-{lookup[f'range_{key}'][1]:.2f})")
             print(f"  {label:<56} {lookup[f'{key}_ids_per_s'] / 1e6:8.2f} M ids/s{ratio}")
+        if "cuda" in lookup:
+            cuda = lookup["cuda"]
+            print(f"  CUDA ({cuda['device_name']}): center.lookup(list of str, pin_memory=True) + .to('cuda', "
+                  f"non_blocking=True) {cuda['lookup_s'] / lookup['batches'] * 1e6:.0f} us/batch vs index_select on "
+                  f"a CUDA copy {cuda['ceiling_s'] / lookup['batches'] * 1e6:.0f} us/batch: ratio {cuda['ratio']:.3f} "
+                  f"({cuda['range'][0]:.3f}-{cuda['range'][1]:.3f})")
         if "numba" not in lookup["paths"]:
             print("  (numba is not installed or MIM_HF_NO_NUMBA=1: only the numpy path; pip install 'mim-hf[fast]')")
         print(f"  default path: {lookup['paths'][0]}; goal: ratio >= 0.5 for "

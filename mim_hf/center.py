@@ -655,29 +655,33 @@ def _helper_pool(workers: int):
     return _POOL[0][2]
 
 
-def _run_in_parts(kernel, shared: tuple, per_id: list[np.ndarray]) -> int:
-    """``kernel(buffer, starts, lengths, *shared[1:], rows[, embeddings, out])`` over the batch,
-    split into ``torch.get_num_threads()`` parts (at most one per ``_MIN_IDS_PER_THREAD`` ids) run
-    at once: the kernels release the GIL, and each id's result depends on that id alone.
+def _run_in_parts(kernels, kernel, buffer: np.ndarray, n_text: int, per_id: tuple, index: tuple, extra: tuple) -> int:
+    """``kernel(buffer, n_text, starts, lengths, *index, rows, *extra[, out])`` over the batch, split
+    into ``torch.get_num_threads()`` parts (at most one per ``_MIN_IDS_PER_THREAD`` ids) run at
+    once: the kernels release the GIL, and each id's result depends on that id alone.
 
-    ``shared``: (buffer, seed, shift, index arrays..., [embeddings]); ``per_id``: [starts, lengths,
-    rows, (out)], sliced per part. Returns the sum of the parts' unknown counts, or the first
-    part's negative status (a damaged index)."""
+    ``per_id``: (starts, lengths, rows[, out]), sliced per part; joined ids (``n_text`` >= 0) are
+    split first when there is more than one part. Returns the sum of the parts' unknown counts,
+    or the first part's negative status."""
     starts, lengths, rows, *out = per_id
-    buffer, index, extra = shared[0], shared[1:8], shared[8:]
     n_ids = len(starts)
-    parts = max(1, min(torch.get_num_threads(), n_ids // _MIN_IDS_PER_THREAD))
+    parts = min(torch.get_num_threads(), n_ids // _MIN_IDS_PER_THREAD)
+    if parts <= 1:
+        return kernel(buffer, n_text, starts, lengths, *index, rows, *extra, *out)
+    if n_text >= 0:
+        if kernels.split_joined(buffer, n_text, starts, lengths) != n_ids:
+            return kernels.SEPARATOR_IN_ID
 
     def run(a: int, b: int) -> int:
-        return kernel(buffer, starts[a:b], lengths[a:b], *index, rows[a:b], *extra, *(o[a:b] for o in out))
+        return kernel(buffer, -1, starts[a:b], lengths[a:b], *index, rows[a:b], *extra, *(o[a:b] for o in out))
 
-    if parts == 1:
-        return run(0, n_ids)
     bounds = [n_ids * p // parts for p in range(parts + 1)]
     pending = [_helper_pool(parts - 1).submit(run, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
     statuses = [run(bounds[0], bounds[1])] + [future.result() for future in pending]
     failed = [status for status in statuses if status < 0]
     return failed[0] if failed else sum(statuses)
+
+
 _ID_BOUNDS = np.dtype([("start", "<i8"), ("stop", "<i8")])
 _MAX_BUCKET_WINDOW = 64  # widest bucket scanned by window; wider ones only come from a damaged file
 
@@ -765,6 +769,7 @@ class RepresentationCenter:
         self._levels = {level: arrays[level] for level in levels}
         # (num_items, row bytes) uint8 views: the compiled gather copies raw rows whatever the dtype
         self._level_bytes = {level: np.ascontiguousarray(array).view(np.uint8) for level, array in self._levels.items()}
+        self._level_torch_dtypes = {level: _TORCH_DTYPES[array.dtype.name] for level, array in self._levels.items()}
         self._id_offsets = offsets
         # (start, stop) of id i as one 16-byte record: a look-up reads both with one gather.
         self._id_bounds = np.ndarray((num_items,), dtype=_ID_BOUNDS, buffer=offsets, strides=(8,))
@@ -778,6 +783,10 @@ class RepresentationCenter:
         self._sorted_rows = index["id_hash_rows"]
         self._bucket_directory = directory
         self._check_hash_compatibility()
+        # the compiled kernels' index arguments, in their order (after the hash check: it may rebuild the table)
+        self._kernel_index = (_hash_seed(self._hash_key), np.uint64(65 - len(self._bucket_directory).bit_length()),
+                              self._bucket_directory, self._sorted_hashes, self._sorted_rows, self._id_offsets,
+                              self._id_bytes)
 
     def _check_hash_compatibility(self) -> None:
         """Re-hash two stored ids: format 1 tables whose pandas hashes differently are rebuilt in
@@ -935,15 +944,17 @@ class RepresentationCenter:
         corrupted index file."""
         return self._rows(item_ids)[0]
 
-    def _rows(self, item_ids: Any, level: str | None = None) -> tuple[np.ndarray, int, torch.Tensor | None]:
+    def _rows(self, item_ids: Any, level: str | None = None,
+              pin_memory: bool = False) -> tuple[np.ndarray, int, torch.Tensor | None]:
         """``(rows (N,) int64 with -1 for unknown ids, number of unknown ids, embeds)``.
 
         ``embeds`` is None unless ``level`` is given and the compiled path ran: then it is the
         (N, embed_dim) tensor of ``level`` in the storage dtype, zero rows for unknown ids,
-        gathered by the same compiled call that found the rows."""
+        gathered by the same compiled call that found the rows (into page-locked memory with
+        ``pin_memory``)."""
         kernels = None if self._legacy_hash or self.num_items == 0 else _numba_kernels()
         if kernels is not None:
-            return self._rows_compiled(item_ids, kernels, level)
+            return self._rows_compiled(item_ids, kernels, level, pin_memory)
         batch = _id_batch(item_ids)
         if len(batch.starts) == 0 or self.num_items == 0:
             return np.full(len(batch.starts), -1, np.int64), len(batch.starts), None
@@ -954,39 +965,37 @@ class RepresentationCenter:
                              "RepresentationCenter.verify() names the damaged file") from None
         return rows, int(np.count_nonzero(rows < 0)), None
 
-    def _rows_compiled(self, item_ids: Any, kernels, level: str | None) -> tuple[np.ndarray, int, torch.Tensor | None]:
-        """The numba path of :meth:`_rows` (format 2, num_items > 0): hash, probe and verify each id
-        (and gather ``level``'s rows) in one compiled call over the batch's UTF-8 bytes."""
+    def _rows_compiled(self, item_ids: Any, kernels, level: str | None,
+                       pin_memory: bool = False) -> tuple[np.ndarray, int, torch.Tensor | None]:
+        """The numba path of :meth:`_rows` (format 2, num_items > 0): split (for a list of str), hash,
+        probe and verify each id (and gather ``level``'s rows) in one compiled call over the batch's
+        UTF-8 bytes."""
+        n_text = -1
         if isinstance(item_ids, (list, tuple)) and item_ids:
-            # list/tuple of str: one join + encode, split at the "\x00" separators by the kernel
-            # (numpy's separator search costs more than the hashing).
-            buffer = np.frombuffer(_joined_utf8(item_ids, "item_ids"), np.uint8)
+            # list/tuple of str: one join + encode; the kernel finds the "\x00" separators while hashing
+            buffer = np.frombuffer(_joined_utf8(item_ids, "item_ids"), np.uint8)  # read-only: one compiled signature
+            n_text = len(buffer)
             starts, lengths = np.empty(len(item_ids), np.int64), np.empty(len(item_ids), np.int64)
-            if kernels.split_joined(buffer, len(buffer), starts, lengths) != len(item_ids):
-                batch = _id_batch(item_ids)  # an id holds "\x00": the general path finds the ids
-                buffer, starts, lengths = batch.buffer, batch.starts, batch.lengths
         else:
             batch = _id_batch(item_ids)
             buffer, starts, lengths = batch.buffer, batch.starts, batch.lengths
+            if buffer.flags.writeable:  # one compiled signature: query bytes are always read-only
+                buffer = buffer.view()
+                buffer.flags.writeable = False
         n_ids = len(starts)
         if n_ids == 0:
             return np.empty(0, np.int64), 0, None
-        if buffer.flags.writeable:  # one compiled signature: query bytes are always read-only
-            buffer = buffer.view()
-            buffer.flags.writeable = False
         rows = np.empty(n_ids, np.int64)
-        directory = self._bucket_directory
-        arguments = (buffer, _hash_seed(self._hash_key), np.uint64(65 - len(directory).bit_length()),
-                     directory, self._sorted_hashes, self._sorted_rows, self._id_offsets, self._id_bytes)
-        embeds = None
         if level is None:
-            kernel, per_id = kernels.find_rows, [starts, lengths, rows]
+            kernel, out, extra = kernels.find_rows, (), ()
+            embeds = None
         else:  # written straight into a torch-owned buffer: no copy after the kernel
-            table = self._levels[level]
-            embeds = torch.empty(n_ids, table.shape[1], dtype=_TORCH_DTYPES[table.dtype.name])
-            kernel, per_id = kernels.lookup_rows, [starts, lengths, rows, embeds.numpy().view(np.uint8)]
-            arguments += (self._level_bytes[level],)
-        status = _run_in_parts(kernel, arguments, per_id)
+            table_bytes, torch_dtype = self._level_bytes[level], self._level_torch_dtypes[level]
+            embeds = torch.empty(n_ids, self.embed_dim, dtype=torch_dtype, pin_memory=pin_memory)
+            kernel, out, extra = kernels.lookup_rows, (embeds.numpy().view(np.uint8),), (table_bytes,)
+        status = _run_in_parts(kernels, kernel, buffer, n_text, (starts, lengths, rows, *out), self._kernel_index, extra)
+        if status == kernels.SEPARATOR_IN_ID:  # an id holds "\x00": the general path finds the ids
+            return self._rows_compiled(np.array(item_ids, dtype=object), kernels, level, pin_memory)
         if status < 0:
             raise ValueError(f"{self.version_dir / INDEX_FILE}: corrupted id index "
                              f"({kernels.STATUS_MESSAGES[status]}); RepresentationCenter.verify() names the "
@@ -1045,8 +1054,8 @@ class RepresentationCenter:
             same &= found
         return np.where(same, rows, -1)
 
-    def lookup(self, item_ids: Sequence[str], level: str = DEFAULT_LEVEL,
-               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(self, item_ids: Sequence[str], level: str = DEFAULT_LEVEL, dtype: torch.dtype = torch.float32,
+               pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings of a batch of item ids.
 
         ``item_ids``: (N,) str ids (see :meth:`rows_for` for the accepted containers). Returns
@@ -1055,9 +1064,13 @@ class RepresentationCenter:
         ``stats["unknown_lookups"]``. Raises ``TypeError`` for non-str ids.
         With numba installed (``pip install 'mim-hf[fast]'``) ids are found and rows gathered by
         compiled loops (:mod:`mim_hf.center_numba`), else by numpy; the results are identical.
+        ``pin_memory=True`` returns ``embeds`` in page-locked memory (needs CUDA), ready for
+        ``.to("cuda", non_blocking=True)``; the compiled path then gathers straight into it when
+        ``dtype`` is the storage dtype.
         """
         self._check_level(level)
-        rows, unknown, embeds = self._rows(item_ids, level)
+        pin = pin_memory and self._level_torch_dtypes[level] == dtype  # else pinned after the dtype conversion
+        rows, unknown, embeds = self._rows(item_ids, level, pin)
         self.stats["lookups"] += len(rows)
         self.stats["unknown_lookups"] += unknown
         found = rows >= 0
@@ -1069,7 +1082,11 @@ class RepresentationCenter:
             if unknown:
                 gathered[~found] = 0
             embeds = torch.from_numpy(gathered)
-        return embeds.to(dtype), torch.from_numpy(found)
+        if embeds.dtype != dtype:
+            embeds = embeds.to(dtype)
+        if pin_memory and not embeds.is_pinned():
+            embeds = embeds.pin_memory()
+        return embeds, torch.from_numpy(found)
 
     # ---- nearest neighbours -------------------------------------------------------------
     def nearest(self, queries: Sequence[str] | torch.Tensor, k: int = 10, level: str = DEFAULT_LEVEL,

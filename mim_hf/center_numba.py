@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 CORRUPTED_DIRECTORY = -1  # a bucket start outside 0..num_items
 CORRUPTED_ROWS = -2  # id_hash_rows names a row outside 0..num_items-1
 CORRUPTED_OFFSETS = -3  # an id's bytes lie outside item_id_bytes
+SEPARATOR_IN_ID = -4  # joined ids held more "\x00" separators than ids (an id holds "\x00"): not damage
 STATUS_MESSAGES = {
     CORRUPTED_DIRECTORY: "id_hash_buckets points outside the hash table",
     CORRUPTED_ROWS: "id_hash_rows names a row outside the center",
@@ -143,24 +144,28 @@ def _hash_one(buffer, start, length, seed):
     return h
 
 
-def _split_joined(buffer, n_text, starts, lengths):
-    """Ids joined by ``\\x00`` in ``buffer[:n_text]`` -> ``starts``/``lengths`` (int64 (N,)).
+@numba.njit(inline="always")
+def _id_end(buffer, start, n_text):
+    """Position of the first ``\x00`` in ``buffer[start:n_text]``, or ``n_text`` if none: 8 bytes
+    per step (``n_text - start`` may be 0)."""
+    position = start
+    while True:
+        word = _word(buffer, position, n_text - position)  # zero-padded past n_text: the end reads as a zero
+        zeros = (word - _ONES) & ~word & _HIGHS  # lowest set bit: the first zero byte
+        if zeros:
+            return min(position + np.int64(_trailing_zeros(zeros) >> np.uint64(3)), n_text)
+        position += 8
 
-    Returns the number of ids found (the caller compares it with N: an id holding ``\\x00``
-    gives more). Scans 8 bytes per step for a zero byte (the text's end reads as one)."""
+
+def _split_joined(buffer, n_text, starts, lengths):
+    """Ids joined by ``\x00`` in ``buffer[:n_text]`` -> ``starts``/``lengths`` (int64 (N,)).
+
+    Returns the number of ids found (the caller compares it with N: an id holding ``\x00``
+    gives more)."""
     n_ids = len(starts)
     start = 0
-    for i in range(n_ids + 1):
-        position = start
-        while True:
-            word = _word(buffer, position, n_text - position)  # zero-padded past n_text
-            zeros = (word - _ONES) & ~word & _HIGHS  # lowest set bit: the first zero byte
-            if zeros:
-                end = min(position + np.int64(_trailing_zeros(zeros) >> np.uint64(3)), n_text)
-                break
-            position += 8
-        if i == n_ids:  # one more id than asked for: a separator inside an id
-            return n_ids + 1
+    for i in range(n_ids):
+        end = _id_end(buffer, start, n_text)
         starts[i] = start
         lengths[i] = end - start
         if end >= n_text:
@@ -170,9 +175,15 @@ def _split_joined(buffer, n_text, starts, lengths):
 
 
 @numba.njit(inline="always")
-def _find_rows(buffer, starts, lengths, seed, shift, directory, table, sorted_rows, offsets, id_bytes, rows):
+def _find_rows(buffer, n_text, starts, lengths, seed, shift, directory, table, sorted_rows, offsets, id_bytes, rows):
     """Query ids ``buffer[starts[i]:starts[i] + lengths[i]]`` -> ``rows[i]``: the row whose stored
-    id equals it, -1 if none. Returns the count of -1 rows, or a negative status (damaged index).
+    id equals it, -1 if none. Returns the count of -1 rows, or a negative status (damaged index,
+    or ``SEPARATOR_IN_ID``).
+
+    ``n_text`` >= 0: ``buffer[:n_text]`` holds the ids joined by ``\\x00`` and ``starts``/``lengths``
+    are written here, in the hashing pass (see :func:`_split_joined`); ``SEPARATOR_IN_ID`` says the
+    text holds more than N ids (the caller then splits it another way). ``n_text`` < 0: ``starts``/
+    ``lengths`` are given.
 
     ``shift`` = 64 - log2(number of buckets); ``directory``/``table``/``sorted_rows``/``offsets``/
     ``id_bytes`` are the center's ``id_hash_buckets``/``id_hash_sorted``/``id_hash_rows``/
@@ -189,10 +200,20 @@ def _find_rows(buffer, starts, lengths, seed, shift, directory, table, sorted_ro
     n_bytes = len(id_bytes)
     hashes = np.empty(n_ids, np.uint64)
     where = np.empty(n_ids, np.int64)
-    for i in range(n_ids):  # 1. hash; start loading the bucket's directory entry
+    start = 0
+    for i in range(n_ids):  # 1. (split and) hash; start loading the bucket's directory entry
+        if n_text >= 0:
+            if start > n_text:  # fewer ids than N (never from a join): refuse rather than guess
+                return SEPARATOR_IN_ID
+            end = _id_end(buffer, start, n_text)
+            starts[i] = start
+            lengths[i] = end - start
+            start = end + 1
         h = _hash_one(buffer, starts[i], lengths[i], seed)
         hashes[i] = h
         _prefetch(directory, np.int64(h >> shift))
+    if n_text >= 0 and start != n_text + 1:  # the last id did not end the text: a separator inside an id
+        return SEPARATOR_IN_ID
     for i in range(n_ids):  # 2. start of each hash's bucket; start loading its first entry
         position = np.int64(directory[np.int64(hashes[i] >> shift)])
         where[i] = position
@@ -270,9 +291,11 @@ def _find_rows(buffer, starts, lengths, seed, shift, directory, table, sorted_ro
     return unknown
 
 
-def _find_rows_kernel(buffer, starts, lengths, seed, shift, directory, table, sorted_rows, offsets, id_bytes, rows):
+def _find_rows_kernel(buffer, n_text, starts, lengths, seed, shift, directory, table, sorted_rows, offsets, id_bytes,
+                      rows):
     """:func:`_find_rows` as a cached entry point (``rows_for``)."""
-    return _find_rows(buffer, starts, lengths, seed, shift, directory, table, sorted_rows, offsets, id_bytes, rows)
+    return _find_rows(buffer, n_text, starts, lengths, seed, shift, directory, table, sorted_rows, offsets, id_bytes,
+                      rows)
 
 
 @numba.njit(inline="always")
@@ -305,12 +328,13 @@ def _gather_rows(embeddings, rows, out):
     _gather(embeddings, rows, out)
 
 
-def _lookup_rows(buffer, starts, lengths, seed, shift, directory, table, sorted_rows, offsets, id_bytes, rows,
-                 embeddings, out):
+def _lookup_rows(buffer, n_text, starts, lengths, seed, shift, directory, table, sorted_rows, offsets, id_bytes,
+                 rows, embeddings, out):
     """:func:`_find_rows`, then (on a sound index) :func:`_gather` of ``embeddings`` (uint8
     (num_items, row_bytes)) into ``out`` (uint8 (N, row_bytes)) in the same call. Returns
     :func:`_find_rows`' status; ``out`` is unspecified when it is negative."""
-    status = _find_rows(buffer, starts, lengths, seed, shift, directory, table, sorted_rows, offsets, id_bytes, rows)
+    status = _find_rows(buffer, n_text, starts, lengths, seed, shift, directory, table, sorted_rows, offsets, id_bytes,
+                        rows)
     if status >= 0:
         _gather(embeddings, rows, out)
     return status
