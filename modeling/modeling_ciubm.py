@@ -227,49 +227,106 @@ def content_cosine_similarity(target_content: torch.Tensor, behavior_content: to
     return dots / norms.clamp_min(1e-8)
 
 
-def sampled_row_dots(table: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-    """dots[i] = table[rows[i]] . target[sample[i]]: (N, C), (B, C), (V,) integer, (V,) integer -> (V,).
+def _index_dtype(*sizes: int) -> torch.dtype:
+    """int32 when every index fits (half the memory traffic of int64 in sort and CSR build), else int64."""
+    return torch.int32 if max(sizes) < 2**31 else torch.int64
 
-    A sampled dense-dense product (`torch.sparse.sampled_addmm`) over the pattern "table row r
-    meets sample b", its rows sorted by table row so that each table row is read once however
-    many samples hold it; gathering table[rows] instead writes V*C floats and reads rows in
-    random order (several times slower at L = 1000). No gradient flows (the table is frozen).
+
+def _dots_by_sorted_csr(table: torch.Tensor) -> bool:
+    """Row dots by the sorted-CSR sampled product (CPU: each table row read once) or, elsewhere,
+    by chunked gathers (accelerators read random rows at full speed and sort/CSR build would only
+    add passes)."""
+    return table.device.type == "cpu"
+
+
+def _sorted_row_dots(table: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, sample: torch.Tensor):
+    """The dots of `sampled_row_dots` in table-row order: (N, C), (B, C), (V,), (V,) ->
+    (dots (V,) float32 or float64, sorted_rows (V,), sorted_sample (V,), order (V,) int64) with
+    dots[i] = table[sorted_rows[i]] . target[sorted_sample[i]] and sorted_rows = rows[order].
+
+    A sampled dense-dense product (`torch.sparse.sampled_addmm`) over the CSR pattern "table row r
+    meets sample b", rows sorted by table row so that each table row is read once however many
+    samples hold it.
     """
     if table.dtype in (torch.float16, torch.bfloat16):  # sampled_addmm has no CPU kernel for them
-        return sampled_row_dots(table.float(), target.float(), rows, sample).to(table.dtype)
+        table, target = table.float(), target.float()
     n_rows, batch_size = table.shape[0], target.shape[0]
-    index_dtype = torch.int32 if max(n_rows, batch_size, rows.numel()) < 2**31 else torch.int64
+    index_dtype = _index_dtype(n_rows, batch_size, rows.numel())
     sorted_rows, order = torch.sort(rows.to(index_dtype), stable=True)
+    sorted_sample = sample.to(index_dtype).index_select(0, order)
     crow = torch.zeros(n_rows + 1, dtype=index_dtype, device=rows.device)
     crow[1:] = torch.bincount(sorted_rows, minlength=n_rows).cumsum(0)
     values = torch.zeros(rows.numel(), dtype=table.dtype, device=table.device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        pattern = torch.sparse_csr_tensor(crow, sample.index_select(0, order).to(index_dtype), values,
-                                          size=(n_rows, batch_size), check_invariants=False)
-        sorted_dots = torch.sparse.sampled_addmm(pattern, table, target.t(), beta=0.0).values()
-    return torch.empty_like(sorted_dots).index_copy_(0, order, sorted_dots)
+        pattern = torch.sparse_csr_tensor(crow, sorted_sample, values, size=(n_rows, batch_size),
+                                          check_invariants=False)
+        dots = torch.sparse.sampled_addmm(pattern, table, target.t(), beta=0.0).values()
+    return dots, sorted_rows, sorted_sample, order
+
+
+def sampled_row_dots(table: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """dots[i] = table[rows[i]] . target[sample[i]]: (N, C), (B, C), (V,) integer, (V,) integer -> (V,).
+
+    On CPU a sampled dense-dense product over the pattern "table row r meets sample b" sorted by
+    table row (each table row read once, see `_sorted_row_dots`); gathering table[rows] instead
+    writes V*C floats and reads rows in random order (several times slower at L = 1000). On other
+    devices, where gathers are cheap, a chunked gather and row-wise dot. No gradient flows (the
+    table is frozen). Half-precision inputs are computed in float32 and returned in their dtype.
+    """
+    if not _dots_by_sorted_csr(table):
+        return _gathered_row_dots(table, target, rows, sample).to(table.dtype)
+    dots, _, _, order = _sorted_row_dots(table, target, rows, sample)
+    return torch.empty_like(dots).index_copy_(0, order, dots).to(table.dtype)
+
+
+def _gathered_row_dots(table, target, rows, sample, chunk_elements: int = 2**26) -> torch.Tensor:
+    """`sampled_row_dots` by explicit gathers, at most `chunk_elements` gathered values at a time
+    (float32 accumulation); for accelerators, where random row reads are cheap."""
+    step = max(1, chunk_elements // max(table.shape[1], 1))
+    accumulate = torch.float64 if table.dtype == torch.float64 else torch.float32
+    out = torch.empty(rows.numel(), dtype=accumulate, device=table.device)
+    for start in range(0, rows.numel(), step):
+        part_rows, part_sample = rows[start:start + step], sample[start:start + step]
+        out[start:start + step] = torch.linalg.vecdot(table.index_select(0, part_rows).to(accumulate),
+                                                      target.index_select(0, part_sample).to(accumulate))
+    return out
 
 
 def table_cosine_similarity(
     target_content: torch.Tensor, table: torch.Tensor, table_norms: torch.Tensor, rows: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor, padding_value: float = 0.0,
 ) -> torch.Tensor:
     """`content_cosine_similarity(target_content, table[rows])` at the positions where `mask` is
-    True, 0 elsewhere, without building table[rows] and without computing padded positions.
+    True, `padding_value` elsewhere, without building table[rows] and without computing padded
+    positions.
 
     target_content (B, C), table (N, C), table_norms (N,) = row norms of the table, rows (B, L)
-    integer, mask (B, L) bool -> (B, L) in [-1, 1].
+    integer, mask (B, L) bool -> (B, L) in [-1, 1] (table dtype, float32 for half tables on CPU
+    before the cast back).
     """
     batch_size, seq_len = rows.shape
-    valid = mask.reshape(-1).nonzero().squeeze(1)  # (V,) flat positions
+    flat_mask = mask.reshape(-1)
+    valid = flat_mask.nonzero().squeeze(1)  # (V,) flat positions, sample-major
     valid_rows = rows.reshape(-1).index_select(0, valid)
-    sample = torch.div(valid, max(seq_len, 1), rounding_mode="floor")
-    dots = sampled_row_dots(table, target_content, valid_rows, sample)
-    norms = table_norms.index_select(0, valid_rows) * torch.linalg.vector_norm(target_content, dim=-1).index_select(
-        0, sample
-    )
-    similarity = dots.new_zeros(batch_size * seq_len).index_copy(0, valid, dots / norms.clamp_min(1e-8))
+    # sample of each valid position, straight from the per-sample counts (no division pass)
+    index_dtype = _index_dtype(table.shape[0], batch_size, valid.numel())
+    sample = torch.repeat_interleave(torch.arange(batch_size, dtype=index_dtype, device=rows.device),
+                                     mask.sum(1), output_size=valid.numel())
+    target_norms = torch.linalg.vector_norm(target_content, dim=-1)
+    if _dots_by_sorted_csr(table):
+        # everything stays in table-row order until the one scatter into the (B, L) output
+        dots, sorted_rows, sorted_sample, order = _sorted_row_dots(table, target_content, valid_rows, sample)
+        norms = table_norms.index_select(0, sorted_rows).to(dots.dtype) * target_norms.index_select(
+            0, sorted_sample).to(dots.dtype)
+        positions = valid.index_select(0, order)
+    else:
+        dots = _gathered_row_dots(table, target_content, valid_rows, sample)
+        norms = table_norms.index_select(0, valid_rows).to(dots.dtype) * target_norms.index_select(
+            0, sample).to(dots.dtype)
+        positions = valid
+    similarity = torch.full((batch_size * seq_len,), padding_value, dtype=table.dtype, device=table.device)
+    similarity.index_copy_(0, positions, (dots / norms.clamp_min(1e-8)).to(table.dtype))
     return similarity.view(batch_size, seq_len)
 
 
@@ -279,9 +336,15 @@ class _DenseBehaviorContent:
     def __init__(self, target: torch.Tensor, behaviors: torch.Tensor):
         self.target, self.behaviors = target, behaviors
 
-    def similarity(self) -> torch.Tensor:
-        """(B, L) cosine similarity of target and behaviours."""
-        return content_cosine_similarity(self.target, self.behaviors)
+    def similarity(self, mask: torch.Tensor, padding_value: float | None = None):
+        """mask (B, L) bool -> ((B, L) cosine similarity of target and behaviours, with `padding_value`
+        at padded positions unless it is None; non-finite flag: 0-dim bool, True when any similarity,
+        padded positions included, is NaN/inf: content must be finite everywhere)."""
+        similarity = content_cosine_similarity(self.target, self.behaviors)
+        bad = _non_finite_flag(similarity)
+        if padding_value is not None:
+            similarity = similarity.masked_fill(~mask, padding_value)
+        return similarity, bad
 
     def select(self, indices: torch.Tensor) -> "_DenseBehaviorContent":
         """Keep positions indices (B, k) of each sequence (a row copy, no (B, k, C) index tensor)."""
@@ -302,9 +365,13 @@ class _TableBehaviorContent:
                  mask: torch.Tensor):
         self.target, self.table, self.table_norms, self.rows, self.mask = target, table, table_norms, rows, mask
 
-    def similarity(self) -> torch.Tensor:
-        """(B, L) cosine similarity at real behaviours, 0 at padded positions (never used)."""
-        return table_cosine_similarity(self.target, self.table, self.table_norms, self.rows, self.mask)
+    def similarity(self, mask: torch.Tensor, padding_value: float | None = None):
+        """mask (B, L) bool (the one given at construction) -> ((B, L) cosine similarity at real
+        behaviours, `padding_value` (None: 0) at padded positions, which are never computed;
+        non-finite flag: 0-dim bool, True when a similarity is NaN/inf)."""
+        similarity = table_cosine_similarity(self.target, self.table, self.table_norms, self.rows, self.mask,
+                                             0.0 if padding_value is None else padding_value)
+        return similarity, _non_finite_flag(similarity)
 
     def select(self, indices: torch.Tensor) -> "_TableBehaviorContent":
         return _TableBehaviorContent(self.target, self.table, self.table_norms, self.rows.gather(1, indices),
@@ -355,19 +422,24 @@ class CiUBMSimilarityHistogram(nn.Module):
 class CiUBMBehaviorSearch(nn.Module):
     """SIM-style search stage: keep the top-k valid behaviours by content similarity.
 
-    similarity (B, L), mask (B, L) -> indices (B, k) into the sequence (in no particular order),
-    with k = min(top_k, L); rows with fewer than k valid behaviours also return padded positions
-    (still masked).
+    similarity (B, L), mask (B, L) bool or None -> indices (B, k) into the sequence (in no
+    particular order), with k = min(top_k, L); rows with fewer than k valid behaviours also
+    return padded positions (still masked). With `mask=None` the padded positions must already
+    hold a value below every real similarity (`CiUBMForCTR` writes `search_padding_value` = -2
+    there while computing the similarities, cosines lying in [-1, 1]): one pass over (B, L) less.
     """
+
+    search_padding_value = -2.0
 
     def __init__(self, top_k: int):
         super().__init__()
         self.top_k = top_k
 
-    def forward(self, similarity, mask):
+    def forward(self, similarity, mask=None):
         k = min(self.top_k, similarity.shape[1])
+        scores = similarity if mask is None else similarity.masked_fill(~mask, float("-inf"))
         # unsorted: the model is order-invariant over behaviours, and a partial selection is cheaper
-        return similarity.masked_fill(~mask, float("-inf")).topk(k, dim=1, sorted=False).indices
+        return scores.topk(k, dim=1, sorted=False).indices
 
 
 class CiUBMPreTrainedModel(PreTrainedModel):
@@ -497,8 +569,9 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
             checks.append(_value_check("behavior_mask", raw_mask, "0/1 (or bool)"))
         checks.append(_range_check("user_ids", user_ids, config.n_users))
         checks.append(_range_check("target_item_ids", target_item_ids, config.n_items))
-        # any value allowed at padding: zeroed (a product with the bool mask: one pass, no copy first)
-        behavior_item_ids = behavior_item_ids * mask
+        # any value allowed at padding: zeroed (one pass; `where` runs several times faster than a
+        # product with the bool mask, which promotes it first)
+        behavior_item_ids = torch.where(mask, behavior_item_ids, 0)
         checks.append(_range_check("behavior_item_ids (at unpadded positions)", behavior_item_ids, config.n_items))
 
         user_features = _feature_dict("user_features", inputs["user_features"], config.user_feature_sizes)
@@ -516,7 +589,7 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
                                     (batch_size,), tail)
             behavior_values = _tensor(f"behavior_item_features[{name!r}]", behavior_features[name], "integer",
                                       seq_shape, tail)
-            behavior_values = behavior_values * (mask.unsqueeze(-1) if tail else mask)
+            behavior_values = torch.where(mask.unsqueeze(-1) if tail else mask, behavior_values, 0)
             behavior_features[name] = behavior_values
             checks.append(_range_check(f"target_item_features[{name!r}]", target_values, size))
             checks.append(_range_check(f"behavior_item_features[{name!r}] (at unpadded positions)", behavior_values, size))
@@ -574,7 +647,7 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
                              f"got {tuple(table.shape)}")
         target_rows = _tensor("target_content_rows", inputs["target_content_rows"], "integer", (batch_size,))
         behavior_rows = _tensor("behavior_content_rows", inputs["behavior_content_rows"], "integer", seq_shape)
-        behavior_rows = behavior_rows * mask
+        behavior_rows = torch.where(mask, behavior_rows, 0)
         checks = [_range_check(name, rows, table.shape[0], "the rows of content_table") for name, rows in (
             ("target_content_rows", target_rows), ("behavior_content_rows (at unpadded positions)", behavior_rows))]
         table, table_norms = self._prepared_table(table)
@@ -691,12 +764,18 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
         behavior_item_features = checked["behavior_item_features"]
 
         # computed once, reused by the search, the content interest, the logit bias and the histogram
-        similarity = content.similarity() if self.uses_similarity else None
+        searching = self.behavior_search is not None and behavior_item_ids.shape[1] > self.config.sim_top_k
+        similarity = similarity_bad = None
+        if self.uses_similarity:
+            # searching: padded positions get a value below every cosine, so the search needs no mask
+            # pass (everything downstream masks padded positions, whatever they hold)
+            similarity, similarity_bad = content.similarity(
+                behavior_mask, self.behavior_search.search_padding_value if searching else None)
         full_similarity = similarity
 
         selected = None
-        if self.behavior_search is not None and behavior_item_ids.shape[1] > self.config.sim_top_k:
-            selected = self.behavior_search(similarity, behavior_mask)  # (B, k)
+        if searching:
+            selected = self.behavior_search(similarity)  # (B, k)
             behavior_item_ids = behavior_item_ids.gather(1, selected)
             behavior_mask = behavior_mask.gather(1, selected)
             similarity = similarity.gather(1, selected)
@@ -742,8 +821,8 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
 
         logits = self.fusion(torch.cat(fusion_inputs, dim=-1)).squeeze(-1)
         non_finite = ~torch.isfinite(logits).all()
-        if full_similarity is not None:  # a NaN similarity can vanish in the histogram: check it too
-            non_finite = non_finite | ~torch.isfinite(full_similarity).all()
+        if similarity_bad is not None:  # a NaN similarity can vanish in the histogram: check it too
+            non_finite = non_finite | similarity_bad
         if bool(non_finite):
             raise self._non_finite_error(checked["content"], full_similarity, logits)
         loss = None
@@ -814,6 +893,16 @@ def _value_check(name: str, values: torch.Tensor, expected: str):
         return f"{name} must be {expected}, got {values[bad][0].item()!r}"
 
     return bad.any(), message
+
+
+def _non_finite_flag(values: torch.Tensor) -> torch.Tensor:
+    """0-dim bool: True when `values` (bounded when finite, e.g. cosines) holds NaN or inf.
+
+    One summing pass instead of an elementwise isfinite and a reduction: the sum of bounded finite
+    values cannot overflow (accumulated in float32 at least), while any NaN/inf makes it non-finite.
+    """
+    accumulate = torch.float64 if values.dtype == torch.float64 else torch.float32
+    return ~torch.isfinite(values.sum(dtype=accumulate))
 
 
 def _finite_check(name: str, values: torch.Tensor):

@@ -13,9 +13,12 @@ from mim_hf.modeling.modeling_ciubm import (
     CiUBMForCTR,
     CiUBMSimilarityHistogram,
     CiUBMTargetAttention,
+    CiUBMBehaviorSearch,
+    _gathered_row_dots,
     content_cosine_similarity,
     sampled_row_dots,
 )
+from mim_hf.modeling import modeling_ciubm
 
 N_USERS, N_ITEMS, CONTENT_DIM = 9, 30, 8
 MODES = ("din", "content_feature", "ciubm")
@@ -419,6 +422,106 @@ def test_sim_search_keeps_most_similar_and_matches_din_on_them():
         gathered[key] = take(inputs[key])
     gathered["behavior_item_features"] = {k: take(v) for k, v in inputs["behavior_item_features"].items()}
     torch.testing.assert_close(din_base(**gathered).logits, out.logits)
+
+
+def sim_inputs_with_ties(seq_len=12, top_k=3):
+    """Tester inputs (rows of 12, 1, 0 and 10 real behaviours) plus 3 padded positions of garbage;
+    row 0's behaviours take one of three contents, the most similar twice and the second three
+    times, so the k-th (3rd) kept behaviour is a three-way tie."""
+    inputs = tester.get_inputs(seq_len=seq_len)
+    g = torch.Generator().manual_seed(5)
+    target = inputs["target_content_embeds"][0]
+    near, middle, far = (weight * target + torch.randn(CONTENT_DIM, generator=g) for weight in (4.0, 1.0, -1.0))
+    content = inputs["behavior_content_embeds"].clone()
+    for position in range(seq_len):
+        content[0, position] = near if position in (3, 9) else middle if position in (1, 5, 10) else far
+    inputs["behavior_content_embeds"] = content
+    return with_padding_garbage(inputs, extra=3)
+
+
+def reference_top_similarities(inputs, top_k):
+    """Per sample, the sorted similarities of the top-k real behaviours: full (B, L, C) content,
+    cosine from explicit norms, masked, torch.sort (the straightforward search)."""
+    target, content = inputs["target_content_embeds"], inputs["behavior_content_embeds"]
+    dots = (content * target.unsqueeze(1)).sum(-1)
+    similarity = dots / (content.norm(dim=-1) * target.norm(dim=-1, keepdim=True)).clamp_min(1e-8)
+    out = []
+    for b in range(len(target)):
+        real = similarity[b][inputs["behavior_mask"][b]]
+        out.append(real.sort(descending=True).values[:top_k])
+    return similarity, out
+
+
+@pytest.mark.parametrize("dots", ["sorted_csr", "gathered"])
+@pytest.mark.parametrize("content", ["embeds", "rows"])
+def test_sim_keeps_reference_top_k_with_ties_padding_and_empty_rows(content, dots, monkeypatch):
+    # the search keeps a set whose similarities are exactly the reference top-k (ties broken
+    # either way), never a padded position while real ones remain, and the logits equal the
+    # same weights with base="din" on the kept behaviours
+    if dots == "gathered":  # the accelerator path, run on CPU
+        monkeypatch.setattr(modeling_ciubm, "_dots_by_sorted_csr", lambda table: False)
+    inputs = sim_inputs_with_ties()
+    similarity, expected = reference_top_similarities(inputs, top_k=3)
+    given = as_table_rows(inputs) if content == "rows" else inputs
+    model = tester.get_model(mode="ciubm", base="sim", initializer_range=0.5)
+    with torch.no_grad():
+        out = model(**given)
+    selected, mask = out.selected_behavior_indices, inputs["behavior_mask"]
+    assert selected.shape == (4, 3)
+    for b in range(4):
+        kept = [position for position in selected[b].tolist() if mask[b, position]]
+        assert len(kept) == len(set(kept)) == min(3, int(mask[b].sum()))
+        torch.testing.assert_close(similarity[b, kept].sort(descending=True).values, expected[b], rtol=0, atol=1e-6)
+    assert len({3, 9} & set(selected[0].tolist())) == 2 and len({1, 5, 10} & set(selected[0].tolist())) == 1
+    din_base = CiUBMForCTR(model.config.__class__(**{**model.config.to_dict(), "base": "din"})).eval()
+    din_base.load_state_dict(model.state_dict())
+    take = lambda t: t.gather(1, selected if t.dim() == 2 else selected.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+    gathered = {**inputs, "behavior_item_features": {k: take(v) for k, v in inputs["behavior_item_features"].items()}}
+    for key in ("behavior_item_ids", "behavior_mask", "behavior_content_embeds"):
+        gathered[key] = take(inputs[key])
+    with torch.no_grad():
+        expected_logits = din_base(**gathered).logits
+    assert expected_logits.abs().max() > 0.1
+    torch.testing.assert_close(out.logits, expected_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_search_on_prefilled_padding_equals_masked_search():
+    g = torch.Generator().manual_seed(3)
+    similarity = torch.rand(6, 20, generator=g) * 2 - 1
+    mask = torch.rand(6, 20, generator=g) < 0.5
+    mask[0] = False  # no real behaviour
+    mask[1, :2] = True
+    mask[1, 2:] = False  # fewer real behaviours than k
+    search = CiUBMBehaviorSearch(top_k=4)
+    masked = search(similarity, mask)
+    prefilled = search(similarity.masked_fill(~mask, CiUBMBehaviorSearch.search_padding_value))
+    for b in range(6):
+        real = lambda indices: {i for i in indices[b].tolist() if mask[b, i]}
+        assert real(masked) == real(prefilled)
+        assert len(real(prefilled)) == min(4, int(mask[b].sum()))
+
+
+def test_gathered_row_dots_equal_sorted_csr_dots_in_chunks():
+    g = torch.Generator().manual_seed(0)
+    table, target = torch.randn(11, 6, generator=g), torch.randn(4, 6, generator=g)
+    rows = torch.tensor([3, 3, 0, 10, 3, 7, 7, 1])
+    sample = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    expected = sampled_row_dots(table, target, rows, sample)
+    torch.testing.assert_close(_gathered_row_dots(table, target, rows, sample, chunk_elements=18), expected)  # 3 rows a chunk
+    half = _gathered_row_dots(table.bfloat16(), target.bfloat16(), rows, sample)
+    assert half.dtype == torch.float32  # accumulated in float32
+    torch.testing.assert_close(half, expected, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("base", ["din", "sim"])
+def test_non_finite_behaviour_row_raises(base):
+    # a NaN row of content_table read only by a real behaviour (not by any target) is refused
+    model = tester.get_model(mode="ciubm", base=base)
+    inputs = as_table_rows(tester.get_inputs(seq_len=7))
+    table = inputs["content_table"].clone()
+    table[inputs["behavior_content_rows"][3, 2], 1] = float("nan")
+    with pytest.raises(ValueError, match=r"content_table holds nan"):
+        model(**{**inputs, "content_table": table})
 
 
 def test_save_load_identical_logits_and_auto_classes(tmp_path):
