@@ -220,3 +220,112 @@ def test_the_env_switch_selects_the_numpy_path(value, wanted, monkeypatch):
     assert center_module._numba_wanted(value) is wanted
     monkeypatch.setattr(center_module, "USE_NUMBA", wanted)
     assert center_module.lookup_backend() == ("numba" if wanted else "numpy")
+
+
+# ---- session 4: fused split/hash/probe/verify/gather kernel, helper threads, pinned output ----------
+def test_the_word_wise_split_matches_str_split_at_every_length_and_word_boundary():
+    """``split_joined`` reads 8 bytes per step: ids of 0-24 bytes (each side of every 8-byte
+    boundary), empty ids at the start, middle and end, and more separators than ids."""
+    kernels = center_module._numba_kernels()
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        ids = [bytes(rng.integers(1, 256, int(rng.integers(0, 25)), dtype=np.uint8)) for _ in range(rng.integers(1, 9))]
+        text = b"\x00".join(ids)
+        buffer = np.frombuffer(text, np.uint8)
+        starts, lengths = np.empty(len(ids), np.int64), np.empty(len(ids), np.int64)
+        assert kernels.split_joined(buffer, len(text), starts, lengths) == len(ids)
+        assert [text[s:s + n] for s, n in zip(starts, lengths)] == ids
+        if len(ids) > 1:  # one id fewer asked for than the text holds: reported as "more ids"
+            assert kernels.split_joined(buffer, len(text), starts[:-1].copy(), lengths[:-1].copy()) == len(ids)
+
+
+def test_joined_and_presplit_kernel_calls_agree_and_a_nul_inside_an_id_is_reported(tmp_path):
+    """The kernel's own split (n_text >= 0) and given starts/lengths (n_text = -1) give the same
+    rows, counts and gathered bytes; joined text with a NUL inside an id gives SEPARATOR_IN_ID."""
+    kernels = center_module._numba_kernels()
+    stored = [f"id-{i}" for i in range(50)] + ["é" * 9, "x" * 17]
+    center, _, _ = build_with_ids(tmp_path / "c", stored)
+    queries = stored[::3] + ["nope", "", "x" * 16, "é" * 9]
+    text = "\x00".join(queries).encode()
+    buffer = np.frombuffer(text, np.uint8)
+    table = center._level_bytes["item_embeds"]
+    results = []
+    for n_text in (len(text), -1):
+        starts, lengths = np.empty(len(queries), np.int64), np.empty(len(queries), np.int64)
+        if n_text < 0:
+            kernels.split_joined(buffer, len(text), starts, lengths)
+        rows, out = np.empty(len(queries), np.int64), np.full((len(queries), table.shape[1]), 7, np.uint8)
+        status = kernels.lookup_rows(buffer, n_text, starts, lengths, *center._kernel_index, rows, table, out)
+        results.append((status, rows, out))
+    assert results[0][0] == results[1][0] == 3  # "nope", "", "x" * 16
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    np.testing.assert_array_equal(results[0][2], results[1][2])
+    assert not results[0][2][results[0][1] < 0].any()  # unknown rows zero-filled over the 7s
+    nul = np.frombuffer(b"id-1\x00id-\x002", np.uint8)  # two ids asked for, three in the text
+    starts, lengths, rows = np.empty(2, np.int64), np.empty(2, np.int64), np.empty(2, np.int64)
+    assert kernels.find_rows(nul, len(nul), starts, lengths, *center._kernel_index, rows) == kernels.SEPARATOR_IN_ID
+
+
+@pytest.mark.parametrize("storage", ["float16", "float32"])
+def test_batches_split_over_helper_threads_match_a_dict_and_the_numpy_path(tmp_path, storage, monkeypatch):
+    """With parts of 16 ids over 2 threads: duplicates, unknowns, non-ASCII ids and both output
+    dtypes give a brute-force dict's rows, the stored rows and the numpy path's counts."""
+    rng = np.random.default_rng(11)
+    stored = random_ids(rng, 120, ALPHABETS["unicode"]) + [f"item-{i}" for i in range(80)]
+    embeddings = {"item_embeds": torch.from_numpy(rng.standard_normal((len(stored), 6)).astype(np.float32))}
+    center = RepresentationCenter.build(stored, embeddings, tmp_path / "c", encoder_name="e",
+                                        encoder_fingerprint=FINGERPRINT, dtype=storage)
+    queries = [stored[i] for i in rng.integers(0, len(stored), 150)] + ["nope", "", "item-80", "item-1é"]
+    queries += queries[:20]  # duplicates
+    expected = np.array([{v: k for k, v in enumerate(stored)}.get(q, -1) for q in queries])
+    monkeypatch.setattr(center_module, "_MIN_IDS_PER_THREAD", 16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for kind in ("list", "numpy_str", "pyarrow"):
+            for out_dtype in (torch.float16, torch.float32):
+                rows, embeds, found = assert_same_lookups(center, lambda: as_container(queries, kind), monkeypatch,
+                                                          dtype=out_dtype)
+                np.testing.assert_array_equal(rows, expected)
+                reference = embeddings["item_embeds"].to(getattr(torch, storage)).to(out_dtype)
+                assert torch.equal(embeds[expected >= 0], reference[expected[expected >= 0]])
+                assert not embeds[expected < 0].any() and found.tolist() == (expected >= 0).tolist()
+    finally:
+        torch.set_num_threads(threads)
+
+
+FORKED = textwrap.dedent("""
+    import os, sys
+    import torch
+    import mim_hf.center as center_module
+    from mim_hf.center import RepresentationCenter
+    center_module._MIN_IDS_PER_THREAD = 4
+    torch.set_num_threads(2)
+    center = RepresentationCenter.load(sys.argv[1])
+    queries = [f"id-{i}" for i in range(20)] + ["nope"]
+    before = center.lookup(queries)  # starts the helper thread pool
+    pid = os.fork()
+    if pid == 0:  # a forked child (a DataLoader worker) gets its own pool, not the parent's dead threads
+        after = center.lookup(queries)
+        os._exit(0 if torch.equal(before[0], after[0]) and torch.equal(before[1], after[1]) else 3)
+    _, status = os.waitpid(pid, 0)
+    print("child exit:", os.waitstatus_to_exitcode(status))
+""")
+
+
+def test_a_forked_child_looks_up_with_its_own_helper_threads(tmp_path):
+    build_with_ids(tmp_path / "c", [f"id-{i}" for i in range(20)])
+    result = subprocess.run([sys.executable, "-c", FORKED, str(tmp_path / "c")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "child exit: 0" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_pin_memory_returns_the_same_embeddings_page_locked(tmp_path, out_dtype):
+    center, item_ids, _ = build_with_ids(tmp_path / "c", [f"id-{i}" for i in range(20)])
+    queries = item_ids[::-1] + ["nope"]
+    pinned, found = center.lookup(queries, dtype=out_dtype, pin_memory=True)
+    plain, plain_found = center.lookup(queries, dtype=out_dtype)
+    assert pinned.is_pinned() and torch.equal(pinned, plain) and torch.equal(found, plain_found)
