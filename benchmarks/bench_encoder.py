@@ -20,6 +20,7 @@ Run: .venv/bin/python benchmarks/bench_encoder.py [--items N] [--repeats R]
 import argparse
 import importlib.util
 import random
+import statistics
 import time
 
 import torch
@@ -28,6 +29,7 @@ from mim_hf.encoders import build_content_encoder, build_content_processor, reso
 from mim_hf.encoding import encode_items, quantize_int8
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+INT8_NOTE = "quantize_int8 once, approximate"
 
 
 def movielens_items():
@@ -53,25 +55,16 @@ def generated_items(n_items, seed=0):
     ]
 
 
-def naive_reference(encoder, processor, items, batch_size):
+def naive_reference(encoder, processor, items, batch_size, device):
     """Unsorted batches, padded to max_length, no_grad: what a first loop looks like."""
     outputs = []
     with torch.no_grad():
         for start in range(0, len(items), batch_size):
             texts = processor.build_texts(items[start : start + batch_size])
             inputs = processor.tokenizer(texts, padding="max_length", truncation=True,
-                                         max_length=processor.max_length, return_tensors="pt")
+                                         max_length=processor.max_length, return_tensors="pt").to(device)
             outputs.append(encoder(**inputs).item_embeds)
     return torch.cat(outputs)
-
-
-def timed(function, repeats):
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def neighbour_agreement(reference, other, k=10):
@@ -90,38 +83,63 @@ def title_attribute_recall(titles, attributes, k=10):
     return (ranks == torch.arange(len(titles)).unsqueeze(1)).any(dim=1).float().mean().item()
 
 
+def summarise(ratios):
+    """Per-round ratios -> (median, min, max)."""
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=None, help="limit the number of items")
-    parser.add_argument("--repeats", type=int, default=2, help="timed repeats per method (best kept)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved timing rounds (every method once per round, after one warm-up)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where both encode_items and sentence-transformers run (threads set on cpu only)")
+    parser.add_argument("--goal-only", action="store_true",
+                        help="time only encode_items fp32 and sentence-transformers' encode (skip the extra "
+                             "references, the int8 path and its drift report)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
+    if device.type == "cpu":
+        torch.set_num_threads(2)
     torch.manual_seed(0)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     items, source = movielens_items()
     if items is None:
         items = generated_items(args.items or 1682)
     items = items[: args.items] if args.items else items
-    encoder = build_content_encoder(MODEL_ID, embed_dim=256, lora=False).eval()
+    encoder = build_content_encoder(MODEL_ID, embed_dim=256, lora=False).eval().to(device)
     processor = build_content_processor(MODEL_ID, max_length=args.max_length)
     texts = processor.build_texts(items)
 
-    def ours(model=encoder):
-        return lambda: encode_items(model, processor, items, batch_size=args.batch_size, show_progress=False)[
-            "item_embeds"]
+    def ours(model=encoder, **options):
+        return lambda: encode_items(model, processor, items, batch_size=args.batch_size, show_progress=False,
+                                    device=device, **options)["item_embeds"]
 
-    # int8 is quantised once (what a caller encoding more than once does); the one-off cost is printed.
-    start = time.perf_counter()
-    quantized = quantize_int8(encoder)
-    quantize_seconds = time.perf_counter() - start
-
-    ST_NAME = "sentence-transformers encode (fp32, its default SDPA attention)"
-    methods = {"encode_items fp32 (exact)": ours(),
-               "encode_items int8 (quantize_int8 once, approximate)": ours(quantized),
-               "naive loop (catalogue order, padded to max_length, no_grad)":
-                   lambda: naive_reference(encoder, processor, items, args.batch_size)}
+    OURS, PLAIN, INT8 = ("encode_items fp32 (exact; packed fast path)",
+                         "encode_items fp32, fast_path=None (plain padded forward)",
+                         f"encode_items int8 ({INT8_NOTE})")
+    NAIVE = "naive loop (catalogue order, padded to max_length, no_grad)"
+    ST_NAME, ST_EAGER = ("sentence-transformers encode (fp32, its default SDPA attention)",
+                         "sentence-transformers encode (fp32, eager attention)")
+    methods = {OURS: ours()}
+    quantize_seconds = None
+    if not args.goal_only:
+        methods[PLAIN] = ours(fast_path=None)
+        methods[NAIVE] = lambda: naive_reference(encoder, processor, items, args.batch_size, device)
+        if device.type == "cpu":  # int8 (fbgemm) is CPU only; quantised once, as a caller encoding often would
+            start = time.perf_counter()
+            quantized = quantize_int8(encoder)
+            quantize_seconds = time.perf_counter() - start
+            methods[INT8] = ours(quantized)
     if importlib.util.find_spec("sentence_transformers") is not None:
         from sentence_transformers import SentenceTransformer
 
@@ -131,56 +149,79 @@ def main():
                                         show_progress_bar=False)
 
         path = resolve_model_path(MODEL_ID)
-        methods[ST_NAME] = st_encode(SentenceTransformer(path, device="cpu"))
-        # Same lever as encode_items' CPU default, for a fair reading of where the fp32 gain comes from.
-        methods["sentence-transformers encode (fp32, eager attention)"] = st_encode(
-            SentenceTransformer(path, device="cpu", model_kwargs={"attn_implementation": "eager"}))
+        methods[ST_NAME] = st_encode(SentenceTransformer(path, device=str(device)))
+        if not args.goal_only:
+            # Eager attention for ST too, so the attention choice can be read apart from the rest.
+            methods[ST_EAGER] = st_encode(SentenceTransformer(
+                path, device=str(device), model_kwargs={"attn_implementation": "eager"}))
     else:
-        print("sentence-transformers not installed: naive reference only")
+        print("sentence-transformers not installed: no goal ratio (plain-forward and naive references only)")
 
-    # Interleave the methods within each repeat so machine-load drift hits all of them alike.
-    best = dict.fromkeys(methods, float("inf"))
+    # Rounds: every method once, ours and ST back to back (their order alternating per round), so that
+    # load drift on a shared machine hits a round's pair alike; the verdict uses per-round ratios.
+    names = list(methods)
+    seconds = {name: [] for name in names}
     embeds = {}
-    for name, function in methods.items():
-        function()  # warm-up
-    for _ in range(args.repeats):
-        for name, function in methods.items():
-            seconds, embeds[name] = timed(function, 1)
-            best[name] = min(best[name], seconds)
-    fp32, int8 = "encode_items fp32 (exact)", "encode_items int8 (quantize_int8 once, approximate)"
-    naive_name = "naive loop (catalogue order, padded to max_length, no_grad)"
-    max_diff = (embeds[naive_name] - embeds[fp32]).abs().max().item()
-    assert max_diff < 1e-4, f"encode_items disagrees with the naive reference: max |diff| {max_diff}"
+    for name in names:  # warm-up (allocator, oneDNN primitive caches, lazy imports)
+        embeds[name] = methods[name]()
+    sync()
+    for round_index in range(args.rounds):
+        round_names = names if round_index % 2 == 0 else names[::-1]
+        for name in round_names:
+            sync()
+            start = time.perf_counter()
+            embeds[name] = methods[name]()
+            sync()
+            seconds[name].append(time.perf_counter() - start)
+    embeds = {name: value.float().cpu() for name, value in embeds.items()}
 
     n = len(items)
     mean_tokens = sum(len(ids) for ids in processor.tokenizer(texts)["input_ids"]) / n
     print(f"data: {source}; {n} items, mean {mean_tokens:.1f} tokens/text, max_length {args.max_length}")
-    print(f"model: {MODEL_ID} (offline), batch {args.batch_size}, torch threads {torch.get_num_threads()}, "
-          f"best of {args.repeats}")
-    for name, seconds in best.items():
-        print(f"{name:<66}: {n / seconds:8.1f} items/s ({seconds:.2f} s)")
-    print(f"int8: quantize_int8 took {quantize_seconds:.2f} s once (encode_items(quantize='int8') pays it per call)")
-    print(f"encode_items fp32 vs naive: embeddings agree (max |diff| {max_diff:.1e})")
+    threads = f"torch threads {torch.get_num_threads()}" if device.type == "cpu" else f"device {torch.cuda.get_device_name()}"
+    print(f"model: {MODEL_ID} (offline), batch {args.batch_size}, {threads}, {args.rounds} interleaved rounds "
+          f"after a warm-up")
+    print(f"{'method':<70}  {'median items/s':>14}  {'best':>8}  {'worst':>8}")
+    for name in names:
+        times = seconds[name]
+        print(f"{name:<70}: {n / statistics.median(times):14.1f}  {n / min(times):8.1f}  {n / max(times):8.1f}")
+    if PLAIN in embeds:
+        for other in (PLAIN, NAIVE):
+            max_diff = (embeds[other] - embeds[OURS]).abs().max().item()
+            assert max_diff < 1e-4, f"encode_items (fast path) disagrees with {other}: max |diff| {max_diff}"
+            print(f"encode_items fp32 (fast path) vs {other.split(' (')[0]}: embeddings agree (max |diff| {max_diff:.1e})")
 
-    cosine = torch.nn.functional.cosine_similarity(embeds[fp32], embeds[int8], dim=1)
-    print(f"int8 drift vs fp32 item embeddings: cosine min {cosine.min():.4f} mean {cosine.mean():.4f}; "
-          f"10-nearest-neighbour agreement {neighbour_agreement(embeds[fp32], embeds[int8]):.3f}")
-    recalls = {}
-    for label, model in (("fp32", encoder), ("int8", quantized)):
-        views = [encode_items(model, processor, items, batch_size=args.batch_size, show_progress=False,
-                              view=view)["item_embeds"] for view in ("title", "attributes")]
-        recalls[label] = title_attribute_recall(*views)
-    print(f"title->own attributes recall@10 (untrained projection): fp32 {recalls['fp32']:.3f}, "
-          f"int8 {recalls['int8']:.3f}")
-    if ST_NAME in best:
-        print(f"GOAL LINE (exact fp32 path): encode_items fp32 is {best[ST_NAME] / best[fp32]:.2f}x "
-              f"sentence-transformers' encode (goal >= 1.3)")
-        print(f"approximate path: encode_items int8 is {best[ST_NAME] / best[int8]:.2f}x "
-              f"sentence-transformers' fp32 encode (embeddings drift, see above)")
-        eager = "sentence-transformers encode (fp32, eager attention)"
-        print(f"for reference: encode_items fp32 is {best[eager] / best[fp32]:.2f}x sentence-transformers "
-              f"with eager attention (the attention lever applied to both)")
-    print(f"encode_items fp32 is {best[naive_name] / best[fp32]:.2f}x the naive loop")
+    def ratio_line(label, reference, subject, goal=""):
+        per_round = [r / s for r, s in zip(seconds[reference], seconds[subject])]
+        median, low, high = summarise(per_round)
+        aggregate = sum(seconds[reference]) / sum(seconds[subject])
+        best = min(seconds[reference]) / min(seconds[subject])
+        print(f"{label}: median {median:.2f}x per round (range {low:.2f}-{high:.2f} over {len(per_round)} rounds); "
+              f"total time {aggregate:.2f}x; best vs best {best:.2f}x{goal}")
+
+    if ST_NAME in seconds:
+        ratio_line("GOAL LINE (exact fp32): encode_items / sentence-transformers encode", ST_NAME, OURS,
+                   " (goal >= 1.3, read the per-round median)")
+    if not args.goal_only:
+        ratio_line("encode_items fast path / its plain padded forward", PLAIN, OURS)
+        ratio_line("encode_items fast path / naive loop", NAIVE, OURS)
+        if ST_EAGER in seconds:
+            ratio_line("encode_items fast path / sentence-transformers with eager attention", ST_EAGER, OURS)
+        if INT8 in seconds:
+            print(f"int8: quantize_int8 took {quantize_seconds:.2f} s once (encode_items(quantize='int8') pays it per call)")
+            cosine = torch.nn.functional.cosine_similarity(embeds[OURS], embeds[INT8], dim=1)
+            print(f"int8 drift vs fp32 item embeddings: cosine min {cosine.min():.4f} mean {cosine.mean():.4f}; "
+                  f"10-nearest-neighbour agreement {neighbour_agreement(embeds[OURS], embeds[INT8]):.3f}")
+            recalls = {}
+            for label, model in (("fp32", encoder), ("int8", quantized)):
+                views = [encode_items(model, processor, items, batch_size=args.batch_size, show_progress=False,
+                                      view=view)["item_embeds"] for view in ("title", "attributes")]
+                recalls[label] = title_attribute_recall(*views)
+            print(f"title->own attributes recall@10 (untrained projection): fp32 {recalls['fp32']:.3f}, "
+                  f"int8 {recalls['int8']:.3f}")
+            if ST_NAME in seconds:
+                ratio_line("approximate path: encode_items int8 / sentence-transformers fp32 encode", ST_NAME, INT8,
+                           " (embeddings drift, see above)")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
+import functools
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -16,6 +18,8 @@ from mim_hf.modeling.processing_mim_encoder import rows_to_records
 ENCODER_LEVELS = ("item_embeds", "text_embeds", "image_embeds")
 # Opt-in approximate inference schemes -> what they do (recorded by callers that store embeddings:
 # embeddings from a quantised tower differ from fp32 ones, so they must not share a fingerprint).
+# Text-tower linears (fnmatch patterns on module names) that quantize_int8 keeps in float32 by default.
+INT8_KEEP_FLOAT: tuple[str, ...] = ()
 QUANTIZATION_SCHEMES = {
     "int8": "dynamic int8 (fbgemm): text-tower nn.Linear weights int8 per output channel, "
             "activations quantised per batch at run time; CPU only",
@@ -56,7 +60,7 @@ def _pad_batch(tokenized: Mapping[str, list], indices: list[int], pad_token_id: 
     return batch
 
 
-def quantize_int8(encoder):
+def quantize_int8(encoder, keep_float: Sequence[str] | None = None):
     """A copy of ``encoder`` whose text tower's ``nn.Linear`` layers are dynamic int8 (approximate).
 
     Weights become int8 with one scale per output channel; activations are quantised per batch
@@ -80,7 +84,9 @@ def quantize_int8(encoder):
                          f"{torch.backends.quantized.supported_engines}")
     quantized = copy.deepcopy(encoder).eval().to("cpu")
     tower = quantized.text_model
-    targets = [(name, module) for name, module in tower.named_modules() if type(module) is torch.nn.Linear]
+    keep_float = tuple(keep_float) if keep_float is not None else INT8_KEEP_FLOAT
+    targets = [(name, module) for name, module in tower.named_modules() if type(module) is torch.nn.Linear
+               and not any(fnmatch.fnmatchcase(name, pattern) for pattern in keep_float)]
     with warnings.catch_warnings():
         # The quantized-dtype deprecation notice (PyTorch 2.13) is documented above, not repeated per layer.
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
@@ -90,6 +96,197 @@ def quantize_int8(encoder):
             parent = tower.get_submodule(parent_name) if parent_name else tower
             setattr(parent, child, DynamicInt8Linear.from_float(module))
     return quantized
+
+
+FAST_PATHS = ("auto", "packed")
+
+
+def _is_dynamic_int8_linear(module) -> bool:
+    """True for ``torch.ao.nn.quantized.dynamic.Linear`` (what :func:`quantize_int8` puts in)."""
+    return type(module).__name__ == "Linear" and type(module).__module__.startswith("torch.ao.nn.quantized.dynamic")
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_linear_ok() -> bool:
+    """True if this torch build has oneDNN's fused linear (``mkldnn::_linear_pointwise``) and it agrees
+    with ``F.linear`` (+ exact GELU) on a probe; checked once per process, else ``F.linear`` is used."""
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        generator = torch.Generator().manual_seed(0)
+        x, weight, bias = (torch.randn(shape, generator=generator) for shape in ((9, 24), (40, 24), (40,)))
+        with torch.inference_mode():
+            plain = torch.nn.functional.linear(x, weight, bias)
+            return (torch.allclose(op(x, weight, bias, "none", [], ""), plain, atol=1e-5, rtol=1e-5)
+                    and torch.allclose(op(x, weight, bias, "gelu", [], "none"),
+                                       torch.nn.functional.gelu(plain), atol=1e-5, rtol=1e-5))
+    except (RuntimeError, TypeError):  # an op signature or build this code does not know
+        return False
+
+
+def packed_path_blocker(encoder, processor=None, levels: Sequence[str] = ("item_embeds",)) -> str | None:
+    """Why the packed fast path cannot run ``encoder`` (a sentence), or None if it can.
+
+    It covers text-only encoding through a plain transformers ``BertModel`` text tower (BERT, MiniLM,
+    ...): absolute positions, exact-GELU/ReLU FFN, encoder-only, no injected LoRA, float32, and
+    ``text_pooling`` mean / cls / pooler; a right-padding tokenizer (BERT positions count from the
+    first padded slot, so left-padded batches are not the same computation).
+    """
+    tower = getattr(encoder, "text_model", None)
+    if tower is None or type(tower).__name__ != "BertModel" or not type(tower).__module__.startswith("transformers."):
+        return f"text tower is {type(tower).__name__}, not a transformers BertModel"
+    config = tower.config
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        return "text tower is configured as a decoder"
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return f"position_embedding_type={config.position_embedding_type!r} (only 'absolute')"
+    if config.hidden_act not in ("gelu", "relu"):
+        return f"hidden_act={config.hidden_act!r} (only 'gelu' and 'relu')"
+    if has_injected_adapters(encoder):
+        return "LoRA layers are injected (merge them first)"
+    linears = [module for layer in tower.encoder.layer for module in (
+        layer.attention.self.query, layer.attention.self.key, layer.attention.self.value,
+        layer.attention.output.dense, layer.intermediate.dense, layer.output.dense)]
+    if any(type(module) is not torch.nn.Linear and not _is_dynamic_int8_linear(module) for module in linears):
+        return "the tower's linears are neither plain nn.Linear nor dynamic int8 (wrapped?)"
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in tower.parameters()) or (
+            encoder.text_projection.weight.dtype != torch.float32):
+        return "weights are not float32"
+    if encoder.config.text_pooling not in ("mean", "cls", "pooler") or (
+            encoder.config.text_pooling == "pooler" and getattr(tower, "pooler", None) is None):
+        return f"text_pooling={encoder.config.text_pooling!r} with this tower"
+    if "image_embeds" in levels:
+        return "image_embeds requested"
+    if processor is not None:
+        if processor.image_processor is not None:
+            return "the processor has an image processor (multimodal rows)"
+        if getattr(processor.tokenizer, "padding_side", "right") != "right":
+            return "the tokenizer pads on the left"
+    return None
+
+
+class PackedBertTextPath:
+    """Inference-only text forward of a ``MIMContentEncoder`` with a ``BertModel`` tower, without padding.
+
+    The same computation as ``encoder(input_ids, attention_mask).text_embeds`` (equal to float
+    tolerance, ~1e-6), arranged for CPU speed:
+
+    - token-wise layers (embeddings, Q/K/V, attention output, FFN, LayerNorm) run on the packed
+      (tokens, hidden) matrix of the batch: no padded positions are computed at all;
+    - Q, K and V are one GEMM per layer (their weights concatenated once, at construction);
+    - attention runs per run of equal-length rows (rows are length-sorted inside each batch), as
+      ``scaled_dot_product_attention`` on views of the fused QKV output: no mask, no padding;
+    - on CPU, linears go through oneDNN's fused linear (bias, and GELU for the FFN, in the GEMM's
+      epilogue) when this torch build has it and it agrees with ``F.linear`` (checked once);
+      elsewhere ``F.linear``.
+
+    The encoder's weights are read, not copied (except the concatenated QKV); build a new object
+    after changing them. Check ``packed_path_blocker(encoder)`` first (ValueError here otherwise).
+    """
+
+    def __init__(self, encoder, device: torch.device | str | None = None):
+        reason = packed_path_blocker(encoder)
+        if reason is not None:
+            raise ValueError(f"the packed fast path cannot run this encoder: {reason}")
+        tower = encoder.text_model
+        self.device = torch.device(device) if device is not None else encoder.device
+        self.pooling = encoder.config.text_pooling
+        self.embeddings = tower.embeddings
+        self.pooler = tower.pooler
+        self.projection = encoder.text_projection
+        self.heads = tower.config.num_attention_heads
+        self.gelu = tower.config.hidden_act == "gelu"
+        self.onednn = self.device.type == "cpu" and _onednn_linear_ok()
+        self.layers = []
+        with torch.no_grad():
+            for layer in tower.encoder.layer:
+                attention = layer.attention.self
+                qkv = (attention.query, attention.key, attention.value)
+                if all(type(module) is torch.nn.Linear for module in qkv):  # one (3H, H) GEMM instead of three
+                    qkv = torch.nn.Linear(attention.query.in_features, 3 * attention.query.out_features,
+                                          device=attention.query.weight.device)
+                    qkv.weight.copy_(torch.cat([attention.query.weight, attention.key.weight, attention.value.weight]))
+                    qkv.bias.copy_(torch.cat([attention.query.bias, attention.key.bias, attention.value.bias]))
+                self.layers.append({
+                    "qkv": qkv, "scaling": attention.scaling,
+                    "out": layer.attention.output.dense, "out_norm": layer.attention.output.LayerNorm,
+                    "ffn_in": layer.intermediate.dense, "ffn_out": layer.output.dense,
+                    "ffn_norm": layer.output.LayerNorm,
+                })
+
+    def _linear(self, x, module, activation: str = "none"):
+        """``activation(module(x))`` for a plain or (int8 dynamic) quantised linear; a tuple of modules
+        is applied side by side and concatenated (quantised Q/K/V)."""
+        if isinstance(module, tuple):
+            return torch.cat([self._linear(x, part) for part in module], dim=-1)
+        if type(module) is not torch.nn.Linear:
+            y = module(x)
+        elif self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, module.weight, module.bias, activation, [],
+                                                      "none" if activation == "gelu" else "")
+        else:
+            y = torch.nn.functional.linear(x, module.weight, module.bias)
+        if activation == "gelu":
+            return torch.nn.functional.gelu(y)
+        return torch.relu(y) if activation == "relu" else y
+
+    def __call__(self, input_ids: torch.Tensor, lengths: Sequence[int], token_type_ids: torch.Tensor | None = None):
+        """Packed token ids (T,) of B rows laid end to end, ``lengths`` (B,) summing to T, rows sorted
+        by length descending, optional packed token types (T,) -> L2-normalised text embeddings (B, embed_dim)."""
+        if list(lengths) != sorted(lengths, reverse=True) or min(lengths) < 1:
+            raise ValueError("lengths must be positive and sorted in descending order")
+        if input_ids.shape != (sum(lengths),):
+            raise ValueError(f"input_ids must have shape ({sum(lengths)},) (the lengths' sum), got {tuple(input_ids.shape)}")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.embeddings.word_embeddings.num_embeddings:
+            raise ValueError(f"input_ids hold ids in [{low}, {high}]; expected 0 <= id < vocab_size="
+                             f"{self.embeddings.word_embeddings.num_embeddings} (is the tokenizer the text tower's?)")
+        device = self.device
+        lengths_t = torch.tensor(lengths, dtype=torch.long)
+        starts = torch.cumsum(lengths_t, 0) - lengths_t
+        total = int(lengths_t.sum())
+        # Position of each token in its row, and which row it belongs to.
+        row_of_token = torch.repeat_interleave(torch.arange(len(lengths)), lengths_t)
+        positions = torch.arange(total) - starts[row_of_token]
+        input_ids = input_ids.to(device)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(total, dtype=torch.long)
+        emb = self.embeddings
+        x = (emb.word_embeddings(input_ids) + emb.token_type_embeddings(token_type_ids.to(device))
+             + emb.position_embeddings(positions.to(device)))
+        x = emb.LayerNorm(x)
+        # Runs of equal-length rows: (first token, rows, length); attention needs no mask inside a run.
+        runs, token = [], 0
+        for length in sorted(set(lengths), reverse=True):
+            count = lengths.count(length)
+            runs.append((token, count, length))
+            token += count * length
+        hidden = x.shape[-1]
+        head_dim = hidden // self.heads
+        activation = "gelu" if self.gelu else "relu"
+        for layer in self.layers:
+            qkv = self._linear(x, layer["qkv"])
+            context = torch.empty_like(x)
+            for first, count, length in runs:
+                block = qkv[first : first + count * length].view(count, length, 3, self.heads, head_dim)
+                query, key, value = block.permute(2, 0, 3, 1, 4).unbind(0)
+                attended = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=layer["scaling"])
+                context[first : first + count * length].view(count, length, self.heads, head_dim).copy_(
+                    attended.transpose(1, 2))
+            attended = self._linear(context, layer["out"])
+            x = layer["out_norm"](attended + x)
+            inner = self._linear(x, layer["ffn_in"], activation)
+            x = layer["ffn_norm"](self._linear(inner, layer["ffn_out"]) + x)
+        starts = starts.to(device)
+        if self.pooling == "mean":
+            pooled = torch.zeros(len(lengths), hidden, dtype=x.dtype, device=device).index_add_(
+                0, row_of_token.to(device), x) / lengths_t.to(device=device, dtype=x.dtype).unsqueeze(1)
+        else:
+            pooled = x[starts]
+            if self.pooling == "pooler":
+                pooled = torch.tanh(self.pooler.dense(pooled))
+        return torch.nn.functional.normalize(self.projection(pooled), dim=-1)
 
 
 @contextlib.contextmanager
@@ -119,6 +316,7 @@ def encode_items(
     device: torch.device | str | None = None,
     attn_implementation: str | None = "auto",
     quantize: str | None = None,
+    fast_path: str | None = "auto",
 ) -> dict[str, torch.Tensor]:
     """Encode every item with ``encoder`` and return embeddings in the items' original order.
 
@@ -142,6 +340,11 @@ def encode_items(
             text tower (:func:`quantize_int8`; approximate, CPU only, see ``QUANTIZATION_SCHEMES``).
             It quantises a copy on every call (about a second for MiniLM); to encode more than once,
             call ``quantize_int8(encoder)`` once and pass the result with ``quantize=None``.
+        fast_path: ``"auto"`` (default): text-only encodes through a plain ``BertModel`` tower (MiniLM,
+            BERT) run :class:`PackedBertTextPath` (no padded positions computed, fused QKV, oneDNN
+            fused linears on CPU; equal to the plain forward to float tolerance), anything else
+            (see :func:`packed_path_blocker`) the plain forward; ``"packed"``: require it (ValueError
+            saying why not); ``None``: always the plain forward.
     Returns:
         ``{level: FloatTensor (N, embed_dim)}`` on CPU, float32, L2-normalised rows; with
         ``"image_embeds"`` also ``"image_mask"``: BoolTensor (N,) (rows without image are zeros).
@@ -157,6 +360,8 @@ def encode_items(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if quantize is not None and quantize not in QUANTIZATION_SCHEMES:
         raise ValueError(f"quantize={quantize!r} is not supported; expected None or one of {list(QUANTIZATION_SCHEMES)}")
+    if fast_path is not None and fast_path not in FAST_PATHS:
+        raise ValueError(f"fast_path={fast_path!r} is not supported; expected None or one of {list(FAST_PATHS)}")
     if attn_implementation is not None and not isinstance(attn_implementation, str):
         raise TypeError(f"attn_implementation must be a str or None, got {type(attn_implementation).__name__}")
     if not isinstance(items, Mapping) and not hasattr(items, "__len__"):
@@ -176,6 +381,9 @@ def encode_items(
         if device.type != "cpu":
             raise ValueError(f"quantize={quantize!r} runs on CPU only, got device {device}")
         encoder = quantize_int8(encoder)
+    encoder_device = getattr(encoder, "device", device)
+    if torch.device(encoder_device).type != device.type:
+        raise ValueError(f"device {device} but the encoder is on {encoder_device}; move it first (encoder.to(device))")
     if attn_implementation == "auto":
         attn_implementation = "eager" if device.type == "cpu" else None
 
@@ -188,9 +396,23 @@ def encode_items(
     pad_token_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     padding_side = getattr(processor.tokenizer, "padding_side", "right")
     with_images = processor.image_processor is not None
+    packed = None
+    if fast_path is not None:
+        reason = packed_path_blocker(encoder, processor, levels)
+        if reason is None and fast_path in FAST_PATHS:
+            packed = PackedBertTextPath(encoder, device)
+        elif fast_path == "packed":
+            raise ValueError(f"fast_path='packed' cannot run here: {reason}")
 
     was_training = encoder.training
     encoder.eval()
+    if packed is not None:
+        try:
+            with torch.inference_mode():
+                _encode_packed(packed, tokenized, order, batch_size, results, show_progress)
+        finally:
+            encoder.train(was_training)
+        return results
     try:
         with torch.inference_mode(), _attention_implementation(encoder.text_model, attn_implementation):
             starts = range(0, n_items, batch_size)
@@ -218,4 +440,24 @@ def encode_items(
     return results
 
 
-__all__ = ["encode_items", "quantize_int8", "ENCODER_LEVELS", "QUANTIZATION_SCHEMES"]
+def _encode_packed(packed: "PackedBertTextPath", tokenized, order: list[int], batch_size: int, results: dict,
+                   show_progress: bool) -> None:
+    """Fill ``results`` (item/text embeds, (N, D)) batch by batch through ``packed`` in ``order``."""
+    all_ids = tokenized["input_ids"]
+    all_types = tokenized.get("token_type_ids")
+    for start in tqdm(range(0, len(order), batch_size), disable=not show_progress, desc="encoding items",
+                      unit="batch"):
+        # Longest first inside the batch: equal-length rows then sit next to each other (one attention call each).
+        batch_indices = sorted(order[start : start + batch_size], key=lambda i: len(all_ids[i]), reverse=True)
+        lengths = [len(all_ids[i]) for i in batch_indices]
+        input_ids = torch.tensor([token for i in batch_indices for token in all_ids[i]], dtype=torch.long)
+        token_types = None
+        if all_types is not None:
+            token_types = torch.tensor([t for i in batch_indices for t in all_types[i]], dtype=torch.long)
+        embeds = packed(input_ids, lengths, token_types).float().cpu()
+        index = torch.tensor(batch_indices, dtype=torch.long)
+        for level in results:
+            results[level][index] = embeds  # text-only: item_embeds are the text embeddings
+
+
+__all__ = ["encode_items", "PackedBertTextPath", "packed_path_blocker", "FAST_PATHS", "quantize_int8", "ENCODER_LEVELS", "QUANTIZATION_SCHEMES"]
