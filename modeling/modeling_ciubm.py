@@ -215,16 +215,25 @@ class CiUBMTargetAttention(nn.Module):
 def content_cosine_similarity(target_content: torch.Tensor, behavior_content: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of the target with each behaviour: (B, C), (B, L, C) -> (B, L) in [-1, 1].
 
-    Norms are computed separately so the (B, L, C) tensor is never copied; all-zero vectors
-    (content missing from the center) get similarity 0. The dots are one (1, C) x (C, L) product
-    per sample: on CPU that orientation streams the behaviours at memory speed, (L, C) x (C, 1)
-    runs about 3x slower.
+    cos(a, b) = a . b / (max(|a|, eps) max(|b|, eps)), eps = `COSINE_EPS`: all-zero vectors
+    (content missing from the center) get similarity 0. The target is normalised first (B x C
+    work), so the (B, L) result needs one division; behaviour norms are computed separately so
+    the (B, L, C) tensor is never copied. The dots are one (1, C) x (C, L) product per sample: on
+    CPU that orientation streams the behaviours at memory speed, (L, C) x (C, 1) runs about 3x
+    slower.
     """
-    dots = torch.bmm(target_content.unsqueeze(1), behavior_content.transpose(1, 2)).squeeze(1)
-    norms = torch.linalg.vector_norm(behavior_content, dim=-1) * torch.linalg.vector_norm(
-        target_content, dim=-1, keepdim=True
-    )
-    return dots / norms.clamp_min(1e-8)
+    target_unit = target_content / torch.linalg.vector_norm(target_content, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+    dots = torch.bmm(target_unit.unsqueeze(1), behavior_content.transpose(1, 2)).squeeze(1)
+    return dots / torch.linalg.vector_norm(behavior_content, dim=-1).clamp_min(COSINE_EPS)
+
+
+def table_inverse_norms(table: torch.Tensor) -> torch.Tensor:
+    """(N, C) -> (N,) float32 1 / max(|row|, COSINE_EPS) (float32 whatever the table dtype, so the
+    eps never underflows)."""
+    return torch.linalg.vector_norm(table, dim=-1, dtype=torch.float32).clamp_min(COSINE_EPS).reciprocal()
+
+
+COSINE_EPS = 1e-8  # norms below it count as it: cosines stay bounded, zero vectors get 0
 
 
 def _index_dtype(*sizes: int) -> torch.dtype:
@@ -294,16 +303,17 @@ def _gathered_row_dots(table, target, rows, sample, chunk_elements: int = 2**26)
 
 
 def table_cosine_similarity(
-    target_content: torch.Tensor, table: torch.Tensor, table_norms: torch.Tensor, rows: torch.Tensor,
+    target_content: torch.Tensor, table: torch.Tensor, table_inverse_norms: torch.Tensor, rows: torch.Tensor,
     mask: torch.Tensor, padding_value: float = 0.0,
 ) -> torch.Tensor:
     """`content_cosine_similarity(target_content, table[rows])` at the positions where `mask` is
     True, `padding_value` elsewhere, without building table[rows] and without computing padded
     positions.
 
-    target_content (B, C), table (N, C), table_norms (N,) = row norms of the table, rows (B, L)
-    integer, mask (B, L) bool -> (B, L) in [-1, 1] (table dtype, float32 for half tables on CPU
-    before the cast back).
+    target_content (B, C), table (N, C), table_inverse_norms (N,) = `table_inverse_norms(table)`,
+    rows (B, L) integer, mask (B, L) bool -> (B, L) in [-1, 1], table dtype (computed in float32
+    for half-precision tables). The target is normalised first, so each real behaviour costs one
+    dot, one gathered inverse norm and one product.
     """
     batch_size, seq_len = rows.shape
     flat_mask = mask.reshape(-1)
@@ -313,20 +323,19 @@ def table_cosine_similarity(
     index_dtype = _index_dtype(table.shape[0], batch_size, valid.numel())
     sample = torch.repeat_interleave(torch.arange(batch_size, dtype=index_dtype, device=rows.device),
                                      mask.sum(1), output_size=valid.numel())
-    target_norms = torch.linalg.vector_norm(target_content, dim=-1)
+    target_content = target_content.float() if target_content.dtype in (torch.float16, torch.bfloat16) else target_content
+    target_unit = target_content / torch.linalg.vector_norm(target_content, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
     if _dots_by_sorted_csr(table):
         # everything stays in table-row order until the one scatter into the (B, L) output
-        dots, sorted_rows, sorted_sample, order = _sorted_row_dots(table, target_content, valid_rows, sample)
-        norms = table_norms.index_select(0, sorted_rows).to(dots.dtype) * target_norms.index_select(
-            0, sorted_sample).to(dots.dtype)
+        dots, sorted_rows, _, order = _sorted_row_dots(table, target_unit, valid_rows, sample)
+        inverse_norms = table_inverse_norms.index_select(0, sorted_rows)
         positions = valid.index_select(0, order)
     else:
-        dots = _gathered_row_dots(table, target_content, valid_rows, sample)
-        norms = table_norms.index_select(0, valid_rows).to(dots.dtype) * target_norms.index_select(
-            0, sample).to(dots.dtype)
+        dots = _gathered_row_dots(table, target_unit, valid_rows, sample)
+        inverse_norms = table_inverse_norms.index_select(0, valid_rows)
         positions = valid
     similarity = torch.full((batch_size * seq_len,), padding_value, dtype=table.dtype, device=table.device)
-    similarity.index_copy_(0, positions, (dots / norms.clamp_min(1e-8)).to(table.dtype))
+    similarity.index_copy_(0, positions, (dots * inverse_norms.to(dots.dtype)).to(table.dtype))
     return similarity.view(batch_size, seq_len)
 
 
@@ -359,22 +368,23 @@ class _DenseBehaviorContent:
 
 
 class _TableBehaviorContent:
-    """Behaviour content given as rows (B, L) of a frozen content table (N, C) with row norms (N,)."""
+    """Behaviour content given as rows (B, L) of a frozen content table (N, C) with its
+    `table_inverse_norms` (N,)."""
 
-    def __init__(self, target: torch.Tensor, table: torch.Tensor, table_norms: torch.Tensor, rows: torch.Tensor,
+    def __init__(self, target: torch.Tensor, table: torch.Tensor, inverse_norms: torch.Tensor, rows: torch.Tensor,
                  mask: torch.Tensor):
-        self.target, self.table, self.table_norms, self.rows, self.mask = target, table, table_norms, rows, mask
+        self.target, self.table, self.inverse_norms, self.rows, self.mask = target, table, inverse_norms, rows, mask
 
     def similarity(self, mask: torch.Tensor, padding_value: float | None = None):
         """mask (B, L) bool (the one given at construction) -> ((B, L) cosine similarity at real
         behaviours, `padding_value` (None: 0) at padded positions, which are never computed;
         non-finite flag: 0-dim bool, True when a similarity is NaN/inf)."""
-        similarity = table_cosine_similarity(self.target, self.table, self.table_norms, self.rows, self.mask,
+        similarity = table_cosine_similarity(self.target, self.table, self.inverse_norms, self.rows, self.mask,
                                              0.0 if padding_value is None else padding_value)
         return similarity, _non_finite_flag(similarity)
 
     def select(self, indices: torch.Tensor) -> "_TableBehaviorContent":
-        return _TableBehaviorContent(self.target, self.table, self.table_norms, self.rows.gather(1, indices),
+        return _TableBehaviorContent(self.target, self.table, self.inverse_norms, self.rows.gather(1, indices),
                                      self.mask.gather(1, indices))
 
     def pool(self, weights: torch.Tensor) -> torch.Tensor:
@@ -534,7 +544,7 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
             fusion_dim += config.content_proj_dim if self.content_interest is not None else 0
             fusion_dim += config.histogram_n_bins if self.similarity_histogram is not None else 0
         self.fusion = CiUBMMLP(fusion_dim, config.fusion_hidden_sizes, 1, config.hidden_act, config.dropout)
-        # (weak ref to the last content_table seen, (its version, dtype), its row norms)
+        # (weak ref to the last content_table seen, (its version, dtype), its inverse row norms)
         self._content_table_cache = None
         self.post_init()
 
@@ -650,19 +660,19 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
         behavior_rows = torch.where(mask, behavior_rows, 0)
         checks = [_range_check(name, rows, table.shape[0], "the rows of content_table") for name, rows in (
             ("target_content_rows", target_rows), ("behavior_content_rows (at unpadded positions)", behavior_rows))]
-        table, table_norms = self._prepared_table(table)
+        table, inverse_norms = self._prepared_table(table)
         target = table.index_select(0, target_rows.clamp(0, table.shape[0] - 1))  # clamped: checked with the rest
         checks.append(_finite_check("content_table (at target_content_rows)", target))
-        return _TableBehaviorContent(target, table, table_norms, behavior_rows, mask), checks
+        return _TableBehaviorContent(target, table, inverse_norms, behavior_rows, mask), checks
 
     def _prepared_table(self, table: torch.Tensor):
-        """(table in the model dtype, detached; its row norms (N,)). The norms are computed once per
-        table object and version (an in-place change recomputes them); a weak reference, so the
-        model never keeps a caller's table alive."""
+        """(table in the model dtype, detached; its `table_inverse_norms` (N,) float32). The norms are
+        computed once per table object and version (an in-place change recomputes them); a weak
+        reference, so the model never keeps a caller's table alive."""
         frozen = table.detach().to(self.dtype)
         cache = self._content_table_cache
         if cache is None or cache[0]() is not table or cache[1] != (table._version, frozen.dtype):
-            cache = (weakref.ref(table), (table._version, frozen.dtype), torch.linalg.vector_norm(frozen, dim=-1))
+            cache = (weakref.ref(table), (table._version, frozen.dtype), table_inverse_norms(frozen))
             self._content_table_cache = cache
         return frozen, cache[2]
 
