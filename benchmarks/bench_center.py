@@ -10,9 +10,10 @@
    probes the memory-mapped hash table, verifies the stored id bytes and copies the rows from the
    memory-mapped embeddings into the output, zero-filling unknowns; without numba the same in
    numpy) against the ceiling ``torch.index_select`` on the same table held in RAM with the row
-   numbers already known. Ratio = ceiling time / lookup time, per round, each batch timed right
-   after the ceiling's run on it (goal >= 0.5); printed as the median over ``--repeats`` rounds
-   and the smallest-largest round. The headline is ``list of str -> float16`` (the ceiling's
+   numbers already known. Ratio = ceiling time / lookup time, per round of all batches, the
+   ceiling and each candidate timed back to back at each step, no candidate on a batch another
+   one has just read (see :func:`timed_against_ceiling`); goal >= 0.5; printed as the median
+   over ``--repeats`` rounds and the smallest-largest round. The headline is ``list of str -> float16`` (the ceiling's
    output dtype); float32 output, id -> row only, and numpy 'U' / pyarrow inputs are reported
    beside it. ``--device cuda`` adds a separate line: ``lookup(..., pin_memory=True)`` +
    ``.to("cuda", non_blocking=True)`` against ``index_select`` on a CUDA copy of the table.
@@ -58,22 +59,29 @@ def timed_against_ceiling(ceiling, ceiling_batches, candidates: dict, batches: d
     candidate, plus each candidate's ratio ceiling_time / candidate_time (median over rounds, and
     its smallest and largest round).
 
-    Batch by batch the ceiling and every candidate run back to back, so on a shared machine each
-    ratio compares runs that saw the same load. ``batches[name]``: the input of candidate ``name``.
+    Step by step the ceiling and every candidate run back to back, so on a shared machine each
+    ratio compares runs that saw the same load. At step i the ceiling runs batch i and candidate
+    j batch ``i - j * stride``: every candidate covers every batch once per round, and none reads
+    index entries or rows that another candidate brought into cache a moment before (the first
+    candidate, the headline, runs the ceiling's batch: the ceiling reads its own copy of the
+    table). ``batches[name]``: the input of candidate ``name``, one per batch.
     """
     for name, fn in candidates.items():
         fn(batches[name][0])  # warm-up
     ceiling(ceiling_batches[0])
+    n_batches = len(ceiling_batches)
+    stride = max(1, n_batches // (len(candidates) + 1))
     rounds = []
-    for _ in range(repeats):  # interleaved: a load burst slows the ceiling and the candidates of one batch alike
+    for _ in range(repeats):  # interleaved: a load burst slows the ceiling and the candidates of one step alike
         seconds = dict.fromkeys(["ceiling", *candidates], 0.0)
         for i, rows in enumerate(ceiling_batches):
             started = time.perf_counter()
             ceiling(rows)
             seconds["ceiling"] += time.perf_counter() - started
-            for name, fn in candidates.items():
+            for j, (name, fn) in enumerate(candidates.items()):
+                batch = batches[name][(i - j * stride) % n_batches]
                 started = time.perf_counter()
-                fn(batches[name][i])
+                fn(batch)
                 seconds[name] += time.perf_counter() - started
         rounds.append(seconds)
     result = {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
@@ -270,9 +278,8 @@ def main(argv: list[str] | None = None) -> None:
         lookup = bench_lookup(Path(tmp), args.lookup_items, args.dim, args.batch_size, args.batches, args.repeats,
                               args.device)
         print(f"look-up, {lookup['items']:,} x {lookup['dim']} float16 center, {lookup['batches']} batches of "
-              f"{lookup['batch_size']} random str ids, median of {lookup['repeats']} rounds, each batch timed "
-              f"right after the ceiling (torch threads: {torch.get_num_threads()}; ratio = ceiling time / time, "
-              f"median (smallest-largest) over rounds):")
+              f"{lookup['batch_size']} random str ids, {lookup['repeats']} interleaved rounds (torch threads: "
+              f"{torch.get_num_threads()}; ratio = ceiling time / time, median (smallest-largest) over rounds):")
         rows = [("ceiling", "torch.index_select (RAM, rows known) -> float16")]
         for path in lookup["paths"]:
             rows += [
