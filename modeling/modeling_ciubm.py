@@ -668,8 +668,11 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
     def _prepared_table(self, table: torch.Tensor):
         """(table in the model dtype, detached; its `table_inverse_norms` (N,) float32). The norms are
         computed once per table object and version (an in-place change recomputes them); a weak
-        reference, so the model never keeps a caller's table alive."""
+        reference, so the model never keeps a caller's table alive. A table made under
+        `torch.inference_mode` has no version counter: its norms are computed on every call."""
         frozen = table.detach().to(self.dtype)
+        if table.is_inference():  # made under inference_mode: no version counter, so no safe cache
+            return frozen, table_inverse_norms(frozen)
         cache = self._content_table_cache
         if cache is None or cache[0]() is not table or cache[1] != (table._version, frozen.dtype):
             cache = (weakref.ref(table), (table._version, frozen.dtype), table_inverse_norms(frozen))

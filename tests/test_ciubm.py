@@ -362,6 +362,22 @@ def test_content_table_norms_follow_in_place_changes():
     assert not torch.allclose(expected, before)
 
 
+def test_content_table_made_under_inference_mode():
+    # e.g. a table moved to the GPU inside an inference_mode evaluation loop: it has no version
+    # counter, so its norms are not cached, and an in-place change there still shows
+    model = tester.get_model(mode="ciubm").eval()
+    inputs = as_table_rows(tester.get_inputs())
+    with torch.inference_mode():
+        table = inputs["content_table"].clone()
+        assert table.is_inference()
+        given = {**inputs, "content_table": table}
+        torch.testing.assert_close(model(**given).logits, model(**inputs).logits)
+        table[inputs["behavior_content_rows"][0, 0]] = torch.randn(CONTENT_DIM) * 5
+        changed = model(**given).logits
+    expected = tester.get_model(mode="ciubm").eval()(**{**inputs, "content_table": table.clone()}).logits
+    torch.testing.assert_close(changed, expected)
+
+
 @pytest.mark.parametrize("base", ["din", "sim"])
 def test_bfloat16_model_reads_content_rows(base):
     # the row dots run in float32 for half-precision models (no sampled_addmm kernel for them)
