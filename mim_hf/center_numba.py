@@ -62,6 +62,7 @@ _K = np.uint64(0x9E3779B97F4A7C15)
 _U32 = np.uint64(32)
 _ONES = np.uint64(0x0101010101010101)
 _HIGHS = np.uint64(0x8080808080808080)
+_LOW_BYTES = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [2**64 - 1], dtype=np.uint64)  # mask of k bytes
 
 
 @intrinsic
@@ -119,16 +120,14 @@ def _prefetch(typingctx, array, index):
 @numba.njit(inline="always")
 def _word(buffer, position, count):
     """The first ``count`` bytes (none if <= 0, at most 8) of ``buffer`` from ``position`` as a
-    little-endian uint64, zero-padded; never reads past the end of ``buffer``."""
-    if count <= 0:
-        return np.uint64(0)
-    if position + 8 <= len(buffer):  # one load, then mask: a byte loop is 4x slower
-        word = _load_unaligned_u64(buffer, position)
-        if count >= 8:
-            return word
-        return word & ((np.uint64(1) << np.uint64(8 * count)) - np.uint64(1))
+    little-endian uint64, zero-padded; never reads past the end of ``buffer``. Away from the end of
+    ``buffer`` it is one load and one mask from a table, with no branch on ``count`` (id lengths
+    vary: such branches mispredict, and each mispredict drops the misses in flight)."""
+    count = min(max(count, 0), 8)
+    if position + 8 <= len(buffer):
+        return _load_unaligned_u64(buffer, position) & _LOW_BYTES[count]
     word = np.uint64(0)
-    for k in range(min(count, 8)):
+    for k in range(count):
         word |= np.uint64(buffer[position + k]) << np.uint64(8 * k)
     return word
 
@@ -137,7 +136,13 @@ def _word(buffer, position, count):
 def _hash_one(buffer, start, length, seed):
     """Format 2's hash of ``buffer[start:start + length]`` (see ``mim_hf.center._hash_batch``)."""
     h = (np.uint64(length) * _K) ^ seed
-    for j in range(max(2, (length + 7) >> 3)):
+    h ^= _word(buffer, start, length)  # words 0 and 1 always (ids up to 16 bytes): no branch on the length
+    h *= _K
+    h ^= h >> _U32
+    h ^= _word(buffer, start + 8, length - 8)
+    h *= _K
+    h ^= h >> _U32
+    for j in range(2, (length + 7) >> 3):
         h ^= _word(buffer, start + 8 * j, length - 8 * j)
         h *= _K
         h ^= h >> _U32
@@ -281,10 +286,13 @@ def _find_rows(buffer, n_text, starts, lengths, seed, shift, directory, table, s
             stored_start = where[i]
             start = starts[i]
             length = lengths[i]
-            for k in range(0, length, 8):
-                if _word(id_bytes, stored_start + k, length - k) != _word(buffer, start + k, length - k):
-                    row = -1
-                    break
+            # the first two words unconditionally (every id up to 16 bytes): no branch on the length
+            differ = _word(id_bytes, stored_start, length) ^ _word(buffer, start, length)
+            differ |= _word(id_bytes, stored_start + 8, length - 8) ^ _word(buffer, start + 8, length - 8)
+            for k in range(16, length, 8):
+                differ |= _word(id_bytes, stored_start + k, length - k) ^ _word(buffer, start + k, length - k)
+            if differ:
+                row = -1
             rows[i] = row
         if row < 0:
             unknown += 1
