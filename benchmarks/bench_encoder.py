@@ -1,20 +1,26 @@
 """Content-encoder inference throughput: `mim_hf.encoding.encode_items` vs a reference.
 
 Encodes MovieLens-100k item texts (or generated titles if the data cannot be loaded) with the
-real all-MiniLM-L6-v2 text tower (offline copy), batch 64, 2 torch threads, and prints
-items/s for encode_items (exact fp32, and the opt-in approximate int8 path) and for references
-measured in the same run, then the ratios, each line saying which path it is about.
+real all-MiniLM-L6-v2 text tower (offline copy), batch 64, 2 torch threads on CPU, and prints
+items/s for encode_items (exact fp32 through its packed fast path, which is the default) and for
+references measured in the same run, then per-round ratios, each line saying which path it is about.
 
-References: a faithful naive loop (batches in catalogue order, padded to max_length,
-``torch.no_grad`` instead of ``inference_mode``) through the same encoder, whose embeddings
-must match encode_items' fp32 ones (checked); and, if installed, sentence-transformers'
-``SentenceTransformer.encode`` on the same folder (384-d output, no projection: speed only), with
-its default attention and with eager attention (encode_items' CPU default, so the attention
-lever can be read apart from the rest). int8 drift: cosine to the fp32 embeddings, overlap of the
-10 nearest neighbours, and title -> own-attributes recall@10 for both paths.
-Methods are interleaved per repeat so load drift on a shared machine hits all alike.
+The goal reference is sentence-transformers' ``SentenceTransformer.encode`` on the same folder
+(384-d output, no projection: speed only), same titles, same batch size. Extra references (skipped
+with ``--goal-only``): encode_items with ``fast_path=None`` (the plain padded forward, to read the
+fast path's own gain), a faithful naive loop (catalogue order, padded to max_length, ``no_grad``),
+both checked to give the same embeddings as the fast path; sentence-transformers with eager
+attention; and the opt-in int8 path (default selective scheme) with its drift: cosine to the fp32
+embeddings, overlap of the 10 nearest neighbours, title -> own-attributes recall@10.
 
-Run: .venv/bin/python benchmarks/bench_encoder.py [--items N] [--repeats R]
+Timing: one warm-up call per method, then ``--rounds`` rounds; each round runs every method once,
+its order reversed every other round (ours and sentence-transformers stay back to back). A round's
+ratio compares the two calls of that round, so machine-load drift hits both alike; the verdict is
+the median of the per-round ratios (their range, the total-time ratio and best-vs-best are printed
+beside it). ``--device cuda`` runs both on the GPU (``torch.cuda.synchronize()`` before every timer
+read; no int8 there).
+
+Run: .venv/bin/python benchmarks/bench_encoder.py [--rounds R] [--goal-only] [--device cpu|cuda] [--items N]
 """
 
 import argparse
@@ -29,7 +35,7 @@ from mim_hf.encoders import build_content_encoder, build_content_processor, reso
 from mim_hf.encoding import encode_items, quantize_int8
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
-INT8_NOTE = "quantize_int8 once, approximate"
+INT8_NOTE = "quantize_int8 once, FFN inputs int8, approximate"
 
 
 def movielens_items():

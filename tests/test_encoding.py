@@ -93,21 +93,32 @@ def test_auto_attention_is_eager_on_cpu_inside_the_call_and_restored_after_error
 def test_int8_is_opt_in_close_to_fp32_and_leaves_the_encoder_alone(tokenizer):
     encoder, processor = make_encoder(tokenizer), MIMContentProcessor(tokenizer, max_length=12)
     fp32 = encode_items(encoder, processor, ROWS, show_progress=False)["item_embeds"]
-    int8 = encode_items(encoder, processor, ROWS, show_progress=False, quantize="int8")["item_embeds"]
-    cosine = torch.nn.functional.cosine_similarity(fp32, int8, dim=1)
-    assert not torch.equal(fp32, int8)  # the quantised tower really ran
-    assert cosine.min() > 0.97, cosine
-    torch.testing.assert_close(int8.norm(dim=1), torch.ones(len(ROWS)))
-    # The caller's encoder keeps float Linear layers and its outputs.
     float_linears = sum(type(m) is torch.nn.Linear for m in encoder.text_model.modules())
     assert float_linears == 2 * 6 + 1  # 6 per BERT layer + the pooler
+
+    def int8_linears(model):
+        return sorted(name for name, m in model.text_model.named_modules()
+                      if type(m).__name__ == "Linear" and m.__module__.startswith("torch.ao.nn.quantized.dynamic"))
+
+    for scheme, expected in (("int8", [f"encoder.layer.{i}.intermediate.dense" for i in range(2)]),
+                             ("int8-all", int8_linears(quantize_int8(encoder, keep_float=())))):
+        int8 = encode_items(encoder, processor, ROWS, show_progress=False, quantize=scheme)["item_embeds"]
+        cosine = torch.nn.functional.cosine_similarity(fp32, int8, dim=1)
+        assert not torch.equal(fp32, int8)  # the quantised tower really ran
+        assert cosine.min() > 0.97, (scheme, cosine)
+        torch.testing.assert_close(int8.norm(dim=1), torch.ones(len(ROWS)))
+        # The packed path runs the quantised copy too; the plain padded forward gives nearly the same
+        # (dynamic activation scales see the padded positions there, so not bit for bit).
+        quantized = quantize_int8(encoder, keep_float=() if scheme == "int8-all" else None)
+        assert int8_linears(quantized) == expected and packed_path_blocker(quantized, processor) is None
+        plain = encode_items(quantized, processor, ROWS, show_progress=False, fast_path=None)["item_embeds"]
+        assert torch.nn.functional.cosine_similarity(plain, int8, dim=1).min() > 0.99
+    assert len(int8_linears(quantize_int8(encoder, keep_float=()))) == float_linears
+    # The caller's encoder keeps float Linear layers and its outputs.
+    assert sum(type(m) is torch.nn.Linear for m in encoder.text_model.modules()) == float_linears
     torch.testing.assert_close(encode_items(encoder, processor, ROWS, show_progress=False)["item_embeds"], fp32)
-    quantized = quantize_int8(encoder)
-    assert sum(type(m).__name__ == "Linear" and m.__module__.startswith("torch.ao.nn.quantized.dynamic")
-               for m in quantized.text_model.modules()) == float_linears
-    assert not any(type(m) is torch.nn.Linear for m in quantized.text_model.modules())
-    assert type(quantized.text_projection) is torch.nn.Linear  # only the tower is quantised
-    assert set(QUANTIZATION_SCHEMES) == {"int8"}
+    assert type(quantize_int8(encoder).text_projection) is torch.nn.Linear  # only the tower is quantised
+    assert set(QUANTIZATION_SCHEMES) == {"int8", "int8-all"}
     with pytest.raises(ValueError, match="quantize='fp16' is not supported"):
         encode_items(encoder, processor, ROWS, quantize="fp16")
     with pytest.raises(ValueError, match="CPU only"):
