@@ -213,8 +213,8 @@ class PackedBertTextPath:
                 attention = layer.attention.self
                 qkv = (attention.query, attention.key, attention.value)
                 if all(type(module) is torch.nn.Linear for module in qkv):  # one (3H, H) GEMM instead of three
-                    qkv = torch.nn.Linear(attention.query.in_features, 3 * attention.query.out_features,
-                                          device=attention.query.weight.device)
+                    qkv = torch.nn.utils.skip_init(torch.nn.Linear, attention.query.in_features,  # filled below
+                                                   3 * attention.query.out_features, device=attention.query.weight.device)
                     qkv.weight.copy_(torch.cat([attention.query.weight, attention.key.weight, attention.value.weight]))
                     qkv.bias.copy_(torch.cat([attention.query.bias, attention.key.bias, attention.value.bias]))
                 self.layers.append({
