@@ -212,6 +212,9 @@ class CiUBMTargetAttention(nn.Module):
         return interest, weights
 
 
+COSINE_EPS = 1e-8  # norms below it count as it: cosines stay bounded, zero vectors get 0
+
+
 def content_cosine_similarity(target_content: torch.Tensor, behavior_content: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of the target with each behaviour: (B, C), (B, L, C) -> (B, L) in [-1, 1].
 
@@ -222,18 +225,19 @@ def content_cosine_similarity(target_content: torch.Tensor, behavior_content: to
     CPU that orientation streams the behaviours at memory speed, (L, C) x (C, 1) runs about 3x
     slower.
     """
-    target_unit = target_content / torch.linalg.vector_norm(target_content, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
-    dots = torch.bmm(target_unit.unsqueeze(1), behavior_content.transpose(1, 2)).squeeze(1)
+    dots = torch.bmm(_unit_rows(target_content).unsqueeze(1), behavior_content.transpose(1, 2)).squeeze(1)
     return dots / torch.linalg.vector_norm(behavior_content, dim=-1).clamp_min(COSINE_EPS)
+
+
+def _unit_rows(vectors: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> the rows divided by max(|row|, COSINE_EPS) (zero rows stay zero)."""
+    return vectors / torch.linalg.vector_norm(vectors, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
 
 
 def table_inverse_norms(table: torch.Tensor) -> torch.Tensor:
     """(N, C) -> (N,) float32 1 / max(|row|, COSINE_EPS) (float32 whatever the table dtype, so the
     eps never underflows)."""
     return torch.linalg.vector_norm(table, dim=-1, dtype=torch.float32).clamp_min(COSINE_EPS).reciprocal()
-
-
-COSINE_EPS = 1e-8  # norms below it count as it: cosines stay bounded, zero vectors get 0
 
 
 def _index_dtype(*sizes: int) -> torch.dtype:
@@ -250,8 +254,8 @@ def _dots_by_sorted_csr(table: torch.Tensor) -> bool:
 
 def _sorted_row_dots(table: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, sample: torch.Tensor):
     """The dots of `sampled_row_dots` in table-row order: (N, C), (B, C), (V,), (V,) ->
-    (dots (V,) float32 or float64, sorted_rows (V,), sorted_sample (V,), order (V,) int64) with
-    dots[i] = table[sorted_rows[i]] . target[sorted_sample[i]] and sorted_rows = rows[order].
+    (dots (V,) float32 or float64, sorted_rows (V,), order (V,) int64) with sorted_rows = rows[order]
+    and dots[i] = table[sorted_rows[i]] . target[sample[order[i]]].
 
     A sampled dense-dense product (`torch.sparse.sampled_addmm`) over the CSR pattern "table row r
     meets sample b", rows sorted by table row so that each table row is read once however many
@@ -271,7 +275,7 @@ def _sorted_row_dots(table: torch.Tensor, target: torch.Tensor, rows: torch.Tens
         pattern = torch.sparse_csr_tensor(crow, sorted_sample, values, size=(n_rows, batch_size),
                                           check_invariants=False)
         dots = torch.sparse.sampled_addmm(pattern, table, target.t(), beta=0.0).values()
-    return dots, sorted_rows, sorted_sample, order
+    return dots, sorted_rows, order
 
 
 def sampled_row_dots(table: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
@@ -285,7 +289,7 @@ def sampled_row_dots(table: torch.Tensor, target: torch.Tensor, rows: torch.Tens
     """
     if not _dots_by_sorted_csr(table):
         return _gathered_row_dots(table, target, rows, sample).to(table.dtype)
-    dots, _, _, order = _sorted_row_dots(table, target, rows, sample)
+    dots, _, order = _sorted_row_dots(table, target, rows, sample)
     return torch.empty_like(dots).index_copy_(0, order, dots).to(table.dtype)
 
 
@@ -324,10 +328,10 @@ def table_cosine_similarity(
     sample = torch.repeat_interleave(torch.arange(batch_size, dtype=index_dtype, device=rows.device),
                                      mask.sum(1), output_size=valid.numel())
     target_content = target_content.float() if target_content.dtype in (torch.float16, torch.bfloat16) else target_content
-    target_unit = target_content / torch.linalg.vector_norm(target_content, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+    target_unit = _unit_rows(target_content)
     if _dots_by_sorted_csr(table):
         # everything stays in table-row order until the one scatter into the (B, L) output
-        dots, sorted_rows, _, order = _sorted_row_dots(table, target_unit, valid_rows, sample)
+        dots, sorted_rows, order = _sorted_row_dots(table, target_unit, valid_rows, sample)
         inverse_norms = table_inverse_norms.index_select(0, sorted_rows)
         positions = valid.index_select(0, order)
     else:
@@ -340,19 +344,19 @@ def table_cosine_similarity(
 
 
 class _DenseBehaviorContent:
-    """Behaviour content given densely: target (B, C), behaviours (B, L, C)."""
+    """Behaviour content given densely: target (B, C), behaviours (B, L, C), mask (B, L) bool."""
 
-    def __init__(self, target: torch.Tensor, behaviors: torch.Tensor):
-        self.target, self.behaviors = target, behaviors
+    def __init__(self, target: torch.Tensor, behaviors: torch.Tensor, mask: torch.Tensor):
+        self.target, self.behaviors, self.mask = target, behaviors, mask
 
-    def similarity(self, mask: torch.Tensor, padding_value: float | None = None):
-        """mask (B, L) bool -> ((B, L) cosine similarity of target and behaviours, with `padding_value`
-        at padded positions unless it is None; non-finite flag: 0-dim bool, True when any similarity,
-        padded positions included, is NaN/inf: content must be finite everywhere)."""
+    def similarity(self, padding_value: float | None = None):
+        """((B, L) cosine similarity of target and behaviours, with `padding_value` at padded
+        positions unless it is None; non-finite flag: 0-dim bool, True when any similarity, padded
+        positions included, is NaN/inf: content must be finite everywhere)."""
         similarity = content_cosine_similarity(self.target, self.behaviors)
         bad = _non_finite_flag(similarity)
         if padding_value is not None:
-            similarity = similarity.masked_fill(~mask, padding_value)
+            similarity = similarity.masked_fill(~self.mask, padding_value)
         return similarity, bad
 
     def select(self, indices: torch.Tensor) -> "_DenseBehaviorContent":
@@ -360,7 +364,7 @@ class _DenseBehaviorContent:
         batch_size, seq_len, dim = self.behaviors.shape
         offsets = torch.arange(batch_size, device=indices.device).unsqueeze(1) * seq_len
         kept = self.behaviors.reshape(-1, dim).index_select(0, (indices + offsets).reshape(-1))
-        return _DenseBehaviorContent(self.target, kept.view(*indices.shape, dim))
+        return _DenseBehaviorContent(self.target, kept.view(*indices.shape, dim), self.mask.gather(1, indices))
 
     def pool(self, weights: torch.Tensor) -> torch.Tensor:
         """weights (B, L) -> (B, C) = sum_l weights[b, l] * behaviours[b, l]."""
@@ -375,10 +379,10 @@ class _TableBehaviorContent:
                  mask: torch.Tensor):
         self.target, self.table, self.inverse_norms, self.rows, self.mask = target, table, inverse_norms, rows, mask
 
-    def similarity(self, mask: torch.Tensor, padding_value: float | None = None):
-        """mask (B, L) bool (the one given at construction) -> ((B, L) cosine similarity at real
-        behaviours, `padding_value` (None: 0) at padded positions, which are never computed;
-        non-finite flag: 0-dim bool, True when a similarity is NaN/inf)."""
+    def similarity(self, padding_value: float | None = None):
+        """((B, L) cosine similarity at real behaviours, `padding_value` (None: 0) at padded
+        positions, which are never computed; non-finite flag: 0-dim bool, True when a similarity
+        is NaN/inf)."""
         similarity = table_cosine_similarity(self.target, self.table, self.inverse_norms, self.rows, self.mask,
                                              0.0 if padding_value is None else padding_value)
         return similarity, _non_finite_flag(similarity)
@@ -648,7 +652,8 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
             _tensor("behavior_content_embeds", behaviors, "float", (*seq_shape, dim))
             target = target.to(self.dtype)
             # the target is checked here; behaviours through the similarities and logits they feed
-            return _DenseBehaviorContent(target, behaviors.to(self.dtype)), [_finite_check("target_content_embeds", target)]
+            return (_DenseBehaviorContent(target, behaviors.to(self.dtype), mask),
+                    [_finite_check("target_content_embeds", target)])
         if any(inputs[name] is None for name in ("content_table", "target_content_rows", "behavior_content_rows")):
             raise ValueError(needed)
         table = _tensor("content_table", inputs["content_table"], "float")
@@ -783,7 +788,7 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
             # searching: padded positions get a value below every cosine, so the search needs no mask
             # pass (everything downstream masks padded positions, whatever they hold)
             similarity, similarity_bad = content.similarity(
-                behavior_mask, self.behavior_search.search_padding_value if searching else None)
+                self.behavior_search.search_padding_value if searching else None)
         full_similarity = similarity
 
         selected = None
