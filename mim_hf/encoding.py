@@ -16,8 +16,6 @@ from mim_hf.modeling.modeling_mim_encoder import has_injected_adapters
 from mim_hf.modeling.processing_mim_encoder import rows_to_records
 
 ENCODER_LEVELS = ("item_embeds", "text_embeds", "image_embeds")
-# Opt-in approximate inference schemes -> what they do (recorded by callers that store embeddings:
-# embeddings from a quantised tower differ from fp32 ones, so they must not share a fingerprint).
 # Text-tower linears (fnmatch patterns on module names; ``*`` crosses dots) that quantize_int8 keeps in
 # float32 by default: all but the FFN input projections (``encoder.layer.N.intermediate.dense``).
 # MovieLens / MiniLM, 800 items (bench_encoder.py's drift measures): all linears int8 -> cosine to fp32
@@ -409,21 +407,18 @@ def encode_items(
     packed = None
     if fast_path is not None:
         reason = packed_path_blocker(encoder, processor, levels)
-        if reason is None and fast_path in FAST_PATHS:
+        if reason is None:
             packed = PackedBertTextPath(encoder, device)
         elif fast_path == "packed":
             raise ValueError(f"fast_path='packed' cannot run here: {reason}")
 
     was_training = encoder.training
     encoder.eval()
-    if packed is not None:
-        try:
+    try:
+        if packed is not None:
             with torch.inference_mode():
                 _encode_packed(packed, tokenized, order, batch_size, results, show_progress)
-        finally:
-            encoder.train(was_training)
-        return results
-    try:
+            return results
         with torch.inference_mode(), _attention_implementation(encoder.text_model, attn_implementation):
             starts = range(0, n_items, batch_size)
             for start in tqdm(starts, disable=not show_progress, desc="encoding items", unit="batch"):
