@@ -12,8 +12,8 @@ status instead of reading outside an array, and the caller turns it into a ``Val
 This module imports numba, so :mod:`mim_hf.center` imports it only at the first look-up;
 functions compile on their first call (``cache=True``: later processes load the machine code
 from numba's cache; where no cache folder is writable they compile in memory, see
-:func:`_jit`). Kernels run on the calling thread (``nogil``): a 4096-id batch takes well under
-a millisecond, less than waking a second thread pool would save on a loaded machine.
+:func:`_jit`). Kernels release the GIL (``nogil``): :mod:`mim_hf.center` runs a large batch as
+parts on helper threads, each part one kernel call.
 """
 
 from __future__ import annotations
@@ -331,11 +331,6 @@ def _gather(embeddings, rows, out):
                 out[i, k] = embeddings[row, k]
 
 
-def _gather_rows(embeddings, rows, out):
-    """:func:`_gather` as a cached entry point."""
-    _gather(embeddings, rows, out)
-
-
 def _lookup_rows(buffer, n_text, starts, lengths, seed, shift, directory, table, sorted_rows, offsets, id_bytes,
                  rows, embeddings, out):
     """:func:`_find_rows`, then (on a sound index) :func:`_gather` of ``embeddings`` (uint8
@@ -350,5 +345,4 @@ def _lookup_rows(buffer, n_text, starts, lengths, seed, shift, directory, table,
 
 split_joined = _jit(_split_joined)
 find_rows = _jit(_find_rows_kernel)
-gather_rows = _jit(_gather_rows)
 lookup_rows = _jit(_lookup_rows)
