@@ -2,6 +2,7 @@
 for every id container, unknown / colliding / non-ASCII ids, empty batches and damaged indexes;
 the fallbacks (no numba, MIM_HF_NO_NUMBA=1, no writable numba cache) and lazy compilation."""
 
+import importlib
 import importlib.util
 import json
 import logging
@@ -264,6 +265,36 @@ def test_joined_and_presplit_kernel_calls_agree_and_a_nul_inside_an_id_is_report
     nul = np.frombuffer(b"id-1\x00id-\x002", np.uint8)  # two ids asked for, three in the text
     starts, lengths, rows = np.empty(2, np.int64), np.empty(2, np.int64), np.empty(2, np.int64)
     assert kernels.find_rows(nul, len(nul), starts, lengths, *center._kernel_index, rows) == kernels.SEPARATOR_IN_ID
+
+
+def test_blocks_carry_the_split_across_block_boundaries(tmp_path):
+    """The kernel searches ``_BLOCK`` ids at a time while splitting the joined text: batches of
+    1 to 3 blocks and a bit (ids of varied lengths, unknowns and empty ids on every side of a block
+    boundary) give a dict's rows in one call, and a NUL inside an id in the last block is still
+    reported (the ids split before it were searched in earlier blocks)."""
+    kernels = center_module._numba_kernels()
+    block = importlib.import_module("mim_hf.center_numba")._BLOCK
+    rng = np.random.default_rng(5)
+    stored = random_ids(rng, 150, ALPHABETS["unicode"]) + [f"item-{i}" for i in range(3 * block)]
+    center, _, _ = build_with_ids(tmp_path / "c", stored)
+    row_of = {item: row for row, item in enumerate(stored)}
+    for n_queries in (1, block - 1, block, block + 1, 3 * block + 5):
+        queries = [stored[int(i)] if i % 4 else f"unknown-{i}" for i in rng.integers(0, len(stored), n_queries)]
+        queries[min(block, n_queries - 1)] = ""  # an empty id at a block's first position
+        text = "\x00".join(queries).encode()
+        buffer = np.frombuffer(text, np.uint8)
+        starts, lengths, rows = (np.empty(n_queries, np.int64) for _ in range(3))
+        unknown = kernels.find_rows(buffer, len(text), starts, lengths, *center._kernel_index, rows)
+        expected = np.array([row_of.get(q, -1) for q in queries])
+        np.testing.assert_array_equal(rows, expected)
+        assert unknown == int((expected < 0).sum())
+    queries = [f"item-{i}" for i in range(2 * block + 3)]
+    text = "\x00".join(queries[:-1] + ["item-\x001"]).encode()  # one more piece than ids asked for
+    buffer = np.frombuffer(text, np.uint8)
+    starts, lengths, rows = (np.empty(len(queries), np.int64) for _ in range(3))
+    assert kernels.find_rows(buffer, len(text), starts, lengths, *center._kernel_index, rows) == kernels.SEPARATOR_IN_ID
+    embeds, found = center.lookup(queries[:-1] + ["item-\x001"])  # the general split finds the ids instead
+    assert found.tolist() == [True] * (len(queries) - 1) + [False]
 
 
 @pytest.mark.parametrize("storage", ["float16", "float32"])
