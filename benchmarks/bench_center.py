@@ -15,8 +15,11 @@
    one has just read (see :func:`timed_against_ceiling`); goal >= 0.5; printed as the median
    over ``--repeats`` rounds and the smallest-largest round. The headline is ``list of str -> float16`` (the ceiling's
    output dtype); float32 output, id -> row only, and numpy 'U' / pyarrow inputs are reported
-   beside it. ``--device cuda`` adds a separate line: ``lookup(..., pin_memory=True)`` +
-   ``.to("cuda", non_blocking=True)`` against ``index_select`` on a CUDA copy of the table.
+   beside it, and (compiled path) where the headline's time goes: the join of the list, the
+   search (``rows_for`` minus the join) and the row copy of known rows into a new tensor, each
+   timed on its own in the same rounds. ``--device cuda`` adds a separate line:
+   ``lookup(..., pin_memory=True)`` + ``.to("cuda", non_blocking=True)`` against ``index_select``
+   on a CUDA copy of the table.
 2. Open: a fresh process opens a ``--open-items`` center (``RepresentationCenter.load``) and
    reports wall time and memory growth (RSS and its private part), then a first look-up, then
    the reference: reading the embeddings file into RAM (what a store that is not mapped pays).
@@ -90,6 +93,39 @@ def timed_against_ceiling(ceiling, ceiling_batches, candidates: dict, batches: d
     return {"seconds": result, "ratios": ratios, "ratio_ranges": {name: (min(v), max(v)) for name, v in per_round.items()}}
 
 
+def compiled_row_copy(center: RepresentationCenter):
+    """``rows -> (N, D) tensor``: the compiled look-up's row copy alone (rows already known), from the
+    memory-mapped embeddings into a new tensor, as ``lookup`` does after finding the rows."""
+    import numba
+
+    from mim_hf.center_numba import _gather
+
+    gather = numba.njit(nogil=True)(lambda table, rows, out: _gather(table, rows, out))
+    table = center._level_bytes["item_embeds"]
+    dtype = center._level_torch_dtypes["item_embeds"]
+
+    def copy_rows(rows: np.ndarray) -> torch.Tensor:
+        out = torch.empty(len(rows), center.embed_dim, dtype=dtype)
+        gather(table, rows, out.numpy().view(np.uint8))
+        return out
+
+    return copy_rows
+
+
+def parts_breakdown(lookup: dict) -> str | None:
+    """Where the headline's time goes, in ceilings (a part's time / index_select's): the join of the
+    list, the search (``rows_for`` minus the join) and the row copy, each timed on its own."""
+    if "ratio_part_join_list" not in lookup:
+        return None
+    join = 1 / lookup["ratio_part_join_list"]
+    search = 1 / lookup["ratio_numba_rows_for_list"] - join
+    copy = 1 / lookup["ratio_part_copy_known_rows"]
+    whole = 1 / lookup["ratio_numba_lookup_list_float16"]
+    return (f"  parts of [numba] lookup(list) -> float16, each timed alone, in ceilings (time / index_select's): "
+            f"join of the list {join:.2f}, search (rows_for - join) {search:.2f}, copy of the known rows into a "
+            f"new tensor {copy:.2f}; the whole call {whole:.2f}")
+
+
 def bench_cuda(center: RepresentationCenter, ram_table: torch.Tensor, id_batches: list, row_tensors: list,
                repeats: int) -> dict:
     """On a GPU: ``lookup`` into page-locked memory + ``.to("cuda", non_blocking=True)`` against the
@@ -161,6 +197,13 @@ def bench_lookup(workdir: Path, n_items: int, dim: int, batch_size: int, n_batch
             embeds, found = on_path(use_numba, lambda ids: center.lookup(ids, dtype=torch.float16))(batches[0])
             assert bool(found.all()) and torch.equal(embeds, torch.index_select(ram_table, 0, row_tensors[0])), name
     batches = {name: inputs[name.split("_")[-2 if "_lookup_" in name else -1]] for name in candidates}
+    if "numba" in paths:  # the parts of the headline call, each timed on its own (see parts_breakdown)
+        copy_rows = compiled_row_copy(center)
+        candidates["part_join_list"] = lambda ids: center_module._joined_utf8(ids, "item_ids")
+        candidates["part_copy_known_rows"] = copy_rows
+        batches["part_join_list"] = inputs["list"]
+        batches["part_copy_known_rows"] = row_batches
+        assert torch.equal(copy_rows(row_batches[0]), torch.index_select(ram_table, 0, row_tensors[0]))
     timing = timed_against_ceiling(lambda rows: torch.index_select(ram_table, 0, rows), row_tensors,
                                    candidates, batches, repeats)
     total = batch_size * n_batches
@@ -293,6 +336,9 @@ def main(argv: list[str] | None = None) -> None:
             ratio = "" if key == "ceiling" else (f"   ratio {lookup[f'ratio_{key}']:.2f} "
                                                  f"({lookup[f'range_{key}'][0]:.2f}-{lookup[f'range_{key}'][1]:.2f})")
             print(f"  {label:<56} {lookup[f'{key}_ids_per_s'] / 1e6:8.2f} M ids/s{ratio}")
+        breakdown = parts_breakdown(lookup)
+        if breakdown:
+            print(breakdown)
         if "cuda" in lookup:
             cuda = lookup["cuda"]
             print(f"  CUDA ({cuda['device_name']}): center.lookup(list of str, pin_memory=True) + .to('cuda', "
