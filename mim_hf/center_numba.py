@@ -152,7 +152,7 @@ def _hash_one(buffer, start, length, seed):
 
 @numba.njit(inline="always")
 def _id_end(buffer, start, n_text):
-    """Position of the first ``\x00`` in ``buffer[start:n_text]``, or ``n_text`` if none: 8 bytes
+    """Position of the first ``\\x00`` in ``buffer[start:n_text]``, or ``n_text`` if none: 8 bytes
     per step (``n_text - start`` may be 0)."""
     position = start
     while True:
@@ -164,9 +164,9 @@ def _id_end(buffer, start, n_text):
 
 
 def _split_joined(buffer, n_text, starts, lengths):
-    """Ids joined by ``\x00`` in ``buffer[:n_text]`` -> ``starts``/``lengths`` (int64 (N,)).
+    """Ids joined by ``\\x00`` in ``buffer[:n_text]`` -> ``starts``/``lengths`` (int64 (N,)).
 
-    Returns the number of ids found (the caller compares it with N: an id holding ``\x00``
+    Returns the number of ids found (the caller compares it with N: an id holding ``\\x00``
     gives more)."""
     n_ids = len(starts)
     start = 0
@@ -245,10 +245,10 @@ def _find_rows(buffer, n_text, starts, lengths, seed, shift, directory, table, s
                 at = min(position, n_items - 1)
             elif stored < h:  # the rest of the bucket (sorted): ~1 id in 5
                 first = position + 1
-                end = np.int64(directory[np.int64(h >> shift) + 1])
-                if end < 0:
+                bucket_end = np.int64(directory[np.int64(h >> shift) + 1])  # not ``end``: the split's, in 1.
+                if bucket_end < 0:
                     return CORRUPTED_DIRECTORY
-                size = min(end, n_items) - first
+                size = min(bucket_end, n_items) - first
                 if size > _MAX_BUCKET_WINDOW:  # a damaged directory: binary-search the whole table
                     lo, hi = 0, n_items
                     while lo < hi:
