@@ -49,3 +49,17 @@ def hub_server():
 
 
 # ---- [/hub-server] ----------------------------------------------------------------------------
+
+
+# ---- [accelerate-state] a fresh accelerate state for every test ---------------------------------
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """After each test, forget accelerate's process-wide state (see tests/accelerate_state.py):
+    tests build Accelerators of different kinds (CUDA by default on a GPU host, ``cpu=True``)."""
+    yield
+    from accelerate_state import reset_accelerate_state
+
+    reset_accelerate_state()
+
+
+# ---- [/accelerate-state] ----------------------------------------------------------------------

@@ -420,3 +420,19 @@ def test_every_package_is_installed():
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "mim_hf").rglob("__init__.py")}
     found |= {"mim_hf.modeling", "mim_hf.card_templates", "mim_hf.configs"}
     assert found == listed
+
+
+def test_accelerate_state_left_by_a_test():
+    """With the next test: conftest's ``fresh_accelerate_state`` resets accelerate's state after each
+    test. This one leaves a bf16 state behind and checks that accelerate refuses a changed
+    configuration while it stands (what a CUDA Accelerator followed by ``Accelerator(cpu=True)`` meets
+    on a GPU host)."""
+    Accelerator(cpu=True, mixed_precision="bf16")
+    with pytest.raises(ValueError, match="already been initialized"):
+        Accelerator(cpu=True, mixed_precision="no")
+
+
+def test_accelerate_state_is_fresh_in_the_next_test():
+    """Runs after the test above (pytest keeps file order): its bf16 state must be gone."""
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    assert accelerator.mixed_precision == "no"
