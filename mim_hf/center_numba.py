@@ -163,6 +163,16 @@ def _id_end(buffer, start, n_text):
         position += 8
 
 
+@numba.njit(inline="always")
+def _next_id(buffer, n_text, start, starts, lengths, i):
+    """One step of splitting joined ids: id ``i`` starts at ``start``; writes ``starts[i]`` and
+    ``lengths[i]`` and returns where id ``i + 1`` starts (``n_text + 1`` after the last id)."""
+    end = _id_end(buffer, start, n_text)
+    starts[i] = start
+    lengths[i] = end - start
+    return end + 1
+
+
 def _split_joined(buffer, n_text, starts, lengths):
     """Ids joined by ``\\x00`` in ``buffer[:n_text]`` -> ``starts``/``lengths`` (int64 (N,)).
 
@@ -171,12 +181,9 @@ def _split_joined(buffer, n_text, starts, lengths):
     n_ids = len(starts)
     start = 0
     for i in range(n_ids):
-        end = _id_end(buffer, start, n_text)
-        starts[i] = start
-        lengths[i] = end - start
-        if end >= n_text:
+        start = _next_id(buffer, n_text, start, starts, lengths, i)
+        if start > n_text:
             return i + 1  # N when the last id ends the text
-        start = end + 1
     return n_ids + 1
 
 
@@ -222,10 +229,7 @@ def _find_rows(buffer, n_text, starts, lengths, seed, shift, directory, table, s
             if n_text >= 0:
                 if start > n_text:  # fewer ids than N (never from a join): refuse rather than guess
                     return SEPARATOR_IN_ID
-                end = _id_end(buffer, start, n_text)
-                starts[i] = start
-                lengths[i] = end - start
-                start = end + 1
+                start = _next_id(buffer, n_text, start, starts, lengths, i)
             h = _hash_one(buffer, starts[i], lengths[i], seed)
             hashes[i - first_id] = h
             _prefetch(directory, np.int64(h >> shift))
