@@ -54,12 +54,19 @@ def hub_server():
 # ---- [accelerate-state] a fresh accelerate state for every test ---------------------------------
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    """After each test, forget accelerate's process-wide state (see tests/accelerate_state.py):
-    tests build Accelerators of different kinds (CUDA by default on a GPU host, ``cpu=True``)."""
-    yield
-    from accelerate_state import reset_accelerate_state
+    """After each test, forget accelerate's process-wide singletons (``PartialState``,
+    ``AcceleratorState``, ``GradientState``), so the next ``Accelerator(...)`` is configured afresh.
 
-    reset_accelerate_state()
+    Without it a test's ``Accelerator(cpu=True)`` (or another ``mixed_precision``) fails on a CUDA
+    host after an earlier test in the same process built a CUDA ``Accelerator`` (``train_ctr``,
+    ``train_csft``, ``train_pretrain``): "AcceleratorState has already been initialized and cannot
+    be changed". Nothing to do when accelerate was never imported."""
+    yield
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 # ---- [/accelerate-state] ----------------------------------------------------------------------
