@@ -209,13 +209,15 @@ def _find_rows(buffer, n_text, starts, lengths, seed, shift, directory, table, s
     together instead of one id at a time (measured: a loop that waits for each miss is 4x
     slower).
 
-    Why blocks of ``_BLOCK`` ids: each random read also misses the TLB (the tables span
-    thousands of 4 KiB pages). Run over a whole 4096-id batch, a pass touched ~4096 pages between
-    an id's prefetch and its read, more than the TLB holds, so the read walked the page tables
-    again. A block of 32 ids keeps the pages of its prefetches in the TLB until they are read
-    (measured on a 2-core AMD VM, ``rows_for`` of 4096 ids: 0.87 of the ``index_select`` ceiling
-    with blocks of 32, 0.76-0.80 with 128-256, 0.64-0.68 with the whole batch; copying each
-    block's rows right after it, instead of all rows after the search, measured slower)."""
+    Why blocks of ``_BLOCK`` ids: run over a whole 4096-id batch, a pass prefetched 4096 lines
+    (256 KiB, 8x a 32 KiB L1 data cache) before reading the first of them, so most prefetched
+    lines were gone again when read (measured: prefetching 4096 random lines and then reading them
+    cost as much as reading them cold). A block of 32 ids keeps each pass's prefetched lines in
+    cache until they are read. Not the TLB: on the machine measured most of the mapped files sat
+    on 2 MiB pages (248 of 263 MB of embeddings, 30 of 41 MB of index). Measured on a 2-core AMD
+    VM, ``rows_for`` of 4096 ids: 0.87 of the ``index_select`` ceiling with blocks of 32, 0.76-0.80
+    with 128-256, 0.64-0.68 with the whole batch; copying each block's rows right after it,
+    instead of all rows after the search, measured slower."""
     n_ids = len(starts)
     n_items = len(table)
     n_bytes = len(id_bytes)
