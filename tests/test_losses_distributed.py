@@ -6,15 +6,13 @@ results against the single-process loop reference computed on the concatenated b
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from contrastive_reference import reference_infonce, reference_row_losses
+from spawned_workers import free_port, run_workers
 from mim_hf.losses import InfoNCELoss
 
 WORLD_SIZE, BATCH, DIM, NUM_HARD, QUEUE_SIZE, TAU = 2, 4, 8, 2, 16, 0.1
@@ -40,9 +38,7 @@ def _global_step(step: int) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    # Forked child: one intra-op thread, as DataLoader workers do -- the parent's OpenMP
-    # pool does not survive fork, and using it would hang.
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # two processes on a 2-core machine
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
     try:
         loss_fn = InfoNCELoss(temperature=TAU, gather_across_devices=True, queue_size=QUEUE_SIZE)
@@ -80,22 +76,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("infonce_ddp")
-    # fork (like DataLoader workers) reuses the parent's imports: spawn would re-import
-    # torch + transformers in each child, ~10 s apiece on a busy 2-core machine. On a CUDA host a
-    # backward in the parent has started autograd's device threads, which a forked child cannot
-    # use ("Autograd and Fork"), so spawn there.
-    start_method = "fork" if "fork" in mp.get_all_start_methods() and not torch.cuda.is_available() else "spawn"
-    mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True,
-                       start_method=start_method)
+    run_workers(_worker, WORLD_SIZE, free_port(), str(out_dir))
     return [load_file(out_dir / f"rank{rank}.safetensors") for rank in range(WORLD_SIZE)]
 
 

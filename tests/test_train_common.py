@@ -9,16 +9,15 @@ import os
 import pickle
 import random
 import shutil
-import socket
 import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import transformers
 from accelerate import Accelerator
+from spawned_workers import free_port, run_workers
 from unpickling_guard import forbid_unpickling
 
 from mim_hf.losses import InfoNCELoss
@@ -323,12 +322,9 @@ def test_folders_travel_with_the_checkpoint(tmp_path):
 
 def _ddp_worker(rank: int, port: int, root: str) -> None:
     """One of 2 data-parallel CPU processes: train, checkpoint, move on, resume, report."""
-    from accelerate.state import AcceleratorState
-
-    torch.set_num_threads(1)  # forked: the parent's OpenMP pool does not survive fork
+    torch.set_num_threads(1)  # two processes on a 2-core machine
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-    AcceleratorState._reset_state(reset_partial_state=True)  # the parent's single-process state was forked too
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))
@@ -363,13 +359,7 @@ def _ddp_worker(rank: int, port: int, root: str) -> None:
 
 
 def test_data_parallel_checkpoint_saves_shared_state_once_and_per_process_state_per_rank(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    # fork reuses the imports (fast); on a CUDA host a backward in the parent has started autograd's
-    # device threads, which a forked child cannot use ("Autograd and Fork"), so spawn there
-    start_method = "fork" if "fork" in mp.get_all_start_methods() and not torch.cuda.is_available() else "spawn"
-    mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method=start_method)
+    run_workers(_ddp_worker, 2, free_port(), str(tmp_path))
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert [report["ok"] for report in reports] == [True, True]
     assert reports[0]["seen"] != reports[1]["seen"]  # the per-process entry really differed per rank
