@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import mim_hf.center as center_module
-from mim_hf.center import EMBEDDINGS_FILE, RepresentationCenter
+import mim_hf.center.store as center_module
+from mim_hf.center.store import EMBEDDINGS_FILE, RepresentationCenter
 
 
 def make_center(path: Path, n_items: int, dim: int, seed: int = 0) -> RepresentationCenter:
@@ -98,7 +98,7 @@ def compiled_row_copy(center: RepresentationCenter):
     memory-mapped embeddings into a new tensor, as ``lookup`` does after finding the rows."""
     import numba
 
-    from mim_hf.center_numba import _gather
+    from mim_hf.center.numba_lookup import _gather
 
     gather = numba.njit(nogil=True)(lambda table, rows, out: _gather(table, rows, out))
     table = center._level_bytes["item_embeds"]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from mim_hf.losses import MultiLevelInfoNCE
+from mim_hf.csft.losses import MultiLevelInfoNCE
 
 
 class TinyTextTower(nn.Module):

@@ -13,7 +13,7 @@ Content reaches CiUBM in one of two ways, both timed:
   before the step (as a collator that looks content up would);
 - ``rows``: ``content_table`` (100,000 x 384, the catalogue's content), ``target_content_rows``
   (B,) and ``behavior_content_rows`` (B, L); the step itself reads the table (this is how
-  ``mim_hf.train.ctr`` feeds content).
+  ``mim_hf.ctr.train`` feeds content).
 
 Reference: FuxiCTR 2.3.10's DIN (``model_zoo/LongCTR/DIN``) run unchanged: a plain ``import
 fuxictr`` when it is installed, else imported from a separate venv (``--fuxictr-site``, default

@@ -1,4 +1,4 @@
-"""Content-encoder inference throughput: `mim_hf.encoding.encode_items` vs a reference.
+"""Content-encoder inference throughput: `mim_hf.encoder.encoding.encode_items` vs a reference.
 
 Encodes MovieLens-100k item texts (or generated titles if the data cannot be loaded) with the
 real all-MiniLM-L6-v2 text tower (offline copy), batch 64, 2 torch threads on CPU, and prints
@@ -31,8 +31,8 @@ import time
 
 import torch
 
-from mim_hf.encoders import build_content_encoder, build_content_processor, resolve_model_path
-from mim_hf.encoding import encode_items, quantize_int8
+from mim_hf.encoder.build import build_content_encoder, build_content_processor, resolve_model_path
+from mim_hf.encoder.encoding import encode_items, quantize_int8
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 INT8_NOTE = "quantize_int8 once, FFN inputs int8, approximate"

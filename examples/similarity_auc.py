@@ -12,9 +12,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from mim_hf.center import RepresentationCenter
+from mim_hf.center.store import RepresentationCenter
 from mim_hf.data import PreparedData
-from mim_hf.metrics import auc
+from mim_hf.ctr.metrics import auc
 
 
 def similarity_auc(prepared: PreparedData, center: RepresentationCenter, split: str = "test") -> dict:

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stats.set_defaults(func=cmd_data_stats)
 
-    from mim_hf.center_cli import add_center_subparsers
+    from mim_hf.center.cli import add_center_subparsers
     from mim_hf.hub_cli import add_push_subparsers
 
     add_center_subparsers(commands)

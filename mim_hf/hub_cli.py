@@ -47,21 +47,21 @@ def _run(kind: str, push, args, **kwargs) -> int:
 
 
 def cmd_push_encoder(args) -> int:
-    from mim_hf.hub import push_encoder
+    from mim_hf.common.hub import push_encoder
 
     return _run("encoder", push_encoder, args, metrics=args.metrics, commit_message=args.commit_message,
                 create_branch=args.create_branch)
 
 
 def cmd_push_adapters(args) -> int:
-    from mim_hf.hub import push_adapters
+    from mim_hf.common.hub import push_adapters
 
     return _run("adapters", push_adapters, args, base_model=args.base_model, base_revision=args.base_revision,
                 metrics=args.metrics, commit_message=args.commit_message, create_branch=args.create_branch)
 
 
 def cmd_push_ctr(args) -> int:
-    from mim_hf.hub import push_ctr_model
+    from mim_hf.common.hub import push_ctr_model
 
     return _run("ctr", push_ctr_model, args, center_repo_id=args.center_repo_id, center_revision=args.center_revision,
                 dataset_repo_id=args.dataset_repo_id, metrics=args.metrics, commit_message=args.commit_message,
@@ -69,13 +69,13 @@ def cmd_push_ctr(args) -> int:
 
 
 def cmd_push_center(args) -> int:
-    from mim_hf.hub import push_center
+    from mim_hf.common.hub import push_center
 
     return _run("center", push_center, args, commit_message=args.commit_message, create_branch=args.create_branch)
 
 
 def cmd_push_data(args) -> int:
-    from mim_hf.hub import push_prepared
+    from mim_hf.common.hub import push_prepared
 
     if not args.create_branch:
         raise SystemExit("error: mim-hf push data: --no-create-branch is not supported (datasets creates the branch)")
@@ -95,7 +95,7 @@ def add_push_subparsers(subparsers) -> argparse.ArgumentParser:
     _metrics(encoder)
     encoder.set_defaults(func=cmd_push_encoder)
 
-    adapters = kinds.add_parser("adapters", help="LoRA adapters (mim_hf.lora.save_adapters) -> model repo")
+    adapters = kinds.add_parser("adapters", help="LoRA adapters (mim_hf.encoder.lora.save_adapters) -> model repo")
     _common(adapters, "adapters directory (save_adapters)")
     _metrics(adapters)
     adapters.add_argument("--base-model", default=None,

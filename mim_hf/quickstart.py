@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mim_hf.train.common import load_config, write_json_atomic
+from mim_hf.common.training import load_config, write_json_atomic
 
 OVERRIDABLE = ("world", "pretrain", "csft", "ctr")
 STAGES = ("data", "pretrain", "csft", "centers", "retrieval", "ctr", "report")
@@ -120,7 +120,7 @@ def _resume(config: QuickstartConfig, stage_dir: Path) -> bool:
     """Whether a training stage continues an interrupted run: yes when ``stage_dir`` holds a complete
     checkpoint (a killed quickstart picks up where it stopped), unless ``--force`` asked for a
     recomputation, which discards those checkpoints."""
-    from mim_hf.train.common import checkpoint_dir, latest_checkpoint
+    from mim_hf.common.training import checkpoint_dir, latest_checkpoint
 
     if config.force:
         shutil.rmtree(checkpoint_dir(stage_dir), ignore_errors=True)
@@ -143,13 +143,15 @@ def _load_world(config: QuickstartConfig):
 
 def run_protocol(config: QuickstartConfig, protocol: str, data, timings: dict) -> dict:
     """Every stage for one protocol; returns its slice of the report."""
-    from mim_hf.center import STAGING_DIR, RepresentationCenter, build_center
+    from mim_hf.center.store import STAGING_DIR, RepresentationCenter, build_center
     from mim_hf.data import PreparedData, prepare
     from mim_hf.data.prepare import format_stats
-    from mim_hf.encoders import load_encoder_and_processor
+    from mim_hf.encoder.build import load_encoder_and_processor
     from mim_hf.report import aggregate_seeds
-    from mim_hf.retrieval import evaluate_pairs
-    from mim_hf.train import csft, ctr, pretrain
+    from mim_hf.csft.retrieval import evaluate_pairs
+    from mim_hf.csft import train as csft
+    from mim_hf.ctr import train as ctr
+    from mim_hf.pretrain import train as pretrain
 
     root = Path(config.out) / protocol
     names = _config_names(config.world, protocol)

@@ -1,7 +1,7 @@
 """MIM content encoder: text tower (+ optional vision tower) -> projections -> fusion.
 
 Self-contained: imports only ``torch`` and ``transformers`` so it can be uploaded as Hub
-remote code. LoRA (peft) is applied from outside (``mim_hf.lora``).
+remote code. LoRA (peft) is applied from outside (``mim_hf.encoder.lora``).
 """
 
 import os
@@ -198,7 +198,7 @@ class MIMContentEncoder(MIMContentEncoderPreTrainedModel):
         Returns:
             a `MIMContentEncoder` whose config embeds both towers' configs.
         LoRA is not applied here (modeling files import only torch/transformers): use
-        ``mim_hf.encoders.build_content_encoder`` or ``mim_hf.lora.apply_lora``.
+        ``mim_hf.encoder.build.build_content_encoder`` or ``mim_hf.encoder.lora.apply_lora``.
         """
         tower_kwargs = {"trust_remote_code": False, **(tower_kwargs or {})}
 
@@ -373,13 +373,13 @@ class MIMContentEncoder(MIMContentEncoderPreTrainedModel):
         """Save config + weights (+ the remote-code files via ``auto_map``).
 
         Refuses while peft LoRA layers are injected: their weights would not load into plain
-        towers. Merge them first (``mim_hf.lora.merge_adapters``) or save the adapters alone
-        (``mim_hf.lora.save_adapters``).
+        towers. Merge them first (``mim_hf.encoder.lora.merge_adapters``) or save the adapters alone
+        (``mim_hf.encoder.lora.save_adapters``).
         """
         if has_injected_adapters(self):
             raise ValueError(
-                "this encoder still holds injected LoRA layers; call mim_hf.lora.merge_adapters(encoder) "
-                "before save_pretrained, or mim_hf.lora.save_adapters(encoder, dir) to save adapters only"
+                "this encoder still holds injected LoRA layers; call mim_hf.encoder.lora.merge_adapters(encoder) "
+                "before save_pretrained, or mim_hf.encoder.lora.save_adapters(encoder, dir) to save adapters only"
             )
         super().save_pretrained(save_directory, *args, **kwargs)
         # The processor file travels with the model so a user without mim_hf can import it.

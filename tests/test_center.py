@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-import mim_hf.center as center_module
-from mim_hf.center import (
+import mim_hf.center.store as center_module
+from mim_hf.center.store import (
     EMBEDDINGS_FILE,
     INDEX_FILE,
     METADATA_FILE,
@@ -745,7 +745,7 @@ def test_build_center_with_content_encoder(tmp_path, tiny_encoder):
         assert found.all()
         torch.testing.assert_close(embeds, expected[level], rtol=1e-4, atol=1e-5)
     # the fingerprint survives save_pretrained / from_pretrained
-    from mim_hf.encoders import load_encoder_and_processor
+    from mim_hf.encoder.build import load_encoder_and_processor
 
     encoder.save_pretrained(tmp_path / "enc")
     processor.save_pretrained(tmp_path / "enc")
@@ -797,7 +797,7 @@ def _prepared_dir(tmp_path, items):
 def test_center_cli_build_info_nearest(tmp_path, tiny_encoder, capsys):
     import argparse
 
-    from mim_hf.center_cli import add_center_subparsers
+    from mim_hf.center.cli import add_center_subparsers
 
     encoder, processor = tiny_encoder
     encoder.save_pretrained(tmp_path / "enc")
@@ -830,7 +830,7 @@ def _kill_while_staging_chunk_2(argv: list[str]) -> str:
     return textwrap.dedent(f"""
         import os, signal, torch
         torch.set_num_threads({torch.get_num_threads()})  # the same kernels as the resumed, in-process build
-        import mim_hf.center as m
+        import mim_hf.center.store as m
         from mim_hf.cli import main
         real_stage = m._stage_chunk
         def stage(temp, final):

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-import mim_hf.center as center_module
-from mim_hf.center import INDEX_FILE, METADATA_FILE, RepresentationCenter
+import mim_hf.center.store as center_module
+from mim_hf.center.store import INDEX_FILE, METADATA_FILE, RepresentationCenter
 from test_center import ALPHABETS, FINGERPRINT, ID_CONTAINERS, as_container, build_with_ids, random_ids
 
 numba = pytest.importorskip("numba")  # the dev extra installs it; without it only the numpy path exists
@@ -195,7 +195,7 @@ def test_without_a_writable_cache_numba_compiles_in_memory(monkeypatch, caplog):
 SUBPROCESS = textwrap.dedent("""
     import sys, time
     import numpy as np
-    from mim_hf.center import RepresentationCenter, lookup_backend
+    from mim_hf.center.store import RepresentationCenter, lookup_backend
     center = RepresentationCenter.load(sys.argv[1])
     print("numba imported at open:", "numba" in sys.modules)
     started = time.perf_counter()
@@ -273,7 +273,7 @@ def test_blocks_carry_the_split_across_block_boundaries(tmp_path):
     boundary) give a dict's rows in one call, and a NUL inside an id in the last block is still
     reported (the ids split before it were searched in earlier blocks)."""
     kernels = center_module._numba_kernels()
-    block = importlib.import_module("mim_hf.center_numba")._BLOCK
+    block = importlib.import_module("mim_hf.center.numba_lookup")._BLOCK
     rng = np.random.default_rng(5)
     stored = random_ids(rng, 150, ALPHABETS["unicode"]) + [f"item-{i}" for i in range(3 * block)]
     center, _, _ = build_with_ids(tmp_path / "c", stored)
@@ -328,8 +328,8 @@ def test_batches_split_over_helper_threads_match_a_dict_and_the_numpy_path(tmp_p
 FORKED = textwrap.dedent("""
     import os, sys
     import torch
-    import mim_hf.center as center_module
-    from mim_hf.center import RepresentationCenter
+    import mim_hf.center.store as center_module
+    from mim_hf.center.store import RepresentationCenter
     center_module._MIN_IDS_PER_THREAD = 4
     torch.set_num_threads(2)
     center = RepresentationCenter.load(sys.argv[1])

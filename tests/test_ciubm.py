@@ -622,7 +622,7 @@ def tiny_catalogue():
 
 
 def tiny_collator(center=None, max_len=3):
-    from mim_hf.ctr_collator import CTRCollator
+    from mim_hf.ctr.collator import CTRCollator
     from mim_hf.data import Vocabulary
 
     vocabs = {
@@ -716,7 +716,7 @@ def test_collator_feeds_the_model_end_to_end():
 
 
 def test_collator_bad_inputs():
-    from mim_hf.ctr_collator import CTRCollator
+    from mim_hf.ctr.collator import CTRCollator
 
     with pytest.raises(ValueError, match=r"vocabs lack \['item_year'\]"):
         CTRCollator({"user_id": ["[UNK]"], "item_id": ["[UNK]"]}, items=tiny_catalogue(), item_features=["item_year"])

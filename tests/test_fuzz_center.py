@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from mim_hf.center import (
+from mim_hf.center.store import (
     CURRENT_FILE,
     EMBEDDINGS_FILE,
     INDEX_FILE,

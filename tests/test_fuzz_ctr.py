@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mim_hf.ctr_collator import CTRCollator
+from mim_hf.ctr.collator import CTRCollator
 from mim_hf.data import Vocabulary
 from mim_hf.modeling.configuration_ciubm import CiUBMConfig
 from mim_hf.modeling.modeling_ciubm import CiUBMForCTR

@@ -340,7 +340,7 @@ def test_config_fields_accept_or_name_the_field(field, value):
 def test_encode_items_equals_one_forward_per_row(processor, encoders, titles, batch_size, sort, view):
     """Whatever the texts, batch size, order and view: encode_items (one tokenisation, per-batch
     padding, eager attention) gives each row what a forward of that row alone (SDPA) gives, in input order."""
-    from mim_hf.encoding import encode_items
+    from mim_hf.encoder.encoding import encode_items
 
     encoder = encoders["text_only"]
     rows = [{"title": title, "genres": ["Drama"] if i % 2 else []} for i, title in enumerate(titles)]

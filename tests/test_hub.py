@@ -1,4 +1,4 @@
-"""Hub sharing (mim_hf.hub, mim_hf.hub_cards, mim_hf.hub_cli), for real over HTTP.
+"""Hub sharing (mim_hf.common.hub, mim_hf.common.cards, mim_hf.hub_cli), for real over HTTP.
 
 Every test talks to the local Hub test double (``hub_server`` fixture, tests/hub_server.py) with
 the real huggingface_hub / transformers / datasets clients; nothing is mocked. Artefacts are
@@ -97,7 +97,7 @@ def encoder_batch(tokenizer):
 
 @pytest.fixture(scope="module")
 def pushed_encoder(hub_server, encoder_dir):
-    from mim_hf.hub import push_encoder
+    from mim_hf.common.hub import push_encoder
 
     repo_id = _repo("mim-csft")
     push_encoder(encoder_dir, repo_id)
@@ -119,7 +119,7 @@ def _ctr_config(**overrides):
 
 @pytest.fixture(scope="module")
 def center_dir(tmp_path_factory):
-    from mim_hf.center import RepresentationCenter
+    from mim_hf.center.store import RepresentationCenter
 
     folder = tmp_path_factory.mktemp("center") / "center"
     rng = np.random.default_rng(0)
@@ -132,7 +132,7 @@ def center_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pushed_center(hub_server, center_dir):
-    from mim_hf.hub import push_center
+    from mim_hf.common.hub import push_center
 
     repo_id = _repo("ml100k-center")
     push_center(center_dir, repo_id)
@@ -197,7 +197,7 @@ def test_encoder_round_trip_and_card(hub_server, pushed_encoder, encoder_dir, en
     from huggingface_hub import HfApi, ModelCard
     from transformers import AutoModel
 
-    from mim_hf.hub import load_encoder_from_hub
+    from mim_hf.common.hub import load_encoder_from_hub
 
     expected = AutoModel.from_pretrained(encoder_dir).eval()(**encoder_batch).item_embeds
     loaded = AutoModel.from_pretrained(pushed_encoder).eval()
@@ -238,8 +238,8 @@ def test_adapters_round_trip_onto_base_encoder(hub_server, pushed_encoder, encod
     from huggingface_hub import ModelCard
     from transformers import AutoModel
 
-    from mim_hf.hub import load_adapters_from_hub, push_adapters
-    from mim_hf.lora import apply_lora, save_adapters
+    from mim_hf.common.hub import load_adapters_from_hub, push_adapters
+    from mim_hf.encoder.lora import apply_lora, save_adapters
 
     encoder = apply_lora(AutoModel.from_pretrained(encoder_dir).eval())
     generator = torch.Generator().manual_seed(1)
@@ -280,7 +280,7 @@ def test_ctr_round_trip_restores_model_vocabs_and_center(hub_server, pushed_cent
     from huggingface_hub import HfApi, ModelCard
     from transformers import AutoModel
 
-    from mim_hf.hub import load_ctr_from_hub, push_ctr_model
+    from mim_hf.common.hub import load_ctr_from_hub, push_ctr_model
     from mim_hf.modeling.modeling_ciubm import CiUBMForCTR
 
     repo_id = _repo("ciubm")
@@ -340,7 +340,7 @@ def test_ctr_trained_on_a_local_center_pushes_with_the_hub_center(hub_server, pu
     # Hub revision; naming the pushed center must not reuse that revision.
     from huggingface_hub import HfApi
 
-    from mim_hf.hub import load_ctr_from_hub, push_ctr_model
+    from mim_hf.common.hub import load_ctr_from_hub, push_ctr_model
 
     trained = tmp_path / "trained"
     shutil.copytree(ctr_dir, trained)
@@ -356,7 +356,7 @@ def test_ctr_trained_on_a_local_center_pushes_with_the_hub_center(hub_server, pu
 def test_ctr_push_and_load_refuse_a_missing_or_foreign_center(hub_server, pushed_center, ctr_dir, tmp_path):
     from huggingface_hub import HfApi
 
-    from mim_hf.hub import load_ctr_from_hub, push_ctr_model
+    from mim_hf.common.hub import load_ctr_from_hub, push_ctr_model
 
     with pytest.raises(ValueError, match=r"names center 'test-user/no-such-center'.*Push the center first"):
         push_ctr_model(ctr_dir, _repo("ciubm-x"), center_repo_id="test-user/no-such-center")
@@ -384,8 +384,8 @@ def test_ctr_push_and_load_refuse_a_missing_or_foreign_center(hub_server, pushed
 def test_center_round_trip_with_branches_and_card(hub_server, pushed_center, center_dir, tmp_path):
     from huggingface_hub import DatasetCard, HfApi
 
-    from mim_hf.center import RepresentationCenter
-    from mim_hf.hub import push_center
+    from mim_hf.center.store import RepresentationCenter
+    from mim_hf.common.hub import push_center
 
     local = RepresentationCenter.load(center_dir)
     remote = RepresentationCenter.load(pushed_center)
@@ -416,7 +416,7 @@ def test_prepared_data_round_trip_with_datasets(hub_server, prepared, tmp_path, 
     from datasets import load_dataset
     from huggingface_hub import DatasetCard
 
-    from mim_hf.hub import load_prepared_from_hub, push_prepared
+    from mim_hf.common.hub import load_prepared_from_hub, push_prepared
 
     repo_id = _repo("synthetic-item-cold")
     push_prepared(prepared, repo_id, revision="v1")
@@ -454,7 +454,7 @@ def test_prepared_data_round_trip_with_datasets(hub_server, prepared, tmp_path, 
 
 # ---- bad input --------------------------------------------------------------------------------
 def test_bad_inputs_give_clear_errors_and_leave_the_artefact_intact(hub_server, encoder_dir, monkeypatch, tmp_path):
-    from mim_hf.hub import load_encoder_from_hub, push_encoder
+    from mim_hf.common.hub import load_encoder_from_hub, push_encoder
 
     before = _tree_hashes(encoder_dir)
     with pytest.raises(ValueError, match="malformed repo id 'not a/repo id'"):
@@ -496,7 +496,7 @@ def _repo_with_main(hub_server):
 
 
 def test_card_generator_omits_absent_metrics_and_checks_metric_shapes():
-    from mim_hf.hub_cards import ctr_card
+    from mim_hf.common.cards import ctr_card
 
     card = ctr_card({"mode": "din", "base": "din"}, "org/din-only", metrics=None)
     assert "No evaluation metrics were recorded" in card.text and "No training hyper-parameters" in card.text
@@ -516,7 +516,7 @@ def test_card_generator_omits_absent_metrics_and_checks_metric_shapes():
 def test_push_never_uploads_what_lies_outside_the_artefact(hub_server, encoder_dir, tmp_path):
     from huggingface_hub import HfApi
 
-    from mim_hf.hub import push_encoder
+    from mim_hf.common.hub import push_encoder
 
     secret = tmp_path / "outside" / "id_rsa"
     secret.parent.mkdir()
@@ -544,7 +544,7 @@ def test_hub_loads_refuse_pickle_weights_and_never_run_repo_code(hub_server, enc
                                                                  encoder_batch, tmp_path):
     from huggingface_hub import HfApi
 
-    from mim_hf.hub import load_ctr_from_hub, load_encoder_from_hub
+    from mim_hf.common.hub import load_ctr_from_hub, load_encoder_from_hub
     from test_safe_loading import marker_module, plant_pickle
 
     marker = tmp_path / "payload-ran"
@@ -628,7 +628,7 @@ def test_live_hub_encoder_round_trip(encoder_dir, encoder_batch):
     from transformers import AutoModel
 
     from hub_server import point_hf_clients_at
-    from mim_hf.hub import push_encoder
+    from mim_hf.common.hub import push_encoder
 
     token = os.environ["MIM_HF_LIVE_TOKEN"]
     undo = point_hf_clients_at("https://huggingface.co", token)  # undoes the local-Hub patching meanwhile

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from contrastive_reference import reference_infonce
-from mim_hf.losses import EmbeddingQueue, InfoNCELoss, MultiLevelInfoNCE, gather_with_grad
+from mim_hf.csft.losses import EmbeddingQueue, InfoNCELoss, MultiLevelInfoNCE, gather_with_grad
 
 TAU = 0.1
 
@@ -319,7 +319,7 @@ def test_multilevel_each_level_has_its_own_queue_and_hard_negatives():
 
 
 def test_csft_target_log_prior_is_train_target_frequency():
-    from mim_hf.train.csft import target_log_prior
+    from mim_hf.csft.train import target_log_prior
 
     batches = SimpleNamespace(target_rows=torch.tensor([2, 2, 2, 0]), items=list(range(4)))
     prior = target_log_prior(batches)

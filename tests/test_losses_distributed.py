@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from contrastive_reference import reference_infonce, reference_row_losses
 from spawned_workers import free_port, run_workers
-from mim_hf.losses import InfoNCELoss
+from mim_hf.csft.losses import InfoNCELoss
 
 WORLD_SIZE, BATCH, DIM, NUM_HARD, QUEUE_SIZE, TAU = 2, 4, 8, 2, 16, 0.1
 

@@ -1,10 +1,10 @@
-"""Tests for mim_hf.metrics: AUC/logloss against sklearn, GAUC by hand, bucket table, errors."""
+"""Tests for mim_hf.ctr.metrics: AUC/logloss against sklearn, GAUC by hand, bucket table, errors."""
 
 import numpy as np
 import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
-from mim_hf.metrics import auc, evaluate_by_bucket, gauc, logloss
+from mim_hf.ctr.metrics import auc, evaluate_by_bucket, gauc, logloss
 
 
 def test_auc_matches_sklearn_with_heavy_ties():
@@ -113,7 +113,7 @@ def test_other_bad_inputs_raise():
 
 
 def test_ctr_metrics_evaluate_module_accumulates_batches():
-    from mim_hf.metrics import CTRMetrics
+    from mim_hf.ctr.metrics import CTRMetrics
 
     labels = [1, 0, 1, 0, 1, 0]
     probs = [0.9, 0.3, 0.4, 0.6, 0.8, 0.1]

@@ -17,11 +17,11 @@ from transformers import AutoModel
 
 import mim_hf  # noqa: F401  (registers the encoder with AutoModel)
 from mim_hf.data import make_synthetic_world, prepare
-from mim_hf.encoding import encode_items
-from mim_hf.lora import load_adapters
+from mim_hf.encoder.encoding import encode_items
+from mim_hf.encoder.lora import load_adapters
 from mim_hf.modeling.processing_mim_encoder import MIMContentProcessor
-from mim_hf.train.common import load_config
-from mim_hf.train.pretrain import (
+from mim_hf.common.training import load_config
+from mim_hf.pretrain.train import (
     ItemViews,
     PretrainConfig,
     PretrainingObjectives,

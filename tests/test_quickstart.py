@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mim_hf.center import RepresentationCenter
+from mim_hf.center.store import RepresentationCenter
 from mim_hf.quickstart import CTR_MODELS, QuickstartConfig, parse_overrides, run_quickstart
 
 TINY = {
@@ -51,7 +51,7 @@ def test_report_layout(quickstart_run):
 
 def test_image_path_went_through_the_vision_tower(quickstart_run):
     out, _, _ = quickstart_run
-    from mim_hf.center import RepresentationCenter
+    from mim_hf.center.store import RepresentationCenter
 
     center = RepresentationCenter.load(out / "temporal" / "centers" / "csft")
     assert "image_embeds" in center.levels

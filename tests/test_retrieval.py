@@ -1,11 +1,11 @@
-"""Retrieval metrics (mim_hf.retrieval) against a brute-force per-query sort."""
+"""Retrieval metrics (mim_hf.csft.retrieval) against a brute-force per-query sort."""
 
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from mim_hf.retrieval import (
+from mim_hf.csft.retrieval import (
     evaluate_pairs,
     metrics_from_ranks,
     popularity_retrieval,

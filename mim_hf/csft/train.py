@@ -28,7 +28,7 @@ then the single-level loss weighted ``item + text``, with one queue per level); 
 cross levels need images and are skipped.
 
 Evaluation: recall@{1,10,50} and MRR of the true target among **all** catalogue items (trigger
-excluded, see :mod:`mim_hf.retrieval`), on ``pairs["valid"]`` at step 0 (the starting encoder)
+excluded, see :mod:`mim_hf.csft.retrieval`), on ``pairs["valid"]`` at step 0 (the starting encoder)
 and every ``eval_every`` steps; the trainable weights with the best valid recall@10 are kept
 and restored at the end. Each evaluation encodes the catalogue once and scores valid and test
 from it; the test numbers of the step that valid selects are the final test metrics (test
@@ -61,7 +61,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mim_hf.train.common import (
+from mim_hf.common.training import (
     TrainingProgress,
     config_field,
     resume_if_requested,
@@ -184,12 +184,12 @@ class BestWeights:
 
 def build_start_encoder(config: CSFTConfig):
     """The starting encoder (LoRA applied, base towers frozen) and its processor."""
-    from mim_hf.encoders import build_content_encoder, build_content_processor
-    from mim_hf.lora import apply_lora
+    from mim_hf.encoder.build import build_content_encoder, build_content_processor
+    from mim_hf.encoder.lora import apply_lora
 
     lora = {"lora_r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout}
     if config.encoder_path is not None:
-        from mim_hf.encoders import load_encoder_and_processor
+        from mim_hf.encoder.build import load_encoder_and_processor
 
         encoder, processor = load_encoder_and_processor(config.encoder_path)
         for key, value in lora.items():
@@ -229,9 +229,9 @@ def restrict_lora_to_last_layers(encoder, num_layers: int) -> None:
 def load_csft_encoder(directory):
     """``output_dir/encoder`` -> ``(encoder, processor)``: the merged encoder when present,
     else the start encoder (from ``csft_encoder.json``) with the saved adapters loaded."""
-    from mim_hf.encoders import load_encoder_and_processor
-    from mim_hf.lora import load_adapters
-    from mim_hf.train.common import config_from_dict
+    from mim_hf.encoder.build import load_encoder_and_processor
+    from mim_hf.encoder.lora import load_adapters
+    from mim_hf.common.training import config_from_dict
 
     directory = Path(directory)
     if (directory / "config.json").is_file():
@@ -253,7 +253,7 @@ class PairBatches:
 
     def __init__(self, prepared, processor, encoder, config: CSFTConfig):
         from mim_hf.modeling.processing_mim_encoder import rows_to_records
-        from mim_hf.retrieval import catalogue_index, pair_rows
+        from mim_hf.csft.retrieval import catalogue_index, pair_rows
 
         self.items = prepared.items
         self.processor = processor
@@ -299,7 +299,7 @@ class PairBatches:
     def _build_user_pools(self, prepared, pair_users) -> None:
         """Per train pair (its user in ``pair_users``), the catalogue rows that user saw in the train
         split with label 0, as CSR pools."""
-        from mim_hf.retrieval import catalogue_rows
+        from mim_hf.csft.retrieval import catalogue_rows
 
         train = prepared.samples["train"]
         missing = [c for c in ("user_id", "item_id", "label") if c not in train.column_names]
@@ -389,10 +389,10 @@ def _epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
 def run(config: CSFTConfig, resume: bool = False, accelerator: Accelerator | None = None) -> dict:
     """Train C-SFT; returns (and writes) the metrics dict described in the module docstring."""
     from mim_hf.data import PreparedData
-    from mim_hf.losses import MultiLevelInfoNCE
-    from mim_hf.lora import save_adapters
-    from mim_hf.lora import merge_adapters as merge_lora
-    from mim_hf.retrieval import evaluate_pairs, popularity_retrieval, train_item_counts
+    from mim_hf.csft.losses import MultiLevelInfoNCE
+    from mim_hf.encoder.lora import save_adapters
+    from mim_hf.encoder.lora import merge_adapters as merge_lora
+    from mim_hf.csft.retrieval import evaluate_pairs, popularity_retrieval, train_item_counts
 
     config.validate()
     timings: dict[str, float] = {}

@@ -1,6 +1,6 @@
 """Compiled Representation Center look-up (optional: needs ``numba``, the ``fast`` extra).
 
-One call does what the numpy path of :mod:`mim_hf.center` does in ~75 whole-batch operations:
+One call does what the numpy path of :mod:`mim_hf.center.store` does in ~75 whole-batch operations:
 hash each query id's UTF-8 bytes (format 2's ``HASH_ALGORITHM``, bit for bit), probe the bucket
 directory and the sorted hash table, verify the stored id bytes, write the row (or -1) and,
 for :func:`lookup_rows`, copy the rows' bytes from the memory-mapped embeddings into a
@@ -9,10 +9,10 @@ preallocated output, zero-filling unknown ids. Nothing here changes the on-disk 
 Every read of the (possibly damaged) index is bounds-checked: a kernel returns a negative
 status instead of reading outside an array, and the caller turns it into a ``ValueError``.
 
-This module imports numba, so :mod:`mim_hf.center` imports it only at the first look-up;
+This module imports numba, so :mod:`mim_hf.center.store` imports it only at the first look-up;
 functions compile on their first call (``cache=True``: later processes load the machine code
 from numba's cache; where no cache folder is writable they compile in memory, see
-:func:`_jit`). Kernels release the GIL (``nogil``): :mod:`mim_hf.center` runs a large batch as
+:func:`_jit`). Kernels release the GIL (``nogil``): :mod:`mim_hf.center.store` runs a large batch as
 parts on helper threads, each part one kernel call.
 """
 
@@ -28,7 +28,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 if sys.byteorder != "little":  # the kernels read ids as little-endian words with native loads
-    raise ImportError("mim_hf.center_numba needs a little-endian machine; the numpy path is used instead")
+    raise ImportError("mim_hf.center.numba_lookup needs a little-endian machine; the numpy path is used instead")
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ STATUS_MESSAGES = {
 }
 _GATHER_AHEAD = 16  # rows prefetched ahead of the copy (best of 4, 8, 16, 32 measured)
 _BLOCK = 32  # ids taken through all passes together (best of 8, 16, 32, 64, 128, 256, 4096 measured)
-_MAX_BUCKET_WINDOW = 64  # same as mim_hf.center: wider buckets only come from a damaged file
+_MAX_BUCKET_WINDOW = 64  # same as mim_hf.center.store: wider buckets only come from a damaged file
 
 
 def _jit(function):

@@ -7,7 +7,7 @@ What happens:
 1. ``PreparedData.load(data_dir)``; the Representation Center at ``center_path`` is opened
    (content modes, or base "sim"); its fingerprint, dim, path and version go into the model
    config, the center itself is NOT copied into the model.
-2. Every split is collated ONCE by :class:`~mim_hf.ctr_collator.CTRCollator` into tensors kept
+2. Every split is collated ONCE by :class:`~mim_hf.ctr.collator.CTRCollator` into tensors kept
    in memory (:class:`CTRTensorSplit`); content enters as a row number into a small
    (catalogue + 1, C) content table that each batch hands to the model (``content_table``),
    which reads the rows it needs, so no (N, L, C) or (B, L, C) content tensor is built.
@@ -23,7 +23,7 @@ Unknown users/items (and unseen side-feature values) map to row 0 of their table
 a fraction of training IDs by 0 so the network learns what "unknown" looks like (item-cold
 valid/test targets are all unknown). The same policy applies to every mode, DIN included.
 
-Checkpoints (every ``checkpoint_every`` steps, see :mod:`mim_hf.train.common`): model, optimizer,
+Checkpoints (every ``checkpoint_every`` steps, see :mod:`mim_hf.common.training`): model, optimizer,
 progress (with the running train loss), RNG states and the best model so far (``model/``, which a
 resume puts back as it was at the checkpointed step). ``run(config, resume=True)`` continues from
 the newest one.
@@ -48,9 +48,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mim_hf.ctr_collator import CTRCollator
-from mim_hf.metrics import evaluate_by_bucket
-from mim_hf.train.common import (
+from mim_hf.ctr.collator import CTRCollator
+from mim_hf.ctr.metrics import evaluate_by_bucket
+from mim_hf.common.training import (
     TrainingProgress,
     config_field,
     restore_folder,
@@ -292,7 +292,7 @@ def infer_features(prepared, config: CTRTrainConfig) -> tuple[list[str], list[st
 
 
 def open_center(path: str | os.PathLike):
-    from mim_hf.center import RepresentationCenter
+    from mim_hf.center.store import RepresentationCenter
 
     if not Path(path).is_dir():
         raise ValueError(f"center_path {str(path)!r} is not a directory; build one with `mim-hf center build`")

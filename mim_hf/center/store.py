@@ -60,7 +60,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from mim_hf.fs import fsync_path, resolve_inside
+from mim_hf.common.fs import fsync_path, resolve_inside
 
 logger = logging.getLogger(__name__)
 
@@ -608,7 +608,7 @@ def _rows_normalized(arrays: Mapping[str, np.ndarray]) -> bool:
     return True
 
 
-# The compiled look-up (mim_hf/center_numba.py, the ``fast`` extra) is used when numba imports;
+# The compiled look-up (mim_hf/center/numba_lookup.py, the ``fast`` extra) is used when numba imports;
 # MIM_HF_NO_NUMBA=1 or ``mim_hf.center.USE_NUMBA = False`` selects the numpy path (same results).
 def _numba_wanted(no_numba: str | None) -> bool:
     """False when the MIM_HF_NO_NUMBA value asks for the numpy path ("1", "true", "yes")."""
@@ -620,13 +620,13 @@ _NUMBA_KERNELS: list = []  # [module or None] once the import was tried
 
 
 def _numba_kernels():
-    """``mim_hf.center_numba`` when ``USE_NUMBA`` and numba imports, else None. Imported at the first
+    """``mim_hf.center.numba_lookup`` when ``USE_NUMBA`` and numba imports, else None. Imported at the first
     look-up, not at open (importing numba takes ~0.5 s; its functions compile at their first call)."""
     if not USE_NUMBA:
         return None
     if not _NUMBA_KERNELS:
         try:
-            from mim_hf import center_numba
+            from mim_hf.center import numba_lookup as center_numba
         except ImportError as err:
             logger.info("numba is not available (%s); center look-ups use the numpy path "
                         "(pip install 'mim-hf[fast]' for the compiled one)", err)
@@ -1063,7 +1063,7 @@ class RepresentationCenter:
         center get a zero row and ``found_mask`` False, and are counted in
         ``stats["unknown_lookups"]``. Raises ``TypeError`` for non-str ids.
         With numba installed (``pip install 'mim-hf[fast]'``) ids are found and rows gathered by
-        compiled loops (:mod:`mim_hf.center_numba`), else by numpy; the results are identical.
+        compiled loops (:mod:`mim_hf.center.numba_lookup`), else by numpy; the results are identical.
         ``pin_memory=True`` returns ``embeds`` in page-locked memory (needs CUDA), ready for
         ``.to("cuda", non_blocking=True)``; the compiled path then gathers straight into it when
         ``dtype`` is the storage dtype.
@@ -1425,7 +1425,7 @@ class RepresentationCenter:
         version no longer has are deleted. Returns the commit URL. The same code path as
         ``mim_hf.hub.push_center`` (which this calls), so there is one card and one file list.
         """
-        from mim_hf.hub import push_center
+        from mim_hf.common.hub import push_center
 
         info = push_center(self, repo_id, revision=revision, private=private, token=token,
                            commit_message=commit_message)
@@ -1535,7 +1535,7 @@ running the encoder.
 ## Use
 
 ```python
-from mim_hf.center import RepresentationCenter
+from mim_hf.center.store import RepresentationCenter
 
 center = RepresentationCenter.load("<this repo id>")         # memory-mapped
 embeds, found = center.lookup(["item-1", "item-2"])          # (2, {metadata['embed_dim']}) float32, found mask
@@ -1564,11 +1564,11 @@ def encode_levels(encoder, processor, items, levels: Sequence[str], batch_size: 
                   show_progress: bool = True, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Encode ``items`` (``datasets.Dataset`` with an ``item_id`` column) for a center.
 
-    Runs ``mim_hf.encoding.encode_items`` and keeps only the embedding ``levels``: returns
+    Runs ``mim_hf.encoder.encoding.encode_items`` and keeps only the embedding ``levels``: returns
     level -> (N, embed_dim) float32 tensor, in the items' order (rows of items without an
     image are zero in ``image_embeds``).
     """
-    from mim_hf.encoding import encode_items
+    from mim_hf.encoder.encoding import encode_items
 
     if "item_id" not in items.column_names:
         raise ValueError(f"items must have an 'item_id' column, got columns {items.column_names}")
@@ -1701,7 +1701,7 @@ def build_center(encoder: torch.nn.Module, processor, items, path: str | os.Path
     ``items``: ``datasets.Dataset`` with an ``item_id`` str column plus the content columns
     ``processor`` reads (title, attributes, image). ``levels``: which embeddings to store
     (default :func:`encoder_levels`: item + text, + image with a vision tower); rows of items
-    without an image are zero in ``image_embeds``. Encoding is ``mim_hf.encoding.encode_items``
+    without an image are zero in ``image_embeds``. Encoding is ``mim_hf.encoder.encoding.encode_items``
     (batched, length-sorted, original order restored), ``chunk_size`` items at a time; each
     finished chunk is staged on disk (:class:`CenterBuildStaging`) and ``resume=True`` skips the
     chunks a killed build already staged (same encoder, items, levels, dtype, chunk size), so

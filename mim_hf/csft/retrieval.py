@@ -197,7 +197,7 @@ def evaluate_pairs(
     Returns:
         metrics dict (see :func:`retrieval_metrics`), or ``{split: metrics}`` for a mapping.
     """
-    from mim_hf.encoding import encode_items
+    from mim_hf.encoder.encoding import encode_items
 
     index = catalogue_index(items["item_id"])
     pair_sets = _pair_sets(pairs)

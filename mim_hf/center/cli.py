@@ -14,13 +14,13 @@ import argparse
 import json
 import time
 
-from mim_hf.center import DEFAULT_CHUNK_SIZE
-from mim_hf.encoders import load_encoder_and_processor
+from mim_hf.center.store import DEFAULT_CHUNK_SIZE
+from mim_hf.encoder.build import load_encoder_and_processor
 
 
 def center_build_cli(args: argparse.Namespace) -> int:
     """Encode every item of a prepared-data directory and write a center to ``--out``."""
-    from mim_hf.center import build_center
+    from mim_hf.center.store import build_center
     from mim_hf.data import PreparedData
 
     started = time.perf_counter()
@@ -36,7 +36,7 @@ def center_build_cli(args: argparse.Namespace) -> int:
 
 def center_info_cli(args: argparse.Namespace) -> int:
     """Print a center's metadata (``--json`` for machine-readable output)."""
-    from mim_hf.center import RepresentationCenter
+    from mim_hf.center.store import RepresentationCenter
 
     center = RepresentationCenter.load(args.center, revision=args.revision)
     if args.verify:
@@ -55,7 +55,7 @@ def center_info_cli(args: argparse.Namespace) -> int:
 
 def center_nearest_cli(args: argparse.Namespace) -> int:
     """Print the ``--k`` nearest items (cosine) of each ``--item-id``, the item itself excluded."""
-    from mim_hf.center import RepresentationCenter
+    from mim_hf.center.store import RepresentationCenter
 
     center = RepresentationCenter.load(args.center, revision=args.revision)
     scores, ids = center.nearest(args.item_id, k=args.k, level=args.level)
@@ -89,7 +89,7 @@ def add_center_build_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_center_subparsers(commands) -> argparse.ArgumentParser:
     """Add ``center build|info|nearest`` to ``commands`` (the ``mim-hf`` sub-parsers action)."""
-    from mim_hf.center import DEFAULT_LEVEL
+    from mim_hf.center.store import DEFAULT_LEVEL
 
     center = commands.add_parser("center", help="build, inspect and query a Representation Center")
     center_commands = center.add_subparsers(dest="center_command", required=True)

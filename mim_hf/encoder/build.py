@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from mim_hf.lora import apply_lora
+from mim_hf.encoder.lora import apply_lora
 from mim_hf.modeling.modeling_mim_encoder import MIMContentEncoder
 from mim_hf.modeling.processing_mim_encoder import MIMContentProcessor
 

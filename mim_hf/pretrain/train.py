@@ -10,15 +10,15 @@ Objectives (weighted terms; a weight of 0 disables the term):
 * ``title_attributes_weight`` -- title <-> attributes alignment (processor views ``"title"``
   and ``"attributes"``), for text-only catalogues such as MovieLens.
 
-All contrastive terms use :class:`mim_hf.losses.InfoNCELoss` (symmetric, in-batch negatives,
+All contrastive terms use :class:`mim_hf.csft.losses.InfoNCELoss` (symmetric, in-batch negatives,
 cross-device negatives under data parallelism, duplicates of the same item masked).
 Only training-split items (``PreparedData.train_item_ids``) are trained on. Alignment
 recall@K is measured on held-out items before, during and after training. The result is
 ``output_dir/encoder`` (LoRA merged; ``encoder.save_pretrained`` + ``processor.save_pretrained``),
-``output_dir/adapters`` (LoRA adapters + heads, ``mim_hf.lora.save_adapters``) and
+``output_dir/adapters`` (LoRA adapters + heads, ``mim_hf.encoder.lora.save_adapters``) and
 ``output_dir/metrics.json``.
 
-Checkpoints (``checkpoint_every``, see :mod:`mim_hf.train.common`) hold the objectives module
+Checkpoints (``checkpoint_every``, see :mod:`mim_hf.common.training`) hold the objectives module
 (encoder + MLM head + temperature), AdamW, the scheduler, progress (with the alignment history),
 the running loss sums and the RNG states. Batches come from ``(seed, epoch)`` and MLM masks from
 ``(seed, step)``, so ``run(config, resume=True)`` after a kill gives the uninterrupted run's
@@ -42,11 +42,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from mim_hf.encoders import build_content_encoder, resolve_model_path
-from mim_hf.lora import merge_adapters, save_adapters, trainable_parameter_counts
-from mim_hf.losses import InfoNCELoss
+from mim_hf.encoder.build import build_content_encoder, resolve_model_path
+from mim_hf.encoder.lora import merge_adapters, save_adapters, trainable_parameter_counts
+from mim_hf.csft.losses import InfoNCELoss
 from mim_hf.modeling.processing_mim_encoder import MIMContentProcessor, rows_to_records
-from mim_hf.train.common import (
+from mim_hf.common.training import (
     TrainingProgress,
     config_field,
     resume_if_requested,

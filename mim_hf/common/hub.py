@@ -4,7 +4,7 @@ Push (each writes one commit, card included, and never writes into the local art
 failed push leaves it exactly as it was):
 
     push_encoder(dir, repo_id)        saved MIMContentEncoder (+ processor) -> model repo
-    push_adapters(dir, repo_id)       LoRA adapters (mim_hf.lora.save_adapters) -> model repo
+    push_adapters(dir, repo_id)       LoRA adapters (mim_hf.encoder.lora.save_adapters) -> model repo
     push_ctr_model(dir, repo_id)      saved CiUBMForCTR -> model repo; checks and pins its center
     push_center(dir, repo_id)         Representation Center (live version) -> dataset repo
     push_prepared(prepared, repo_id)  samples / pairs / items as `datasets` configs -> dataset repo
@@ -42,8 +42,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from mim_hf import hub_cards
-from mim_hf.fs import resolve_inside
+from mim_hf.common import cards as hub_cards
+from mim_hf.common.fs import resolve_inside
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def push_adapters(directory: str | os.PathLike, repo_id: str, *, base_model: str
                   base_revision: str | None = None, metrics=None, revision: str | None = None,
                   private: bool | None = None, token: str | None = None, commit_message: str | None = None,
                   create_branch: bool = True, template_dir=None) -> CommitInfo:
-    """Push adapters written by ``mim_hf.lora.save_adapters`` (``<tower>/adapter_*`` + head).
+    """Push adapters written by ``mim_hf.encoder.lora.save_adapters`` (``<tower>/adapter_*`` + head).
 
     ``base_model``: Hub repo of the encoder the adapters apply to (default: ``base_model`` in
     ``<directory>/mim_adapters.json``); it must exist on the Hub (checked, its revision pinned
@@ -301,7 +301,7 @@ def push_adapters(directory: str | os.PathLike, repo_id: str, *, base_model: str
     folder = _artefact_dir(directory, "adapters folder", ())
     towers = {p.parent.name: _read_json(p) for p in sorted(folder.glob("*/adapter_config.json"))}
     if not towers:
-        raise ValueError(f"{folder} holds no <tower>/adapter_config.json; write it with mim_hf.lora.save_adapters")
+        raise ValueError(f"{folder} holds no <tower>/adapter_config.json; write it with mim_hf.encoder.lora.save_adapters")
     saved_meta = _read_json(folder / ADAPTERS_META_FILE) if (folder / ADAPTERS_META_FILE).is_file() else {}
     base_model = base_model or saved_meta.get("base_model")
     base_revision = base_revision or saved_meta.get("base_revision")
@@ -328,7 +328,7 @@ def load_adapters_from_hub(repo_id: str, revision: str | None = None, *, base_mo
     """Base encoder (from the repo the adapters name, or ``base_model``) with the adapters and head loaded."""
     from transformers import AutoModel
 
-    from mim_hf.lora import load_adapters
+    from mim_hf.encoder.lora import load_adapters
 
     sha = resolve_revision(repo_id, revision, "model", token)
     local = _snapshot(repo_id, sha, "model", token)
@@ -355,7 +355,7 @@ def _center_metadata(center_repo: str, revision: str | None, token: str | None) 
     """(commit sha, metadata.json) of a center dataset repo; ValueError if it is not there."""
     from huggingface_hub import hf_hub_download
 
-    from mim_hf.center import METADATA_FILE
+    from mim_hf.center.store import METADATA_FILE
 
     action = "CTR model's Representation Center"
     _check_repo_id(center_repo)
@@ -434,7 +434,7 @@ class CTRBundle:
 
     def collator(self, items=None, max_len: int = 50):
         """A ``CTRCollator`` for this model (side features from its config; ``items`` for item features)."""
-        from mim_hf.ctr_collator import CTRCollator
+        from mim_hf.ctr.collator import CTRCollator
 
         config = self.model.config
         return CTRCollator(self.vocabs, items=items, center=self.center, max_len=max_len,
@@ -451,7 +451,7 @@ def load_ctr_from_hub(repo_id: str, revision: str | None = None, token: str | No
     import mim_hf  # noqa: F401  registers CiUBM with AutoModel
     from transformers import AutoModel
 
-    from mim_hf.center import RepresentationCenter
+    from mim_hf.center.store import RepresentationCenter
 
     sha = resolve_revision(repo_id, revision, "model", token)
     model = AutoModel.from_pretrained(_model_snapshot(repo_id, sha, token), **_SAFE_LOAD).eval()
@@ -480,7 +480,7 @@ def load_ctr_from_hub(repo_id: str, revision: str | None = None, token: str | No
 # Representation Center
 # ------------------------------------------------------------------------------------------
 def _center_files() -> frozenset[str]:
-    from mim_hf.center import EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE
+    from mim_hf.center.store import EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE
 
     return frozenset({EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE, CARD_FILE})
 
@@ -496,7 +496,7 @@ def push_center(center, repo_id: str, *, revision: str | None = None, private: b
     """
     from huggingface_hub import CommitOperationDelete
 
-    from mim_hf.center import RepresentationCenter
+    from mim_hf.center.store import RepresentationCenter
 
     token = _prepare_push(repo_id, token)
     if not isinstance(center, RepresentationCenter):

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data.vocab import Vocabulary
+from mim_hf.data.vocab import Vocabulary
 
 ContentLookup = Callable[[list], tuple[torch.Tensor, torch.Tensor]]
 

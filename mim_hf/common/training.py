@@ -69,7 +69,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mim_hf.fs import fsync_path
+from mim_hf.common.fs import fsync_path
 
 CHECKPOINT_PREFIX = "step_"
 CHECKPOINT_FORMAT = "mim-hf-checkpoint"

@@ -1,0 +1,1 @@
+"""Stage 3, CiUBM: the CTR collator, training, prediction and metrics."""

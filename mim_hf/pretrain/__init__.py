@@ -1,0 +1,1 @@
+"""Stage 1, pre-training: domain adaptation and modal alignment of the content encoder."""
