@@ -1,6 +1,7 @@
 """The ``mim-hf`` command line.
 
     mim-hf data prepare --dataset movielens-100k --out data/ml100k [--protocol all] [--json]
+        [--labels rating|implicit --neg-ratio N] [--folds K --fold k]
     mim-hf data stats data/ml100k/temporal
     mim-hf center build|info|nearest ...
     mim-hf quickstart
@@ -34,7 +35,12 @@ def cmd_data_prepare(args) -> int:
     protocols = PROTOCOLS if args.protocol == "all" else (args.protocol,)
     results = {}
     for protocol in protocols:
-        prepared = prepare(data, protocol=protocol, max_len=args.max_len, seed=args.seed)
+        folds = {"folds": args.folds, "fold": args.fold} if protocol == "item-cold" else {}  # item folds: item-cold only
+        try:
+            prepared = prepare(data, protocol=protocol, max_len=args.max_len, seed=args.seed, labels=args.labels,
+                               neg_ratio=args.neg_ratio, **folds)
+        except ValueError as err:
+            raise SystemExit(f"error: mim-hf data prepare: {err}") from None
         path = prepared.save(Path(args.out) / protocol)
         results[protocol] = {"path": str(path), "stats": prepared.stats}
         if not args.json:
@@ -93,7 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="temporal: time-sorted 80/10/10 split; item-cold: items split 80/10/10 and valid/test "
                            "hold only never-seen items; all: both (default)")
     prep.add_argument("--max-len", type=int, default=50, help="longest behaviour sequence kept (default 50)")
-    prep.add_argument("--seed", type=int, default=0, help="seed of the item-cold split and the synthetic world")
+    prep.add_argument("--seed", type=int, default=0,
+                      help="seed of the item-cold split, the implicit negatives and the synthetic world")
+    prep.add_argument("--labels", choices=("rating", "implicit"), default="rating",
+                      help="rating: the log's label (MovieLens: rating >= 4; default); implicit: every interaction is "
+                           "a positive and --neg-ratio negatives per positive are drawn from items the user never "
+                           "touched (same split's items under item-cold, items seen by then under temporal)")
+    prep.add_argument("--neg-ratio", type=int, default=1, help="implicit labels: negatives drawn per positive (default 1)")
+    prep.add_argument("--folds", type=int, default=None,
+                      help="item-cold only: cut the items into K >= 3 folds (e.g. 5); default: one 80/10/10 hold-out")
+    prep.add_argument("--fold", type=int, default=0,
+                      help="with --folds K: the fold written, 0..K-1 (its part is test, the next part valid)")
     prep.add_argument("--source", default=None,
                       help="MovieLens source: a recbole wheel, a folder of RecBole atomic files or a GroupLens "
                            "ml-100k folder (default: fetch recbole==1.2.1 with pip into the cache)")

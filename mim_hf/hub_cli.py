@@ -75,7 +75,7 @@ def cmd_push_center(args) -> int:
 
 
 def cmd_push_data(args) -> int:
-    from mim_hf.common.hub import push_prepared
+    from mim_hf.data.hub import push_prepared
 
     if not args.create_branch:
         raise SystemExit("error: mim-hf push data: --no-create-branch is not supported (datasets creates the branch)")

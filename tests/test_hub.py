@@ -416,7 +416,7 @@ def test_prepared_data_round_trip_with_datasets(hub_server, prepared, tmp_path, 
     from datasets import load_dataset
     from huggingface_hub import DatasetCard
 
-    from mim_hf.common.hub import load_prepared_from_hub, push_prepared
+    from mim_hf.data.hub import load_prepared_from_hub, push_prepared
 
     repo_id = _repo("synthetic-item-cold")
     push_prepared(prepared, repo_id, revision="v1")

@@ -7,13 +7,13 @@ failed push leaves it exactly as it was):
     push_adapters(dir, repo_id)       LoRA adapters (mim_hf.encoder.lora.save_adapters) -> model repo
     push_ctr_model(dir, repo_id)      saved CiUBMForCTR -> model repo; checks and pins its center
     push_center(dir, repo_id)         Representation Center (live version) -> dataset repo
-    push_prepared(prepared, repo_id)  samples / pairs / items as `datasets` configs -> dataset repo
-                                      (one commit per config, written by datasets, + one for the card)
+
+Prepared data: :mod:`mim_hf.data.hub` (``push_prepared`` / ``load_prepared_from_hub``).
 
 Load: ``AutoModel.from_pretrained`` works on encoder and CTR repos (with ``import mim_hf`` or
 ``trust_remote_code=True``); :func:`load_encoder_from_hub`, :func:`load_adapters_from_hub`,
-:func:`load_ctr_from_hub` (model + vocabularies + its center), ``RepresentationCenter.load``
-and :func:`load_prepared_from_hub` restore the rest.
+:func:`load_ctr_from_hub` (model + vocabularies + its center) and ``RepresentationCenter.load``
+restore the rest.
 
 ``revision`` on a push is the branch to commit to (created from the default branch when
 missing, unless ``create_branch=False``); on a load, any branch, tag or commit sha. Errors
@@ -50,9 +50,6 @@ logger = logging.getLogger(__name__)
 CARD_FILE = "README.md"
 METRICS_FILE = "metrics.json"
 ADAPTERS_META_FILE = "mim_adapters.json"  # {"base_model": repo id, "base_revision": ...}
-PREPARED_FILES = ("prepared.json", "vocabs.json", "stats.json")
-PREPARED_CONFIGS = ("samples", "pairs", "items")
-ITEMS_SPLIT = "catalogue"  # the items config holds the whole catalogue as one split
 # Files never uploaded from an artefact folder: locks, caches, the card (regenerated).
 _SKIP_NAMES = {CARD_FILE, ".lock", "__pycache__", ".gitattributes"}
 _MODELING_DIR = Path(__file__).resolve().parent / "modeling"
@@ -519,78 +516,7 @@ def push_center(center, repo_id: str, *, revision: str | None = None, private: b
                                              f"{metadata['embed_dim']}-d, encoder {metadata['encoder_name']}")
 
 
-# ------------------------------------------------------------------------------------------
-# processed data (datasets)
-# ------------------------------------------------------------------------------------------
-def push_prepared(prepared, repo_id: str, *, revision: str | None = None, private: bool | None = None,
-                  token: str | None = None, template_dir=None) -> CommitInfo:
-    """Push ``PreparedData`` (or a directory written by ``PreparedData.save``) as a dataset repo.
-
-    Configs (``load_dataset(repo_id, <config>)``): ``samples`` and ``pairs`` with splits
-    train/valid/test, ``items`` with one split ``catalogue``; plus ``prepared.json``,
-    ``vocabs.json`` and ``stats.json`` and the card, in a last commit. The card is built before
-    anything is uploaded. Returns the last commit's ``CommitInfo``.
-    """
-    from datasets import DatasetDict
-    from huggingface_hub import DatasetCard, hf_hub_download
-
-    from mim_hf.data.prepare import FORMAT_VERSION, PreparedData
-
-    token = _prepare_push(repo_id, token)
-    if not isinstance(prepared, PreparedData):
-        prepared = PreparedData.load(_artefact_dir(prepared, "prepared-data", ("prepared.json",)))
-    tables = {"samples": prepared.samples, "pairs": prepared.pairs, "items": DatasetDict({ITEMS_SPLIT: prepared.items})}
-    meta = {"format_version": FORMAT_VERSION, "name": prepared.name,
-            "config": {**prepared.config.__dict__, "fractions": list(prepared.config.fractions)},
-            "train_item_ids": prepared.train_item_ids}
-    split_rows = {name: {split: len(table) for split, table in dd.items()} for name, dd in tables.items()}
-    columns = {name: list(next(iter(dd.values())).column_names) for name, dd in tables.items()}
-    hub_cards.data_card(meta, prepared.stats, split_rows, columns, repo_id, template_dir=template_dir)  # fail early
-    api = HfApi(token=token)
-    with _hub_errors("push", repo_id, revision, "dataset"):
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        _ensure_branch(api, repo_id, "dataset", revision, True)
-        for name, table in tables.items():
-            table.push_to_hub(repo_id, config_name=name, set_default=name == "samples", revision=revision,
-                              token=token, commit_message=f"{name} of {prepared.name} ({prepared.config.protocol})")
-        # datasets wrote the README's `configs` / `dataset_info` metadata: keep it under our card.
-        written = DatasetCard(Path(hf_hub_download(repo_id, CARD_FILE, repo_type="dataset", revision=revision,
-                                                   token=token)).read_text(encoding="utf-8"))
-        card = hub_cards.data_card(meta, prepared.stats, split_rows, columns, repo_id, written.data, template_dir)
-        files = {"prepared.json": json.dumps(meta, indent=1), "vocabs.json": json.dumps(
-            {k: v.to_dict() for k, v in prepared.vocabs.items()}), "stats.json": json.dumps(prepared.stats, indent=2),
-            CARD_FILE: str(card)}
-        return api.create_commit(repo_id, [CommitOperationAdd(p, c.encode()) for p, c in files.items()],
-                                 repo_type="dataset", revision=revision,
-                                 commit_message=f"Card, vocabularies and stats of {prepared.name}")
-
-
-def load_prepared_from_hub(repo_id: str, revision: str | None = None, token: str | None = None,
-                           cache_dir: str | None = None):
-    """``PreparedData`` from a repo written by :func:`push_prepared` (tables via ``load_dataset``)."""
-    from datasets import load_dataset
-
-    from mim_hf.data.prepare import FORMAT_VERSION, PrepareConfig, PreparedData
-    from mim_hf.data.vocab import Vocabulary
-
-    sha = resolve_revision(repo_id, revision, "dataset", token)
-    local = _snapshot(repo_id, sha, "dataset", token)
-    files = {name: _read_json(local / name) for name in PREPARED_FILES}
-    # load_dataset on the snapshot folder: a repo id that is also a local path would read that path.
-    tables = {name: load_dataset(str(local), name, cache_dir=cache_dir) for name in PREPARED_CONFIGS}
-    meta = files["prepared.json"]
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{repo_id}: prepared.json format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
-    return PreparedData(
-        name=meta["name"], items=tables["items"][ITEMS_SPLIT], samples=tables["samples"], pairs=tables["pairs"],
-        vocabs={k: Vocabulary.from_dict(v) for k, v in files["vocabs.json"].items()},
-        train_item_ids=meta["train_item_ids"],
-        config=PrepareConfig.from_dict(meta["config"], source=f"{repo_id}/prepared.json"),
-        stats=files["stats.json"],
-    )
-
-
 __all__ = [
     "push_encoder", "load_encoder_from_hub", "push_adapters", "load_adapters_from_hub", "push_ctr_model",
-    "load_ctr_from_hub", "CTRBundle", "push_center", "push_prepared", "load_prepared_from_hub", "resolve_revision",
+    "load_ctr_from_hub", "CTRBundle", "push_center", "resolve_revision",
 ]
