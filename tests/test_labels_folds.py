@@ -209,3 +209,13 @@ def test_cli_prepare_labels_and_folds(tmp_path, capsys):
     assert "item fold 1 of 5" in text and "rejected_draws=" in text
     with pytest.raises(SystemExit, match="error: mim-hf data prepare: neg_ratio must be an integer >= 1"):
         cli_main([*args, "--neg-ratio", "0"])  # the last value wins
+
+
+def test_data_card_describes_fold_and_labels(world):
+    from mim_hf.common.cards import data_card
+
+    prepared = prepare(world, protocol="item-cold", folds=4, fold=2, labels="implicit", neg_ratio=3)
+    card = data_card(prepared.metadata(), prepared.stats, {"samples": {"train": 1}}, {"samples": ["user_id"]}, "org/x")
+    assert "cut into 4 folds at random; this is fold 2" in card.text
+    assert "3 drawn negative(s) per positive" in card.text
+    assert "from mim_hf.data.hub import load_prepared_from_hub" in card.text
