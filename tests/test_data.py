@@ -508,3 +508,14 @@ def test_train_item_ids_keep_every_character_of_the_ids():
     log = Dataset.from_dict({"user_id": ["u"], "item_id": ["b"], "timestamp": [0], "label": [1]})
     out = prepare(RecData("nul", items, log), protocol="item-cold")
     assert set(out.train_item_ids) <= set(items["item_id"]) and "a" not in out.train_item_ids
+
+
+def test_save_over_a_link_replaces_the_link_not_its_target(world, tmp_path):
+    old = prepare(world, protocol="temporal")
+    old.save(tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    new = prepare(world, protocol="item-cold")
+    new.save(tmp_path / "link")
+    assert not (tmp_path / "link").is_symlink() and PreparedData.load(tmp_path / "link").config.protocol == "item-cold"
+    assert PreparedData.load(tmp_path / "real").config.protocol == "temporal"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]

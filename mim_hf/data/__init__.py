@@ -1,5 +1,6 @@
 """The data layer: tables, MovieLens-100k, the synthetic multimodal world, protocols and samples."""
 
+from .labels import LABEL_SCHEMES
 from .movielens import load_movielens_100k
 from .prepare import BUCKETS, PROTOCOLS, SPLITS, PrepareConfig, PreparedData, prepare
 from .synthetic import SyntheticWorld, make_synthetic_world, render_item_image
@@ -7,7 +8,7 @@ from .tables import RecData, ValidationReport, validate_interactions, validate_i
 from .vocab import Vocabulary
 
 __all__ = [
-    "BUCKETS", "PROTOCOLS", "SPLITS", "PrepareConfig", "PreparedData", "RecData", "ValidationReport",
+    "BUCKETS", "LABEL_SCHEMES", "PROTOCOLS", "SPLITS", "PrepareConfig", "PreparedData", "RecData", "ValidationReport",
     "SyntheticWorld", "Vocabulary", "load_movielens_100k", "make_synthetic_world", "render_item_image", "prepare", "validate_interactions", "validate_items",
     "validate_users",
 ]

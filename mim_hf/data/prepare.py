@@ -3,7 +3,8 @@
 The flow, for one protocol::
 
     RecData (items, interactions[, users])
-      -> split every interaction into train / valid / test          (split_interactions)
+      -> split every interaction into train / valid / test          (split_interactions, item_splits)
+      -> labels: the log's own (rating) or implicit + drawn negatives (mim_hf.data.labels)
       -> behaviour sequences: the user's earlier positives          (behaviour_sequences)
       -> popularity buckets counted on train only                   (popularity_buckets)
       -> CTR samples (one row per interaction) + side features
@@ -13,7 +14,8 @@ The flow, for one protocol::
 
 Leakage rules (tested): a behaviour is strictly earlier than its sample; train pairs never
 touch valid/test; popularity counts and vocabularies see the train split only; under
-``item-cold`` held-out items never appear in a behaviour sequence or a vocabulary.
+``item-cold`` held-out items never appear in a behaviour sequence, a vocabulary or a train
+row (drawn negatives included). docs/data.md describes every option.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ SAMPLE_COLUMNS = ("split", "popularity_bucket", "history_length", "behavior_item
 class PrepareConfig:
     """Every knob of :func:`prepare`, saved beside the prepared data."""
 
-    protocol: str = "temporal"  # "temporal" (time-sorted 80/10/10) or "item-cold" (items split 80/10/10)
+    protocol: str = "temporal"  # "temporal" (time-sorted 80/10/10) or "item-cold" (items split 80/10/10 or in folds)
     max_len: int = 50  # longest behaviour sequence kept (most recent positives)
     seed: int = 0  # seeds the item-cold item split and the implicit negatives
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / valid / test
@@ -154,14 +156,13 @@ class PreparedData:
                              "replaces the whole folder, so expected a new or empty path or an earlier save")
         staging, replaced = path.with_name(f".{path.name}.saving"), path.with_name(f".{path.name}.replaced")
         for leftover in (staging, replaced):
-            if leftover.exists():
-                shutil.rmtree(leftover)
+            _remove(leftover)
         staging.mkdir(parents=True)
         self._write(staging)
-        if path.exists():
+        if path.exists() or path.is_symlink():
             os.rename(path, replaced)
         os.rename(staging, path)
-        shutil.rmtree(replaced, ignore_errors=True)
+        _remove(replaced)
         return given
 
     def metadata(self) -> dict:
@@ -220,6 +221,14 @@ class PreparedData:
             config=config,
             stats=_read_json(path, "stats.json"),
         )
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder, file or link (a link only, never what it points at); nothing if absent."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def _read_json(root: Path, relative: str):
