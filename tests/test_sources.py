@@ -118,6 +118,13 @@ def test_amazon_preset_reads_the_layout_and_fetches_images(tmp_path, image_serve
     assert data.report.missing_images == 3 and data.report.unreadable_images == 0
     assert "2 of 3 image URL(s) could not be fetched" in caplog.text and str(meta) in caplog.text
 
+    # A mapping of yours replaces the preset's for the same column.
+    rows = [{**{k: v for k, v in json.loads(line).items() if k != "images"}, "photo": f"{image_server}/ok.png"}
+            for line in meta.read_text().splitlines()]
+    photos = load_tables(items=_jsonl(tmp_path / "meta_photo.jsonl", rows), interactions=reviews_file,
+                         preset="amazon-reviews-2023", columns={"image": "photo"})
+    assert photos.report.missing_images == 0 and all(image.size == (8, 8) for image in photos.items["image"])
+
     frame = data.interactions.to_pandas()
     assert list(frame.columns) == ["user_id", "item_id", "timestamp", "rating", "label"]
     assert frame["item_id"].tolist() == [r["parent_asin"] for r in reviews]

@@ -19,9 +19,9 @@ Conversions, each failing with a ``ValueError`` that names the source, column, r
   either (ISO 8601 dates such as ``2021-03-04T12:00:00Z``); kept as int64 seconds.
 * ``rating``: numbers (or numeric text); ``label`` (0/1), when the interactions have none, is
   ``rating >= positive_rating``.
-* ``image``: a path (relative paths are relative to the items file's folder), an http(s) URL, a
-  list of those (the first is used) or a dict of sizes (``large``, ``hi_res``, ``thumb``, the first
-  present is used). URLs are fetched here; one that cannot be fetched (offline, 404, timeout)
+* ``image``: a path (relative to the items file's folder, else to the working directory), an
+  http(s) URL, a list of those (the first is used) or a dict of sizes (``large``, ``hi_res``,
+  ``thumb``: the first present is used). URLs are fetched here; one that cannot be fetched (offline, 404, timeout)
   becomes a missing image, counted in ``RecData.report.missing_images`` and logged, never an error.
 
 The tables then go through :func:`~mim_hf.data.tables.validate_items`,
@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset, load_from_disk
 from datasets import Image as ImageFeature
+from huggingface_hub import constants
 
 from .movielens import POSITIVE_RATING
 from .tables import RecData, ValidationReport, _plain, replace_column, timestamp_seconds, validate_interactions, \
@@ -142,7 +143,11 @@ def load_tables(items, interactions, users=None, columns: dict | None = None, pr
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"preset {preset!r} is not one of {sorted(PRESETS)}")
     layout = PRESETS.get(preset)
-    mapping = {**(layout.columns if layout else {}), **(columns or {})}
+    columns = columns or {}
+    # A mapping of yours replaces the preset's for the same column, whichever table either names.
+    overridden = {target.rpartition(".")[2] for target in columns}
+    preset_columns = layout.columns if layout else {}
+    mapping = {**{t: s for t, s in preset_columns.items() if t.rpartition(".")[2] not in overridden}, **columns}
     unit = timestamp_unit or (layout.timestamp_unit if layout else "s")
     if unit not in TIMESTAMP_UNITS:
         raise ValueError(f"timestamp_unit {unit!r} is not one of {list(TIMESTAMP_UNITS)}")
@@ -362,8 +367,6 @@ def _image_entries(table: _Table) -> list:
     references = [_image_reference(v) for v in table.data.select_columns(["image"]).to_pandas()["image"]]
     urls = sorted({r for r in references if _is_url(r)})
     fetched, failures = {}, {}
-    from huggingface_hub import constants
-
     if urls and constants.HF_HUB_OFFLINE:
         failures = dict.fromkeys(urls, "HF_HUB_OFFLINE is set")
     elif urls:
