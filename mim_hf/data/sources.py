@@ -357,9 +357,13 @@ def _is_url(reference) -> bool:
     return isinstance(reference, str) and reference.lower().startswith(("http://", "https://"))
 
 
-def _fetch(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=IMAGE_FETCH_TIMEOUT_S) as response:
-        return response.read()
+def _fetch(url: str) -> tuple[str, bytes | None, str | None]:
+    """``(url, content, None)``, or ``(url, None, why)`` when it cannot be fetched."""
+    try:
+        with urllib.request.urlopen(url, timeout=IMAGE_FETCH_TIMEOUT_S) as response:
+            return url, response.read(), None
+    except Exception as err:  # offline, 404, timeout, bad URL: a counted missing image, not a crash
+        return url, None, f"{type(err).__name__}: {err}"
 
 
 def _image_entries(table: _Table) -> list:
@@ -370,14 +374,8 @@ def _image_entries(table: _Table) -> list:
     if urls and constants.HF_HUB_OFFLINE:
         failures = dict.fromkeys(urls, "HF_HUB_OFFLINE is set")
     elif urls:
-        def fetch(url):
-            try:
-                return url, _fetch(url), None
-            except Exception as err:  # offline, 404, timeout, bad URL: a counted missing image, not a crash
-                return url, None, f"{type(err).__name__}: {err}"
-
         with ThreadPoolExecutor(IMAGE_FETCH_THREADS) as pool:
-            for url, content, problem in pool.map(fetch, urls):
+            for url, content, problem in pool.map(_fetch, urls):
                 if problem is None:
                     fetched[url] = content
                 else:
