@@ -99,9 +99,13 @@ def _yaml_mapping(text: str) -> dict:
     return value
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The script's docstring as written, and every option's default."""
+
+
 def config_parser(cls, description: str) -> HfArgumentParser:
     """``HfArgumentParser`` for ``cls`` plus ``--config FILE`` and ``--resume``."""
-    parser = HfArgumentParser(cls, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = HfArgumentParser(cls, description=description, formatter_class=_HelpFormatter)
     for action in parser._actions:
         if action.type is dict or typing.get_origin(action.type) is dict:  # HfArgumentParser would call dict("{...}")
             action.type = _yaml_mapping
