@@ -17,7 +17,7 @@ from mim_hf.center.store import RepresentationCenter
 from mim_hf.data import PreparedData, make_synthetic_world, prepare
 from mim_hf.ctr.metrics import auc
 from mim_hf.ctr import train as ctr_module
-from mim_hf.common.training import load_config
+from mim_hf.common.config import load_config
 from mim_hf.ctr.train import CTRTrainConfig, load_ctr_model, predict, run
 
 REPO = Path(__file__).resolve().parents[1]

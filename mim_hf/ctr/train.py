@@ -23,7 +23,7 @@ Unknown users/items (and unseen side-feature values) map to row 0 of their table
 a fraction of training IDs by 0 so the network learns what "unknown" looks like (item-cold
 valid/test targets are all unknown). The same policy applies to every mode, DIN included.
 
-Checkpoints (every ``checkpoint_every`` steps, see :mod:`mim_hf.common.training`): model, optimizer,
+Checkpoints (every ``checkpoint_every`` steps, see :mod:`mim_hf.common.checkpoints`): model, optimizer,
 progress (with the running train loss), RNG states and the best model so far (``model/``, which a
 resume puts back as it was at the checkpointed step). ``run(config, resume=True)`` continues from
 the newest one.
@@ -50,15 +50,9 @@ import torch
 
 from mim_hf.ctr.collator import CTRCollator
 from mim_hf.ctr.metrics import evaluate_by_bucket
-from mim_hf.common.training import (
-    TrainingProgress,
-    config_field,
-    restore_folder,
-    resume_if_requested,
-    save_checkpoint,
-    save_config,
-    write_json_atomic,
-)
+from mim_hf.common.checkpoints import restore_checkpoint, restore_folder, save_checkpoint, start_run
+from mim_hf.common.config import config_field, write_json_atomic
+from mim_hf.common.loop import EpochShuffleSampler, TrainingProgress, hold_output_dir, train_batches
 
 MODES = ("din", "content_feature", "ciubm")
 # content rows travel through the collator as float32 numbers; exact up to 2**24
@@ -76,13 +70,13 @@ class CTRTrainConfig:
     base: str = config_field("din", "behaviour stage: din (all behaviours) | sim (top-k by content similarity)")
     center_path: str | None = config_field(None, "Representation Center directory (required unless mode=din and base=din)")
     center_level: str = config_field("item_embeds", "which embedding level of the center to use")
-    user_features: list | None = config_field(None, "user side features (sample columns); None = every user_* column with a vocabulary")
-    item_features: list | None = config_field(None, "item side features; None = every item_* column with a vocabulary and a catalogue column")
+    user_features: list[str] | None = config_field(None, "user side features (sample columns); None = every user_* column with a vocabulary")
+    item_features: list[str] | None = config_field(None, "item side features; None = every item_* column with a vocabulary and a catalogue column")
     max_len: int = config_field(50, "behaviours kept per sample (most recent)")
     id_embed_dim: int = config_field(16, "width of every ID / side-feature embedding")
     content_proj_dim: int = config_field(32, "width content vectors are projected to before fusion")
-    attention_hidden_sizes: list = config_field([64, 32], "hidden layers of the DIN attention MLP")
-    fusion_hidden_sizes: list = config_field([200, 80], "hidden layers of the fusion MLP")
+    attention_hidden_sizes: list[int] = config_field([64, 32], "hidden layers of the DIN attention MLP")
+    fusion_hidden_sizes: list[int] = config_field([200, 80], "hidden layers of the fusion MLP")
     dropout: float = config_field(0.1, "dropout in the fusion MLP")
     unknown_row_policy: str = config_field("zero", "row 0 of user/item ID tables: zero (fixed) | trained")
     unknown_id_dropout: float = config_field(0.1, "training probability of replacing a user/item ID by the unknown row 0")
@@ -250,23 +244,6 @@ def _index_batch(tensors, index: torch.Tensor):
 def _batch_as_is(batch):
     """DataLoader collate_fn: ``__getitems__`` already built the batch."""
     return batch
-
-
-class EpochShuffleSampler(torch.utils.data.Sampler):
-    """A permutation of range(n) drawn from ``seed`` and the epoch alone (resumable, no global RNG)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=generator).tolist())
 
 
 # ------------------------------------------------------------------------------------------
@@ -492,7 +469,8 @@ def run(config: CTRTrainConfig, resume: bool = False, accelerator=None) -> dict:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     try:
-        return _train_and_evaluate(config, resume, accelerator)
+        with hold_output_dir(config.output_dir):
+            return _train_and_evaluate(config, resume, accelerator)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -509,9 +487,7 @@ def _train_and_evaluate(config: CTRTrainConfig, resume: bool, accelerator) -> di
     started = time.perf_counter()
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     output_dir = Path(config.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / "config.json")
+    checkpoint = start_run(accelerator, config, resume)
     set_seed(config.seed)
 
     # ---- data, center, tensors --------------------------------------------------------
@@ -532,7 +508,7 @@ def _train_and_evaluate(config: CTRTrainConfig, resume: bool, accelerator) -> di
     # ---- model, optimizer, loader -----------------------------------------------------
     model = CiUBMForCTR(build_model_config(config, collator, center))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    sampler = EpochShuffleSampler(len(splits["train"]), config.seed)
+    sampler = EpochShuffleSampler(len(splits["train"]), config.seed, generator="torch")
     # its own generator: creating an iterator (also when skipping batches on resume) would
     # otherwise draw from the global RNG and shift the dropout masks of a resumed run
     train_loader = torch.utils.data.DataLoader(splits["train"], batch_size=config.batch_size, sampler=sampler,
@@ -543,7 +519,7 @@ def _train_and_evaluate(config: CTRTrainConfig, resume: bool, accelerator) -> di
     # running train-loss sum since the last evaluation travels in the checkpoint too
     progress.train_loss_sum, progress.train_loss_count = 0.0, 0
     checkpoint_state = {"model": model, "optimizer": optimizer, "progress": progress}
-    checkpoint = resume_if_requested(accelerator, output_dir, resume, checkpoint_state)
+    restore_checkpoint(accelerator, checkpoint, checkpoint_state)
 
     steps_per_epoch = len(train_loader)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
@@ -582,34 +558,26 @@ def _train_and_evaluate(config: CTRTrainConfig, resume: bool, accelerator) -> di
 
     tick = time.perf_counter()
     model.train()
-    while progress.step < total_steps and not stopped_early:
-        train_loader.set_epoch(progress.epoch)
-        loader = train_loader
-        if progress.batches_in_epoch:  # resumed mid-epoch: skip what the checkpointed run already saw
-            loader = accelerator.skip_first_batches(train_loader, progress.batches_in_epoch)
-        for batch in loader:
-            batch.pop("sample_index")
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-            if config.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.train_loss_sum += float(loss.detach())
-            progress.train_loss_count += 1
-            progress.step += 1
-            progress.batches_in_epoch += 1
-            if progress.batches_in_epoch == steps_per_epoch:
-                progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
-            bar.update(1)
-            done = progress.step >= total_steps
-            if progress.step % eval_every == 0 or done:
-                stopped_early = evaluate_and_maybe_stop() and not done
-            if progress.step % checkpoint_every == 0 or done or stopped_early:
-                save_checkpoint(accelerator, output_dir, progress.step, checkpoint_state,
-                                keep=config.keep_checkpoints, folders={"best_model": best_dir})
-            if done or stopped_early:
-                break
+    for batch in train_batches(accelerator, progress, train_loader,
+                               stop=lambda: progress.step >= total_steps or stopped_early):
+        batch.pop("sample_index")
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        if config.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.train_loss_sum += float(loss.detach())
+        progress.train_loss_count += 1
+        progress.advance(steps_per_epoch)
+        bar.update(1)
+        done = progress.step >= total_steps
+        if progress.step % eval_every == 0 or done:
+            stopped_early = evaluate_and_maybe_stop() and not done
+        if progress.step % checkpoint_every == 0 or done or stopped_early:
+            save_checkpoint(accelerator, config, progress.step, checkpoint_state, folders={"best_model": best_dir})
+        if done or stopped_early:
+            break
     bar.close()
     timings["train"] = time.perf_counter() - tick
 
