@@ -971,3 +971,152 @@ def test_push_to_hub_and_load_by_repo_id_and_revision(tmp_path, hub_server, monk
     updated = RepresentationCenter.load(repo_id, revision="cold-start-update")
     assert len(updated) == 13 and updated.lookup(["item-new"])[1].all()
     assert len(RepresentationCenter.load(repo_id, revision="main")) == 12
+
+
+# ---- reliability: concurrent writers, damaged files, interrupted publishes ---------------------
+def _upsert_after_both_opened(rank, root, barrier):
+    """Worker: open the center, wait until the other worker has opened it too, then upsert one item."""
+    import time
+
+    center = RepresentationCenter.load(root)
+    (Path(barrier) / f"opened-{rank}").touch()
+    while len(list(Path(barrier).glob("opened-*"))) < 2:
+        time.sleep(0.01)
+    result = center.upsert_embeddings([f"new-{rank}"], make_embeddings(1, seed=10 + rank))
+    assert result["added"] == 1, result
+
+
+def test_two_processes_upserting_at_once_lose_no_item(tmp_path):
+    """Both processes open v0001, then both upsert: the writer that locks second must build on the
+    first one's version (compare-and-swap on CURRENT), so the live version holds both items."""
+    from spawned_workers import run_workers
+
+    build(tmp_path / "c", n_items=10)
+    (tmp_path / "barrier").mkdir()
+    run_workers(_upsert_after_both_opened, 2, str(tmp_path / "c"), str(tmp_path / "barrier"), deadline_s=240)
+    center = RepresentationCenter.load(tmp_path / "c")
+    assert center.version == "v0003" and len(center) == 12
+    _, found = center.lookup(["new-0", "new-1", "item-0", "item-9"])
+    assert found.all()
+
+
+def test_a_stale_handle_applies_its_upsert_on_top_of_the_live_version(tmp_path):
+    a, item_ids, embeddings = build(tmp_path / "c", n_items=10)
+    b = RepresentationCenter.load(tmp_path / "c")
+    update_a, update_b = make_embeddings(2, seed=1), make_embeddings(2, seed=2)
+    assert a.upsert_embeddings(["item-1", "from-a"], update_a) == {"added": 1, "replaced": 1, "version": "v0002"}
+    assert b.version == "v0001"  # b has not seen a's version
+    assert b.upsert_embeddings(["item-2", "from-b"], update_b) == {"added": 1, "replaced": 1, "version": "v0003"}
+    live = RepresentationCenter.load(tmp_path / "c")
+    assert live.item_ids() == item_ids + ["from-a", "from-b"]
+    got, found = live.lookup(["item-1", "from-a", "item-2", "from-b", "item-3"])
+    assert found.all()
+    expected = torch.cat([update_a["item_embeds"], update_b["item_embeds"], embeddings["item_embeds"][3:4]])
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def _tensor_bytes(path, name):
+    """(start, stop) file offsets of tensor ``name``'s data in a safetensors file (test-side parse)."""
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    begin, end = json.loads(raw[8:8 + header_len])[name]["data_offsets"]
+    return 8 + header_len + begin, 8 + header_len + end
+
+
+def _flip(path, offset, value=None):
+    data = bytearray(path.read_bytes())
+    data[offset] = data[offset] ^ 0x01 if value is None else value
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("tensor", ["id_hash_sorted", "id_hash_rows", "item_id_offsets", "item_id_bytes"])
+def test_a_flipped_byte_in_the_index_is_an_error_not_an_unknown_id(tmp_path, tensor):
+    center, item_ids, _ = build(tmp_path / "c", n_items=30)
+    path = center.version_dir / INDEX_FILE
+    start, stop = _tensor_bytes(path, tensor)
+    _flip(path, (start + stop) // 2)
+    damaged = RepresentationCenter.load(tmp_path / "c")  # opening reads no tensor data
+    with pytest.raises(ValueError, match=rf"{INDEX_FILE}: corrupted data in tensor '{tensor}'"):
+        damaged.lookup(item_ids)
+    with pytest.raises(ValueError, match=f"corrupted data in tensor '{tensor}'"):
+        RepresentationCenter.load(tmp_path / "c").verify()
+
+
+@pytest.mark.parametrize("value", [None, 0xFF])  # a flipped bit, and a byte that makes the float32 a NaN
+def test_a_damaged_embedding_row_is_an_error_when_read(tmp_path, value):
+    center, _, _ = build(tmp_path / "c", n_items=30)  # float32: 32 bytes a row
+    path = center.version_dir / EMBEDDINGS_FILE
+    start, _ = _tensor_bytes(path, "text_embeds")
+    _flip(path, start + 7 * 32 + 3, value)  # row 7, the top byte of its first value
+    damaged = RepresentationCenter.load(tmp_path / "c")
+    with pytest.raises(ValueError, match=r"corrupted data in tensor 'text_embeds', bytes 0\.\."):
+        damaged.lookup(["item-7"], level="text_embeds")
+    with pytest.raises(ValueError, match="corrupted data in tensor 'text_embeds'"):
+        damaged.nearest(["item-1"], level="text_embeds")
+    assert damaged.lookup(["item-7"])[1].all()  # the undamaged level reads on
+
+
+def test_a_flipped_byte_in_metadata_is_refused_at_open(tmp_path):
+    center, _, _ = build(tmp_path / "c", n_items=30)
+    path = center.version_dir / METADATA_FILE
+    path.write_text(path.read_text().replace('"normalized": true', '"normalized": false'))
+    with pytest.raises(ValueError, match=rf"{path}: corrupted \(its fields do not match the metadata_sha256"):
+        RepresentationCenter.load(tmp_path / "c")
+
+
+def test_an_orphaned_version_is_never_kept_over_the_live_one(tmp_path, monkeypatch):
+    """A writer killed between renaming its version folder and swapping CURRENT leaves an orphan
+    (v0002); the next upsert publishes v0003 and keeps the live v0001, not the orphan."""
+    import mim_hf.center.versions as versions_module
+
+    center, _, _ = build(tmp_path / "c", n_items=10)
+    before = snapshot(center)
+
+    def killed_before_swap(root, name):
+        raise KeyboardInterrupt("killed before the CURRENT swap (injected)")
+
+    monkeypatch.setattr(versions_module, "swap_current", killed_before_swap)
+    with pytest.raises(KeyboardInterrupt):
+        center.upsert_embeddings(["orphan"], make_embeddings(1, seed=3))
+    monkeypatch.undo()
+    root = tmp_path / "c"
+    assert sorted(p.name for p in root.glob("v*")) == ["v0001", "v0002"]
+    assert (root / "CURRENT").read_text().strip() == "v0001"
+    live = RepresentationCenter.load(root)
+    assert_same_snapshot(snapshot(live), before)
+    live.upsert_embeddings(["next"], make_embeddings(1, seed=4))
+    assert live.version == "v0003" and "orphan" not in live.item_ids()
+    assert sorted(p.name for p in root.glob("v*")) == ["v0001", "v0003"]
+    assert_same_snapshot(snapshot(RepresentationCenter(root, root / "v0001", True)), before)
+
+
+def test_current_must_be_a_regular_file_and_is_never_echoed(tmp_path):
+    build(tmp_path / "c", n_items=3)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("v0001 top-secret-token\n")
+    current = tmp_path / "c" / "CURRENT"
+    current.unlink()
+    current.symlink_to(secret)
+    with pytest.raises(ValueError, match="must be a regular file") as info:
+        RepresentationCenter.load(tmp_path / "c")
+    assert "top-secret" not in str(info.value)
+    current.unlink()
+    current.write_text("top-secret-token " * 10)
+    with pytest.raises(ValueError, match="CURRENT: corrupted") as info:
+        RepresentationCenter.load(tmp_path / "c")
+    assert "top-secret" not in str(info.value)
+
+
+def test_nearest_with_faiss_has_the_exact_results_interface(tmp_path):
+    pytest.importorskip("faiss")
+    center, item_ids, _ = build(tmp_path / "c", n_items=200, dim=16)
+    exact_scores, exact_ids = center.nearest(["item-3", "item-50"], k=5)
+    scores, ids = center.nearest(["item-3", "item-50"], k=5, index="faiss")
+    assert scores.shape == (2, 5) and scores.dtype == torch.float32 and len(ids) == 2 and len(ids[0]) == 5
+    assert "item-3" not in ids[0] and "item-50" not in ids[1]
+    assert ids == exact_ids  # HNSW over 200 items finds the true neighbours
+    torch.testing.assert_close(scores, exact_scores, rtol=0, atol=1e-3)  # float16 storage, float32 index
+    vector_scores, vector_ids = center.nearest(torch.ones(16), k=3, index="faiss")
+    assert vector_ids == center.nearest(torch.ones(16), k=3)[1] and vector_scores.shape == (1, 3)
+    with pytest.raises(ValueError, match=r"index must be one of \('exact', 'faiss'\)"):
+        center.nearest(["item-3"], index="hnsw")
