@@ -69,7 +69,7 @@ def cmd_push_ctr(args) -> int:
 
 
 def cmd_push_center(args) -> int:
-    from mim_hf.common.hub import push_center
+    from mim_hf.center.hub import push_center
 
     return _run("center", push_center, args, commit_message=args.commit_message, create_branch=args.create_branch)
 

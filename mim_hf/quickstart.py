@@ -143,7 +143,8 @@ def _load_world(config: QuickstartConfig):
 
 def run_protocol(config: QuickstartConfig, protocol: str, data, timings: dict) -> dict:
     """Every stage for one protocol; returns its slice of the report."""
-    from mim_hf.center.store import STAGING_DIR, RepresentationCenter, build_center
+    from mim_hf.center.build import STAGING_DIR, build_center
+    from mim_hf.center.store import RepresentationCenter
     from mim_hf.data import PreparedData, prepare
     from mim_hf.data.prepare import format_stats
     from mim_hf.encoder.build import load_encoder_and_processor

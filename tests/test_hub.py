@@ -132,7 +132,7 @@ def center_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pushed_center(hub_server, center_dir):
-    from mim_hf.common.hub import push_center
+    from mim_hf.center.hub import push_center
 
     repo_id = _repo("ml100k-center")
     push_center(center_dir, repo_id)
@@ -385,7 +385,7 @@ def test_center_round_trip_with_branches_and_card(hub_server, pushed_center, cen
     from huggingface_hub import DatasetCard, HfApi
 
     from mim_hf.center.store import RepresentationCenter
-    from mim_hf.common.hub import push_center
+    from mim_hf.center.hub import push_center
 
     local = RepresentationCenter.load(center_dir)
     remote = RepresentationCenter.load(pushed_center)

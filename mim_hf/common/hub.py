@@ -6,7 +6,6 @@ failed push leaves it exactly as it was):
     push_encoder(dir, repo_id)        saved MIMContentEncoder (+ processor) -> model repo
     push_adapters(dir, repo_id)       LoRA adapters (mim_hf.encoder.lora.save_adapters) -> model repo
     push_ctr_model(dir, repo_id)      saved CiUBMForCTR -> model repo; checks and pins its center
-    push_center(dir, repo_id)         Representation Center (live version) -> dataset repo
     push_prepared(prepared, repo_id)  samples / pairs / items as `datasets` configs -> dataset repo
                                       (one commit per config, written by datasets, + one for the card)
 
@@ -355,7 +354,7 @@ def _center_metadata(center_repo: str, revision: str | None, token: str | None) 
     """(commit sha, metadata.json) of a center dataset repo; ValueError if it is not there."""
     from huggingface_hub import hf_hub_download
 
-    from mim_hf.center.store import METADATA_FILE
+    from mim_hf.center.layout import METADATA_FILE
 
     action = "CTR model's Representation Center"
     _check_repo_id(center_repo)
@@ -477,49 +476,6 @@ def load_ctr_from_hub(repo_id: str, revision: str | None = None, token: str | No
 
 
 # ------------------------------------------------------------------------------------------
-# Representation Center
-# ------------------------------------------------------------------------------------------
-def _center_files() -> frozenset[str]:
-    from mim_hf.center.store import EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE
-
-    return frozenset({EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE, CARD_FILE})
-
-
-def push_center(center, repo_id: str, *, revision: str | None = None, private: bool | None = None,
-                token: str | None = None, commit_message: str | None = None, create_branch: bool = True,
-                template_dir=None) -> CommitInfo:
-    """Push the live version of a center (a ``RepresentationCenter`` or its directory) as a dataset repo.
-
-    Uploads the version's embeddings, index and metadata (flat layout) and a card from
-    ``hub_cards/center.md``, in one commit (``RepresentationCenter.push_to_hub`` calls this). Files of an earlier push that this version lacks are removed.
-    Load with ``RepresentationCenter.load(repo_id, revision=...)``.
-    """
-    from huggingface_hub import CommitOperationDelete
-
-    from mim_hf.center.store import RepresentationCenter
-
-    token = _prepare_push(repo_id, token)
-    if not isinstance(center, RepresentationCenter):
-        center = RepresentationCenter.load(_artefact_dir(center, "representation center", ()))
-    metadata = dict(center.metadata)
-    card = hub_cards.center_card(metadata, repo_id, template_dir)
-    # The center's own files only (whatever else a user left in the version folder stays local).
-    operations = [op for op in _folder_operations(center.version_dir, {CARD_FILE: str(card).encode()})
-                  if op.path_in_repo in _center_files()]
-    api = HfApi(token=token)
-    with _hub_errors("push", repo_id, revision, "dataset"):
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        _ensure_branch(api, repo_id, "dataset", revision, create_branch)
-        pushed = {op.path_in_repo for op in operations} | {".gitattributes"}
-        stale = [f for f in api.list_repo_files(repo_id, repo_type="dataset", revision=revision) if f not in pushed]
-        operations += [CommitOperationDelete(path) for path in stale]
-        return api.create_commit(
-            repo_id, operations, repo_type="dataset", revision=revision,
-            commit_message=commit_message or f"Representation center: {metadata['num_items']} items, "
-                                             f"{metadata['embed_dim']}-d, encoder {metadata['encoder_name']}")
-
-
-# ------------------------------------------------------------------------------------------
 # processed data (datasets)
 # ------------------------------------------------------------------------------------------
 def push_prepared(prepared, repo_id: str, *, revision: str | None = None, private: bool | None = None,
@@ -592,5 +548,5 @@ def load_prepared_from_hub(repo_id: str, revision: str | None = None, token: str
 
 __all__ = [
     "push_encoder", "load_encoder_from_hub", "push_adapters", "load_adapters_from_hub", "push_ctr_model",
-    "load_ctr_from_hub", "CTRBundle", "push_center", "push_prepared", "load_prepared_from_hub", "resolve_revision",
+    "load_ctr_from_hub", "CTRBundle", "push_prepared", "load_prepared_from_hub", "resolve_revision",
 ]
