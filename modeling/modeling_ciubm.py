@@ -473,7 +473,7 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
         if self.needs_content_inputs:
             if self.content_table is None:
                 raise ValueError(f"mode={self.config.mode!r}, base={self.config.base!r} reads content: call "
-                                 "model.set_content_table(table) first (mim_hf.ctr.load_ctr_model does)")
+                                 "model.set_content_table(table) first (mim_hf.ctr.predict.load_ctr_model does)")
             if target_content_rows is None or behavior_content_rows is None:
                 raise ValueError(f"mode={self.config.mode!r}, base={self.config.base!r} needs target_content_rows (B,) "
                                  "and behavior_content_rows (B, L) (CTRCollator(..., center=...) emits them)")
@@ -562,13 +562,15 @@ def _check_inputs(model, user_ids, target_item_ids, behavior_item_ids, user_feat
     config = model.config
     checks = [("user_ids", user_ids, config.n_users), ("target_item_ids", target_item_ids, config.n_items),
               ("behavior_item_ids", behavior_item_ids, config.n_items)]
-    checks += [(f"user_features[{name!r}]", user_features[name], size) for name, size in config.user_feature_sizes.items()]
+    checks += [(f"user_features[{name!r}]", user_features[name], size)
+               for name, size in config.user_feature_sizes.items()]
     for name, size in config.item_feature_sizes.items():
         checks += [(f"target_item_features[{name!r}]", target_item_features[name], size),
                    (f"behavior_item_features[{name!r}]", behavior_item_features[name], size)]
     if model.content_table is not None:
         rows = model.content_table.shape[0]
-        checks += [("target_content_rows", target_content_rows, rows), ("behavior_content_rows", behavior_content_rows, rows)]
+        checks += [("target_content_rows", target_content_rows, rows),
+                   ("behavior_content_rows", behavior_content_rows, rows)]
     bounds = [torch.stack([v.min(), v.max()]).long() if v.numel() else torch.zeros(2, dtype=torch.long, device=v.device)
               for _, v, _ in checks]
     for (name, _, size), (low, high) in zip(checks, torch.stack(bounds).tolist()):
