@@ -61,7 +61,7 @@ def cmd_push_adapters(args) -> int:
 
 
 def cmd_push_ctr(args) -> int:
-    from mim_hf.common.hub import push_ctr_model
+    from mim_hf.ctr.hub import push_ctr_model
 
     return _run("ctr", push_ctr_model, args, center_repo_id=args.center_repo_id, center_revision=args.center_revision,
                 dataset_repo_id=args.dataset_repo_id, metrics=args.metrics, commit_message=args.commit_message,
