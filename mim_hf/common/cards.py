@@ -427,9 +427,9 @@ def ctr_card(config: Mapping[str, Any], repo_id: str, metrics: Mapping[str, Any]
         if table else _no_metrics("evaluation metrics")
     center = config.get("center_repo")
     how_to_load = f"""```python
-from mim_hf.common.hub import load_ctr_from_hub
+from mim_hf.ctr.predict import load_ctr_model
 
-bundle = load_ctr_from_hub("{repo_id}")   # model + vocabularies{' + its Representation Center (' + center + ')' if center else ''}
+bundle = load_ctr_model("{repo_id}")   # model + vocabularies{' + its Representation Center (' + center + ')' if center else ''}
 collator = bundle.collator(items=items_table)  # items_table: the catalogue, for item side features
 batch = collator([{{"user_id": "42", "item_id": "1", "behavior_item_ids": ["7", "9"]}}])
 probs = bundle.model(**batch).probs

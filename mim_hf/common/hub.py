@@ -5,15 +5,14 @@ failed push leaves it exactly as it was):
 
     push_encoder(dir, repo_id)        saved MIMContentEncoder (+ processor) -> model repo
     push_adapters(dir, repo_id)       LoRA adapters (mim_hf.encoder.lora.save_adapters) -> model repo
-    push_ctr_model(dir, repo_id)      saved CiUBMForCTR -> model repo; checks and pins its center
-    push_center(dir, repo_id)         Representation Center (live version) -> dataset repo
 
-Prepared data: :mod:`mim_hf.data.hub` (``push_prepared`` / ``load_prepared_from_hub``).
+CTR models push and load in :mod:`mim_hf.ctr.hub` (``push_ctr_model``, ``load_ctr_from_hub``),
+prepared data in :mod:`mim_hf.data.hub` (``push_prepared``, ``load_prepared_from_hub``), with
+the pieces here.
 
 Load: ``AutoModel.from_pretrained`` works on encoder and CTR repos (with ``import mim_hf`` or
 ``trust_remote_code=True``); :func:`load_encoder_from_hub`, :func:`load_adapters_from_hub`,
-:func:`load_ctr_from_hub` (model + vocabularies + its center) and ``RepresentationCenter.load``
-restore the rest.
+and ``RepresentationCenter.load`` restore the rest.
 
 ``revision`` on a push is the branch to commit to (created from the default branch when
 missing, unless ``create_branch=False``); on a load, any branch, tag or commit sha. Errors
@@ -24,7 +23,6 @@ the Hub, a card template missing a field) are ``ValueError`` naming the bad valu
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -340,183 +338,7 @@ def load_adapters_from_hub(repo_id: str, revision: str | None = None, *, base_mo
     return load_adapters(encoder, local)
 
 
-# ------------------------------------------------------------------------------------------
-# CiUBM CTR model
-# ------------------------------------------------------------------------------------------
-def _needs_center(config: Mapping[str, Any]) -> bool:
-    """Whether the model reads content embeddings (every mode but plain DIN on a DIN base)."""
-    return not (config.get("mode") == "din" and config.get("base", "din") == "din")
-
-
-def _center_metadata(center_repo: str, revision: str | None, token: str | None) -> tuple[str, dict]:
-    """(commit sha, metadata.json) of a center dataset repo; ValueError if it is not there."""
-    from huggingface_hub import hf_hub_download
-
-    from mim_hf.center.store import METADATA_FILE
-
-    action = "CTR model's Representation Center"
-    _check_repo_id(center_repo)
-    sha = None
-    try:
-        sha = resolve_revision(center_repo, revision, "dataset", token)
-        with _hub_errors(action, center_repo, revision, "dataset"):
-            path = hf_hub_download(center_repo, METADATA_FILE, repo_type="dataset", revision=sha, token=token)
-    except ValueError as err:
-        raise ValueError(f"the CTR model names center {center_repo!r} (revision {revision!r}), which cannot be "
-                         f"used: {err}. Push the center first (push_center / `mim-hf push center`)") from None
-    return sha, _read_json(Path(path))
-
-
-def push_ctr_model(directory: str | os.PathLike, repo_id: str, *, center_repo_id: str | None = None,
-                   center_revision: str | None = None, metrics=None, dataset_repo_id: str | None = None,
-                   revision: str | None = None, private: bool | None = None, token: str | None = None,
-                   commit_message: str | None = None, create_branch: bool = True, template_dir=None) -> CommitInfo:
-    """Push a ``CiUBMForCTR`` saved with ``save_pretrained`` (vocabularies live in its config).
-
-    The center it was trained with must already be on the Hub as a dataset repo:
-    ``center_repo_id``/``center_revision`` (default: ``center_repo``/``center_revision`` of its
-    config). The pushed ``config.json`` names that repo and pins the revision to a commit sha;
-    the center's encoder fingerprint must equal the config's ``center_fingerprint`` (recorded
-    from the center, with a log line, when the config has none) and its dim ``content_dim``.
-    Plain DIN (mode and base "din") needs no center. ``dataset_repo_id``: the processed-data
-    repo (``push_prepared``) to link in the card.
-    """
-    token = _prepare_push(repo_id, token)
-    folder = _artefact_dir(directory, "CTR model", ("config.json",))
-    config = _read_json(folder / "config.json")
-    if config.get("model_type") != "ciubm":
-        raise ValueError(f"{folder / 'config.json'} has model_type {config.get('model_type')!r}, expected 'ciubm'")
-    if not any(folder.glob("*.safetensors")):
-        raise ValueError(f"{folder} holds no *.safetensors weights; save the model with save_pretrained")
-    center_repo = center_repo_id or config.get("center_repo")
-    if center_repo is None and _needs_center(config):
-        raise ValueError(f"CTR model in {folder} (mode {config.get('mode')!r}) reads content embeddings but names no "
-                         f"center: pass center_repo_id='org/center' (--center-repo-id) after pushing the center")
-    if center_repo is not None:
-        if center_repo_id is None and Path(center_repo).exists():
-            raise ValueError(f"the CTR model's center_repo is the local path {center_repo!r}; push that center "
-                             f"(push_center) and pass its repo id as center_repo_id")
-        # The recorded revision belongs to the recorded center_repo (for a local center it is a
-        # version folder like "v0001", not a Hub revision): only reuse it for that same repo.
-        recorded_revision = config.get("center_revision") if center_repo_id in (None, config.get("center_repo")) else None
-        sha, metadata = _center_metadata(center_repo, center_revision or recorded_revision, token)
-        fingerprint = config.get("center_fingerprint")
-        if fingerprint is None:
-            logger.warning("CTR config names no center_fingerprint; recording %s from %s@%s",
-                           metadata["encoder_fingerprint"], center_repo, sha)
-            fingerprint = metadata["encoder_fingerprint"]
-        elif fingerprint != metadata["encoder_fingerprint"]:
-            raise ValueError(f"center {center_repo!r}@{sha[:12]} has encoder fingerprint "
-                             f"{metadata['encoder_fingerprint']!r}, the CTR model was trained with {fingerprint!r}")
-        if _needs_center(config) and int(metadata["embed_dim"]) != int(config.get("content_dim", -1)):
-            raise ValueError(f"center {center_repo!r} is {metadata['embed_dim']}-d, the CTR model expects "
-                             f"content_dim={config.get('content_dim')}")
-        config = {**config, "center_repo": center_repo, "center_revision": sha, "center_fingerprint": fingerprint}
-    metrics = _metrics_for(folder, metrics)
-    card = hub_cards.ctr_card(config, repo_id, metrics, dataset_repo_id, template_dir)
-    replaced = {CARD_FILE: str(card).encode(), "config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
-                **_remote_code_files(folder, config)}
-    return _commit(repo_id, "model", _folder_operations(folder, replaced), revision=revision, private=private,
-                   token=token, create_branch=create_branch,
-                   commit_message=commit_message or f"CiUBM CTR model (mode {config.get('mode')})")
-
-
-@dataclasses.dataclass
-class CTRBundle:
-    """What scoring needs: the model, its vocabularies (from its config) and its center (or None)."""
-
-    model: Any
-    vocabs: dict[str, list[str]]
-    center: Any = None
-
-    def collator(self, items=None, max_len: int = 50):
-        """A ``CTRCollator`` for this model (side features from its config; ``items`` for item features)."""
-        from mim_hf.ctr.collator import CTRCollator
-
-        config = self.model.config
-        return CTRCollator(self.vocabs, items=items, center=self.center, max_len=max_len,
-                           user_features=tuple(config.user_feature_sizes), item_features=tuple(config.item_feature_sizes))
-
-
-def load_ctr_from_hub(repo_id: str, revision: str | None = None, token: str | None = None,
-                      load_center: bool = True) -> CTRBundle:
-    """Model + vocabularies + the Representation Center its config names (fingerprint checked).
-
-    Raises ``ValueError`` when the named center repo / revision is not on the Hub or does not
-    match the model (another encoder's fingerprint or dim).
-    """
-    import mim_hf  # noqa: F401  registers CiUBM with AutoModel
-    from transformers import AutoModel
-
-    from mim_hf.center.store import RepresentationCenter
-
-    sha = resolve_revision(repo_id, revision, "model", token)
-    model = AutoModel.from_pretrained(_model_snapshot(repo_id, sha, token), **_SAFE_LOAD).eval()
-    config = model.config
-    vocabs = dict(config.vocabularies or {})
-    if not vocabs:
-        raise ValueError(f"CTR model {repo_id!r} has no vocabularies in its config; it cannot map raw ids to rows")
-    center = None
-    if load_center and config.center_repo is not None:
-        center_sha, _ = _center_metadata(config.center_repo, config.center_revision, token)
-        if Path(config.center_repo).exists():  # RepresentationCenter.load would open it instead of the Hub repo
-            raise ValueError(f"CTR model {repo_id!r} names center repo {config.center_repo!r}, which is also a local path "
-                             f"here ({Path(config.center_repo).resolve()}); a name from a Hub config never opens a "
-                             "local folder: run from another directory")
-        center = RepresentationCenter.load(config.center_repo, revision=center_sha, token=token)
-        if config.center_fingerprint is not None:
-            center.check_fingerprint(config.center_fingerprint, config.content_dim if _needs_center(config.to_dict())
-                                     else None)
-    elif load_center and _needs_center(config.to_dict()):
-        raise ValueError(f"CTR model {repo_id!r} (mode {config.mode!r}) reads content embeddings but its config names "
-                         f"no center_repo; load a center yourself and pass load_center=False")
-    return CTRBundle(model, vocabs, center)
-
-
-# ------------------------------------------------------------------------------------------
-# Representation Center
-# ------------------------------------------------------------------------------------------
-def _center_files() -> frozenset[str]:
-    from mim_hf.center.store import EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE
-
-    return frozenset({EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE, CARD_FILE})
-
-
-def push_center(center, repo_id: str, *, revision: str | None = None, private: bool | None = None,
-                token: str | None = None, commit_message: str | None = None, create_branch: bool = True,
-                template_dir=None) -> CommitInfo:
-    """Push the live version of a center (a ``RepresentationCenter`` or its directory) as a dataset repo.
-
-    Uploads the version's embeddings, index and metadata (flat layout) and a card from
-    ``hub_cards/center.md``, in one commit (``RepresentationCenter.push_to_hub`` calls this). Files of an earlier push that this version lacks are removed.
-    Load with ``RepresentationCenter.load(repo_id, revision=...)``.
-    """
-    from huggingface_hub import CommitOperationDelete
-
-    from mim_hf.center.store import RepresentationCenter
-
-    token = _prepare_push(repo_id, token)
-    if not isinstance(center, RepresentationCenter):
-        center = RepresentationCenter.load(_artefact_dir(center, "representation center", ()))
-    metadata = dict(center.metadata)
-    card = hub_cards.center_card(metadata, repo_id, template_dir)
-    # The center's own files only (whatever else a user left in the version folder stays local).
-    operations = [op for op in _folder_operations(center.version_dir, {CARD_FILE: str(card).encode()})
-                  if op.path_in_repo in _center_files()]
-    api = HfApi(token=token)
-    with _hub_errors("push", repo_id, revision, "dataset"):
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        _ensure_branch(api, repo_id, "dataset", revision, create_branch)
-        pushed = {op.path_in_repo for op in operations} | {".gitattributes"}
-        stale = [f for f in api.list_repo_files(repo_id, repo_type="dataset", revision=revision) if f not in pushed]
-        operations += [CommitOperationDelete(path) for path in stale]
-        return api.create_commit(
-            repo_id, operations, repo_type="dataset", revision=revision,
-            commit_message=commit_message or f"Representation center: {metadata['num_items']} items, "
-                                             f"{metadata['embed_dim']}-d, encoder {metadata['encoder_name']}")
-
-
 __all__ = [
-    "push_encoder", "load_encoder_from_hub", "push_adapters", "load_adapters_from_hub", "push_ctr_model",
-    "load_ctr_from_hub", "CTRBundle", "push_center", "resolve_revision",
+    "push_encoder", "load_encoder_from_hub", "push_adapters", "load_adapters_from_hub",
+    "resolve_revision",
 ]
