@@ -164,8 +164,9 @@ def test_paired_rows_are_against_din(tmp_path):
     def run(auc):
         return {"test": {"overall": {"auc": auc, "gauc": auc, "logloss": 0.6, "n": 10}}, "timings_s": {"total": 1.0}}
 
-    folds = {"item-cold/rating": {0: {"din": {"setting": {}, "runs": {0: run(0.60), 1: run(0.62)}},
-                                      "ciubm_csft": {"setting": {}, "runs": {0: run(0.65), 1: run(0.66)}}}}}
+    folds = {"item-cold/rating": {0: {
+        "din": {"setting": {}, "valid_auc_by_setting": {}, "runs": {0: run(0.60), 1: run(0.62)}},
+        "ciubm_csft": {"setting": {}, "valid_auc_by_setting": {}, "runs": {0: run(0.65), 1: run(0.66)}}}}}
     config = SimpleNamespace(folds=1, run_folds=1, seeds=(0, 1), budget="small", epochs=1, world="synthetic")
     report = build_report(config, folds, wall_time_s=3.0)
     assert set(report["paired"]["item-cold/rating"]) == {"ciubm_csft"}
@@ -237,3 +238,11 @@ def test_auc_plot_has_chance_line_and_legend_off_the_bars(tmp_path):
     assert drawn["ylim"][0] < 0.5 < drawn["ylim"][1] and drawn["lines"] == [0.5]
     assert drawn["ticks"] == ["overall\nn=50", "cold\nn=5", "long_tail\nn=20", "head\nn=25"]
     assert "std over 3 seeds" in drawn["ylabel"] and drawn["legend_anchor"] > 1.0
+
+
+def test_reference_verdict_flags_a_stronger_fuxictr_din():
+    from mim_hf.results.report import reference_verdict
+
+    assert "beats DIN-ID" in reference_verdict({"auc_diff": 0.02, "ci_low": 0.01, "ci_high": 0.03})
+    assert "DIN-ID beats" in reference_verdict({"auc_diff": -0.02, "ci_low": -0.03, "ci_high": -0.01})
+    assert "matches" in reference_verdict({"auc_diff": 0.001, "ci_low": -0.01, "ci_high": 0.01})

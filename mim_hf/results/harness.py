@@ -187,8 +187,8 @@ def _result(config, root, names, model, setting, seed, centers, epochs, progress
 
 
 def run_fold(config: ResultsConfig, data, protocol: str, fold: int, progress: _Progress) -> dict:
-    """Every model of one (protocol, fold): ``{model: {"chosen": setting id, "settings": {...},
-    "runs": {seed: result}}}``."""
+    """Every model of one (protocol, fold): ``{model: {"chosen": setting id, "setting": {...},
+    "valid_auc_by_setting": {setting id: valid AUC}, "runs": {seed: result}}}``."""
     split, labels = split_labels(protocol)
     root = Path(config.out) / split / labels / f"fold{fold}"
     names = _config_names(config.world, split)

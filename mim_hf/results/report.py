@@ -9,6 +9,7 @@ popularity bucket, paired AUC differences to DIN-ID, the chosen settings, commit
      "paired": {"<protocol>": {"<model>": {"auc_diff", "ci_low", "ci_high", "n_pairs"}}},
      "folds": K, "folds_run": k, "seeds": [...], "budget", "grid", "epochs", "patience",
      "settings": {"<protocol>": {"<model>": {"fold<k>": setting}}},
+     "tuning_valid_auc": {"<protocol>": {"<model>": {"fold<k>": {"<setting id>": valid AUC}}}},
      "wall_time_s", "compute_time_s", "commit", "environment"}
 
 ``n`` is the number of test samples summed over the folds that ran.
@@ -56,7 +57,7 @@ def aggregate_model(per_fold: dict) -> dict:
 
 def build_report(config, folds: dict, wall_time_s: float) -> dict:
     """The report dict from ``{protocol: {fold: run_fold(...)}}``."""
-    report = {"protocols": {}, "paired": {}, "settings": {}, "folds": config.folds, "folds_run": config.run_folds,
+    report = {"protocols": {}, "paired": {}, "settings": {}, "tuning_valid_auc": {}, "folds": config.folds, "folds_run": config.run_folds,
               "seeds": list(config.seeds), "budget": config.budget, "grid": tuning.budget(config.budget)["grid"],
               "epochs": config.epochs or tuning.budget(config.budget)["epochs"], "patience": tuning.PATIENCE}
     compute = 0.0
@@ -64,6 +65,8 @@ def build_report(config, folds: dict, wall_time_s: float) -> dict:
         models = list(next(iter(per_fold.values())))
         report["protocols"][protocol] = {m: aggregate_model({k: f[m] for k, f in per_fold.items()}) for m in models}
         report["settings"][protocol] = {m: {f"fold{k}": f[m]["setting"] for k, f in per_fold.items()} for m in models}
+        report["tuning_valid_auc"][protocol] = {m: {f"fold{k}": f[m]["valid_auc_by_setting"] for k, f in per_fold.items()}
+                                                for m in models}
         auc = {m: {(k, seed): run["test"]["overall"]["auc"] for k, f in per_fold.items() for seed, run in f[m]["runs"].items()}
                for m in models}
         report["paired"][protocol] = {m: paired_difference(auc[m], auc["din"]) for m in models if m != "din"}
@@ -84,6 +87,16 @@ def paired_table(paired: dict) -> str:
         lines.append(f"| {MODEL_LABELS.get(model, model)} | {p['auc_diff']:+.4f} | [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}] "
                      f"| {p['n_pairs']} |")
     return "\n".join(lines)
+
+
+def reference_verdict(paired: dict) -> str:
+    """Whether DIN-ID matches or beats FuxiCTR's DIN (``paired`` = FuxiCTR DIN minus DIN-ID)."""
+    if paired["ci_low"] > 0:
+        return (f"**FuxiCTR DIN beats DIN-ID** by {paired['auc_diff']:+.4f} (interval above 0): DIN-ID must match "
+                "or beat it, so this needs an explanation before any other row is read.")
+    if paired["ci_high"] < 0:
+        return f"DIN-ID beats FuxiCTR DIN by {-paired['auc_diff']:.4f} (interval below 0)."
+    return "DIN-ID matches FuxiCTR DIN (the interval of the difference includes 0)."
 
 
 def settings_table(settings: dict) -> str:
@@ -108,7 +121,11 @@ def markdown(report: dict, plots: list[Path]) -> str:
         for metric in METRICS:
             lines += [f"**{metric.upper()}**", "", results_table(results, metric), ""]
         lines += ["**AUC difference to DIN-ID** (paired over matched folds × seeds, 95 % bootstrap interval)", "",
-                  paired_table(report["paired"][protocol]), "", "**Chosen settings**", "",
+                  paired_table(report["paired"][protocol]), ""]
+        reference = report["paired"][protocol].get("fuxictr_din")
+        if reference is not None:
+            lines += [reference_verdict(reference), ""]
+        lines += ["**Chosen settings**", "",
                   settings_table(report["settings"][protocol]), ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
