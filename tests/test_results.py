@@ -246,3 +246,20 @@ def test_reference_verdict_flags_a_stronger_fuxictr_din():
     assert "beats DIN-ID" in reference_verdict({"auc_diff": 0.02, "ci_low": 0.01, "ci_high": 0.03})
     assert "DIN-ID beats" in reference_verdict({"auc_diff": -0.02, "ci_low": -0.03, "ci_high": -0.01})
     assert "matches" in reference_verdict({"auc_diff": 0.001, "ci_low": -0.01, "ci_high": 0.01})
+
+
+def test_content_models_share_one_encoder_chain_per_fold(tmp_path):
+    from mim_hf.results import harness
+
+    tiny = {"world": {"n_users": 30, "n_items": 40, "impressions_per_user": 12},
+            "pretrain": {"max_steps": 2, "eval_every": 0, "batch_size": 8},
+            "csft": {"max_steps": 2, "eval_every": 2, "batch_size": 8, "queue_size": 16},
+            "ctr": {"batch_size": 64}}
+    config = harness.ResultsConfig(out=str(tmp_path), world="synthetic", protocols=("item-cold/rating",),
+                                   models=("din", "ciubm_csft"), seeds=(0,), folds=1, epochs=1,
+                                   show_progress=False, overrides=tiny)
+    report = harness.run_results(config)
+    fold = tmp_path / "item-cold" / "rating" / "fold0"
+    assert (fold / "centers" / "csft" / "CURRENT").exists() and not (fold / "centers" / "pretrained").exists()
+    assert sorted(p.name for p in (fold / "results").iterdir()) == ["ciubm_csft", "din"]
+    assert report["paired"]["item-cold/rating"]["ciubm_csft"]["n_pairs"] == 1
