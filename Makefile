@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mim-hf-installed
 
-.PHONY: test quickstart install bench clean
+.PHONY: test quickstart results install bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/mim-hf quickstart
+
+# the results protocol (hours on a laptop CPU; resumable: run it again to continue)
+results: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[results]"
+	$(BIN)/mim-hf results
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

@@ -6,6 +6,7 @@
     mim-hf data stats data/ml100k/temporal
     mim-hf center build|info|nearest ...
     mim-hf quickstart
+    mim-hf results [--protocols item-cold/implicit] [--folds 5] [--seeds 0 1 2] [--models din ...] [--budget small]
 """
 
 from __future__ import annotations
@@ -95,6 +96,25 @@ def cmd_quickstart(args) -> int:
         stages=tuple(args.stages), force=args.force, source=args.source, cache_dir=args.cache_dir,
         show_progress=not args.quiet, overrides=parse_overrides(args.set), jobs=args.jobs,
     ))
+    return 0
+
+
+def cmd_results(args) -> int:
+    """The results protocol (tuned baselines, FuxiCTR DIN, paired intervals), resumable run by run."""
+    from mim_hf.quickstart import parse_overrides
+    from mim_hf.results.harness import ResultsConfig, run_results
+
+    config = ResultsConfig(
+        out=args.out, world=args.world, protocols=tuple(args.protocols), models=tuple(args.models),
+        seeds=tuple(args.seeds), folds=args.folds, fold_limit=args.fold_limit, budget=args.budget, epochs=args.epochs,
+        source=args.source, cache_dir=args.cache_dir, show_progress=not args.quiet,
+        docs_dir=None if args.no_docs else args.docs_dir, overrides=parse_overrides(args.set),
+    )
+    try:
+        config.validate()
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    run_results(config)
     return 0
 
 
@@ -195,6 +215,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a shipped stage config field (stages: pretrain, csft, ctr) or a synthetic-world "
                             "argument (world.n_users=...); repeatable, e.g. --set ctr.epochs=1")
     quick.set_defaults(func=cmd_quickstart)
+
+    from mim_hf.results.harness import MODELS, PROTOCOLS
+
+    res = commands.add_parser(
+        "results", help="the results protocol: every split x labels x fold x model x seed, tuned on valid, with "
+                        "FuxiCTR's DIN as reference and paired intervals; resumable",
+        description="Runs (or resumes: every finished run is a JSON file that is reused) the protocol of "
+                    "docs/results-protocol.md and writes OUT/report.{md,json} + plots, and DOCS_DIR/results.{md,json}.")
+    res.add_argument("--out", default="runs/results", help="artefacts and report (default runs/results)")
+    res.add_argument("--world", choices=("movielens-100k", "synthetic"), default="movielens-100k")
+    res.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS), help="SPLIT/LABELS (default all four)")
+    res.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="table rows (din is required)")
+    res.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds; the first one tunes (default 0 1 2)")
+    res.add_argument("--folds", type=int, default=5, help="item-cold: K >= 3 item folds (default 5), or 1 for one seeded hold-out")
+    res.add_argument("--fold-limit", type=int, default=0, help="run only the first N folds (default 0 = all)")
+    res.add_argument("--budget", choices=("small", "full"), default="small", help="tuning grid (docs/results-protocol.md)")
+    res.add_argument("--epochs", type=int, default=0, help="epoch cap per run (default 0 = the budget's)")
+    res.add_argument("--docs-dir", default="docs", help="where results.{md,json} go (default docs)")
+    res.add_argument("--no-docs", action="store_true", help="write only OUT/report.*, not DOCS_DIR/results.*")
+    res.add_argument("--source", default=None, help="MovieLens source (see `data prepare --source`)")
+    res.add_argument("--cache-dir", default=None, help="cache for the recbole wheel")
+    res.add_argument("--quiet", action="store_true", help="no progress bars")
+    res.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
+                     help="override a shipped stage config field, as in `mim-hf quickstart --set`")
+    res.set_defaults(func=cmd_results)
     return parser
 
 

@@ -24,6 +24,7 @@ BUCKET_ORDER = ("overall", "cold", "long_tail", "head")
 METRICS = ("auc", "gauc", "logloss")
 MODEL_LABELS = {
     "din": "DIN-ID",
+    "fuxictr_din": "FuxiCTR DIN",
     "content_feature": "content-as-feature (pre-trained)",
     "ciubm_pretrained": "CiUBM (pre-trained center)",
     "ciubm_csft": "CiUBM (C-SFT center)",
@@ -97,51 +98,89 @@ def terminal_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_plots(report: dict, out_dir: Path) -> list[Path]:
-    """Grouped bars of AUC per bucket per model (one PNG per protocol) + C-SFT recall@10 curve."""
+def _shown_buckets(results: dict) -> list[str]:
+    """Buckets to plot: those with samples, and "cold" not when it is the whole test split
+    (item-cold: every test item is unseen), so the same numbers are not drawn twice."""
+    first = next(iter(results.values()), {})
+    n = {b: (first.get(b) or {}).get("n") for b in BUCKET_ORDER}
+    return [b for b in BUCKET_ORDER if n[b] != 0 and not (b == "cold" and n[b] is not None and n[b] == n["overall"])]
+
+
+def plot_auc_by_bucket(results: dict, title: str, path: Path, runs: str) -> Path:
+    """Grouped bars of test AUC per bucket per model: the axis includes 0.5 with a chance line, the
+    bucket's n under each group, error bars = std over ``runs`` (e.g. "3 seeds"), legend beside."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    buckets, models = _shown_buckets(results), list(results)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / max(len(models), 1)
+    x = np.arange(len(buckets))
+    for i, model in enumerate(models):
+        means = [((results[model].get(b) or {}).get("auc") or math.nan) for b in buckets]
+        stds = [((results[model].get(b) or {}).get("auc_std") or 0.0) for b in buckets]
+        ax.bar(x + i * width - 0.4 + width / 2, means, width, yerr=stds, label=MODEL_LABELS.get(model, model), capsize=2)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance (AUC 0.5)")
+    first = next(iter(results.values()), {})
+    ax.set_xticks(x, [f"{b}\nn={(first.get(b) or {}).get('n', '–')}" for b in buckets])
+    finite = [v for m in models for b in buckets if (v := (results[m].get(b) or {}).get("auc")) is not None]
+    ax.set_ylim(min([0.45, *finite]) - 0.02, min(1.0, max([0.5, *finite]) + 0.05))
+    ax.set_ylabel(f"test AUC (error bars: std over {runs})")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_csft_curves(histories: dict, retrieval: dict, path: Path) -> Path:
+    """One panel per protocol: C-SFT valid recall@10 over steps, with the raw encoder, the
+    pre-trained encoder and popularity as reference lines and the final C-SFT encoder's test
+    recall@10 beside the curve (``retrieval[protocol]`` holds the test values)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(histories), figsize=(5.5 * len(histories), 3.6), squeeze=False)
+    styles = {"raw": ":", "pretrained": "--", "popularity": "-."}
+    for ax, (protocol, history) in zip(axes[0], histories.items()):
+        points = [(h["step"], h["valid_recall@10"]) for h in history if h.get("valid_recall@10") is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", label="C-SFT (valid)")
+        tests = retrieval.get(protocol) or {}
+        for name, style in styles.items():
+            value = (tests.get(name) or {}).get("recall@10")
+            if value is not None:
+                ax.axhline(value, linestyle=style, color="grey", linewidth=1, label=f"{name} (test) {value:.3f}")
+        final = (tests.get("csft") or {}).get("recall@10")
+        if final is not None:
+            ax.plot([points[-1][0] if points else 0], [final], marker="*", markersize=12, linestyle="none",
+                    color="tab:red", label=f"C-SFT final (test) {final:.3f}")
+        ax.set_xlabel("C-SFT step")
+        ax.set_ylabel("recall@10")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"C-SFT retrieval — {protocol}")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(report: dict, out_dir: Path) -> list[Path]:
+    """One AUC-by-bucket plot per protocol + the C-SFT recall@10 curves (one panel per protocol)."""
     written = []
     for protocol, results in report["protocols"].items():
-        fig, ax = plt.subplots(figsize=(8, 4))
-        models = list(results)
-        width = 0.8 / max(len(models), 1)
-        x = np.arange(len(BUCKET_ORDER))
-        for i, model in enumerate(models):
-            means = [((results[model].get(b) or {}).get("auc") or math.nan) for b in BUCKET_ORDER]
-            stds = [((results[model].get(b) or {}).get("auc_std") or 0.0) for b in BUCKET_ORDER]
-            ax.bar(x + i * width - 0.4 + width / 2, means, width, yerr=stds, label=MODEL_LABELS.get(model, model), capsize=2)
-        ax.set_xticks(x, BUCKET_ORDER)
-        ax.set_ylabel("test AUC")
-        finite = [v for m in models for b in BUCKET_ORDER if (v := (results[m].get(b) or {}).get("auc")) is not None]
-        if finite:
-            ax.set_ylim(max(0.0, min(finite) - 0.05), min(1.0, max(finite) + 0.03))
-        ax.set_title(f"AUC by item popularity bucket — {protocol} protocol")
-        ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        path = out_dir / f"auc_by_bucket_{protocol}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    histories = report.get("csft_history", {})
+        seeds = len(report.get("environment", {}).get("seeds", [])) or "the"
+        written.append(plot_auc_by_bucket(results, f"AUC by item popularity bucket — {protocol} protocol",
+                                          out_dir / f"auc_by_bucket_{protocol}.png", f"{seeds} seeds"))
+    histories = {protocol: history for protocol, history in report.get("csft_history", {}).items() if history}
     if histories:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for protocol, history in histories.items():
-            points = [(h["step"], h["valid_recall@10"]) for h in history if h.get("valid_recall@10") is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=protocol)
-        ax.set_xlabel("C-SFT step")
-        ax.set_ylabel("valid recall@10")
-        ax.set_title("C-SFT retrieval over training")
-        ax.legend()
-        fig.tight_layout()
-        path = out_dir / "csft_recall_at_10.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(plot_csft_curves(histories, report.get("retrieval", {}), out_dir / "csft_recall_at_10.png"))
     return written
 
 

@@ -1,0 +1,234 @@
+"""The results protocol: protocol x fold x model x tuning setting x seed, resumable run by run.
+
+Under ``<out>/<split>/<labels>/fold<k>/``::
+
+    data/                          prepare(data, protocol=split, labels=..., folds=K, fold=k)
+    pretrain/ csft/ centers/       one encoder chain per fold, shared by the content models
+    runs/<model>/<setting>/seed<s> a CTR training in progress (removed once its result exists)
+    results/<model>/<setting>/seed<s>.json   the result (valid + test metrics), written atomically
+
+A result file that exists is never recomputed, so a killed run continues where it stopped
+(a CTR training in progress also resumes from its own checkpoint). Tuning (see
+:mod:`mim_hf.results.tuning`): every grid setting with the first seed, the best on valid AUC
+with the other seeds. ``run_results`` ends with ``<out>/report.{md,json}`` and plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+from mim_hf.common.checkpoints import latest_checkpoint
+from mim_hf.common.config import write_json_atomic
+from mim_hf.quickstart import CTR_MODELS, _config_names, _load_world, stage_config
+from mim_hf.results import tuning
+
+MODELS = ("din", "fuxictr_din", "content_feature", "ciubm_pretrained", "ciubm_csft")
+PROTOCOLS = ("temporal/rating", "item-cold/rating", "temporal/implicit", "item-cold/implicit")
+
+
+@dataclasses.dataclass
+class ResultsConfig:
+    out: str = "runs/results"
+    world: str = "movielens-100k"  # or "synthetic"
+    protocols: tuple[str, ...] = PROTOCOLS
+    models: tuple[str, ...] = MODELS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    folds: int = 5
+    fold_limit: int = 0  # run only the first N folds (0 = all); the report says how many ran
+    budget: str = "small"
+    epochs: int = 0  # 0 = the budget's
+    source: str | None = None
+    cache_dir: str | None = None
+    show_progress: bool = True
+    docs_dir: str | None = None  # also write <docs_dir>/results.{md,json}
+    # shipped-config overrides per stage ("pretrain", "csft", "ctr") and "world", as in the quickstart
+    overrides: dict = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> None:
+        for protocol in self.protocols:
+            split_labels(protocol)
+        if self.folds == 2 or self.folds < 1:
+            raise ValueError(f"folds must be 1 (one seeded hold-out) or >= 3 (K item folds: one test part, one "
+                             f"valid part, the rest train); got {self.folds}")
+        unknown = sorted(set(self.models) - set(MODELS))
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+        if "din" not in self.models:
+            raise ValueError("models must include 'din': every paired comparison is against DIN-ID")
+        if not self.seeds:
+            raise ValueError("seeds is empty: give at least one seed")
+        if self.fold_limit < 0 or self.epochs < 0:
+            raise ValueError(f"fold_limit and epochs must be >= 0; got {self.fold_limit}, {self.epochs}")
+        tuning.budget(self.budget)
+
+    @property
+    def run_folds(self) -> int:
+        return min(self.folds, self.fold_limit) if self.fold_limit else self.folds
+
+
+def split_labels(protocol: str) -> tuple[str, str]:
+    """``"item-cold/implicit"`` -> ``("item-cold", "implicit")``, checked."""
+    split, _, labels = protocol.partition("/")
+    if split not in ("temporal", "item-cold") or labels not in ("rating", "implicit"):
+        raise ValueError(f"protocol {protocol!r} must be SPLIT/LABELS with SPLIT in ['temporal', 'item-cold'] "
+                         "and LABELS in ['rating', 'implicit']")
+    return split, labels
+
+
+def prepare_kwargs(split: str, labels: str, folds: int, fold: int, seed: int = 0) -> dict:
+    """``prepare`` arguments for one fold. ``temporal`` has one split (folds do not apply);
+    ``item-cold`` with ``folds`` >= 3 takes fold ``fold`` of K, with ``folds`` == 1 the single
+    seeded 80/10/10 hold-out of the quickstart."""
+    kwargs = {"protocol": split, "labels": labels, "seed": seed}
+    if split == "item-cold" and folds > 1:
+        kwargs.update(folds=folds, fold=fold)
+    return kwargs
+
+
+def protocol_folds(config: "ResultsConfig", protocol: str) -> int:
+    """How many folds of ``protocol`` run: 1 for ``temporal``, else ``folds`` (capped by ``fold_limit``)."""
+    return 1 if split_labels(protocol)[0] == "temporal" else config.run_folds
+
+
+class _Progress:
+    def __init__(self, total: int):
+        self.total, self.done, self.started = total, 0, time.perf_counter()
+
+    def step(self, what: str, reused: bool) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.started
+        print(f"[results] {self.done}/{self.total} {what} {'(reused)' if reused else ''} [{elapsed:.0f}s]", flush=True)
+
+
+def _encoder_chain(config: ResultsConfig, root: Path, names: dict, wanted: set[str]) -> dict[str, Path]:
+    """Pre-training, C-SFT and the centers ``wanted`` ("pretrained", "csft") for one fold."""
+    from mim_hf.center.build import STAGING_DIR, build_center
+    from mim_hf.csft import train as csft
+    from mim_hf.encoder.build import load_encoder_and_processor
+    from mim_hf.pretrain import train as pretrain
+
+    data_dir, pretrain_dir, csft_dir = root / "data", root / "pretrain", root / "csft"
+    common = {"data_dir": str(data_dir), "show_progress": config.show_progress}
+    if not (pretrain_dir / "metrics.json").exists():
+        pretrain.run(stage_config(pretrain.PretrainConfig, names["pretrain"], **config.overrides.get("pretrain", {}),
+                                  **common, output_dir=str(pretrain_dir)),
+                     resume=latest_checkpoint(pretrain_dir) is not None)
+    if "csft" in wanted and not (csft_dir / "metrics.json").exists():
+        csft.run(stage_config(csft.CSFTConfig, names["csft"], **config.overrides.get("csft", {}), **common,
+                              output_dir=str(csft_dir), encoder_path=str(pretrain_dir / "encoder")),
+                 resume=latest_checkpoint(csft_dir) is not None)
+    centers = {}
+    for name in sorted(wanted):
+        path = root / "centers" / name
+        if not (path / "CURRENT").exists():
+            from mim_hf.data import PreparedData
+
+            encoder, processor = load_encoder_and_processor((pretrain_dir if name == "pretrained" else csft_dir) / "encoder")
+            build_center(encoder, processor, PreparedData.load(data_dir).items, path,
+                         show_progress=config.show_progress, resume=(path / STAGING_DIR).is_dir())
+        centers[name] = path
+    return centers
+
+
+def _train_one(config: ResultsConfig, root: Path, names: dict, model: str, setting: dict, seed: int,
+               centers: dict, epochs: int) -> dict:
+    """One CTR training; returns the result (valid/test metrics, training facts, setting)."""
+    from mim_hf.ctr import train as ctr
+
+    run_dir = root / "runs" / model / tuning.setting_id(setting) / f"seed{seed}"
+    ctr_config_name = names["ctr"] + ("din" if model == "fuxictr_din" else model)
+    fields = {"epochs": epochs, "patience": tuning.PATIENCE, **setting, **config.overrides.get("ctr", {})}
+    if model == "fuxictr_din":
+        from mim_hf.ctr.collator import CTRCollator
+        from mim_hf.data import PreparedData
+        from mim_hf.results import fuxictr
+
+        base = stage_config(ctr.CTRTrainConfig, ctr_config_name, **fields, data_dir=str(root / "data"))
+        prepared = PreparedData.load(base.data_dir)
+        user_features, item_features = ctr.infer_features(prepared, base)
+        collator = CTRCollator(prepared.vocabs, items=prepared.items, max_len=base.max_len,
+                               user_features=user_features, item_features=item_features)
+        metrics = fuxictr.train_and_evaluate(
+            prepared, collator, {f: getattr(base, f) for f in tuning.TUNED_FIELDS},
+            {"attention_hidden_sizes": base.attention_hidden_sizes, "fusion_hidden_sizes": base.fusion_hidden_sizes},
+            seed=seed, epochs=base.epochs, patience=base.patience, batch_size=base.batch_size,
+            eval_batch_size=base.eval_batch_size, max_grad_norm=base.max_grad_norm)
+    else:
+        mode, center = CTR_MODELS[model]
+        metrics = ctr.run(stage_config(ctr.CTRTrainConfig, ctr_config_name, **fields, data_dir=str(root / "data"),
+                                       output_dir=str(run_dir), mode=mode, seed=seed,
+                                       center_path=str(centers[center]) if center else None,
+                                       show_progress=config.show_progress),
+                          resume=latest_checkpoint(run_dir) is not None)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return {"model": model, "seed": seed, "setting": setting, "valid": metrics["valid"], "test": metrics["test"],
+            "training": metrics["training"], "timings_s": metrics["timings_s"]}
+
+
+def _result(config, root, names, model, setting, seed, centers, epochs, progress) -> dict:
+    """The stored result of one run, or train it and store it."""
+    path = root / "results" / model / tuning.setting_id(setting) / f"seed{seed}.json"
+    what = f"{root.relative_to(config.out)} {model} {tuning.setting_id(setting)} seed{seed}"
+    if path.exists():
+        progress.step(what, reused=True)
+        return json.loads(path.read_text())
+    result = _train_one(config, root, names, model, setting, seed, centers, epochs)
+    write_json_atomic(path, result)
+    progress.step(what + f" valid_auc={result['valid']['overall']['auc']:.4f}", reused=False)
+    return result
+
+
+def run_fold(config: ResultsConfig, data, protocol: str, fold: int, progress: _Progress) -> dict:
+    """Every model of one (protocol, fold): ``{model: {"chosen": setting id, "setting": {...},
+    "valid_auc_by_setting": {setting id: valid AUC}, "runs": {seed: result}}}``."""
+    split, labels = split_labels(protocol)
+    root = Path(config.out) / split / labels / f"fold{fold}"
+    names = _config_names(config.world, split)
+    if not (root / "data" / "prepared.json").exists():
+        from mim_hf.data import prepare
+
+        prepare(data, **prepare_kwargs(split, labels, config.folds, fold)).save(root / "data")
+    wanted = {CTR_MODELS[m][1] for m in config.models if m in CTR_MODELS and CTR_MODELS[m][1]}
+    centers = _encoder_chain(config, root, names, wanted) if wanted else {}
+    epochs = config.epochs or tuning.budget(config.budget)["epochs"]
+    from mim_hf.ctr.train import CTRTrainConfig
+
+    out = {}
+    for model in config.models:
+        shipped = stage_config(CTRTrainConfig, names["ctr"] + ("din" if model == "fuxictr_din" else model))
+        grid = tuning.settings_grid(config.budget, {f: getattr(shipped, f) for f in tuning.TUNED_FIELDS})
+        first, *others = config.seeds
+        tried = {tuning.setting_id(s): _result(config, root, names, model, s, first, centers, epochs, progress)
+                 for s in grid}
+        chosen = tuning.choose({sid: r["valid"]["overall"]["auc"] for sid, r in tried.items()})
+        setting = tried[chosen]["setting"]
+        runs = {first: tried[chosen]}
+        runs.update({seed: _result(config, root, names, model, setting, seed, centers, epochs, progress) for seed in others})
+        out[model] = {"chosen": chosen, "setting": setting,
+                      "valid_auc_by_setting": {sid: r["valid"]["overall"]["auc"] for sid, r in tried.items()},
+                      "runs": runs}
+    return out
+
+
+def total_runs(config: ResultsConfig) -> int:
+    per_model = len(tuning.settings_grid(config.budget, dict.fromkeys(tuning.TUNED_FIELDS, 0))) + len(config.seeds) - 1
+    return sum(protocol_folds(config, p) for p in config.protocols) * len(config.models) * per_model
+
+
+def run_results(config: ResultsConfig) -> dict:
+    """Run (or resume) every selected run, then write the report; returns report.json's dict."""
+    from mim_hf.results.report import build_report, write_report
+
+    config.validate()
+    started = time.perf_counter()
+    data = _load_world(config)
+    progress = _Progress(total_runs(config))
+    folds = {protocol: {fold: run_fold(config, data, protocol, fold, progress) for fold in range(protocol_folds(config, protocol))}
+             for protocol in config.protocols}
+    report = build_report(config, folds, wall_time_s=time.perf_counter() - started)
+    write_report(report, Path(config.out), Path(config.docs_dir) if config.docs_dir else None)
+    return report

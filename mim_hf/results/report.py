@@ -1,0 +1,150 @@
+"""The results report: per protocol and model, test metrics (mean ± std over seeds x folds) per
+popularity bucket, paired AUC differences to DIN-ID, the chosen settings, commit, environment.
+
+``report.json`` (and ``docs/results.json``) layout::
+
+    {"protocols": {"temporal/rating": {"din": {"overall": {"auc", "auc_std", "gauc", "logloss", "n"},
+                                               "cold": {...}, "long_tail": {...}, "head": {...}},
+                                       "fuxictr_din": {...}, ...}, ...},
+     "paired": {"<protocol>": {"<model>": {"auc_diff", "ci_low", "ci_high", "n_pairs"}}},
+     "folds": K, "folds_run": k, "seeds": [...], "budget", "grid", "epochs", "patience",
+     "settings": {"<protocol>": {"<model>": {"fold<k>": setting}}},
+     "tuning_valid_auc": {"<protocol>": {"<model>": {"fold<k>": {"<setting id>": valid AUC}}}},
+     "wall_time_s", "compute_time_s", "commit", "environment"}
+
+``n`` is the number of test samples summed over the folds that ran.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from mim_hf.common.config import write_json_atomic
+from mim_hf.report import BUCKET_ORDER, METRICS, MODEL_LABELS, aggregate_seeds, plot_auc_by_bucket, results_table
+from mim_hf.results import tuning
+from mim_hf.results.paired import paired_difference
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def aggregate_model(per_fold: dict) -> dict:
+    """``{fold: {"runs": {seed: result}}}`` -> mean/std over every (fold, seed) run per bucket, with
+    ``n`` = test samples summed over folds."""
+    tables = [run["test"] for fold in per_fold.values() for run in fold["runs"].values()]
+    merged = aggregate_seeds(tables)
+    merged.pop("seeds")
+    for bucket in BUCKET_ORDER:
+        if bucket in merged:
+            merged[bucket]["n"] = sum((next(iter(f["runs"].values()))["test"].get(bucket) or {}).get("n") or 0
+                                      for f in per_fold.values())
+    merged["runs"] = len(tables)
+    return merged
+
+
+def build_report(config, folds: dict, wall_time_s: float) -> dict:
+    """The report dict from ``{protocol: {fold: run_fold(...)}}``."""
+    report = {"protocols": {}, "paired": {}, "settings": {}, "tuning_valid_auc": {}, "folds": config.folds, "folds_run": config.run_folds,
+              "seeds": list(config.seeds), "budget": config.budget, "grid": tuning.budget(config.budget)["grid"],
+              "epochs": config.epochs or tuning.budget(config.budget)["epochs"], "patience": tuning.PATIENCE}
+    compute = 0.0
+    for protocol, per_fold in folds.items():
+        models = list(next(iter(per_fold.values())))
+        report["protocols"][protocol] = {m: aggregate_model({k: f[m] for k, f in per_fold.items()}) for m in models}
+        report["settings"][protocol] = {m: {f"fold{k}": f[m]["setting"] for k, f in per_fold.items()} for m in models}
+        report["tuning_valid_auc"][protocol] = {m: {f"fold{k}": f[m]["valid_auc_by_setting"] for k, f in per_fold.items()}
+                                                for m in models}
+        auc = {m: {(k, seed): run["test"]["overall"]["auc"] for k, f in per_fold.items() for seed, run in f[m]["runs"].items()}
+               for m in models}
+        report["paired"][protocol] = {m: paired_difference(auc[m], auc["din"]) for m in models if m != "din"}
+        compute += sum(r["timings_s"].get("total", 0.0) for f in per_fold.values() for m in models
+                       for r in f[m]["runs"].values())
+    report["wall_time_s"] = round(wall_time_s, 1)
+    report["compute_time_s"] = round(compute, 1)  # the chosen runs' own training time, also from earlier sessions
+    report["commit"] = _commit()
+    report["environment"] = {"world": config.world, "python": platform.python_version(), "torch": torch.__version__,
+                             "cpu_cores": os.cpu_count(), "machine": platform.machine(),
+                             "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    return report
+
+
+def paired_table(paired: dict) -> str:
+    lines = ["| model vs DIN-ID | mean AUC difference | 95 % interval | pairs (fold × seed) |", "|---|---|---|---|"]
+    for model, p in paired.items():
+        lines.append(f"| {MODEL_LABELS.get(model, model)} | {p['auc_diff']:+.4f} | [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}] "
+                     f"| {p['n_pairs']} |")
+    return "\n".join(lines)
+
+
+def reference_verdict(paired: dict) -> str:
+    """Whether DIN-ID matches or beats FuxiCTR's DIN (``paired`` = FuxiCTR DIN minus DIN-ID)."""
+    if paired["ci_low"] > 0:
+        return (f"**FuxiCTR DIN beats DIN-ID** by {paired['auc_diff']:+.4f} (interval above 0): DIN-ID must match "
+                "or beat it, so this needs an explanation before any other row is read.")
+    if paired["ci_high"] < 0:
+        return f"DIN-ID beats FuxiCTR DIN by {-paired['auc_diff']:.4f} (interval below 0)."
+    return "DIN-ID matches FuxiCTR DIN (the interval of the difference includes 0)."
+
+
+def settings_table(settings: dict) -> str:
+    lines = ["| model | fold | " + " | ".join(tuning.TUNED_FIELDS) + " |", "|" + "---|" * (len(tuning.TUNED_FIELDS) + 2)]
+    for model, per_fold in settings.items():
+        for fold, s in per_fold.items():
+            lines.append(f"| {MODEL_LABELS.get(model, model)} | {fold} | " + " | ".join(f"{s[f]:g}" for f in tuning.TUNED_FIELDS) + " |")
+    return "\n".join(lines)
+
+
+def markdown(report: dict, plots: list[Path]) -> str:
+    n_runs = f"{report['folds_run']} fold(s) of {report['folds']} × {len(report['seeds'])} seed(s)"
+    lines = ["# mim-hf results", "",
+             f"Test metrics, mean ± std over {n_runs}; settings chosen on valid AUC from the `{report['budget']}` "
+             f"grid {report['grid']} (≤ {report['epochs']} epochs, early stopping patience {report['patience']}). "
+             "How the protocol works: docs/results-protocol.md.", "",
+             f"Commit `{report['commit']}`; wall time {report['wall_time_s']:.0f} s this invocation, "
+             f"{report['compute_time_s']:.0f} s of training in the reported runs; "
+             + ", ".join(f"{k}={v}" for k, v in report["environment"].items()), ""]
+    for protocol, results in report["protocols"].items():
+        lines += [f"## `{protocol}`", ""]
+        for metric in METRICS:
+            lines += [f"**{metric.upper()}**", "", results_table(results, metric), ""]
+        lines += ["**AUC difference to DIN-ID** (paired over matched folds × seeds, 95 % bootstrap interval)", "",
+                  paired_table(report["paired"][protocol]), ""]
+        reference = report["paired"][protocol].get("fuxictr_din")
+        if reference is not None:
+            lines += [reference_verdict(reference), ""]
+        lines += ["**Chosen settings**", "",
+                  settings_table(report["settings"][protocol]), ""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out: Path, docs_dir: Path | None = None) -> list[Path]:
+    """``out/report.{json,md}`` + one AUC plot per protocol; also ``docs_dir/results.{json,md}``."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots = []
+    runs = f"{report['folds_run']} fold(s) × {len(report['seeds'])} seed(s)"
+    for protocol, results in report["protocols"].items():
+        path = out / f"auc_by_bucket_{protocol.replace('/', '_')}.png"
+        plots.append(plot_auc_by_bucket(results, f"test AUC by item popularity — {protocol}", path, runs))
+    write_json_atomic(out / "report.json", report)
+    (out / "report.md").write_text(markdown(report, plots))
+    print(f"[results] report: {out / 'report.md'} (+ report.json, {len(plots)} plot(s))", flush=True)
+    if docs_dir is not None:
+        docs_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(docs_dir / "results.json", report)
+        (docs_dir / "results.md").write_text(markdown(report, []))
+        print(f"[results] docs: {docs_dir / 'results.md'} (+ results.json)", flush=True)
+    return plots

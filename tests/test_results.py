@@ -1,0 +1,264 @@
+"""The results harness: FuxiCTR adapter, paired intervals, tuning, resumable runs, report, plots."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mim_hf.results import tuning
+from mim_hf.results.paired import paired_difference
+
+
+# ---------------------------------------------------------------- paired intervals
+def test_paired_difference_mean_and_interval():
+    base = {(0, 0): 0.70, (0, 1): 0.71, (1, 0): 0.69, (1, 1): 0.72}
+    model = {(0, 0): 0.73, (0, 1): 0.72, (1, 0): 0.74, (1, 1): 0.73}
+    result = paired_difference(model, base, n_boot=2000)
+    diffs = [0.03, 0.01, 0.05, 0.01]
+    assert result["auc_diff"] == pytest.approx(np.mean(diffs))
+    assert min(diffs) <= result["ci_low"] < result["auc_diff"] < result["ci_high"] <= max(diffs)
+    assert result["n_pairs"] == 4 and result["unmatched"] == 0
+    assert paired_difference(model, base, n_boot=2000) == result  # seeded: same interval every time
+
+
+def test_paired_difference_pairs_by_key_and_counts_unmatched():
+    # a constant per-pair difference has a zero-width interval, however large the run-to-run spread
+    base = {(0, 0): 0.60, (0, 1): 0.80, (1, 0): 0.70}
+    model = {(0, 0): 0.62, (0, 1): 0.82, (2, 0): 0.99}
+    result = paired_difference(model, base)
+    assert result["auc_diff"] == pytest.approx(0.02)
+    assert result["ci_low"] == pytest.approx(0.02) and result["ci_high"] == pytest.approx(0.02)
+    assert result["n_pairs"] == 2 and result["unmatched"] == 2
+
+
+def test_paired_difference_without_a_match_raises():
+    with pytest.raises(ValueError, match="no matched"):
+        paired_difference({(0, 0): 0.7}, {(1, 0): 0.7})
+
+
+# ---------------------------------------------------------------- tuning
+def test_grid_keeps_base_values_and_choice_uses_valid_with_ties_to_first():
+    base = {"learning_rate": 0.002, "id_embed_dim": 16, "dropout": 0.1, "weight_decay": 0.0}
+    grid = tuning.settings_grid("small", base)
+    assert [s["learning_rate"] for s in grid] == tuning.BUDGETS["small"]["grid"]["learning_rate"]
+    assert all(s["id_embed_dim"] == 16 and s["dropout"] == 0.1 for s in grid)
+    assert len(tuning.settings_grid("full", base)) == 24
+    assert tuning.choose({"a": 0.6, "b": 0.7, "c": 0.7, "d": None}) == "b"
+    with pytest.raises(ValueError, match="budget"):
+        tuning.budget("huge")
+    with pytest.raises(ValueError, match="no setting"):
+        tuning.choose({"a": None})
+
+
+def test_prepare_kwargs_folds_apply_to_item_cold_only():
+    from mim_hf.results.harness import ResultsConfig, prepare_kwargs, protocol_folds, split_labels
+
+    assert prepare_kwargs("item-cold", "rating", 1, 0) == {"protocol": "item-cold", "labels": "rating", "seed": 0}
+    assert prepare_kwargs("item-cold", "implicit", 5, 3) == {
+        "protocol": "item-cold", "labels": "implicit", "seed": 0, "folds": 5, "fold": 3}
+    assert prepare_kwargs("temporal", "implicit", 5, 0) == {"protocol": "temporal", "labels": "implicit", "seed": 0}
+    config = ResultsConfig(protocols=["temporal/rating", "item-cold/implicit"], folds=5, fold_limit=2)
+    assert [protocol_folds(config, p) for p in config.protocols] == [1, 2]
+    with pytest.raises(ValueError, match="folds must be 1"):
+        ResultsConfig(folds=2).validate()
+    with pytest.raises(ValueError, match="SPLIT/LABELS"):
+        split_labels("temporal")
+
+
+# ---------------------------------------------------------------- FuxiCTR adapter
+@pytest.fixture(scope="module")
+def tiny_prepared():
+    from mim_hf.data import make_synthetic_world, prepare
+
+    return prepare(make_synthetic_world(n_users=40, n_items=50, seed=0), protocol="temporal")
+
+
+def _collator(prepared):
+    from mim_hf.ctr.collator import CTRCollator
+    from mim_hf.ctr.train import CTRTrainConfig, infer_features
+
+    user, item = infer_features(prepared, CTRTrainConfig(data_dir="unused"))
+    return CTRCollator(prepared.vocabs, items=prepared.items, max_len=10, user_features=user, item_features=item)
+
+
+def test_fuxictr_batches_put_behaviours_then_target(tiny_prepared):
+    from mim_hf.ctr.train import CTRTensorSplit
+    from mim_hf.results.fuxictr import FuxiBatches
+
+    split = CTRTensorSplit.collate(_collator(tiny_prepared), tiny_prepared.samples["test"])
+    batch_dict, item_dict, mask = next(iter(FuxiBatches(split, batch_size=7)))
+    rows = item_dict["item_id"].view(7, 11)
+    assert rows[:, -1].tolist() == split.tensors["target_item_ids"][:7].tolist()
+    assert rows[:, :-1].tolist() == split.tensors["behavior_item_ids"][:7].tolist()
+    assert mask.tolist() == split.tensors["behavior_mask"][:7].float().tolist()
+    assert batch_dict["label"].tolist() == split.tensors["labels"][:7].float().tolist()
+    assert set(item_dict) == {"item_id", *split.tensors["target_item_features"]}
+
+
+def test_fuxictr_din_metrics_are_ours_on_its_predictions(tiny_prepared):
+    pytest.importorskip("fuxictr")
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    from mim_hf.results.fuxictr import train_and_evaluate
+
+    settings = {"learning_rate": 3e-3, "id_embed_dim": 8, "dropout": 0.0, "weight_decay": 0.0}
+    result = train_and_evaluate(tiny_prepared, _collator(tiny_prepared), settings,
+                                {"attention_hidden_sizes": [8], "fusion_hidden_sizes": [16]}, seed=0, epochs=2,
+                                patience=2, batch_size=128, return_predictions=True)
+    test = tiny_prepared.samples["test"]
+    labels, probs = np.asarray(test["label"]), result["predictions"]["test"]
+    assert probs.shape == (len(test),) and np.all((probs > 0) & (probs < 1))
+    assert result["test"]["overall"]["auc"] == pytest.approx(roc_auc_score(labels, probs))
+    assert result["test"]["overall"]["logloss"] == pytest.approx(log_loss(labels, probs), rel=1e-5)
+    buckets = np.asarray(test["popularity_bucket"])
+    for bucket in ("long_tail", "head"):
+        chosen = buckets == bucket
+        if len(set(labels[chosen])) == 2:
+            assert result["test"][bucket]["auc"] == pytest.approx(roc_auc_score(labels[chosen], probs[chosen]))
+            assert result["test"][bucket]["n"] == int(chosen.sum())
+    assert result["training"]["steps"] >= 1 and "item_id" in result["training"]["features"]
+
+
+# ---------------------------------------------------------------- harness: resumable, report layout
+def test_harness_runs_resumes_and_reports(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from mim_hf.results import harness
+
+    config = harness.ResultsConfig(
+        out=str(tmp_path / "out"), world="synthetic", protocols=("temporal/rating",), models=("din",),
+        seeds=(0, 1), folds=1, epochs=1, show_progress=False, docs_dir=str(tmp_path / "docs"),
+        overrides={"world": {"n_users": 40, "n_items": 50}, "ctr": {"batch_size": 256}})
+    report = harness.run_results(config)
+    fold = tmp_path / "out" / "temporal" / "rating" / "fold0"
+    stored = sorted(p.relative_to(fold / "results").as_posix() for p in (fold / "results").rglob("*.json"))
+    grid = [tuning.setting_id(s) for s in tuning.settings_grid("small", {
+        "learning_rate": 0, "id_embed_dim": 8, "dropout": 0.1, "weight_decay": 0.0})]
+    assert len(stored) == len(grid) + 1  # every grid setting with seed 0, the chosen one with seed 1
+    din = report["protocols"]["temporal/rating"]["din"]
+    assert set(din) >= {"overall", "long_tail", "head", "runs"} and din["runs"] == 2
+    assert set(din["overall"]) >= {"auc", "auc_std", "gauc", "logloss", "n"}
+    chosen = report["settings"]["temporal/rating"]["din"]["fold0"]
+    valid = {r: json.loads((fold / "results" / "din" / r / "seed0.json").read_text())["valid"]["overall"]["auc"]
+             for r in [tuning.setting_id(s) for s in tuning.settings_grid("small", {**chosen})]}
+    assert tuning.setting_id(chosen) == max(valid, key=valid.get)
+    assert json.loads((tmp_path / "docs" / "results.json").read_text())["protocols"] == json.loads(
+        json.dumps(report["protocols"]))
+    assert (tmp_path / "out" / "report.md").exists() and (tmp_path / "out" / "auc_by_bucket_temporal_rating.png").exists()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stored result was recomputed")
+
+    monkeypatch.setattr(harness, "_train_one", no_training)
+    again = harness.run_results(config)
+    assert again["protocols"] == report["protocols"]
+
+
+def test_paired_rows_are_against_din(tmp_path):
+    from types import SimpleNamespace
+
+    from mim_hf.results.report import build_report
+
+    def run(auc):
+        return {"test": {"overall": {"auc": auc, "gauc": auc, "logloss": 0.6, "n": 10}}, "timings_s": {"total": 1.0}}
+
+    folds = {"item-cold/rating": {0: {
+        "din": {"setting": {}, "valid_auc_by_setting": {}, "runs": {0: run(0.60), 1: run(0.62)}},
+        "ciubm_csft": {"setting": {}, "valid_auc_by_setting": {}, "runs": {0: run(0.65), 1: run(0.66)}}}}}
+    config = SimpleNamespace(folds=1, run_folds=1, seeds=(0, 1), budget="small", epochs=1, world="synthetic")
+    report = build_report(config, folds, wall_time_s=3.0)
+    assert set(report["paired"]["item-cold/rating"]) == {"ciubm_csft"}
+    assert report["paired"]["item-cold/rating"]["ciubm_csft"]["auc_diff"] == pytest.approx(0.045)
+    assert report["protocols"]["item-cold/rating"]["din"]["overall"]["n"] == 10  # summed over folds, not seeds
+
+
+# ---------------------------------------------------------------- plots (issue 18 point 7)
+def test_plot_buckets_skip_empty_and_duplicate_cold():
+    from mim_hf.report import _shown_buckets
+
+    item_cold = {"din": {"overall": {"n": 50}, "cold": {"n": 50}, "long_tail": {"n": 0}, "head": {"n": 0}}}
+    assert _shown_buckets(item_cold) == ["overall"]
+    temporal = {"din": {"overall": {"n": 50}, "cold": {"n": 5}, "long_tail": {"n": 20}, "head": {"n": 25}}}
+    assert _shown_buckets(temporal) == ["overall", "cold", "long_tail", "head"]
+
+
+def test_csft_plot_draws_reference_lines(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from mim_hf.report import plot_csft_curves
+
+    drawn = {}
+    original = plt.Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        drawn["labels"] = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        drawn["ylim"] = fig.axes[0].get_ylim()
+        return original(fig, *args, **kwargs)
+
+    plt.Figure.savefig = capture
+    try:
+        retrieval = {"temporal": {name: {"recall@10": v} for name, v in
+                                  (("raw", 0.05), ("pretrained", 0.08), ("popularity", 0.06), ("csft", 0.12))}}
+        plot_csft_curves({"temporal": [{"step": 10, "valid_recall@10": 0.09}, {"step": 20, "valid_recall@10": 0.11}]},
+                         retrieval, tmp_path / "c.png")
+    finally:
+        plt.Figure.savefig = original
+    assert (tmp_path / "c.png").exists()
+    assert drawn["labels"] == ["C-SFT (valid)", "raw (test) 0.050", "pretrained (test) 0.080",
+                               "popularity (test) 0.060", "C-SFT final (test) 0.120"]
+    assert drawn["ylim"][0] == 0
+
+
+def test_auc_plot_has_chance_line_and_legend_off_the_bars(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from mim_hf.report import plot_auc_by_bucket
+
+    drawn = {}
+    original = plt.Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        ax = fig.axes[0]
+        drawn.update(ylim=ax.get_ylim(), ylabel=ax.get_ylabel(), ticks=[t.get_text() for t in ax.get_xticklabels()],
+                     legend_anchor=ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted()).x0,
+                     lines=[line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"])
+        return original(fig, *args, **kwargs)
+
+    results = {"din": {"overall": {"n": 50, "auc": 0.8, "auc_std": 0.01}, "cold": {"n": 5, "auc": 0.7},
+                       "long_tail": {"n": 20, "auc": 0.75}, "head": {"n": 25, "auc": 0.82}}}
+    plt.Figure.savefig = capture
+    try:
+        plot_auc_by_bucket(results, "t", tmp_path / "a.png", "3 seeds")
+    finally:
+        plt.Figure.savefig = original
+    assert drawn["ylim"][0] < 0.5 < drawn["ylim"][1] and drawn["lines"] == [0.5]
+    assert drawn["ticks"] == ["overall\nn=50", "cold\nn=5", "long_tail\nn=20", "head\nn=25"]
+    assert "std over 3 seeds" in drawn["ylabel"] and drawn["legend_anchor"] > 1.0
+
+
+def test_reference_verdict_flags_a_stronger_fuxictr_din():
+    from mim_hf.results.report import reference_verdict
+
+    assert "beats DIN-ID" in reference_verdict({"auc_diff": 0.02, "ci_low": 0.01, "ci_high": 0.03})
+    assert "DIN-ID beats" in reference_verdict({"auc_diff": -0.02, "ci_low": -0.03, "ci_high": -0.01})
+    assert "matches" in reference_verdict({"auc_diff": 0.001, "ci_low": -0.01, "ci_high": 0.01})
+
+
+def test_content_models_share_one_encoder_chain_per_fold(tmp_path):
+    from mim_hf.results import harness
+
+    tiny = {"world": {"n_users": 30, "n_items": 40, "impressions_per_user": 12},
+            "pretrain": {"max_steps": 2, "eval_every": 0, "batch_size": 8},
+            "csft": {"max_steps": 2, "eval_every": 2, "batch_size": 8, "queue_size": 16},
+            "ctr": {"batch_size": 64}}
+    config = harness.ResultsConfig(out=str(tmp_path), world="synthetic", protocols=("item-cold/rating",),
+                                   models=("din", "ciubm_csft"), seeds=(0,), folds=1, epochs=1,
+                                   show_progress=False, overrides=tiny)
+    report = harness.run_results(config)
+    fold = tmp_path / "item-cold" / "rating" / "fold0"
+    assert (fold / "centers" / "csft" / "CURRENT").exists() and not (fold / "centers" / "pretrained").exists()
+    assert sorted(p.name for p in (fold / "results").iterdir()) == ["ciubm_csft", "din"]
+    assert report["paired"]["item-cold/rating"]["ciubm_csft"]["n_pairs"] == 1
