@@ -398,13 +398,14 @@ class MIMContentEncoder(MIMContentEncoderPreTrainedModel):
                 "this encoder still holds injected LoRA layers; call mim_hf.encoder.lora.merge_adapters(encoder) "
                 "before save_pretrained, or mim_hf.encoder.lora.save_adapters(encoder, dir) to save adapters only"
             )
-        super().save_pretrained(save_directory, *args, **kwargs)
+        # The processor first, so that save_pretrained(..., push_to_hub=True) uploads it too.
         if self.processor is not None:
             self.processor.save_pretrained(save_directory)
         elif not has_saved_processor(save_directory):
             logger.warning(f"{save_directory}: saved without a processor (encoder.processor is None); set "
                            "encoder.processor = MIMContentProcessor(tokenizer, ...) before saving, or call "
                            "processor.save_pretrained on the same folder")
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     def encode(
         self,

@@ -315,14 +315,14 @@ encoder = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)
 """
     if has_processor:
         how_to_load += f"""
-Encoder and processor together, then encoding items (`text_embeds`, `image_embeds`, `item_embeds`,
-each `(batch, {config.get('embed_dim')})`):
+Encoder and processor together, then encoding items (L2-normalised, `(items, {config.get('embed_dim')})`;
+`level="text"` / `"image"` for the other levels):
 
 ```python
 from mim_hf.encoder.hub import load_encoder_from_hub
 
 encoder, processor = load_encoder_from_hub("{repo_id}")
-item_embeds = encoder(**processor([{{"title": "Toy Story (1995)", "genres": ["Animation"]}}])).item_embeds
+item_embeds = encoder.encode([{{"title": "Toy Story (1995)", "genres": ["Animation"]}}, "GoldenEye (1995)"])
 ```"""
     else:
         how_to_load += "\nNo processor was saved with this encoder: tokenise item text with the text tower's tokenizer."
