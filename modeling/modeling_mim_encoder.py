@@ -4,7 +4,6 @@ Self-contained: imports only ``torch`` and ``transformers`` so it can be uploade
 remote code. LoRA (peft) is applied from outside (``mim_hf.encoder.lora``).
 """
 
-import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -446,20 +445,6 @@ class MIMContentEncoder(MIMContentEncoderPreTrainedModel):
         return embeds[0] if single else embeds
 
 
-@contextlib.contextmanager
-def _attention_implementation(tower, implementation: str | None):
-    """Run ``tower`` with ``implementation`` inside the block, restoring its own afterwards."""
-    current = getattr(getattr(tower, "config", None), "_attn_implementation", None)
-    if implementation is None or implementation == current or not hasattr(tower, "set_attn_implementation"):
-        yield
-        return
-    tower.set_attn_implementation(implementation)
-    try:
-        yield
-    finally:
-        tower.set_attn_implementation(current)
-
-
 def _text_columns(items, processor: MIMContentProcessor) -> list[dict]:
     """Item rows without the image column (cheap to materialise for building texts)."""
     if hasattr(items, "select_columns") and hasattr(items, "column_names"):  # datasets.Dataset
@@ -485,7 +470,6 @@ def encode_items(
     sort_by_length: bool = True,
     show_progress: bool = True,
     device: torch.device | str | None = None,
-    attn_implementation: str | None = "auto",
 ) -> dict[str, torch.Tensor]:
     """Encode every item with ``encoder`` and return embeddings in the items' original order.
 
@@ -504,9 +488,6 @@ def encode_items(
         sort_by_length: batch rows of similar token length together; the output order is the input order either way.
         show_progress: tqdm progress bar over batches.
         device: where to run (default: the encoder's device).
-        attn_implementation: text-tower attention for this call, restored afterwards. ``"auto"``:
-            ``"eager"`` on CPU (short item texts: faster than SDPA's CPU kernel there, same result
-            to ~1e-7), the tower's own elsewhere; ``None``: the tower's own; or any transformers name.
     Returns:
         ``{level: FloatTensor (N, embed_dim)}`` on CPU, float32, L2-normalised rows; with
         ``"image_embeds"`` also ``"image_mask"``: BoolTensor (N,) (rows without image are zeros).
@@ -518,8 +499,6 @@ def encode_items(
         raise ValueError("level 'image_embeds' requested but the encoder has no vision tower")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if attn_implementation is not None and not isinstance(attn_implementation, str):
-        raise TypeError(f"attn_implementation must be a str or None, got {type(attn_implementation).__name__}")
     if not isinstance(items, Mapping) and not hasattr(items, "__len__"):
         items = list(items)
     if isinstance(items, Mapping):
@@ -533,8 +512,6 @@ def encode_items(
     device = torch.device(device) if device is not None else encoder.device
     if torch.device(encoder.device).type != device.type:
         raise ValueError(f"device {device} but the encoder is on {encoder.device}; move it first (encoder.to(device))")
-    if attn_implementation == "auto":
-        attn_implementation = "eager" if device.type == "cpu" else None
 
     # One fast-tokenizer call for the whole catalogue (counts empty titles / truncations once).
     tokenized = processor.tokenize(processor.build_texts(_text_columns(items, processor), view=view),
@@ -545,7 +522,7 @@ def encode_items(
     was_training = encoder.training
     encoder.eval()
     try:
-        with torch.inference_mode(), _attention_implementation(encoder.text_model, attn_implementation):
+        with torch.inference_mode():
             starts = range(0, n_items, batch_size)
             for start in logging.tqdm(starts, disable=not show_progress, desc="encoding items", unit="batch"):
                 batch_indices = order[start : start + batch_size]

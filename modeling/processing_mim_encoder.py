@@ -3,7 +3,8 @@
 Self-contained: imports only ``transformers`` (and the standard library) so it can travel
 with the model as remote code. It is a plain class rather than a ``ProcessorMixin``: its
 input is item *rows* (title + attributes + image), not (text, images), and it keeps counts of
-the fallbacks it applied.
+the fallbacks it applied. Its saved ``processor_config.json`` names it in ``auto_map``, so
+``AutoProcessor.from_pretrained(folder, trust_remote_code=True)`` returns it.
 """
 
 import base64

@@ -1,5 +1,5 @@
 """Tests for batch encoding (``encode_items`` and ``encoder.encode``): one tokenisation per call, length-sorted
-batches padded per batch (right and left), the CPU attention switch (exact, restored afterwards), and the
+batches padded per batch (right and left), the encoder's mode restored after an error, and the
 sentence-transformers-style ``encode`` on titles, rows and levels."""
 
 import copy
@@ -44,7 +44,6 @@ def per_row_reference(encoder, processor, rows):
 
 def test_encode_items_matches_unpadded_rows_and_tokenises_once(tokenizer):
     encoder, processor = make_encoder(tokenizer), MIMContentProcessor(tokenizer, max_length=12)
-    assert encoder.text_model.config._attn_implementation == "sdpa"
     reference = per_row_reference(encoder, processor, ROWS)
     processor.reset_fallback_counts()
     for sort_by_length in (True, False):
@@ -56,7 +55,6 @@ def test_encode_items_matches_unpadded_rows_and_tokenises_once(tokenizer):
     processor.fallback_counts["empty_title"] -= 1  # the build_texts just above counted it too
     assert 0 < long_texts < len(ROWS)
     assert processor.fallback_counts["empty_title"] == 2 and processor.fallback_counts["truncated_text"] == 2 * long_texts
-    assert encoder.text_model.config._attn_implementation == "sdpa"  # restored
 
 
 def test_left_padding_matches_the_processors_own_batch(tokenizer):
@@ -68,23 +66,6 @@ def test_left_padding_matches_the_processors_own_batch(tokenizer):
     encoded = encode_items(encoder, processor, ROWS, batch_size=len(ROWS), sort_by_length=False,
                            show_progress=False)["item_embeds"]
     torch.testing.assert_close(encoded, reference, atol=1e-5, rtol=1e-5)
-
-
-def test_auto_attention_is_eager_on_cpu_inside_the_call_and_restored_after_errors(tokenizer):
-    encoder, processor = make_encoder(tokenizer), MIMContentProcessor(tokenizer, max_length=12)
-    seen = []
-    encoder.text_model.register_forward_hook(lambda module, args, output: seen.append(module.config._attn_implementation))
-    encode_items(encoder, processor, ROWS, batch_size=4, show_progress=False)
-    encode_items(encoder, processor, ROWS, batch_size=4, show_progress=False, attn_implementation=None)
-    assert seen == ["eager", "eager", "sdpa", "sdpa"]
-    assert encoder.text_model.config._attn_implementation == "sdpa"
-    # An error inside the loop (an image value of a wrong type) still restores the tower.
-    with_images = MIMContentProcessor(tokenizer, image_processor=lambda **kw: None, max_length=12)
-    with pytest.raises(TypeError, match="got int"):
-        encode_items(encoder, with_images, [{"title": "x", "image": 7}], show_progress=False)
-    assert encoder.text_model.config._attn_implementation == "sdpa"
-    with pytest.raises(TypeError, match="attn_implementation"):
-        encode_items(encoder, processor, ROWS, attn_implementation=1)
 
 
 def test_encode_takes_titles_rows_and_levels_like_sentence_transformers(tokenizer):
@@ -112,5 +93,11 @@ def test_encode_takes_titles_rows_and_levels_like_sentence_transformers(tokenize
     with pytest.raises(ValueError, match="invalid; choose from"):
         encoder.encode(titles, level="user")
     assert encoder.encode([]).shape == (0, EMBED_DIM)
+    # An error inside the loop (an image value of a wrong type) leaves the encoder in the mode it came in.
+    encoder.train()
+    with_images = MIMContentProcessor(tokenizer, image_processor=lambda **kw: None, max_length=12)
+    with pytest.raises(TypeError, match="got int"):
+        encode_items(encoder, with_images, [{"title": "x", "image": 7}], show_progress=False)
+    assert encoder.training
     with pytest.raises(ValueError, match="encoder is on cpu"):
         encode_items(encoder, processor, ROWS, device="cuda")
