@@ -1,6 +1,6 @@
 """Training throughput of CiUBMForCTR against FuxiCTR's DIN on the same shapes, same run.
 
-What is timed: one full training step (forward with its input checks, BCE loss, backward,
+What is timed: one full training step (forward, BCE loss, backward,
 grad-norm clip 10, Adam step) on a fixed random batch built before timing: batch 1024,
 sequence 50 (lengths uniform in 1..50, so about half the positions are padding), ID dim 16,
 content dim 384, attention MLP [64], fusion MLP [200, 80], ReLU, no dropout. Models are timed
@@ -8,12 +8,9 @@ in interleaved rounds and the fastest round of each is kept: on a shared machine
 only ever adds time, so the minimum is the least noisy estimate, and interleaving exposes all
 models to the same load.
 
-Content reaches CiUBM in one of two ways, both timed:
-- ``embeds``: ``target_content_embeds`` (B, C) and ``behavior_content_embeds`` (B, L, C), built
-  before the step (as a collator that looks content up would);
-- ``rows``: ``content_table`` (100,000 x 384, the catalogue's content), ``target_content_rows``
-  (B,) and ``behavior_content_rows`` (B, L); the step itself reads the table (this is how
-  ``mim_hf.ctr.train`` feeds content).
+Content reaches CiUBM as in ``mim_hf.ctr``: the model holds the content table (100,000 x 384,
+``set_content_table``) and each batch carries ``target_content_rows`` (B,) and
+``behavior_content_rows`` (B, L); the step itself reads the table.
 
 Reference: FuxiCTR 2.3.10's DIN (``model_zoo/LongCTR/DIN``) run unchanged: a plain ``import
 fuxictr`` when it is installed, else imported from a separate venv (``--fuxictr-site``, default
@@ -23,8 +20,7 @@ building; when ray is absent a placeholder module is registered so the import su
 a textbook DIN written below in plain torch is timed instead, labelled as such.
 
 Also: SIM step time at sequence 1000 (lengths uniform in 1..1000, top-k 50) over full CiUBM at
-sequence 50, each content path against itself (both runs take content the same way). The two
-steps alternate within each of ``--sim-rounds`` rounds; the verdict uses the ratio of the
+sequence 50. The two steps alternate within each of ``--sim-rounds`` rounds; the verdict uses the ratio of the
 fastest rounds, and the per-round ratios (each SIM step over the seq-50 step just before it,
 same load) are printed with their median, so a verdict that holds only in the minimum shows.
 Goals: din >= 1.5x the reference, ciubm >= 1.0x, SIM(1000)/seq-50 <= 2.0.
@@ -169,30 +165,25 @@ def build_textbook_din(device: str = "cpu"):
 
 
 # ---------------------------------------------------------------- ours
-def build_ciubm(mode: str, base: str = "din", content: str = "embeds", device: str = "cpu"):
-    """A CiUBM training step; ``content`` = "embeds" (dense (B, L, C)) or "rows" (table rows)."""
+def build_ciubm(mode: str, table: torch.Tensor, base: str = "din", device: str = "cpu"):
+    """A CiUBM training step; content modes hold ``table`` and read batch rows from it."""
     config = CiUBMConfig(mode=mode, base=base, sim_top_k=50, n_users=N_USERS, n_items=N_ITEMS, id_embed_dim=ID_DIM,
                          content_dim=CONTENT_DIM, content_proj_dim=32, attention_hidden_sizes=ATTENTION_UNITS,
                          fusion_hidden_sizes=DNN_UNITS, dropout=0.0)
     torch.manual_seed(0)
     model = CiUBMForCTR(config).to(device).train()
+    if model.needs_content_inputs:
+        model.set_content_table(table)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    with_content = mode != "din" or base == "sim"
-    content_keys = {"embeds": ("target_content_embeds", "behavior_content_embeds"),
-                    "rows": ("content_table", "target_content_rows", "behavior_content_rows")}[content]
 
     def step(data):
-        loss = model(
-            user_ids=data["user_ids"], target_item_ids=data["target_item_ids"],
-            behavior_item_ids=data["behavior_item_ids"], behavior_mask=data["behavior_mask"],
-            labels=data["labels"], **({key: data[key] for key in content_keys} if with_content else {}),
-        ).loss
+        loss = model(**data).loss
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 10)
         optimizer.step()
         optimizer.zero_grad()
 
-    return model, step, f"CiUBMForCTR mode={mode} base={base} content={content}"
+    return model, step, f"CiUBMForCTR mode={mode} base={base}"
 
 
 def content_table(seed: int = 2, device: str = "cpu") -> torch.Tensor:
@@ -202,11 +193,9 @@ def content_table(seed: int = 2, device: str = "cpu") -> torch.Tensor:
     return table.to(device)
 
 
-def random_batch(batch_size: int, seq_len: int, seed: int = 0, table: torch.Tensor | None = None,
-                 device: str = "cpu") -> dict:
-    """Random ids, lengths uniform in 1..seq_len, dense content; with ``table`` also content rows
-    (row = item id) and the table itself. Drawn on the CPU (same numbers on every device), then
-    moved to ``device``."""
+def random_batch(batch_size: int, seq_len: int, seed: int = 0, device: str = "cpu") -> dict:
+    """Random ids, lengths uniform in 1..seq_len, content rows = item ids (0 at padding). Drawn on
+    the CPU (same numbers on every device), then moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, seq_len + 1, (batch_size,), generator=g)
     mask = torch.arange(seq_len).unsqueeze(0) < lengths.unsqueeze(1)
@@ -215,15 +204,10 @@ def random_batch(batch_size: int, seq_len: int, seed: int = 0, table: torch.Tens
         "target_item_ids": torch.randint(1, N_ITEMS, (batch_size,), generator=g),
         "behavior_item_ids": torch.randint(1, N_ITEMS, (batch_size, seq_len), generator=g) * mask,
         "behavior_mask": mask,
-        "target_content_embeds": torch.randn(batch_size, CONTENT_DIM, generator=g),
-        "behavior_content_embeds": torch.randn(batch_size, seq_len, CONTENT_DIM, generator=g) * mask.unsqueeze(-1),
         "labels": torch.randint(0, 2, (batch_size,), generator=g),
     }
-    batch = {key: value.to(device) for key, value in batch.items()}
-    if table is not None:
-        batch.update(content_table=table, target_content_rows=batch["target_item_ids"],
-                     behavior_content_rows=batch["behavior_item_ids"])
-    return batch
+    batch.update(target_content_rows=batch["target_item_ids"], behavior_content_rows=batch["behavior_item_ids"])
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 def clock(device: str) -> float:
@@ -294,7 +278,7 @@ def main():
     parser.add_argument("--seq-len", type=int, default=50)
     parser.add_argument("--sim-seq-len", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--sim-rounds", type=int, default=12, help="rounds of the SIM / seq-50 comparison")
+    parser.add_argument("--sim-rounds", type=int, default=12, help="rounds of the SIM / seq-50 comparison (0 = skip)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
@@ -324,37 +308,33 @@ def main():
     print(f"reference: {reference_label}")
 
     table = content_table(device=device)
-    data = random_batch(args.batch_size, args.seq_len, table=table, device=device)
-    entries = {"reference": (reference_step, data), "din": (build_ciubm("din", device=device)[1], data)}
-    for content in ("embeds", "rows"):
-        entries[f"ciubm/{content}"] = (build_ciubm("ciubm", content=content, device=device)[1], data)
+    data = random_batch(args.batch_size, args.seq_len, device=device)
+    entries = {"reference": (reference_step, data), "din": (build_ciubm("din", table, device=device)[1], data),
+               "ciubm": (build_ciubm("ciubm", table, device=device)[1], data)}
     seconds = time_interleaved(entries, args.rounds, args.steps, device)
     samples_per_s = {name: args.batch_size / s for name, s in seconds.items()}
     for name, rate in samples_per_s.items():
         print(f"  {name:14s} {rate:10.0f} samples/s  ({seconds[name] * 1000:.1f} ms/step)")
-    for name, goal in (("din", 1.5), ("ciubm/embeds", 1.0), ("ciubm/rows", 1.0)):
+    for name, goal in (("din", 1.5), ("ciubm", 1.0)):
         ratio = samples_per_s[name] / samples_per_s["reference"]
         print(f"ratio {name}/reference = {ratio:.2f}  ({verdict(ratio, goal, at_least=True)})")
+    if not args.sim_rounds:
+        return
 
     del entries  # free the first part's models before the long batches
-    long_data = random_batch(args.batch_size, args.sim_seq_len, seed=1, table=table, device=device)
-    sim_entries = {}
-    for content in ("embeds", "rows"):
-        sim_entries[f"ciubm/{content} seq{args.seq_len}"] = (build_ciubm("ciubm", content=content, device=device)[1], data)
-        sim_entries[f"ciubm+sim/{content} seq{args.sim_seq_len}"] = (
-            build_ciubm("ciubm", base="sim", content=content, device=device)[1], long_data)
+    long_data = random_batch(args.batch_size, args.sim_seq_len, seed=1, device=device)
+    short_name, sim_name = f"ciubm seq{args.seq_len}", f"ciubm+sim seq{args.sim_seq_len}"
+    sim_entries = {short_name: (build_ciubm("ciubm", table, device=device)[1], data),
+                   sim_name: (build_ciubm("ciubm", table, base="sim", device=device)[1], long_data)}
     sim_rounds = time_rounds(sim_entries, args.sim_rounds, max(1, args.steps // 2), device)
     for name, times in sim_rounds.items():
         print(f"  {name:26s} {min(times) * 1000:8.1f} ms/step (fastest round; median {statistics.median(times) * 1000:.1f})")
-    for content in ("embeds", "rows"):
-        sim_times = sim_rounds[f"ciubm+sim/{content} seq{args.sim_seq_len}"]
-        short_times = sim_rounds[f"ciubm/{content} seq{args.seq_len}"]
-        ratio = min(sim_times) / min(short_times)
-        per_round = [long / short for long, short in zip(sim_times, short_times)]
-        print(f"ratio SIM(seq {args.sim_seq_len}, top-k 50) / seq {args.seq_len} step time, content {content} = "
-              f"{ratio:.2f}  ({verdict(ratio, 2.0, at_least=False)}); per-round ratios: median "
-              f"{statistics.median(per_round):.2f}, {sum(r <= 2.0 for r in per_round)}/{len(per_round)} rounds <= 2.0 "
-              f"[{' '.join(f'{r:.2f}' for r in per_round)}]")
+    sim_times, short_times = sim_rounds[sim_name], sim_rounds[short_name]
+    ratio = min(sim_times) / min(short_times)
+    per_round = [long / short for long, short in zip(sim_times, short_times)]
+    print(f"ratio SIM(seq {args.sim_seq_len}, top-k 50) / seq {args.seq_len} step time = {ratio:.2f}  "
+          f"({verdict(ratio, 2.0, at_least=False)}); per-round ratios: median {statistics.median(per_round):.2f}, "
+          f"{sum(r <= 2.0 for r in per_round)}/{len(per_round)} rounds <= 2.0 [{' '.join(f'{r:.2f}' for r in per_round)}]")
 
 
 if __name__ == "__main__":

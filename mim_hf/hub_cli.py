@@ -61,7 +61,7 @@ def cmd_push_adapters(args) -> int:
 
 
 def cmd_push_ctr(args) -> int:
-    from mim_hf.common.hub import push_ctr_model
+    from mim_hf.ctr.hub import push_ctr_model
 
     return _run("ctr", push_ctr_model, args, center_repo_id=args.center_repo_id, center_revision=args.center_revision,
                 dataset_repo_id=args.dataset_repo_id, metrics=args.metrics, commit_message=args.commit_message,
@@ -69,13 +69,13 @@ def cmd_push_ctr(args) -> int:
 
 
 def cmd_push_center(args) -> int:
-    from mim_hf.common.hub import push_center
+    from mim_hf.center.hub import push_center
 
     return _run("center", push_center, args, commit_message=args.commit_message, create_branch=args.create_branch)
 
 
 def cmd_push_data(args) -> int:
-    from mim_hf.common.hub import push_prepared
+    from mim_hf.data.hub import push_prepared
 
     if not args.create_branch:
         raise SystemExit("error: mim-hf push data: --no-create-branch is not supported (datasets creates the branch)")

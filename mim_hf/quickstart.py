@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mim_hf.common.training import load_config, write_json_atomic
+from mim_hf.common.config import load_config, write_json_atomic
 
 OVERRIDABLE = ("world", "pretrain", "csft", "ctr")
 STAGES = ("data", "pretrain", "csft", "centers", "retrieval", "ctr", "report")
@@ -120,7 +120,7 @@ def _resume(config: QuickstartConfig, stage_dir: Path) -> bool:
     """Whether a training stage continues an interrupted run: yes when ``stage_dir`` holds a complete
     checkpoint (a killed quickstart picks up where it stopped), unless ``--force`` asked for a
     recomputation, which discards those checkpoints."""
-    from mim_hf.common.training import checkpoint_dir, latest_checkpoint
+    from mim_hf.common.checkpoints import checkpoint_dir, latest_checkpoint
 
     if config.force:
         shutil.rmtree(checkpoint_dir(stage_dir), ignore_errors=True)
@@ -143,7 +143,8 @@ def _load_world(config: QuickstartConfig):
 
 def run_protocol(config: QuickstartConfig, protocol: str, data, timings: dict) -> dict:
     """Every stage for one protocol; returns its slice of the report."""
-    from mim_hf.center.store import STAGING_DIR, RepresentationCenter, build_center
+    from mim_hf.center.build import STAGING_DIR, build_center
+    from mim_hf.center.store import RepresentationCenter
     from mim_hf.data import PreparedData, prepare
     from mim_hf.data.prepare import format_stats
     from mim_hf.encoder.build import load_encoder_and_processor

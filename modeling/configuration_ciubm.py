@@ -66,6 +66,10 @@ class CiUBMConfig(PretrainedConfig):
         unknown_id_dropout (`float`, 0.0): in training, probability of replacing a user/item ID
             by 0 so row 0 learns what an unseen ID looks like (must be > 0 for "trained").
 
+    Debugging
+        check_inputs (`bool`, False): `forward` checks index ranges, labels and finite logits
+            (one host sync per batch); off by default, the collator checks the data.
+
     Representation Center provenance (recorded, not checked by the model)
         center_fingerprint (`str | None`, None): fingerprint of the content embedding table.
         center_repo (`str | None`, None): Hub repo or path of the Representation Center.
@@ -106,6 +110,7 @@ class CiUBMConfig(PretrainedConfig):
     histogram_n_bins: int = 10
     unknown_row_policy: str = "zero"
     unknown_id_dropout: float = 0.0
+    check_inputs: bool = False
     center_fingerprint: str | None = None
     center_repo: str | None = None
     center_revision: str | None = None

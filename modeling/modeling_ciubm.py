@@ -1,27 +1,22 @@
 """CiUBM: content-interest-aware user behaviour modelling for CTR (Stage 3 of MIM).
 
 One model, one file, top to bottom: feature embedding, DIN attention unit, content
-similarity / content-interest / histogram blocks, SIM top-k search, the two ways behaviour
-content can come in, then ``CiUBMPreTrainedModel`` and ``CiUBMForCTR``. Imports only torch and
-transformers so it can be uploaded as Hub remote code next to ``configuration_ciubm.py``.
+similarity / content-interest / histogram blocks, SIM top-k search, then
+``CiUBMPreTrainedModel`` and ``CiUBMForCTR``. Imports only torch and transformers so it can be
+uploaded as Hub remote code next to ``configuration_ciubm.py``.
 
-Content embeddings are inputs: they come frozen from the Representation Center, either as
-dense tensors looked up by the collator (``target_content_embeds`` (B, C),
-``behavior_content_embeds`` (B, L, C)) or as row numbers into a content table passed with the
-batch (``content_table`` (N, C), ``target_content_rows`` (B,), ``behavior_content_rows`` (B, L)),
-which never builds a (B, L, C) tensor. The model holds no copy of the center, so checkpoints
-stay small.
+Content comes frozen from the Representation Center as one table (N, C) that the model holds
+as a non-persistent buffer (``set_content_table``: checkpoints stay small, row norms are
+computed once); batches carry integer rows into it (``target_content_rows`` (B,),
+``behavior_content_rows`` (B, L)), which ``mim_hf.ctr.CTRCollator`` maps from item ids.
 
 Padding and unknown IDs share row 0 of every embedding table. Padded behaviours get exactly
-zero attention weight (masked softmax, then multiplied by the mask), their IDs, side features
-and content rows are replaced by 0 before look-up, so whatever sits at padded positions cannot
-change the output, provided padded content vectors are finite (the collator writes zeros;
-non-finite content anywhere raises a ValueError).
+zero attention weight (masked softmax, then multiplied by the mask), so whatever the collator
+writes at padded positions (zeros) cannot change the output. ``forward`` checks nothing by
+default (no host sync); ``config.check_inputs=True`` turns range checks on for debugging.
 """
 
 import os
-import warnings
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -98,7 +93,7 @@ class CiUBMFeatureEmbedding(nn.Module):
     Row 0 of every table is the padding/unknown row. Side-feature tables keep row 0 at zero
     (padding_idx); the user/item ID tables follow `config.unknown_row_policy`. Multi-valued
     item features (..., G) are averaged over their non-zero values. Inputs are assumed valid
-    (`CiUBMForCTR.forward` checks them once per batch).
+    (the collator checks them).
     """
 
     def __init__(self, config: CiUBMConfig):
@@ -215,193 +210,47 @@ class CiUBMTargetAttention(nn.Module):
 COSINE_EPS = 1e-8  # norms below it count as it: cosines stay bounded, zero vectors get 0
 
 
-def content_cosine_similarity(target_content: torch.Tensor, behavior_content: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of the target with each behaviour: (B, C), (B, L, C) -> (B, L) in [-1, 1].
-
-    cos(a, b) = a . b / (max(|a|, eps) max(|b|, eps)), eps = `COSINE_EPS`: all-zero vectors
-    (content missing from the center) get similarity 0. The target is normalised first (B x C
-    work), so the (B, L) result needs one division; behaviour norms are computed separately so
-    the (B, L, C) tensor is never copied. The dots are one (1, C) x (C, L) product per sample: on
-    CPU that orientation streams the behaviours at memory speed, (L, C) x (C, 1) runs about 3x
-    slower.
-    """
-    dots = torch.bmm(_unit_rows(target_content).unsqueeze(1), behavior_content.transpose(1, 2)).squeeze(1)
-    return dots / torch.linalg.vector_norm(behavior_content, dim=-1).clamp_min(COSINE_EPS)
-
-
 def _unit_rows(vectors: torch.Tensor) -> torch.Tensor:
     """(..., C) -> the rows divided by max(|row|, COSINE_EPS) (zero rows stay zero)."""
     return vectors / torch.linalg.vector_norm(vectors, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
 
 
 def table_inverse_norms(table: torch.Tensor) -> torch.Tensor:
-    """(N, C) -> (N,) float32 1 / max(|row|, COSINE_EPS) (float32 whatever the table dtype, so the
-    eps never underflows)."""
-    return torch.linalg.vector_norm(table, dim=-1, dtype=torch.float32).clamp_min(COSINE_EPS).reciprocal()
+    """(N, C) -> (N,) float32 1 / |row|, and 0 for rows of norm below COSINE_EPS (they count as zero
+    vectors: similarity 0, and no 1/eps that a half-precision cast would turn into inf)."""
+    norms = torch.linalg.vector_norm(table, dim=-1, dtype=torch.float32)
+    return torch.where(norms >= COSINE_EPS, norms.clamp_min(COSINE_EPS).reciprocal(), 0.0)
 
 
-def _index_dtype(*sizes: int) -> torch.dtype:
-    """int32 when every index fits (half the memory traffic of int64 in sort and CSR build), else int64."""
-    return torch.int32 if max(sizes) < 2**31 else torch.int64
+def _compute_dtype(table: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision tables (sums and norms in float32), else the table dtype."""
+    return torch.float32 if table.dtype in (torch.float16, torch.bfloat16) else table.dtype
 
 
-def _dots_by_sorted_csr(table: torch.Tensor) -> bool:
-    """Row dots by the sorted-CSR sampled product (CPU: each table row read once) or, elsewhere,
-    by chunked gathers (accelerators read random rows at full speed and sort/CSR build would only
-    add passes)."""
-    return table.device.type == "cpu"
+def content_cosine_similarity(target_unit: torch.Tensor, table: torch.Tensor, inverse_norms: torch.Tensor,
+                              rows: torch.LongTensor) -> torch.Tensor:
+    """Cosine of the target with each behaviour: unit target (B, C), content table (N, C), its
+    `table_inverse_norms` (N,), behaviour rows (B, L) -> (B, L) in [-1, 1] (0 for zero rows).
 
-
-def _sorted_row_dots(table: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, sample: torch.Tensor):
-    """The dots of `sampled_row_dots` in table-row order: (N, C), (B, C), (V,), (V,) ->
-    (dots (V,) float32 or float64, sorted_rows (V,), order (V,) int64) with sorted_rows = rows[order]
-    and dots[i] = table[sorted_rows[i]] . target[sample[order[i]]].
-
-    A sampled dense-dense product (`torch.sparse.sampled_addmm`) over the CSR pattern "table row r
-    meets sample b", rows sorted by table row so that each table row is read once however many
-    samples hold it.
+    The dots are one (1, C) x (C, L) product per sample (on CPU that orientation streams the
+    behaviours at memory speed); the behaviour norms come from the table, computed once.
     """
-    if table.dtype in (torch.float16, torch.bfloat16):  # sampled_addmm has no CPU kernel for them
-        table, target = table.float(), target.float()
-    n_rows, batch_size = table.shape[0], target.shape[0]
-    index_dtype = _index_dtype(n_rows, batch_size, rows.numel())
-    sorted_rows, order = torch.sort(rows.to(index_dtype), stable=True)
-    sorted_sample = sample.to(index_dtype).index_select(0, order)
-    crow = torch.zeros(n_rows + 1, dtype=index_dtype, device=rows.device)
-    crow[1:] = torch.bincount(sorted_rows, minlength=n_rows).cumsum(0)
-    values = torch.zeros(rows.numel(), dtype=table.dtype, device=table.device)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        pattern = torch.sparse_csr_tensor(crow, sorted_sample, values, size=(n_rows, batch_size),
-                                          check_invariants=False)
-        dots = torch.sparse.sampled_addmm(pattern, table, target.t(), beta=0.0).values()
-    return dots, sorted_rows, order
+    behaviors = F.embedding(rows, table).to(target_unit.dtype)  # (B, L, C)
+    dots = torch.bmm(target_unit.unsqueeze(1), behaviors.transpose(1, 2)).squeeze(1)
+    return dots * inverse_norms[rows].to(dots.dtype)
 
 
-def sampled_row_dots(table: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-    """dots[i] = table[rows[i]] . target[sample[i]]: (N, C), (B, C), (V,) integer, (V,) integer -> (V,).
-
-    On CPU a sampled dense-dense product over the pattern "table row r meets sample b" sorted by
-    table row (each table row read once, see `_sorted_row_dots`); gathering table[rows] instead
-    writes V*C floats and reads rows in random order (several times slower at L = 1000). On other
-    devices, where gathers are cheap, a chunked gather and row-wise dot. No gradient flows (the
-    table is frozen). Half-precision inputs are computed in float32 and returned in their dtype.
-    """
-    if not _dots_by_sorted_csr(table):
-        return _gathered_row_dots(table, target, rows, sample).to(table.dtype)
-    dots, _, order = _sorted_row_dots(table, target, rows, sample)
-    return torch.empty_like(dots).index_copy_(0, order, dots).to(table.dtype)
-
-
-def _gathered_row_dots(table, target, rows, sample, chunk_elements: int = 2**26) -> torch.Tensor:
-    """`sampled_row_dots` by explicit gathers, at most `chunk_elements` gathered values at a time
-    (float32 accumulation); for accelerators, where random row reads are cheap."""
-    step = max(1, chunk_elements // max(table.shape[1], 1))
-    accumulate = torch.float64 if table.dtype == torch.float64 else torch.float32
-    out = torch.empty(rows.numel(), dtype=accumulate, device=table.device)
-    for start in range(0, rows.numel(), step):
-        part_rows, part_sample = rows[start:start + step], sample[start:start + step]
-        out[start:start + step] = torch.linalg.vecdot(table.index_select(0, part_rows).to(accumulate),
-                                                      target.index_select(0, part_sample).to(accumulate))
-    return out
-
-
-def table_cosine_similarity(
-    target_content: torch.Tensor, table: torch.Tensor, table_inverse_norms: torch.Tensor, rows: torch.Tensor,
-    mask: torch.Tensor, padding_value: float = 0.0,
-) -> torch.Tensor:
-    """`content_cosine_similarity(target_content, table[rows])` at the positions where `mask` is
-    True, `padding_value` elsewhere, without building table[rows] and without computing padded
-    positions.
-
-    target_content (B, C), table (N, C), table_inverse_norms (N,) = `table_inverse_norms(table)`,
-    rows (B, L) integer, mask (B, L) bool -> (B, L) in [-1, 1], table dtype (computed in float32
-    for half-precision tables). The target is normalised first, so each real behaviour costs one
-    dot, one gathered inverse norm and one product.
-    """
-    batch_size, seq_len = rows.shape
-    flat_mask = mask.reshape(-1)
-    valid = flat_mask.nonzero().squeeze(1)  # (V,) flat positions, sample-major
-    valid_rows = rows.reshape(-1).index_select(0, valid)
-    # sample of each valid position, straight from the per-sample counts (no division pass)
-    index_dtype = _index_dtype(table.shape[0], batch_size, valid.numel())
-    sample = torch.repeat_interleave(torch.arange(batch_size, dtype=index_dtype, device=rows.device),
-                                     mask.sum(1), output_size=valid.numel())
-    target_content = target_content.float() if target_content.dtype in (torch.float16, torch.bfloat16) else target_content
-    target_unit = _unit_rows(target_content)
-    if _dots_by_sorted_csr(table):
-        # everything stays in table-row order until the one scatter into the (B, L) output
-        dots, sorted_rows, order = _sorted_row_dots(table, target_unit, valid_rows, sample)
-        inverse_norms = table_inverse_norms.index_select(0, sorted_rows)
-        positions = valid.index_select(0, order)
-    else:
-        dots = _gathered_row_dots(table, target_unit, valid_rows, sample)
-        inverse_norms = table_inverse_norms.index_select(0, valid_rows)
-        positions = valid
-    similarity = torch.full((batch_size * seq_len,), padding_value, dtype=table.dtype, device=table.device)
-    similarity.index_copy_(0, positions, (dots * inverse_norms.to(dots.dtype)).to(table.dtype))
-    return similarity.view(batch_size, seq_len)
-
-
-class _DenseBehaviorContent:
-    """Behaviour content given densely: target (B, C), behaviours (B, L, C), mask (B, L) bool."""
-
-    def __init__(self, target: torch.Tensor, behaviors: torch.Tensor, mask: torch.Tensor):
-        self.target, self.behaviors, self.mask = target, behaviors, mask
-
-    def similarity(self, padding_value: float | None = None):
-        """((B, L) cosine similarity of target and behaviours, with `padding_value` at padded
-        positions unless it is None; non-finite flag: 0-dim bool, True when any similarity, padded
-        positions included, is NaN/inf: content must be finite everywhere)."""
-        similarity = content_cosine_similarity(self.target, self.behaviors)
-        bad = _non_finite_flag(similarity)
-        if padding_value is not None:
-            similarity = similarity.masked_fill(~self.mask, padding_value)
-        return similarity, bad
-
-    def select(self, indices: torch.Tensor) -> "_DenseBehaviorContent":
-        """Keep positions indices (B, k) of each sequence (a row copy, no (B, k, C) index tensor)."""
-        batch_size, seq_len, dim = self.behaviors.shape
-        offsets = torch.arange(batch_size, device=indices.device).unsqueeze(1) * seq_len
-        kept = self.behaviors.reshape(-1, dim).index_select(0, (indices + offsets).reshape(-1))
-        return _DenseBehaviorContent(self.target, kept.view(*indices.shape, dim), self.mask.gather(1, indices))
-
-    def pool(self, weights: torch.Tensor) -> torch.Tensor:
-        """weights (B, L) -> (B, C) = sum_l weights[b, l] * behaviours[b, l]."""
-        return torch.bmm(weights.unsqueeze(1).to(self.behaviors.dtype), self.behaviors).squeeze(1)
-
-
-class _TableBehaviorContent:
-    """Behaviour content given as rows (B, L) of a frozen content table (N, C) with its
-    `table_inverse_norms` (N,)."""
-
-    def __init__(self, target: torch.Tensor, table: torch.Tensor, inverse_norms: torch.Tensor, rows: torch.Tensor,
-                 mask: torch.Tensor):
-        self.target, self.table, self.inverse_norms, self.rows, self.mask = target, table, inverse_norms, rows, mask
-
-    def similarity(self, padding_value: float | None = None):
-        """((B, L) cosine similarity at real behaviours, `padding_value` (None: 0) at padded
-        positions, which are never computed; non-finite flag: 0-dim bool, True when a similarity
-        is NaN/inf)."""
-        similarity = table_cosine_similarity(self.target, self.table, self.inverse_norms, self.rows, self.mask,
-                                             0.0 if padding_value is None else padding_value)
-        return similarity, _non_finite_flag(similarity)
-
-    def select(self, indices: torch.Tensor) -> "_TableBehaviorContent":
-        return _TableBehaviorContent(self.target, self.table, self.inverse_norms, self.rows.gather(1, indices),
-                                     self.mask.gather(1, indices))
-
-    def pool(self, weights: torch.Tensor) -> torch.Tensor:
-        if self.rows.shape[1] == 0:  # embedding_bag cannot split empty bags out of a 2-D input
-            return self.table.new_zeros(self.rows.shape[0], self.table.shape[1])
-        # one fused gather-and-sum per sample: the (B, L, C) rows are never written out
-        return F.embedding_bag(self.rows, self.table, per_sample_weights=weights.to(self.table.dtype), mode="sum")
+def pool_rows(table: torch.Tensor, rows: torch.LongTensor, weights: torch.Tensor) -> torch.Tensor:
+    """(B, C) = sum_l weights[b, l] * table[rows[b, l]]: one fused gather-and-sum per sample."""
+    if rows.shape[1] == 0:  # embedding_bag cannot split empty bags out of a 2-D input
+        return table.new_zeros(rows.shape[0], table.shape[1])
+    return F.embedding_bag(rows, table, per_sample_weights=weights.to(table.dtype), mode="sum")
 
 
 class CiUBMContentInterest(nn.Module):
     """(a) Content-interest vector: behaviour content pooled by softmax(similarity / temperature).
 
-    similarity (B, L), mask (B, L), behaviour content (dense or table rows) ->
+    similarity (B, L), mask (B, L), content table (N, C), behaviour rows (B, L) ->
     (pooled (B, C), weights (B, L)).
     """
 
@@ -409,9 +258,9 @@ class CiUBMContentInterest(nn.Module):
         super().__init__()
         self.temperature = temperature
 
-    def forward(self, similarity, mask, behavior_content):
+    def forward(self, similarity, mask, table, rows):
         weights = masked_softmax(similarity / self.temperature, mask)
-        return behavior_content.pool(weights), weights
+        return pool_rows(table, rows, weights), weights
 
 
 class CiUBMSimilarityHistogram(nn.Module):
@@ -436,11 +285,9 @@ class CiUBMSimilarityHistogram(nn.Module):
 class CiUBMBehaviorSearch(nn.Module):
     """SIM-style search stage: keep the top-k valid behaviours by content similarity.
 
-    similarity (B, L), mask (B, L) bool or None -> indices (B, k) into the sequence (in no
-    particular order), with k = min(top_k, L); rows with fewer than k valid behaviours also
-    return padded positions (still masked). With `mask=None` the padded positions must already
-    hold a value below every real similarity (`CiUBMForCTR` writes `search_padding_value` = -2
-    there while computing the similarities, cosines lying in [-1, 1]): one pass over (B, L) less.
+    similarity (B, L), mask (B, L) bool -> indices (B, k) into the sequence (in no particular
+    order), with k = min(top_k, L); rows with fewer than k valid behaviours also return padded
+    positions (still masked): padded positions score `search_padding_value` = -2, below every cosine.
     """
 
     search_padding_value = -2.0
@@ -449,9 +296,9 @@ class CiUBMBehaviorSearch(nn.Module):
         super().__init__()
         self.top_k = top_k
 
-    def forward(self, similarity, mask=None):
+    def forward(self, similarity, mask):
         k = min(self.top_k, similarity.shape[1])
-        scores = similarity if mask is None else similarity.masked_fill(~mask, float("-inf"))
+        scores = similarity.masked_fill(~mask, self.search_padding_value)
         # unsorted: the model is order-invariant over behaviours, and a partial selection is cheaper
         return scores.topk(k, dim=1, sorted=False).indices
 
@@ -509,7 +356,7 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
     projected target content and mean behaviour content as features; "ciubm" adds (a) the
     content-interest vector, (b) similarity in the ID attention logits and (c) the similarity
     histogram (each switchable). `config.base="sim"` first keeps the top-k behaviours by
-    content similarity.
+    content similarity. Modes that read content need `set_content_table` before `forward`.
     """
 
     def __init__(self, config: CiUBMConfig):
@@ -548,169 +395,31 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
             fusion_dim += config.content_proj_dim if self.content_interest is not None else 0
             fusion_dim += config.histogram_n_bins if self.similarity_histogram is not None else 0
         self.fusion = CiUBMMLP(fusion_dim, config.fusion_hidden_sizes, 1, config.hidden_act, config.dropout)
-        # (weak ref to the last content_table seen, (its version, dtype), its inverse row norms)
-        self._content_table_cache = None
+        # the frozen content table and its inverse row norms: never saved (checkpoints stay small)
+        self.register_buffer("content_table", None, persistent=False)
+        self.register_buffer("content_inverse_norms", None, persistent=False)
         self.post_init()
 
-    # ------------------------------------------------------------------ input checks
-    def _check_inputs(self, inputs: dict) -> dict:
-        """Check every input once per batch and return them cleaned.
+    def set_content_table(self, table) -> "CiUBMForCTR":
+        """Attach the frozen content table (N, config.content_dim) that `*_content_rows` index.
 
-        Types and shapes are checked for free (metadata); values (ID ranges, mask and label
-        values) with a few reductions and ONE host sync, and only when something is wrong is the
-        offending value looked up for the message. Raises TypeError (not a tensor, wrong dtype) or
-        ValueError (shape, range, value), naming the input, the bad value and what is expected.
-        Returns the inputs with a bool mask, padded behaviour IDs / side features / content rows
-        replaced by 0, feature dicts filled, and "content" = the behaviour content (or None).
+        Row r holds the content of the item the collator maps to row r; row 0 is the padding /
+        no-content row (zeros). Stored in the model's dtype and device as non-persistent buffers
+        (moved by `.to()`, not written by `save_pretrained`), with its inverse row norms computed
+        here once. Returns the model. ValueError for a wrong shape or non-finite values.
         """
-        config = self.config
-        user_ids = _tensor("user_ids", inputs["user_ids"], "integer")
-        if user_ids.dim() != 1 or user_ids.shape[0] == 0:
-            raise ValueError(f"user_ids must be (batch_size,) with batch_size >= 1, got shape {tuple(user_ids.shape)}")
-        batch_size = user_ids.shape[0]
-        target_item_ids = _tensor("target_item_ids", inputs["target_item_ids"], "integer", (batch_size,))
-        behavior_item_ids = _tensor("behavior_item_ids", inputs["behavior_item_ids"], "integer")
-        if behavior_item_ids.dim() != 2 or behavior_item_ids.shape[0] != batch_size:
-            raise ValueError(f"behavior_item_ids must be ({batch_size}, L), got {tuple(behavior_item_ids.shape)}")
-        seq_shape = tuple(behavior_item_ids.shape)
-        raw_mask = _tensor("behavior_mask", inputs["behavior_mask"], "any")
-        if raw_mask.shape != seq_shape:
-            raise ValueError(f"behavior_mask shape {tuple(raw_mask.shape)} != behavior_item_ids shape {seq_shape}")
-        mask = raw_mask if raw_mask.dtype == torch.bool else raw_mask != 0
-
-        checks = []  # (bad: 0-dim bool tensor, message: callable) evaluated with one sync below
-        if raw_mask.dtype != torch.bool:
-            checks.append(_value_check("behavior_mask", raw_mask, "0/1 (or bool)"))
-        checks.append(_range_check("user_ids", user_ids, config.n_users))
-        checks.append(_range_check("target_item_ids", target_item_ids, config.n_items))
-        # any value allowed at padding: zeroed (one pass; `where` runs several times faster than a
-        # product with the bool mask, which promotes it first)
-        behavior_item_ids = torch.where(mask, behavior_item_ids, 0)
-        checks.append(_range_check("behavior_item_ids (at unpadded positions)", behavior_item_ids, config.n_items))
-
-        user_features = _feature_dict("user_features", inputs["user_features"], config.user_feature_sizes)
-        target_features = _feature_dict("target_item_features", inputs["target_item_features"], config.item_feature_sizes)
-        behavior_features = _feature_dict(
-            "behavior_item_features", inputs["behavior_item_features"], config.item_feature_sizes
-        )
-        multi = set(config.multi_valued_item_features)
-        for name, size in config.user_feature_sizes.items():
-            values = _tensor(f"user_features[{name!r}]", user_features[name], "integer", (batch_size,))
-            checks.append(_range_check(f"user_features[{name!r}]", values, size))
-        for name, size in config.item_feature_sizes.items():
-            tail = "G" if name in multi else None
-            target_values = _tensor(f"target_item_features[{name!r}]", target_features[name], "integer",
-                                    (batch_size,), tail)
-            behavior_values = _tensor(f"behavior_item_features[{name!r}]", behavior_features[name], "integer",
-                                      seq_shape, tail)
-            behavior_values = torch.where(mask.unsqueeze(-1) if tail else mask, behavior_values, 0)
-            behavior_features[name] = behavior_values
-            checks.append(_range_check(f"target_item_features[{name!r}]", target_values, size))
-            checks.append(_range_check(f"behavior_item_features[{name!r}] (at unpadded positions)", behavior_values, size))
-
-        content = None
-        if self.needs_content_inputs:
-            content, content_checks = self._behavior_content(inputs, batch_size, seq_shape, mask)
-            checks += content_checks
-        labels = inputs["labels"]
-        if labels is not None:
-            labels = _tensor("labels", labels, "any", (batch_size,))
-            checks.append(_value_check("labels", labels, "0 or 1"))
-
-        bad = torch.stack([flag for flag, _ in checks])
-        if bool(bad.any()):
-            for flag, message in checks:
-                if flag:
-                    raise ValueError(message())
-        return {
-            "user_ids": user_ids, "target_item_ids": target_item_ids, "behavior_item_ids": behavior_item_ids,
-            "behavior_mask": mask, "user_features": user_features, "target_item_features": target_features,
-            "behavior_item_features": behavior_features, "content": content, "labels": labels,
-        }
-
-    def _behavior_content(self, inputs, batch_size, seq_shape, mask):
-        """The behaviour content of the batch (dense or table rows) and its value checks."""
+        table = torch.as_tensor(table).detach()
         dim = self.config.content_dim
-        dense = inputs["target_content_embeds"] is not None or inputs["behavior_content_embeds"] is not None
-        rows = (inputs["content_table"] is not None or inputs["target_content_rows"] is not None
-                or inputs["behavior_content_rows"] is not None)
-        needed = (f"mode={self.config.mode!r}, base={self.config.base!r} needs target_content_embeds (B, C) and "
-                  "behavior_content_embeds (B, L, C), or content_table (N, C) with target_content_rows (B,) and "
-                  "behavior_content_rows (B, L), from the Representation Center")
-        if dense and rows:
-            raise ValueError(f"give content either as embeddings or as table rows, not both. {needed}")
-        if not rows:
-            if inputs["target_content_embeds"] is None or inputs["behavior_content_embeds"] is None:
-                raise ValueError(needed)
-            target = _tensor("target_content_embeds", inputs["target_content_embeds"], "float")
-            behaviors = _tensor("behavior_content_embeds", inputs["behavior_content_embeds"], "float")
-            for name, tensor in (("target_content_embeds", target), ("behavior_content_embeds", behaviors)):
-                if tensor.dim() and tensor.shape[-1] != dim:
-                    raise ValueError(f"{name} has content dim {tensor.shape[-1]} but config.content_dim is {dim} "
-                                     "(was the center built with another encoder?)")
-            _tensor("target_content_embeds", target, "float", (batch_size, dim))
-            _tensor("behavior_content_embeds", behaviors, "float", (*seq_shape, dim))
-            target = target.to(self.dtype)
-            # the target is checked here; behaviours through the similarities and logits they feed
-            return (_DenseBehaviorContent(target, behaviors.to(self.dtype), mask),
-                    [_finite_check("target_content_embeds", target)])
-        if any(inputs[name] is None for name in ("content_table", "target_content_rows", "behavior_content_rows")):
-            raise ValueError(needed)
-        table = _tensor("content_table", inputs["content_table"], "float")
-        if table.dim() != 2 or table.shape[0] == 0 or table.shape[1] != dim:
-            raise ValueError(f"content_table must be (N, {dim}) with N >= 1 (config.content_dim = {dim}), "
-                             f"got {tuple(table.shape)}")
-        target_rows = _tensor("target_content_rows", inputs["target_content_rows"], "integer", (batch_size,))
-        behavior_rows = _tensor("behavior_content_rows", inputs["behavior_content_rows"], "integer", seq_shape)
-        behavior_rows = torch.where(mask, behavior_rows, 0)
-        checks = [_range_check(name, rows, table.shape[0], "the rows of content_table") for name, rows in (
-            ("target_content_rows", target_rows), ("behavior_content_rows (at unpadded positions)", behavior_rows))]
-        table, inverse_norms = self._prepared_table(table)
-        target = table.index_select(0, target_rows.clamp(0, table.shape[0] - 1))  # clamped: checked with the rest
-        checks.append(_finite_check("content_table (at target_content_rows)", target))
-        return _TableBehaviorContent(target, table, inverse_norms, behavior_rows, mask), checks
-
-    def _prepared_table(self, table: torch.Tensor):
-        """(table in the model dtype, detached; its `table_inverse_norms` (N,) float32). The norms are
-        computed once per table object and version (an in-place change recomputes them); a weak
-        reference, so the model never keeps a caller's table alive. A table made under
-        `torch.inference_mode` has no version counter: its norms are computed on every call."""
-        frozen = table.detach().to(self.dtype)
-        if table.is_inference():  # made under inference_mode: no version counter, so no safe cache
-            return frozen, table_inverse_norms(frozen)
-        cache = self._content_table_cache
-        if cache is None or cache[0]() is not table or cache[1] != (table._version, frozen.dtype):
-            cache = (weakref.ref(table), (table._version, frozen.dtype), table_inverse_norms(frozen))
-            self._content_table_cache = cache
-        return frozen, cache[2]
-
-    def __getstate__(self):
-        state = dict(super().__getstate__())
-        state["_content_table_cache"] = None  # a per-process cache of a caller's tensor: never pickled
-        return state
-
-    def _non_finite_error(self, content, similarity, logits) -> ValueError:
-        """Explain non-finite similarities or logits: which content input holds NaN/inf, else the model."""
-        if content is not None:
-            if isinstance(content, _DenseBehaviorContent):
-                named = (("target_content_embeds", content.target), ("behavior_content_embeds", content.behaviors))
-            else:
-                named = (("content_table", content.table),)
-            for name, tensor in named:
-                bad = ~torch.isfinite(tensor)
-                if bool(bad.any()):
-                    where = tuple(int(i) for i in bad.nonzero()[0])
-                    return ValueError(
-                        f"{name} holds {tensor[where].item()} at index {where[:-1]}: content embeddings must be "
-                        "finite everywhere, padded positions included (the collator writes zeros there)"
-                    )
-        samples = (~torch.isfinite(logits)).nonzero().flatten()[:5].tolist()
-        where = "the content similarity" if similarity is not None and not bool(torch.isfinite(similarity).all()) else (
-            f"the logits of samples {samples}")
-        return ValueError(
-            f"finite inputs gave non-finite values in {where}: content vectors too large for "
-            f"{self.dtype} (norms overflow), or diverged weights"
-        )
+        if table.dim() != 2 or table.shape[0] == 0 or table.shape[1] != dim or not table.is_floating_point():
+            raise ValueError(f"content table must be a float (N, {dim}) tensor with N >= 1 (config.content_dim = "
+                             f"{dim}), got {table.dtype} {tuple(table.shape)}")
+        finite = torch.isfinite(table).all(dim=1)
+        if not bool(finite.all()):
+            raise ValueError(f"content table row {int((~finite).nonzero()[0])} holds NaN/inf; content must be finite")
+        table = table.to(device=self.device, dtype=self.dtype)
+        self.register_buffer("content_table", table, persistent=False)
+        self.register_buffer("content_inverse_norms", table_inverse_norms(table), persistent=False)
+        return self
 
     def _drop_to_unknown(self, ids: torch.Tensor) -> torch.Tensor:
         """In training, replace IDs by the unknown row 0 with prob unknown_id_dropout."""
@@ -728,91 +437,82 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
         user_features: dict | None = None,
         target_item_features: dict | None = None,
         behavior_item_features: dict | None = None,
-        target_content_embeds: torch.FloatTensor | None = None,
-        behavior_content_embeds: torch.FloatTensor | None = None,
-        labels: torch.Tensor | None = None,
-        content_table: torch.FloatTensor | None = None,
         target_content_rows: torch.LongTensor | None = None,
         behavior_content_rows: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
         **kwargs,
     ) -> CiUBMOutput:
-        r"""Score (user, target item, behaviour sequence) samples.
+        r"""Score (user, target item, behaviour sequence) samples, as `mim_hf.ctr.CTRCollator` emits them.
 
         Args:
-            user_ids (`(B,)` int64/int32): user vocabulary index, 0 = unknown; B >= 1.
-            target_item_ids (`(B,)` int64/int32): item vocabulary index, 0 = unknown.
-            behavior_item_ids (`(B, L)` int64/int32): past items (L may be 0); any value at padded positions.
-            behavior_mask (`(B, L)` bool, or 0/1 integers/floats): True at real behaviours.
+            user_ids (`(B,)` int): user vocabulary index, 0 = unknown; B >= 1.
+            target_item_ids (`(B,)` int): item vocabulary index, 0 = unknown.
+            behavior_item_ids (`(B, L)` int): past items (L may be 0), 0 at padded positions.
+            behavior_mask (`(B, L)` bool): True at real behaviours.
             user_features (`dict[str, (B,)]`): one tensor per `config.user_feature_sizes` key.
             target_item_features (`dict[str, (B,) | (B, G)]`): per `config.item_feature_sizes` key
                 ((B, G) for multi-valued features, 0-padded).
-            behavior_item_features (`dict[str, (B, L) | (B, L, G')]`): same for behaviours; any
-                value at padded positions.
-            target_content_embeds (`(B, C)` float): content embedding of the target item; ignored
-                (may be None) in mode "din" with base "din".
-            behavior_content_embeds (`(B, L, C)` float): content of the behaviours (finite at padding).
+            behavior_item_features (`dict[str, (B, L) | (B, L, G')]`): same for behaviours, 0 at padding.
+            target_content_rows (`(B,)` int): the target's row in the content table (`set_content_table`);
+                unused (may be None) in mode "din" with base "din".
+            behavior_content_rows (`(B, L)` int): each behaviour's row, 0 at padded positions.
             labels (`(B,)` 0/1, optional): clicks; gives `loss`.
-            content_table (`(N, C)` float, optional): instead of the two content embeddings, a frozen
-                content table (e.g. the Representation Center's rows; row norms are computed once per
-                table object) with
-            target_content_rows (`(B,)` int): the target's row in `content_table`, and
-            behavior_content_rows (`(B, L)` int): each behaviour's row (any value at padded positions).
-                Same outputs as passing `content_table[rows]` as embeddings, without building them.
+            kwargs: ignored (e.g. `num_items_in_batch` from `transformers.Trainer`).
+
+        Inputs are not checked here (no host sync: the forward runs under `torch.compile` and on
+        accelerators without stalls); the collator checks the data. `config.check_inputs=True`
+        checks ranges and finiteness here too, for debugging (ValueError naming the input).
 
         Returns:
             [`CiUBMOutput`] with logits/probs `(B,)` and `loss` when labels are given.
-
-        Raises:
-            TypeError / ValueError naming the input, the bad value and what is expected: a
-            non-tensor or wrong dtype, a shape that disagrees with the batch, IDs / rows outside
-            their table, labels other than 0/1, non-finite content.
         """
-        if kwargs:
-            raise TypeError(f"CiUBMForCTR.forward got unexpected inputs {sorted(kwargs)}")
-        checked = self._check_inputs({
-            "user_ids": user_ids, "target_item_ids": target_item_ids, "behavior_item_ids": behavior_item_ids,
-            "behavior_mask": behavior_mask, "user_features": user_features,
-            "target_item_features": target_item_features, "behavior_item_features": behavior_item_features,
-            "target_content_embeds": target_content_embeds, "behavior_content_embeds": behavior_content_embeds,
-            "content_table": content_table, "target_content_rows": target_content_rows,
-            "behavior_content_rows": behavior_content_rows, "labels": labels,
-        })
-        behavior_mask, content, labels = checked["behavior_mask"], checked["content"], checked["labels"]
-        behavior_item_ids = checked["behavior_item_ids"]
-        behavior_item_features = checked["behavior_item_features"]
+        user_features, target_item_features = user_features or {}, target_item_features or {}
+        behavior_item_features = behavior_item_features or {}
+        behavior_mask = behavior_mask.bool()
+        table = None
+        if self.needs_content_inputs:
+            if self.content_table is None:
+                raise ValueError(f"mode={self.config.mode!r}, base={self.config.base!r} reads content: call "
+                                 "model.set_content_table(table) first (mim_hf.ctr.predict.load_ctr_model does)")
+            if target_content_rows is None or behavior_content_rows is None:
+                raise ValueError(f"mode={self.config.mode!r}, base={self.config.base!r} needs target_content_rows (B,) "
+                                 "and behavior_content_rows (B, L) (CTRCollator(..., center=...) emits them)")
+            table = self.content_table
+        if self.config.check_inputs:
+            _check_inputs(self, user_ids, target_item_ids, behavior_item_ids, user_features, target_item_features,
+                          behavior_item_features, target_content_rows, behavior_content_rows, labels)
 
         # computed once, reused by the search, the content interest, the logit bias and the histogram
-        searching = self.behavior_search is not None and behavior_item_ids.shape[1] > self.config.sim_top_k
-        similarity = similarity_bad = None
-        if self.uses_similarity:
-            # searching: padded positions get a value below every cosine, so the search needs no mask
-            # pass (everything downstream masks padded positions, whatever they hold)
-            similarity, similarity_bad = content.similarity(
-                self.behavior_search.search_padding_value if searching else None)
-        full_similarity = similarity
+        similarity = target_content = None
+        if table is not None:
+            target_content = table.index_select(0, target_content_rows)
+            if self.uses_similarity:
+                target_unit = _unit_rows(target_content.to(_compute_dtype(table)))
+                similarity = content_cosine_similarity(
+                    target_unit, table, self.content_inverse_norms, behavior_content_rows).to(table.dtype)
 
         selected = None
-        if searching:
-            selected = self.behavior_search(similarity)  # (B, k)
+        if self.behavior_search is not None and behavior_item_ids.shape[1] > self.config.sim_top_k:
+            selected = self.behavior_search(similarity, behavior_mask)  # (B, k)
             behavior_item_ids = behavior_item_ids.gather(1, selected)
             behavior_mask = behavior_mask.gather(1, selected)
             similarity = similarity.gather(1, selected)
-            content = content.select(selected)
+            behavior_content_rows = behavior_content_rows.gather(1, selected)
             behavior_item_features = {
                 name: values.gather(1, selected if values.dim() == 2 else
                                     selected.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
                 for name, values in behavior_item_features.items()
             }
 
-        user_repr = self.embeddings.embed_users(self._drop_to_unknown(checked["user_ids"]), checked["user_features"])
+        user_repr = self.embeddings.embed_users(self._drop_to_unknown(user_ids), user_features)
         # behaviours then targets, flat, in one look-up per table (one embedding backward instead of
         # two); both parts of the result are contiguous slices: no copy on the way in or out
         batch_size, seq_len = behavior_item_ids.shape
-        target_item_ids = self._drop_to_unknown(checked["target_item_ids"])
+        target_item_ids = self._drop_to_unknown(target_item_ids)
         item_ids = torch.cat([self._drop_to_unknown(behavior_item_ids).reshape(-1), target_item_ids])
         item_features = {
-            name: _behaviors_then_target(behavior_item_features[name], checked["target_item_features"][name])
-            for name in behavior_item_features
+            name: _behaviors_then_target(behavior_item_features[name], target_item_features[name])
+            for name in self.config.item_feature_sizes
         }
         item_repr = self.embeddings.embed_items(item_ids, item_features)  # (B * L + B, item_dim)
         behavior_repr = item_repr[: batch_size * seq_len].view(batch_size, seq_len, item_repr.shape[-1])
@@ -826,23 +526,22 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
         fusion_inputs = [user_repr, target_repr, id_interest]
         content_weights = None
         if self.config.mode == "content_feature":
-            valid = behavior_mask.to(content.target.dtype)
-            mean_content = content.pool(valid) / valid.sum(-1, keepdim=True).clamp_min(1.0)
-            fusion_inputs += [self.content_projection(content.target), self.content_projection(mean_content)]
+            valid = behavior_mask.to(table.dtype)
+            mean_content = pool_rows(table, behavior_content_rows, valid) / valid.sum(-1, keepdim=True).clamp_min(1.0)
+            fusion_inputs += [self.content_projection(target_content), self.content_projection(mean_content)]
         elif self.config.mode == "ciubm":
-            fusion_inputs.append(self.content_projection(content.target))
+            fusion_inputs.append(self.content_projection(target_content))
             if self.content_interest is not None:
-                pooled_content, content_weights = self.content_interest(similarity, behavior_mask, content)
+                pooled_content, content_weights = self.content_interest(similarity, behavior_mask, table,
+                                                                        behavior_content_rows)
                 fusion_inputs.append(self.content_projection(pooled_content))
             if self.similarity_histogram is not None:
                 fusion_inputs.append(self.similarity_histogram(similarity, behavior_mask))
 
         logits = self.fusion(torch.cat(fusion_inputs, dim=-1)).squeeze(-1)
-        non_finite = ~torch.isfinite(logits).all()
-        if similarity_bad is not None:  # a NaN similarity can vanish in the histogram: check it too
-            non_finite = non_finite | similarity_bad
-        if bool(non_finite):
-            raise self._non_finite_error(checked["content"], full_similarity, logits)
+        if self.config.check_inputs and not bool(torch.isfinite(logits).all()):
+            raise ValueError("finite inputs gave non-finite logits: content vectors too large for "
+                             f"{self.dtype} (norms overflow), or diverged weights")
         loss = None
         if labels is not None:
             loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
@@ -856,82 +555,29 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
         )
 
 
-_DTYPE_KINDS = {
-    "integer": ((torch.int64, torch.int32), "an int64 or int32 tensor"),
-    "float": ((torch.float16, torch.bfloat16, torch.float32, torch.float64), "a floating-point tensor"),
-}
-
-
-def _tensor(name: str, value, kind: str, shape: tuple | None = None, tail: str | None = None) -> torch.Tensor:
-    """Check that `value` is a tensor of the dtype kind ("integer", "float", "any") and, if given, of
-    `shape` (plus one free trailing dim when `tail` names it); returns it. TypeError / ValueError."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if kind != "any" and value.dtype not in _DTYPE_KINDS[kind][0]:
-        raise TypeError(f"{name} must be {_DTYPE_KINDS[kind][1]}, got {value.dtype}")
-    if kind == "any" and value.dtype.is_complex:
-        raise TypeError(f"{name} must be a real tensor, got {value.dtype}")
-    if shape is not None:
-        actual = tuple(value.shape)
-        if (actual[:-1] if tail else actual) != tuple(shape) or (tail and value.dim() != len(shape) + 1):
-            expected = str(tuple(shape)) + (f" + ({tail},)" if tail else "")
-            raise ValueError(f"{name} must have shape {expected}, got {actual}")
-    return value
-
-
-def _feature_dict(name: str, features, expected: dict) -> dict:
-    """The feature dict (None = {}) with exactly the config's keys, else ValueError / TypeError."""
-    if features is None:
-        features = {}
-    if not isinstance(features, dict):
-        raise TypeError(f"{name} must be a dict of tensors, got {type(features).__name__}")
-    if set(features) != set(expected):
-        raise ValueError(f"{name} keys {sorted(features)} do not match the config's features {sorted(expected)}")
-    return dict(features)
-
-
-def _range_check(name: str, ids: torch.Tensor, size: int, of: str = "the vocabulary"):
-    """(bad flag, message) for integer `ids` outside [0, size) (rows of `of`); no sync until the flag is read."""
-    if ids.numel() == 0:
-        return torch.zeros((), dtype=torch.bool, device=ids.device), None
-    low, high = torch.aminmax(ids)
-
-    def message():
-        value = int(high) if int(high) >= size else int(low)
-        return f"{name} holds index {value} outside {of} [0, {size})"
-
-    return (low < 0) | (high >= size), message
-
-
-def _value_check(name: str, values: torch.Tensor, expected: str):
-    """(bad flag, message) for values other than 0 and 1 (NaN included)."""
-    bad = (values != 0) & (values != 1)
-
-    def message():
-        return f"{name} must be {expected}, got {values[bad][0].item()!r}"
-
-    return bad.any(), message
-
-
-def _non_finite_flag(values: torch.Tensor) -> torch.Tensor:
-    """0-dim bool: True when `values` (bounded when finite, e.g. cosines) holds NaN or inf.
-
-    One summing pass instead of an elementwise isfinite and a reduction: the sum of bounded finite
-    values cannot overflow (accumulated in float32 at least), while any NaN/inf makes it non-finite.
-    """
-    accumulate = torch.float64 if values.dtype == torch.float64 else torch.float32
-    return ~torch.isfinite(values.sum(dtype=accumulate))
-
-
-def _finite_check(name: str, values: torch.Tensor):
-    """(bad flag, message) for NaN/inf anywhere in `values`."""
-    finite = torch.isfinite(values)
-
-    def message():
-        where = tuple(int(i) for i in (~finite).nonzero()[0])
-        return f"{name} holds {values[where].item()} at index {where}: content embeddings must be finite"
-
-    return ~finite.all(), message
+def _check_inputs(model, user_ids, target_item_ids, behavior_item_ids, user_features, target_item_features,
+                  behavior_item_features, target_content_rows, behavior_content_rows, labels) -> None:
+    """`config.check_inputs`: every index inside its table, labels 0/1 (one host sync), else
+    ValueError naming the input and the bad value. For debugging; the collator checks the data."""
+    config = model.config
+    checks = [("user_ids", user_ids, config.n_users), ("target_item_ids", target_item_ids, config.n_items),
+              ("behavior_item_ids", behavior_item_ids, config.n_items)]
+    checks += [(f"user_features[{name!r}]", user_features[name], size)
+               for name, size in config.user_feature_sizes.items()]
+    for name, size in config.item_feature_sizes.items():
+        checks += [(f"target_item_features[{name!r}]", target_item_features[name], size),
+                   (f"behavior_item_features[{name!r}]", behavior_item_features[name], size)]
+    if model.content_table is not None:
+        rows = model.content_table.shape[0]
+        checks += [("target_content_rows", target_content_rows, rows),
+                   ("behavior_content_rows", behavior_content_rows, rows)]
+    bounds = [torch.stack([v.min(), v.max()]).long() if v.numel() else torch.zeros(2, dtype=torch.long, device=v.device)
+              for _, v, _ in checks]
+    for (name, _, size), (low, high) in zip(checks, torch.stack(bounds).tolist()):
+        if low < 0 or high >= size:
+            raise ValueError(f"{name} holds index {high if high >= size else low} outside [0, {size})")
+    if labels is not None and not bool(((labels == 0) | (labels == 1)).all()):
+        raise ValueError(f"labels must be 0 or 1, got {labels[(labels != 0) & (labels != 1)][0].item()!r}")
 
 
 def _behaviors_then_target(behaviors: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -13,15 +13,13 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
+import mim_hf.center.build as build_module
+import mim_hf.center.index as index_module
 import mim_hf.center.store as center_module
-from mim_hf.center.store import (
-    EMBEDDINGS_FILE,
-    INDEX_FILE,
-    METADATA_FILE,
-    RepresentationCenter,
-    build_center,
-    encoder_fingerprint,
-)
+from mim_hf.center.build import build_center
+from mim_hf.center.encoders import encoder_fingerprint
+from mim_hf.center.layout import EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE, metadata_digest
+from mim_hf.center.store import RepresentationCenter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FINGERPRINT = "sha256:" + "ab" * 32
@@ -77,28 +75,26 @@ def test_build_load_lookup_equals_embeddings(tmp_path, dtype):
     first = index["item_id_bytes"][index["item_id_offsets"][5]:index["item_id_offsets"][6]].tobytes().decode()
     assert first == "item-5"
     card = (version_dir / "README.md").read_text()
-    assert "| Items | 40 |" in card and FINGERPRINT in card
+    assert "40" in card and FINGERPRINT in card
 
 
-def test_index_tensors_are_aligned_so_opening_copies_nothing(tmp_path):
-    """Every tensor of both files starts at a multiple of its itemsize (the int32 bucket directory
-    of odd length comes after the 8-byte tensors): nothing is copied into RAM at open."""
-    import struct
-
+def test_opening_maps_the_files_and_copies_nothing(tmp_path):
+    """Every tensor lies inside a memory mapping of its own file (safetensors' own reader maps
+    it), so opening reads nothing but the headers and metadata.json and copies nothing."""
     center, _, _ = build(tmp_path / "c", n_items=40)
-    for name in (EMBEDDINGS_FILE, INDEX_FILE):
-        raw = (center.version_dir / name).read_bytes()
-        (header_len,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8:8 + header_len])
-        header.pop("__metadata__", None)
-        itemsize = {"F16": 2, "F32": 4, "I32": 4, "I64": 8, "U64": 8, "U8": 1}
-        for tensor, spec in header.items():
-            assert (8 + header_len + spec["data_offsets"][0]) % itemsize[spec["dtype"]] == 0, (name, tensor)
-    assert center._bucket_directory.dtype == np.int32 and len(center._bucket_directory) % 2 == 1
-    for array in (center._sorted_hashes, center._sorted_rows, center._bucket_directory, center.embeddings()):
-        while not isinstance(array, np.memmap):  # a view of the file mapping, not a copy
-            assert isinstance(array, np.ndarray)
-            array = array.base
+    mappings = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            mappings.append((start, end, fields[5]))
+    tensors = {INDEX_FILE: [center._sorted_hashes, center._sorted_rows, center._id_offsets, center._id_bytes],
+               EMBEDDINGS_FILE: list(center._levels.values())}
+    for name, arrays in tensors.items():
+        path = str((center.version_dir / name).resolve())
+        for array in arrays:
+            address = array.ctypes.data if isinstance(array, np.ndarray) else array.data_ptr()
+            assert any(start <= address < end and file == path for start, end, file in mappings), name
 
 
 ID_CONTAINERS = ["list", "tuple", "numpy_str", "numpy_object", "numpy_bytes", "pandas", "pandas_arrow", "pyarrow",
@@ -177,22 +173,18 @@ ALPHABETS = {
 
 
 @pytest.mark.parametrize("alphabet", sorted(ALPHABETS))
-def test_random_ids_match_a_dict_and_the_format_1_path(tmp_path, alphabet):
-    """Random ids (1-40 chars, unicode, embedded NUL) through every container: rows equal a plain
-    dict's answer; the same queries on a format-1 copy of the center (pandas SipHash) agree."""
+def test_random_ids_match_a_dict(tmp_path, alphabet):
+    """Random ids (1-40 chars, unicode, embedded NUL) through every container: rows equal a plain dict's answer."""
     rng = np.random.default_rng(len(alphabet))
     stored = random_ids(rng, 400, ALPHABETS[alphabet])
     center, _, _ = build_with_ids(tmp_path / "c", stored)
     absent = [i for i in random_ids(rng, 200, ALPHABETS[alphabet]) if i not in set(stored)]
     queries = [stored[i] for i in rng.integers(0, len(stored), 300)] + absent + [s + "x" for s in stored[:20]]
     expected = reference_rows(stored, queries)
-    legacy = downgraded_to_format_1(center, tmp_path / "legacy")
-    assert legacy.metadata["format_version"] == 1 and center.metadata["format_version"] == 2
     for kind in ID_CONTAINERS:
         if kind in ("numpy_str", "numpy_bytes") and alphabet == "with_nul":
             continue  # numpy 'U'/'S' arrays drop trailing NULs: such ids cannot be held in one
         np.testing.assert_array_equal(center.rows_for(as_container(queries, kind)), expected, err_msg=kind)
-        np.testing.assert_array_equal(legacy.rows_for(as_container(queries, kind)), expected, err_msg=f"format 1 {kind}")
 
 
 def build_with_ids(path, item_ids, dim=4, seed=0):
@@ -202,53 +194,13 @@ def build_with_ids(path, item_ids, dim=4, seed=0):
     return center, item_ids, embeddings
 
 
-def downgraded_to_format_1(center, path):
-    """A flat copy of ``center`` rewritten as format 1 (pandas SipHash table), as mim-hf <= 0.1 wrote it."""
-    shutil.copytree(center.version_dir, path)
-    ids = np.asarray(center.item_ids(), dtype=object)
-    hashes = center_module._legacy_hash_ids(ids, "mimcenter0000000")
-    sorted_hashes, sorted_rows = center_module._sorted_hash_table(hashes)
-    bits = max(1, int(np.ceil(np.log2(max(len(ids), 2)))) - 2)
-    directory = np.zeros(2**bits + 1, np.int64)
-    np.cumsum(np.bincount((sorted_hashes >> np.uint64(64 - bits)).astype(np.int64), minlength=2**bits),
-              out=directory[1:])
-    index = load_file(path / INDEX_FILE)
-    index.update(id_hash_sorted=sorted_hashes, id_hash_rows=sorted_rows, id_hash_buckets=directory)
-    save_file(index, path / INDEX_FILE, metadata={"hash": center_module.LEGACY_HASH_ALGORITHM})
-    metadata = json.loads((path / METADATA_FILE).read_text())
-    metadata.update(format_version=1, hash_key="mimcenter0000000")
-    metadata.pop("files")
-    (path / METADATA_FILE).write_text(json.dumps(metadata))
-    return RepresentationCenter.load(path)
-
-
-FORMAT_1_FIXTURE = REPO_ROOT / "tests" / "fixtures" / "center_format1"
-
-
-def test_reads_a_center_written_by_format_1(tmp_path):
-    """A center written by the format-1 writer (committed fixture) looks up like before, and an
-    upsert rewrites it as format 2 without changing a row."""
-    center = RepresentationCenter.load(FORMAT_1_FIXTURE)
-    center.verify()
-    assert center.metadata["format_version"] == 1 and len(center) == 28
-    stored = center.item_ids()
-    assert "é-ß-中文" in stored and "🙂 emoji" in stored
-    table = load_file(FORMAT_1_FIXTURE / EMBEDDINGS_FILE)["item_embeds"]
-    queries = stored[::-1] + ["nope", "item-1 ", "é-ß-中"]
-    embeds, found = center.lookup(queries)
-    assert found.tolist() == [True] * 28 + [False] * 3
-    np.testing.assert_array_equal(embeds[:28].numpy(), table[::-1].astype(np.float32))
-    # upsert: a versioned copy becomes format 2 (every id re-hashed); old rows unchanged, new one found
-    shutil.copytree(FORMAT_1_FIXTURE, tmp_path / "c" / "v0001")
-    (tmp_path / "c" / "CURRENT").write_text("v0001\n")
-    copy = RepresentationCenter.load(tmp_path / "c")
-    assert copy.metadata["format_version"] == 1
-    copy.upsert_embeddings(["new-ü"], make_embeddings(1, levels=("item_embeds", "text_embeds")))
-    assert copy.metadata["format_version"] == 2 and copy.version == "v0002"
-    embeds, found = copy.lookup(queries + ["new-ü"])
-    assert found.tolist() == [True] * 28 + [False] * 3 + [True]
-    np.testing.assert_array_equal(embeds[:28].numpy(), table[::-1].astype(np.float32))
-    copy.verify()
+def test_a_center_of_an_older_format_is_refused_naming_its_version(tmp_path):
+    center, _, _ = build(tmp_path / "c", n_items=5)
+    metadata = json.loads((center.version_dir / METADATA_FILE).read_text())
+    metadata["format_version"] = 2
+    (center.version_dir / METADATA_FILE).write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match=r"format_version 2 is not supported \(this mim-hf reads format 3"):
+        RepresentationCenter.load(tmp_path / "c")
 
 
 def test_unknown_ids_give_zero_rows_and_are_counted(tmp_path):
@@ -271,43 +223,45 @@ def test_hash_collision_is_verified_against_stored_ids(tmp_path, monkeypatch):
     # Force every query to hash onto the table's first entry: only the stored id may match.
     first_hash = center._sorted_hashes[0]
     first_id = center.item_ids([center._sorted_rows[0]])[0]
-    monkeypatch.setattr(center_module, "USE_NUMBA", False)  # the numpy path's hash (test_center_numba tampers the table)
-    monkeypatch.setattr(center_module, "_hash_batch", lambda batch, key: np.full(len(batch.starts), first_hash, np.uint64))
+    monkeypatch.setattr(index_module, "hash_ids", lambda ids, key: np.full(len(ids), first_hash, np.uint64))
     embeds, found = center.lookup([first_id, "impostor", first_id + "x", first_id[:-1]])
     assert found.tolist() == [True, False, False, False]
     torch.testing.assert_close(embeds[0], embeddings["item_embeds"][int(first_id.split("-")[1])], rtol=0, atol=0)
     assert center.stats["unknown_lookups"] == 3
 
 
+def salt(attempt):
+    return f"mimcenter{attempt:07d}"
+
+
 def colliding_under_first_key(real_hash):
     """A hash that maps every id to one value under key attempt 0, and is the real one otherwise."""
-    def hash_batch(batch, key):
-        if key == center_module._salt(0):
-            return np.full(len(batch.starts), 12345, np.uint64)
-        return real_hash(batch, key)
-    return hash_batch
+    def hash_ids(ids, key):
+        if key == salt(0):
+            return np.full(len(ids), 12345, np.uint64)
+        return real_hash(ids, key)
+    return hash_ids
 
 
 def test_build_and_upsert_rekey_on_hash_collisions(tmp_path, monkeypatch):
-    monkeypatch.setattr(center_module, "_hash_batch", colliding_under_first_key(center_module._hash_batch))
+    monkeypatch.setattr(index_module, "hash_ids", colliding_under_first_key(index_module.hash_ids))
     center, item_ids, embeddings = build(tmp_path / "c", n_items=30)
-    assert center.metadata["hash_key"] == center_module._salt(1)
+    assert center.metadata["hash_key"] == salt(1)
     np.testing.assert_array_equal(center.rows_for(item_ids[::-1]), np.arange(30)[::-1])
     # an upsert whose new id collides with a stored one under the live key re-keys every id
     live_key = center.metadata["hash_key"]
     target = center._sorted_hashes[5]
-    real = center_module._hash_batch
+    real = index_module.hash_ids
 
-    def collide_new_id(batch, key):
-        hashes = real(batch, key)
+    def collide_new_id(ids, key):
+        hashes = real(ids, key)
         if key == live_key:
-            ids = [bytes(batch.buffer[s:s + n]).decode() for s, n in zip(batch.starts, batch.lengths)]
-            hashes[[i for i, v in enumerate(ids) if v == "newcomer"]] = target
+            hashes[[i for i, v in enumerate(ids.to_pylist()) if v == "newcomer"]] = target
         return hashes
 
-    monkeypatch.setattr(center_module, "_hash_batch", collide_new_id)
+    monkeypatch.setattr(index_module, "hash_ids", collide_new_id)
     center.upsert_embeddings(["newcomer"], make_embeddings(1, seed=3))
-    assert center.metadata["hash_key"] == center_module._salt(2)  # attempt 0 still collides, 1 is the live key
+    assert center.metadata["hash_key"] == salt(2)  # attempt 0 still collides, 1 is the live key
     assert center.metadata["hash_key"] != live_key
     rows = center.rows_for(item_ids + ["newcomer"])
     np.testing.assert_array_equal(rows, np.arange(31))
@@ -357,35 +311,24 @@ def test_upsert_adds_new_and_replaces_changed_items(tmp_path):
     assert sorted(p.name for p in (tmp_path / "c").iterdir() if p.name.startswith("v")) == ["v0002", "v0003"]
 
 
-def test_upsert_streams_in_chunks(tmp_path, monkeypatch):
-    # A 1-row chunk budget exercises replacement across many chunks of the streamed copy.
-    center, _, embeddings = build(tmp_path / "c", n_items=20)
-    monkeypatch.setattr(center_module, "_UPSERT_CHUNK_BYTES", 1)
-    update = make_embeddings(4, seed=3)
-    center.upsert_embeddings(["item-19", "item-0", "item-10", "new"], update)
-    expected = embeddings["item_embeds"].clone()
-    expected[[19, 0, 10]] = update["item_embeds"][:3]
-    np.testing.assert_array_equal(np.array(center.embeddings())[:20], expected.numpy())
-
-
 def test_failed_upsert_leaves_previous_version_readable(tmp_path, monkeypatch):
     center, _, _ = build(tmp_path / "c", n_items=30)
     before = snapshot(center)
-    real_write_chunk = center_module._write_chunk
+    real_save = center_module.save_tensors
     calls = {"n": 0}
 
-    def crash_after_first_chunk(handle, array):
+    def crash_in_second_file(path, arrays):
         calls["n"] += 1
         if calls["n"] == 2:
-            real_write_chunk(handle, array[: len(array) // 2])  # half a tensor reaches the disk
+            path.write_bytes(b"half a file")
             raise OSError("disk full (injected)")
-        real_write_chunk(handle, array)
+        return real_save(path, arrays)
 
-    monkeypatch.setattr(center_module, "_write_chunk", crash_after_first_chunk)
+    monkeypatch.setattr(center_module, "save_tensors", crash_in_second_file)
     with pytest.raises(OSError, match="injected"):
         center.upsert_embeddings(["item-1", "new"], make_embeddings(2, seed=5))
     assert calls["n"] == 2
-    monkeypatch.setattr(center_module, "_write_chunk", real_write_chunk)
+    monkeypatch.setattr(center_module, "save_tensors", real_save)
     reopened = RepresentationCenter.load(tmp_path / "c")
     assert reopened.version == "v0001"
     assert_same_snapshot(snapshot(reopened), before)
@@ -399,20 +342,15 @@ def test_sigkill_mid_write_leaves_previous_version_readable(tmp_path):
     center, _, _ = build(tmp_path / "c", n_items=30)
     before = snapshot(center)
     script = textwrap.dedent(f"""
-        import importlib.util, os, signal, torch
-        # Load center.py alone: importing the mim_hf package would also import transformers.
-        spec = importlib.util.spec_from_file_location("center_under_test", {str(Path(center_module.__file__))!r})
-        m = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(m)
-        real = m._write_chunk
-        calls = [0]
-        def die(handle, array):
-            calls[0] += 1
-            real(handle, array[: max(1, len(array) // 2)])
-            handle.flush()
-            if calls[0] == 2:
-                os.kill(os.getpid(), signal.SIGKILL)
-        m._write_chunk = die
+        import os, signal, torch
+        import mim_hf.center.store as m
+        real = m.save_tensors
+        def die(path, arrays):
+            real(path, arrays)
+            with open(path, "r+b") as handle:
+                handle.truncate(path.stat().st_size // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        m.save_tensors = die
         c = m.RepresentationCenter.load({str(tmp_path / "c")!r})
         c.upsert_embeddings(["item-3", "brand-new"], {{"item_embeds": torch.ones(2, 8), "text_embeds": torch.ones(2, 8)}})
     """)
@@ -559,43 +497,29 @@ def test_truncated_safetensors_is_reported_with_file_name(tmp_path):
     build(tmp_path / "c", n_items=20)
     path = _live_dir(tmp_path / "c") / EMBEDDINGS_FILE
     data = path.read_bytes()
-    path.write_bytes(data[:-100])
-    with pytest.raises(ValueError, match=rf"{path}: truncated or corrupted safetensors file"):
-        RepresentationCenter.load(tmp_path / "c")
-    path.write_bytes(data[:5])
-    with pytest.raises(ValueError, match=rf"{path}: truncated safetensors file \(5 bytes"):
-        RepresentationCenter.load(tmp_path / "c")
+    for damaged in (data[:-100], data[:5]):
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=rf"{path}: corrupted or truncated safetensors file"):
+            RepresentationCenter.load(tmp_path / "c")
 
 
-def test_corrupted_safetensors_header_and_data(tmp_path):
+def test_corrupted_safetensors_header(tmp_path):
     build(tmp_path / "c", n_items=20)
     index_path = _live_dir(tmp_path / "c") / INDEX_FILE
-    data = bytearray(index_path.read_bytes())
-    original = bytes(data)
-    data[10:14] = b"\xff\xfe{]"
-    index_path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=rf"{index_path}: corrupted safetensors header"):
-        RepresentationCenter.load(tmp_path / "c")
-    data = bytearray(original)
-    data[0:8] = (10**12).to_bytes(8, "little")
-    index_path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=rf"{index_path}: corrupted or truncated safetensors file \(header claims"):
-        RepresentationCenter.load(tmp_path / "c")
-    # A flipped byte in the data region opens (nothing is read) but verify() names the file.
-    index_path.write_bytes(original)
-    emb_path = _live_dir(tmp_path / "c") / EMBEDDINGS_FILE
-    emb = bytearray(emb_path.read_bytes())
-    emb[-3] ^= 0xFF
-    emb_path.write_bytes(bytes(emb))
-    center = RepresentationCenter.load(tmp_path / "c")
-    with pytest.raises(ValueError, match=rf"{emb_path}: corrupted \(sha256"):
-        center.verify()
+    original = index_path.read_bytes()
+    for start, patch in ((10, b"\xff\xfe{]"), (0, (10**12).to_bytes(8, "little"))):
+        data = bytearray(original)
+        data[start:start + len(patch)] = patch
+        index_path.write_bytes(bytes(data))
+        with pytest.raises(ValueError, match=rf"{index_path}: corrupted or truncated safetensors file"):
+            RepresentationCenter.load(tmp_path / "c")
 
 
 def _edit_metadata(root, edit):
     path = _live_dir(root) / METADATA_FILE
     metadata = json.loads(path.read_text())
     edit(metadata)
+    metadata["metadata_sha256"] = metadata_digest(metadata)  # a consistent edit, to reach the checks behind it
     path.write_text(json.dumps(metadata))
     return path
 
@@ -605,17 +529,19 @@ def test_metadata_disagreements_are_reported(tmp_path):
     root = tmp_path / "c"
     emb_path = _live_dir(root) / EMBEDDINGS_FILE
     path = _edit_metadata(root, lambda m: m.update(embed_dim=16))
-    with pytest.raises(ValueError, match=rf"{emb_path}: tensor 'item_embeds' has shape \(20, 8\), metadata.json says "
-                                         r"\(num_items=20, embed_dim=16\)"):
+    with pytest.raises(ValueError, match=rf"{emb_path}: tensor 'item_embeds' is torch.float32 of shape \(20, 8\), "
+                                         r"metadata.json says float32 of shape \(20, 16\)"):
         RepresentationCenter.load(root)
     _edit_metadata(root, lambda m: m.update(embed_dim=8, dtype="float16"))
-    with pytest.raises(ValueError, match="is float32, metadata.json says float16"):
+    with pytest.raises(ValueError, match="is torch.float32 of shape .*, metadata.json says float16"):
         RepresentationCenter.load(root)
     _edit_metadata(root, lambda m: (m.update(dtype="float32"), m.pop("encoder_fingerprint")))
     with pytest.raises(ValueError, match=rf"{path}: missing required field\(s\) \['encoder_fingerprint'\]"):
         RepresentationCenter.load(root)
-    _edit_metadata(root, lambda m: m.update(encoder_fingerprint=FINGERPRINT, levels=["item_embeds", "image_embeds"]))
-    with pytest.raises(ValueError, match="no tensor 'image_embeds'"):
+    _edit_metadata(root, lambda m: (m.update(encoder_fingerprint=FINGERPRINT, levels=["item_embeds", "image_embeds"]),
+                                    m["checksums"][EMBEDDINGS_FILE].update(
+                                        image_embeds=m["checksums"][EMBEDDINGS_FILE].pop("text_embeds"))))
+    with pytest.raises(ValueError, match=r"holds tensors \['item_embeds', 'text_embeds'\], metadata.json expects"):
         RepresentationCenter.load(root)
     path.write_text("{not json")
     with pytest.raises(ValueError, match=rf"{path}: not valid JSON"):
@@ -640,13 +566,11 @@ def test_paths_cannot_escape_the_center_directory(tmp_path):
     root, outside = tmp_path / "c", tmp_path / "elsewhere"
     build(root, n_items=4)
     build(outside, n_items=4)  # a valid center the tampered one points at
-    for pointer in ("../../etc", "../elsewhere/v0001", "/etc", "v0001/../../elsewhere/v0001", "v0001\x00"):
-        (root / "CURRENT").write_text(pointer + "\n")
-        with pytest.raises(ValueError, match="names version"):
+    for pointer in ("../../etc", "../elsewhere/v0001", "/etc", "v0001/../../elsewhere/v0001", "v0001\x00x", "\udcff"):
+        (root / "CURRENT").write_bytes(pointer.encode("utf-8", "surrogateescape") + b"\n")
+        with pytest.raises(ValueError, match=r"CURRENT: corrupted \(expected a version name like 'v0001'") as info:
             RepresentationCenter.load(root)
-    (root / "CURRENT").write_bytes(b"\xff\xfe")
-    with pytest.raises(ValueError, match="not a UTF-8 version name"):
-        RepresentationCenter.load(root)
+        assert pointer not in str(info.value).split("CURRENT")[1]  # the content is not echoed
     (root / "v0002").symlink_to(outside / "v0001", target_is_directory=True)
     (root / "CURRENT").write_text("v0002\n")
     with pytest.raises(ValueError, match=r"v0002: resolves to .*elsewhere/v0001, outside the center directory"):
@@ -662,10 +586,6 @@ def test_paths_cannot_escape_the_center_directory(tmp_path):
         path.unlink()
         path.write_bytes(original)
     RepresentationCenter.load(root).verify()
-    # metadata.json decides which files verify() reads: only the center's own
-    _edit_metadata(root, lambda m: m["files"].update({"../../../etc/passwd": {"bytes": 1, "sha256": "0" * 64}}))
-    with pytest.raises(ValueError, match=r"field 'files' is .*passwd.*; expected a mapping of"):
-        RepresentationCenter.load(root)
 
 
 def test_a_hub_center_naming_outside_files_is_refused(tmp_path, hub_server, monkeypatch):
@@ -676,13 +596,14 @@ def test_a_hub_center_naming_outside_files_is_refused(tmp_path, hub_server, monk
     tampered = tmp_path / "tampered"
     shutil.copytree(center.version_dir, tampered)
     metadata = json.loads((tampered / METADATA_FILE).read_text())
-    metadata["files"]["../../../../etc/hostname"] = {"bytes": 1, "sha256": "0" * 64}
+    metadata["checksums"]["../../../../etc/hostname"] = {"x": [0]}
+    metadata["metadata_sha256"] = metadata_digest(metadata)
     (tampered / METADATA_FILE).write_text(json.dumps(metadata))
     repo_id = f"{hub_server.user}/tampered-center"
     api = HfApi(endpoint=hub_server.endpoint, token=hub_server.token)
     api.create_repo(repo_id, repo_type="dataset", private=True)
     api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(tampered))
-    with pytest.raises(ValueError, match="field 'files'"):
+    with pytest.raises(ValueError, match="field 'checksums'"):
         RepresentationCenter.load(repo_id)
     center.push_to_hub(repo_id)  # the untampered files: the snapshot's links into the cache are inside
     assert len(RepresentationCenter.load(repo_id)) == 5
@@ -830,7 +751,7 @@ def _kill_while_staging_chunk_2(argv: list[str]) -> str:
     return textwrap.dedent(f"""
         import os, signal, torch
         torch.set_num_threads({torch.get_num_threads()})  # the same kernels as the resumed, in-process build
-        import mim_hf.center.store as m
+        import mim_hf.center.build as m
         from mim_hf.cli import main
         real_stage = m._stage_chunk
         def stage(temp, final):
@@ -855,7 +776,7 @@ def test_build_center_resumes_after_sigkill_and_equals_an_uninterrupted_build(tm
     out = tmp_path / "c"
     argv = ["center", "build", "--encoder", str(tmp_path / "enc"), "--data", str(data_dir), "--out", str(out),
             "--batch-size", "2", "--chunk-size", "3", "--dtype", "float32", "--quiet"]
-    staging = out / center_module.STAGING_DIR
+    staging = out / build_module.STAGING_DIR
     proc = subprocess.run([sys.executable, "-c", _kill_while_staging_chunk_2(argv)], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-3000:]
@@ -866,26 +787,26 @@ def test_build_center_resumes_after_sigkill_and_equals_an_uninterrupted_build(tm
         RepresentationCenter.load(out)
 
     encoded = []
-    real_encode = center_module.encode_levels
-    monkeypatch.setattr(center_module, "encode_levels", lambda enc, proc_, chunk, *a, **k: (
+    real_encode = build_module.encode_levels
+    monkeypatch.setattr(build_module, "encode_levels", lambda enc, proc_, chunk, *a, **k: (
         encoded.append(list(chunk["item_id"])), real_encode(enc, proc_, chunk, *a, **k))[1])
     with pytest.raises(ValueError, match="chunk_size differ"):
         build_center(encoder, processor, items, out, batch_size=2, chunk_size=4, dtype="float32",
                      show_progress=False, resume=True)
     # resume, crashing half-way through the center's embeddings file: staging survives, no center
-    real_write = center_module._write_chunk
+    real_save = center_module.save_tensors
 
-    def crash_in_embeddings(handle, array):
-        real_write(handle, array[: len(array) // 2])
-        if handle.name.endswith(EMBEDDINGS_FILE):
+    def crash_in_embeddings(path, arrays):
+        if path.name == EMBEDDINGS_FILE:
+            path.write_bytes(b"half a file")
             raise OSError("disk full (injected)")
-        real_write(handle, array[len(array) // 2:])
+        return real_save(path, arrays)
 
-    monkeypatch.setattr(center_module, "_write_chunk", crash_in_embeddings)
+    monkeypatch.setattr(center_module, "save_tensors", crash_in_embeddings)
     with pytest.raises(OSError, match="injected"):
         build_center(encoder, processor, items, out, batch_size=2, chunk_size=3, dtype="float32",
                      show_progress=False, resume=True)
-    monkeypatch.setattr(center_module, "_write_chunk", real_write)
+    monkeypatch.setattr(center_module, "save_tensors", real_save)
     assert encoded == [["m6", "m7", "m8"], ["m9", "m10"]]  # chunks 2 and 3 only
     assert not list(staging.glob(".chunk-*")) and len(list(staging.glob("chunk-*"))) == 4
     with pytest.raises(ValueError, match="not a representation center"):
@@ -912,7 +833,7 @@ def test_build_center_resume_reencodes_only_missing_chunks(tmp_path, tiny_encode
     encoder, processor = tiny_encoder
     items = tiny_items()
     calls = []
-    real_stage = center_module._stage_chunk
+    real_stage = build_module._stage_chunk
 
     def crash_after_two(temp, final):
         calls.append(final.name)
@@ -920,13 +841,13 @@ def test_build_center_resume_reencodes_only_missing_chunks(tmp_path, tiny_encode
             raise KeyboardInterrupt("injected crash")
         real_stage(temp, final)
 
-    monkeypatch.setattr(center_module, "_stage_chunk", crash_after_two)
+    monkeypatch.setattr(build_module, "_stage_chunk", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         build_center(encoder, processor, items, tmp_path / "c", batch_size=4, chunk_size=3, show_progress=False)
-    monkeypatch.setattr(center_module, "_stage_chunk", real_stage)
+    monkeypatch.setattr(build_module, "_stage_chunk", real_stage)
     encoded = []
-    real_encode = center_module.encode_levels
-    monkeypatch.setattr(center_module, "encode_levels", lambda enc, proc_, chunk, *a, **k: (
+    real_encode = build_module.encode_levels
+    monkeypatch.setattr(build_module, "encode_levels", lambda enc, proc_, chunk, *a, **k: (
         encoded.append(list(chunk["item_id"])), real_encode(enc, proc_, chunk, *a, **k))[1])
     with pytest.raises(ValueError, match="item_ids_sha256, num_items differ"):
         build_center(encoder, processor, tiny_items(12), tmp_path / "c", chunk_size=3, show_progress=False,
@@ -980,7 +901,7 @@ def test_training_build_center_resume(tmp_path, tiny_encoder, monkeypatch, capsy
     script = _load_training_script()
     argv = ["--encoder", str(tmp_path / "enc"), "--data", str(data_dir), "--out", str(tmp_path / "c"),
             "--batch-size", "3", "--chunk-size", "4", "--dtype", "float32"]
-    real_stage = center_module._stage_chunk
+    real_stage = build_module._stage_chunk
     staged = []
 
     def crash_on_third(temp, final):
@@ -989,10 +910,10 @@ def test_training_build_center_resume(tmp_path, tiny_encoder, monkeypatch, capsy
         staged.append(final.name)
         real_stage(temp, final)
 
-    monkeypatch.setattr(center_module, "_stage_chunk", crash_on_third)
+    monkeypatch.setattr(build_module, "_stage_chunk", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         script.main(argv)
-    monkeypatch.setattr(center_module, "_stage_chunk", real_stage)
+    monkeypatch.setattr(build_module, "_stage_chunk", real_stage)
     script.main(argv + ["--resume"])
     assert "1 of 3 chunk(s) encoded in this run" in capsys.readouterr().out
     center = RepresentationCenter.load(tmp_path / "c")
@@ -1050,3 +971,152 @@ def test_push_to_hub_and_load_by_repo_id_and_revision(tmp_path, hub_server, monk
     updated = RepresentationCenter.load(repo_id, revision="cold-start-update")
     assert len(updated) == 13 and updated.lookup(["item-new"])[1].all()
     assert len(RepresentationCenter.load(repo_id, revision="main")) == 12
+
+
+# ---- reliability: concurrent writers, damaged files, interrupted publishes ---------------------
+def _upsert_after_both_opened(rank, root, barrier):
+    """Worker: open the center, wait until the other worker has opened it too, then upsert one item."""
+    import time
+
+    center = RepresentationCenter.load(root)
+    (Path(barrier) / f"opened-{rank}").touch()
+    while len(list(Path(barrier).glob("opened-*"))) < 2:
+        time.sleep(0.01)
+    result = center.upsert_embeddings([f"new-{rank}"], make_embeddings(1, seed=10 + rank))
+    assert result["added"] == 1, result
+
+
+def test_two_processes_upserting_at_once_lose_no_item(tmp_path):
+    """Both processes open v0001, then both upsert: the writer that locks second must build on the
+    first one's version (compare-and-swap on CURRENT), so the live version holds both items."""
+    from spawned_workers import run_workers
+
+    build(tmp_path / "c", n_items=10)
+    (tmp_path / "barrier").mkdir()
+    run_workers(_upsert_after_both_opened, 2, str(tmp_path / "c"), str(tmp_path / "barrier"), deadline_s=240)
+    center = RepresentationCenter.load(tmp_path / "c")
+    assert center.version == "v0003" and len(center) == 12
+    _, found = center.lookup(["new-0", "new-1", "item-0", "item-9"])
+    assert found.all()
+
+
+def test_a_stale_handle_applies_its_upsert_on_top_of_the_live_version(tmp_path):
+    a, item_ids, embeddings = build(tmp_path / "c", n_items=10)
+    b = RepresentationCenter.load(tmp_path / "c")
+    update_a, update_b = make_embeddings(2, seed=1), make_embeddings(2, seed=2)
+    assert a.upsert_embeddings(["item-1", "from-a"], update_a) == {"added": 1, "replaced": 1, "version": "v0002"}
+    assert b.version == "v0001"  # b has not seen a's version
+    assert b.upsert_embeddings(["item-2", "from-b"], update_b) == {"added": 1, "replaced": 1, "version": "v0003"}
+    live = RepresentationCenter.load(tmp_path / "c")
+    assert live.item_ids() == item_ids + ["from-a", "from-b"]
+    got, found = live.lookup(["item-1", "from-a", "item-2", "from-b", "item-3"])
+    assert found.all()
+    expected = torch.cat([update_a["item_embeds"], update_b["item_embeds"], embeddings["item_embeds"][3:4]])
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def _tensor_bytes(path, name):
+    """(start, stop) file offsets of tensor ``name``'s data in a safetensors file (test-side parse)."""
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    begin, end = json.loads(raw[8:8 + header_len])[name]["data_offsets"]
+    return 8 + header_len + begin, 8 + header_len + end
+
+
+def _flip(path, offset, value=None):
+    data = bytearray(path.read_bytes())
+    data[offset] = data[offset] ^ 0x01 if value is None else value
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("tensor", ["id_hash_sorted", "id_hash_rows", "item_id_offsets", "item_id_bytes"])
+def test_a_flipped_byte_in_the_index_is_an_error_not_an_unknown_id(tmp_path, tensor):
+    center, item_ids, _ = build(tmp_path / "c", n_items=30)
+    path = center.version_dir / INDEX_FILE
+    start, stop = _tensor_bytes(path, tensor)
+    _flip(path, (start + stop) // 2)
+    damaged = RepresentationCenter.load(tmp_path / "c")  # opening reads no tensor data
+    with pytest.raises(ValueError, match=rf"{INDEX_FILE}: corrupted data in tensor '{tensor}'"):
+        damaged.lookup(item_ids)
+    with pytest.raises(ValueError, match=f"corrupted data in tensor '{tensor}'"):
+        RepresentationCenter.load(tmp_path / "c").verify()
+
+
+@pytest.mark.parametrize("value", [None, 0xFF])  # a flipped bit, and a byte that makes the float32 a NaN
+def test_a_damaged_embedding_row_is_an_error_when_read(tmp_path, value):
+    center, _, _ = build(tmp_path / "c", n_items=30)  # float32: 32 bytes a row
+    path = center.version_dir / EMBEDDINGS_FILE
+    start, _ = _tensor_bytes(path, "text_embeds")
+    _flip(path, start + 7 * 32 + 3, value)  # row 7, the top byte of its first value
+    damaged = RepresentationCenter.load(tmp_path / "c")
+    with pytest.raises(ValueError, match=r"corrupted data in tensor 'text_embeds', bytes 0\.\."):
+        damaged.lookup(["item-7"], level="text_embeds")
+    with pytest.raises(ValueError, match="corrupted data in tensor 'text_embeds'"):
+        damaged.nearest(["item-1"], level="text_embeds")
+    assert damaged.lookup(["item-7"])[1].all()  # the undamaged level reads on
+
+
+def test_a_flipped_byte_in_metadata_is_refused_at_open(tmp_path):
+    center, _, _ = build(tmp_path / "c", n_items=30)
+    path = center.version_dir / METADATA_FILE
+    path.write_text(path.read_text().replace('"normalized": true', '"normalized": false'))
+    with pytest.raises(ValueError, match=rf"{path}: corrupted \(its fields do not match the metadata_sha256"):
+        RepresentationCenter.load(tmp_path / "c")
+
+
+def test_an_orphaned_version_is_never_kept_over_the_live_one(tmp_path, monkeypatch):
+    """A writer killed between renaming its version folder and swapping CURRENT leaves an orphan
+    (v0002); the next upsert publishes v0003 and keeps the live v0001, not the orphan."""
+    import mim_hf.center.versions as versions_module
+
+    center, _, _ = build(tmp_path / "c", n_items=10)
+    before = snapshot(center)
+
+    def killed_before_swap(root, name):
+        raise KeyboardInterrupt("killed before the CURRENT swap (injected)")
+
+    monkeypatch.setattr(versions_module, "swap_current", killed_before_swap)
+    with pytest.raises(KeyboardInterrupt):
+        center.upsert_embeddings(["orphan"], make_embeddings(1, seed=3))
+    monkeypatch.undo()
+    root = tmp_path / "c"
+    assert sorted(p.name for p in root.glob("v*")) == ["v0001", "v0002"]
+    assert (root / "CURRENT").read_text().strip() == "v0001"
+    live = RepresentationCenter.load(root)
+    assert_same_snapshot(snapshot(live), before)
+    live.upsert_embeddings(["next"], make_embeddings(1, seed=4))
+    assert live.version == "v0003" and "orphan" not in live.item_ids()
+    assert sorted(p.name for p in root.glob("v*")) == ["v0001", "v0003"]
+    assert_same_snapshot(snapshot(RepresentationCenter(root, root / "v0001", True)), before)
+
+
+def test_current_must_be_a_regular_file_and_is_never_echoed(tmp_path):
+    build(tmp_path / "c", n_items=3)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("v0001 top-secret-token\n")
+    current = tmp_path / "c" / "CURRENT"
+    current.unlink()
+    current.symlink_to(secret)
+    with pytest.raises(ValueError, match="must be a regular file") as info:
+        RepresentationCenter.load(tmp_path / "c")
+    assert "top-secret" not in str(info.value)
+    current.unlink()
+    current.write_text("top-secret-token " * 10)
+    with pytest.raises(ValueError, match="CURRENT: corrupted") as info:
+        RepresentationCenter.load(tmp_path / "c")
+    assert "top-secret" not in str(info.value)
+
+
+def test_nearest_with_faiss_has_the_exact_results_interface(tmp_path):
+    pytest.importorskip("faiss")
+    center, item_ids, _ = build(tmp_path / "c", n_items=200, dim=16)
+    exact_scores, exact_ids = center.nearest(["item-3", "item-50"], k=5)
+    scores, ids = center.nearest(["item-3", "item-50"], k=5, index="faiss")
+    assert scores.shape == (2, 5) and scores.dtype == torch.float32 and len(ids) == 2 and len(ids[0]) == 5
+    assert "item-3" not in ids[0] and "item-50" not in ids[1]
+    assert ids == exact_ids  # HNSW over 200 items finds the true neighbours
+    torch.testing.assert_close(scores, exact_scores, rtol=0, atol=1e-3)  # float16 storage, float32 index
+    vector_scores, vector_ids = center.nearest(torch.ones(16), k=3, index="faiss")
+    assert vector_ids == center.nearest(torch.ones(16), k=3)[1] and vector_scores.shape == (1, 3)
+    with pytest.raises(ValueError, match=r"index must be one of \('exact', 'faiss'\)"):
+        center.nearest(["item-3"], index="hnsw")

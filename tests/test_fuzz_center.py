@@ -21,13 +21,9 @@ import torch
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from mim_hf.center.store import (
-    CURRENT_FILE,
-    EMBEDDINGS_FILE,
-    INDEX_FILE,
-    METADATA_FILE,
-    RepresentationCenter,
-)
+from mim_hf.center.layout import EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE, metadata_digest
+from mim_hf.center.store import RepresentationCenter
+from mim_hf.center.versions import CURRENT_FILE
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 FINGERPRINT = "sha256:" + "ab" * 32
@@ -252,12 +248,12 @@ CORRUPTIONS = st.one_of(
     st.tuples(st.just("flip"), st.sampled_from([EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE]),
               st.lists(st.tuples(st.floats(0, 0.999), st.integers(1, 255)), min_size=1, max_size=4)),
     st.tuples(st.just("metadata"), st.sampled_from(["format_version", "num_items", "embed_dim", "dtype", "levels",
-                                                    "hash_key", "normalized", "files", "encoder_fingerprint"]),
+                                                    "hash_key", "normalized", "checksums", "encoder_fingerprint"]),
               st.one_of(st.none(), st.integers(-5, 10**12), st.text(max_size=5), st.lists(st.integers(), max_size=2),
                         st.booleans(), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))),
     st.tuples(st.just("current"), st.sampled_from(["v0002", "../v0001", "", "v0001/..", "v1"]), st.none()),
     st.tuples(st.just("retype"), st.sampled_from(["item_id_offsets", "id_hash_sorted", "id_hash_rows",
-                                                  "id_hash_buckets", "item_id_bytes"]),
+                                                  "item_id_bytes"]),
               st.sampled_from(["F64", "I64", "U64", "F32", "I32", "U8", "F16"])),
     st.tuples(st.just("delete"), st.sampled_from([EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE, CURRENT_FILE]),
               st.none()),
@@ -286,6 +282,7 @@ def test_damaged_files_end_in_a_result_or_a_clear_error(tmp_path_factory, corrup
         elif kind == "metadata":
             metadata = json.loads((version / METADATA_FILE).read_text())
             metadata[target] = detail
+            metadata["metadata_sha256"] = metadata_digest(metadata)  # consistent: reaches the field checks
             (version / METADATA_FILE).write_text(json.dumps(metadata))
         elif kind == "retype":  # the index header claims another dtype (same header length)
             _retype_tensor(version / INDEX_FILE, target, detail)

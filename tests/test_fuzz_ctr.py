@@ -3,12 +3,12 @@
 
 Every generated input must end in one of two ways:
 * a result with the documented properties: finite logits/probs/loss, padded positions ignored
-  (any garbage there, and an empty sequence, score like all-padding), the same logits whether
-  content comes as embeddings or as content-table rows, collator counts that add up; or
-* a ``ValueError``/``TypeError`` whose message names the offending input and what was expected --
-  and the generator knows which inputs must fail, so a bad input that is silently accepted fails
-  the test as surely as a crash deep in torch (an IndexError from an embedding, a shape error from
-  a matmul) or a NaN in the output does.
+  (any in-range value there, and an empty sequence, score like all-padding), collator counts
+  that add up; or
+* a ``ValueError``/``TypeError`` whose message names the offending input and what was expected
+  (the collator always checks; the model only with ``config.check_inputs=True``) -- and the
+  generator knows which inputs must fail, so a bad input that is silently accepted fails the
+  test as surely as a crash deep in torch or a NaN in the output does.
 """
 
 from __future__ import annotations
@@ -21,33 +21,45 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mim_hf.ctr.collator import CTRCollator
+from mim_hf.ctr.collator import CTRCollator, center_content_table
 from mim_hf.data import Vocabulary
 from mim_hf.modeling.configuration_ciubm import CiUBMConfig
 from mim_hf.modeling.modeling_ciubm import CiUBMForCTR
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-N_USERS, N_ITEMS, CONTENT_DIM, N_GENRES, N_GENDERS = 7, 12, 6, 5, 3
+N_USERS, N_ITEMS, CONTENT_DIM, N_GENRES, N_GENDERS, N_ROWS = 7, 12, 6, 5, 3, 10
 MODES = ("din", "content_feature", "ciubm")
 
 
-def tiny_model(mode: str, base: str) -> CiUBMForCTR:
+def tiny_model(mode: str, base: str, check_inputs: bool = False) -> CiUBMForCTR:
     config = CiUBMConfig(
         mode=mode, base=base, n_users=N_USERS, n_items=N_ITEMS, user_feature_sizes={"user_gender": N_GENDERS},
         item_feature_sizes={"item_genres": N_GENRES}, multi_valued_item_features=["item_genres"],
         id_embed_dim=4, content_dim=CONTENT_DIM, content_proj_dim=4, attention_hidden_sizes=[8],
         fusion_hidden_sizes=[8], histogram_n_bins=4, sim_top_k=3, dropout=0.0, initializer_range=0.3,
+        check_inputs=check_inputs,
     )
     torch.manual_seed(0)
     return CiUBMForCTR(config).eval()
 
 
 MODELS = {(mode, base): tiny_model(mode, base) for mode in MODES for base in ("din", "sim")}
+CHECKED = {(mode, base): tiny_model(mode, base, check_inputs=True) for mode in MODES for base in ("din", "sim")}
+
+
+def with_table(model, inputs):
+    """The model, holding the batch's content table when it reads content."""
+    return model.set_content_table(inputs["_table"]) if model.needs_content_inputs else model
+
+
+def model_inputs(inputs):
+    return {k: v for k, v in inputs.items() if k != "_table"}
 
 
 @st.composite
 def valid_batches(draw):
-    """A valid batch: B in 1..5, L in 0..7, lengths 0..L (all-padding rows too), garbage at padding."""
+    """A valid batch: B in 1..5, L in 0..7, lengths 0..L (all-padding rows too), in-range garbage at
+    padding; "_table" = the content table the rows index (row 0 zeros)."""
     batch = draw(st.integers(1, 5))
     length = draw(st.integers(0, 7))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -57,45 +69,36 @@ def valid_batches(draw):
     pad = ~mask
 
     def with_garbage(values, high):
-        # padded positions may hold anything, out-of-range and negative values included
-        garbage = torch.randint(-50, 50, values.shape, generator=g) if high else torch.randn(values.shape, generator=g) * 1e3
+        # padded positions may hold any index of the table
+        garbage = torch.randint(0, high, values.shape, generator=g)
         where = pad.view(*pad.shape, *([1] * (values.dim() - 2)))
         return torch.where(where, garbage.to(values.dtype), values)
 
-    table = torch.randn(10, CONTENT_DIM, generator=g)
+    table = torch.randn(N_ROWS, CONTENT_DIM, generator=g)
     table[0] = 0.0
-    behavior_rows = torch.randint(0, 10, (batch, length), generator=g)
-    inputs = {
+    return {
         "user_ids": torch.randint(0, N_USERS, (batch,), generator=g),
         "target_item_ids": torch.randint(0, N_ITEMS, (batch,), generator=g),
-        "behavior_item_ids": with_garbage(torch.randint(0, N_ITEMS, (batch, length), generator=g), True),
+        "behavior_item_ids": with_garbage(torch.randint(0, N_ITEMS, (batch, length), generator=g), N_ITEMS),
         "behavior_mask": mask,
         "user_features": {"user_gender": torch.randint(0, N_GENDERS, (batch,), generator=g)},
         "target_item_features": {"item_genres": torch.randint(0, N_GENRES, (batch, 2), generator=g)},
         "behavior_item_features": {
-            "item_genres": with_garbage(torch.randint(0, N_GENRES, (batch, length, 3), generator=g), True)},
+            "item_genres": with_garbage(torch.randint(0, N_GENRES, (batch, length, 3), generator=g), N_GENRES)},
+        "target_content_rows": torch.randint(0, N_ROWS, (batch,), generator=g),
+        "behavior_content_rows": with_garbage(torch.randint(0, N_ROWS, (batch, length), generator=g), N_ROWS),
         "labels": torch.randint(0, 2, (batch,), generator=g),
+        "_table": table,
     }
-    if draw(st.booleans()):
-        target_rows = torch.randint(0, 10, (batch,), generator=g)
-        inputs.update(content_table=table, target_content_rows=target_rows,
-                      behavior_content_rows=with_garbage(behavior_rows, True))
-    else:
-        inputs.update(target_content_embeds=table[torch.randint(0, 10, (batch,), generator=g)],
-                      behavior_content_embeds=with_garbage(table[behavior_rows], False))
-    return inputs
 
 
 def cleaned(inputs):
-    """The same batch with every padded position reset to zeros."""
+    """The same batch with every padded position reset to zeros (what the collator writes)."""
     mask = inputs["behavior_mask"]
     out = dict(inputs)
     out["behavior_item_ids"] = inputs["behavior_item_ids"] * mask
     out["behavior_item_features"] = {k: v * mask.unsqueeze(-1) for k, v in inputs["behavior_item_features"].items()}
-    if "behavior_content_rows" in inputs:
-        out["behavior_content_rows"] = inputs["behavior_content_rows"] * mask
-    else:
-        out["behavior_content_embeds"] = inputs["behavior_content_embeds"] * mask.unsqueeze(-1)
+    out["behavior_content_rows"] = inputs["behavior_content_rows"] * mask
     return out
 
 
@@ -106,35 +109,30 @@ def emptied(inputs):
     out["behavior_item_ids"] = torch.zeros(batch, 0, dtype=torch.long)
     out["behavior_mask"] = torch.zeros(batch, 0, dtype=torch.bool)
     out["behavior_item_features"] = {"item_genres": torch.zeros(batch, 0, 3, dtype=torch.long)}
-    if "behavior_content_rows" in inputs:
-        out["behavior_content_rows"] = torch.zeros(batch, 0, dtype=torch.long)
-    else:
-        out["behavior_content_embeds"] = torch.zeros(batch, 0, CONTENT_DIM)
+    out["behavior_content_rows"] = torch.zeros(batch, 0, dtype=torch.long)
     return out
 
 
 @settings(max_examples=40, **SETTINGS)
 @given(inputs=valid_batches(), mode=st.sampled_from(MODES), base=st.sampled_from(("din", "sim")))
 def test_valid_batches_give_finite_padding_free_results(inputs, mode, base):
-    model = MODELS[(mode, base)]
+    model = with_table(MODELS[(mode, base)], inputs)
     with torch.no_grad():
-        out = model(**inputs)
+        out = model(**model_inputs(inputs))
         batch = len(inputs["user_ids"])
         assert out.logits.shape == out.probs.shape == (batch,)
         assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
-        torch.testing.assert_close(model(**cleaned(inputs)).logits, out.logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(**model_inputs(cleaned(inputs))).logits, out.logits, rtol=1e-5, atol=1e-6)
         # rows without any behaviour score as if the sequence were empty
         empty = ~inputs["behavior_mask"].any(1)
-        torch.testing.assert_close(model(**emptied(inputs)).logits[empty], out.logits[empty], rtol=1e-5, atol=1e-6)
-        if "content_table" in inputs:  # the same content as embeddings gives the same logits
-            as_embeds = {k: v for k, v in cleaned(inputs).items()
-                         if k not in ("content_table", "target_content_rows", "behavior_content_rows")}
-            as_embeds["target_content_embeds"] = inputs["content_table"][inputs["target_content_rows"]]
-            as_embeds["behavior_content_embeds"] = inputs["content_table"][cleaned(inputs)["behavior_content_rows"]]
-            torch.testing.assert_close(model(**as_embeds).logits, out.logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(**model_inputs(emptied(inputs))).logits[empty], out.logits[empty],
+                                   rtol=1e-5, atol=1e-6)
+        # checking changes nothing on valid inputs
+        checked = with_table(CHECKED[(mode, base)], inputs)
+        torch.testing.assert_close(checked(**model_inputs(inputs)).logits, out.logits, rtol=0, atol=0)
 
 
-# ---------------------------------------------------------------- bad model inputs
+# ---------------------------------------------------------------- bad model inputs (check_inputs=True)
 def _set(inputs, key, value):
     out = dict(inputs)
     if "." in key:
@@ -145,125 +143,63 @@ def _set(inputs, key, value):
     return out
 
 
-def _first_valid(inputs):
-    """(b, l) of a real behaviour, or None."""
-    where = inputs["behavior_mask"].nonzero()
-    return tuple(where[0].tolist()) if len(where) else None
-
-
-# each corruption: (name, applies(inputs, mode, base), corrupt(inputs) -> inputs, error type, message regex)
-def _bad_index(key, high):
-    def corrupt(inputs, value):
+def _bad_index(key, value):
+    def corrupt(inputs):
         tensor = inputs[key.split(".")[0]]
-        tensor = tensor[key.split(".")[1]] if "." in key else tensor
-        tensor = tensor.clone()
-        if tensor.dim() >= 2:  # a real behaviour (padded positions may legally hold anything)
-            b, l = _first_valid(inputs)
-            tensor[b, l] = value
-        else:
-            tensor.view(-1)[0] = value
+        tensor = (tensor[key.split(".")[1]] if "." in key else tensor).clone()
+        tensor.view(-1)[0] = value
         return _set(inputs, key, tensor)
     return corrupt
-
-
-def _needs_valid(inputs, mode, base):
-    return _first_valid(inputs) is not None
 
 
 def _uses_content(inputs, mode, base):
     return mode != "din" or base == "sim"
 
 
-def _dense(inputs, mode, base):
-    return _uses_content(inputs, mode, base) and "behavior_content_embeds" in inputs
-
-
-def _rows(inputs, mode, base):
-    return _uses_content(inputs, mode, base) and "content_table" in inputs
-
-
-def _nan_content(inputs, value):
-    if "content_table" in inputs:
-        table = inputs["content_table"].clone()
-        table[inputs["target_content_rows"][0]] = value  # a row the batch uses
-        return _set(inputs, "content_table", table)
-    content = inputs["target_content_embeds"].clone()
-    content[0, 0] = value
-    return _set(inputs, "target_content_embeds", content)
-
-
-def _nan_padded_content(inputs, value):
-    content = inputs["behavior_content_embeds"].clone()
-    b, l = (~inputs["behavior_mask"]).nonzero()[0].tolist()
-    content[b, l, 0] = value
-    return _set(inputs, "behavior_content_embeds", content)
-
-
-def _has_padding(inputs, mode, base):
-    return _dense(inputs, mode, base) and bool((~inputs["behavior_mask"]).any())
+def _has_behaviours(inputs, mode, base):
+    return inputs["behavior_mask"].shape[1] > 0
 
 
 ALWAYS = lambda inputs, mode, base: True  # noqa: E731
 CORRUPTIONS = [
-    ("user id too large", ALWAYS, lambda i: _bad_index("user_ids", 0)(i, N_USERS), ValueError, r"user_ids holds index 7 outside"),
-    ("negative target id", ALWAYS, lambda i: _bad_index("target_item_ids", 0)(i, -3), ValueError, r"target_item_ids holds index -3 outside"),
-    ("behaviour id too large", _needs_valid, lambda i: _bad_index("behavior_item_ids", 0)(i, 10**6), ValueError,
-     r"behavior_item_ids .*holds index 1000000 outside the vocabulary \[0, 12\)"),
-    ("user feature out of range", ALWAYS, lambda i: _bad_index("user_features.user_gender", 0)(i, N_GENDERS), ValueError,
+    ("user id too large", ALWAYS, _bad_index("user_ids", N_USERS), r"user_ids holds index 7 outside \[0, 7\)"),
+    ("negative target id", ALWAYS, _bad_index("target_item_ids", -3), r"target_item_ids holds index -3 outside"),
+    ("behaviour id too large", _has_behaviours, _bad_index("behavior_item_ids", 10**6),
+     r"behavior_item_ids holds index 1000000 outside \[0, 12\)"),
+    ("user feature out of range", ALWAYS, _bad_index("user_features.user_gender", N_GENDERS),
      r"user_features\['user_gender'\] holds index 3"),
-    ("behaviour genre negative", _needs_valid, lambda i: _bad_index("behavior_item_features.item_genres", 0)(i, -1),
-     ValueError, r"behavior_item_features\['item_genres'\].*index -1"),
-    ("content row out of table", lambda i, m, b: _rows(i, m, b) and _first_valid(i) is not None,
-     lambda i: _bad_index("behavior_content_rows", 0)(i, 10), ValueError, r"behavior_content_rows .*index 10 outside the rows of content_table"),
-    ("label 2", ALWAYS, lambda i: _set(i, "labels", torch.full_like(i["labels"], 2)), ValueError, r"labels must be 0 or 1, got 2"),
-    ("label NaN", ALWAYS, lambda i: _set(i, "labels", torch.full((len(i["labels"]),), float("nan"))), ValueError,
+    ("behaviour genre negative", _has_behaviours, _bad_index("behavior_item_features.item_genres", -1),
+     r"behavior_item_features\['item_genres'\] holds index -1"),
+    ("content row out of table", lambda i, m, b: _uses_content(i, m, b) and _has_behaviours(i, m, b),
+     _bad_index("behavior_content_rows", N_ROWS), r"behavior_content_rows holds index 10 outside \[0, 10\)"),
+    ("label 2", ALWAYS, lambda i: _set(i, "labels", torch.full_like(i["labels"], 2)), r"labels must be 0 or 1, got 2"),
+    ("label NaN", ALWAYS, lambda i: _set(i, "labels", torch.full((len(i["labels"]),), float("nan"))),
      r"labels must be 0 or 1, got nan"),
-    ("mask value 2", _needs_valid,
-     lambda i: _set(i, "behavior_mask", i["behavior_mask"].long() * 2 + 0), ValueError, r"behavior_mask must be 0/1"),
-    ("content dim", _dense, lambda i: _set(i, "behavior_content_embeds", i["behavior_content_embeds"][..., :-1]),
-     ValueError, r"behavior_content_embeds has content dim 5 but config.content_dim is 6"),
-    ("table dim", _rows, lambda i: _set(i, "content_table", i["content_table"][:, :4]), ValueError, r"content_table must be \(N, 6\)"),
-    ("NaN content", _uses_content, lambda i: _nan_content(i, float("nan")), ValueError,
-     r"(target_content_embeds|content_table \(at target_content_rows\)) holds nan"),
-    ("inf content", _uses_content, lambda i: _nan_content(i, float("inf")), ValueError,
-     r"(target_content_embeds|content_table \(at target_content_rows\)) holds inf"),
-    ("NaN content at padding", _has_padding, lambda i: _nan_padded_content(i, float("nan")), ValueError,
-     r"behavior_content_embeds holds nan .*padded positions included"),
-    ("float ids", ALWAYS, lambda i: _set(i, "target_item_ids", i["target_item_ids"].float()), TypeError,
-     r"target_item_ids must be an int64 or int32 tensor, got torch.float32"),
-    ("list ids", ALWAYS, lambda i: _set(i, "user_ids", i["user_ids"].tolist()), TypeError, r"user_ids must be a torch.Tensor, got list"),
-    ("integer content", _dense, lambda i: _set(i, "target_content_embeds", i["target_content_embeds"].long()), TypeError,
-     r"target_content_embeds must be a floating-point tensor"),
-    ("batch mismatch", ALWAYS, lambda i: _set(i, "target_item_ids", torch.cat([i["target_item_ids"], i["target_item_ids"]])),
-     ValueError, r"target_item_ids must have shape"),
-    ("mask shape", ALWAYS, lambda i: _set(i, "behavior_mask", torch.ones(len(i["user_ids"]), i["behavior_mask"].shape[1] + 1, dtype=torch.bool)),
-     ValueError, r"behavior_mask shape"),
-    ("feature shape", ALWAYS, lambda i: _set(i, "user_features.user_gender", i["user_features"]["user_gender"].unsqueeze(1)),
-     ValueError, r"user_features\['user_gender'\] must have shape"),
-    ("multi-valued feature without G", ALWAYS,
-     lambda i: _set(i, "target_item_features.item_genres", i["target_item_features"]["item_genres"][:, 0]), ValueError,
-     r"target_item_features\['item_genres'\] must have shape \(\d+,\) \+ \(G,\)"),
-    ("rows shape", _rows, lambda i: _set(i, "behavior_content_rows", i["behavior_content_rows"][:, :0] if i["behavior_content_rows"].shape[1] else i["behavior_content_rows"][:, None]),
-     ValueError, r"behavior_content_rows must have shape"),
-    ("missing feature", ALWAYS, lambda i: _set(i, "user_features", {}), ValueError, r"user_features keys \[\] do not match"),
-    ("extra feature", ALWAYS, lambda i: _set(i, "user_features.user_age", i["user_features"]["user_gender"]), ValueError,
-     r"user_features keys .* do not match"),
-    ("no content", _uses_content, lambda i: {k: v for k, v in i.items() if "content" not in k}, ValueError,
-     r"needs target_content_embeds"),
-    ("empty batch", ALWAYS, lambda i: {**i, "user_ids": i["user_ids"][:0]}, ValueError, r"batch_size >= 1"),
-    ("unknown input", ALWAYS, lambda i: {**i, "item_ids": i["target_item_ids"]}, TypeError, r"unexpected inputs \['item_ids'\]"),
+    ("no content rows", _uses_content, lambda i: {k: v for k, v in i.items() if "content_rows" not in k},
+     r"needs target_content_rows \(B,\) and behavior_content_rows"),
 ]
 
 
 @pytest.mark.parametrize("corruption", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
 @settings(max_examples=6, **SETTINGS)
 @given(inputs=valid_batches(), mode=st.sampled_from(MODES), base=st.sampled_from(("din", "sim")))
-def test_bad_model_inputs_raise_clear_errors(corruption, inputs, mode, base):
-    name, applies, corrupt, error, message = corruption
-    assume(applies(inputs, mode, base))  # e.g. a defect at a real behaviour needs one
-    with pytest.raises(error) as caught:
-        MODELS[(mode, base)](**corrupt(inputs))
+def test_bad_model_inputs_raise_clear_errors_when_checking(corruption, inputs, mode, base):
+    name, applies, corrupt, message = corruption
+    assume(applies(inputs, mode, base))  # e.g. a defect at a behaviour needs one
+    with pytest.raises(ValueError) as caught:
+        with_table(CHECKED[(mode, base)], inputs)(**model_inputs(corrupt(inputs)))
     assert re.search(message, str(caught.value)), (name, str(caught.value))
+
+
+def test_bad_content_tables_are_refused_when_set():
+    model = tiny_model("ciubm", "din")
+    for value in (float("nan"), float("inf")):
+        table = torch.ones(N_ROWS, CONTENT_DIM)
+        table[3, 1] = value
+        with pytest.raises(ValueError, match="content table row 3 holds NaN/inf"):
+            model.set_content_table(table)
+    with pytest.raises(ValueError, match=r"float \(N, 6\) tensor with N >= 1"):
+        model.set_content_table(torch.ones(N_ROWS, 4))
 
 
 # ---------------------------------------------------------------- collator
@@ -271,14 +207,16 @@ ITEMS = ["m1", "m2", "m3", "m4"]
 
 
 class DictCenter:
-    def __init__(self, table):
-        self.table = table
+    """The Representation Center's contract: ``rows_for`` (-1 = absent) and ``embeddings``."""
 
-    def lookup(self, item_ids):
-        found = torch.tensor([i in self.table for i in item_ids], dtype=torch.bool)
-        embeds = torch.stack([self.table.get(i, torch.zeros(CONTENT_DIM)) for i in item_ids]) if item_ids else (
-            torch.zeros(0, CONTENT_DIM))
-        return embeds, found
+    def __init__(self, table):
+        self.ids, self.table = list(table), table
+
+    def rows_for(self, item_ids):
+        return np.array([self.ids.index(i) if i in self.ids else -1 for i in item_ids], dtype=np.int64)
+
+    def embeddings(self, level="item_embeds"):
+        return torch.stack(list(self.table.values())).numpy()
 
 
 def collator(center=None, max_len=3):
@@ -318,7 +256,8 @@ def test_collator_valid_rows(rows, as_columns):
     assert c.stats["content_missing"] == sum(r["item_id"] not in ITEMS[:3] for r in rows) + sum(
         i not in ITEMS[:3] for h in kept for i in h)
     assert batch["labels"].tolist() == [int(r["label"]) for r in rows]
-    model = MODELS[("ciubm", "sim")]
+    assert batch["behavior_mask"].shape[1] == max(1, max(map(len, kept)))  # padded to the longest history
+    model = MODELS[("ciubm", "sim")].set_content_table(center_content_table(center))
     config = model.config
     assert (batch["user_ids"] < config.n_users).all() and (batch["behavior_item_ids"] < config.n_items).all()
     out = model(**{**batch, "target_item_features": {"item_genres": torch.zeros(len(rows), 1, dtype=torch.long)},
@@ -363,14 +302,3 @@ def test_collator_bad_rows_raise_clear_errors(bad, rows):
     with pytest.raises(error) as caught:
         collator()(corrupt(rows))
     assert re.search(message, str(caught.value)), (name, str(caught.value))
-
-
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_collator_refuses_non_finite_content(value):
-    table = {item: torch.ones(CONTENT_DIM) for item in ITEMS}
-    table["m2"] = torch.full((CONTENT_DIM,), value)
-    rows = [{"user_id": "u1", "item_id": "m1", "behavior_item_ids": ["m3", "m2"], "user_gender": "F", "label": 1}]
-    with pytest.raises(ValueError, match="non-finite values .* for item 'm2'"):
-        collator(DictCenter(table))(rows)
-    with pytest.raises(TypeError, match="content lookup must return"):
-        collator(lambda ids: torch.zeros(len(ids), CONTENT_DIM))(rows)

@@ -183,12 +183,12 @@ def _assert_clear(err: BaseException, names: list[str]) -> None:
     assert any(name in message for name in names), f"error names none of {names}: {message!r}"
 
 
-def _run_pipeline(items_df, inter_df, users_df, protocol: str, max_len: int) -> PreparedData:
+def _run_pipeline(items_df, inter_df, users_df, protocol: str, max_len: int, **settings) -> PreparedData:
     report = ValidationReport()
     items = validate_items(Dataset.from_pandas(items_df, preserve_index=False), report)
     interactions = validate_interactions(Dataset.from_pandas(inter_df, preserve_index=False), items)
     users = validate_users(Dataset.from_pandas(users_df, preserve_index=False)) if users_df is not None else None
-    return prepare(RecData("fuzz", items, interactions, users, report), protocol=protocol, max_len=max_len)
+    return prepare(RecData("fuzz", items, interactions, users, report), protocol=protocol, max_len=max_len, **settings)
 
 
 def _all_samples(prepared: PreparedData) -> pd.DataFrame:
@@ -268,8 +268,6 @@ def test_prepare_validates_unvalidated_tables_itself(tables, protocol):
     data = RecData("raw", Dataset.from_pandas(items_df, preserve_index=False),
                    Dataset.from_pandas(inter_df, preserve_index=False),
                    Dataset.from_pandas(users_df, preserve_index=False) if users_df is not None else None)
-    # Titles are not prepare()'s business (validate_items owns them); everything else is.
-    problems = [p for p in problems if p != "title"]
     if problems:
         with pytest.raises((ValueError, TypeError)) as info:
             prepare(data, protocol=protocol, max_len=3)
@@ -294,6 +292,40 @@ def test_save_load_round_trip_of_random_prepared_data(tables, protocol, tmp_path
     check_invariants(loaded, expected)
 
 
+@settings(max_examples=25, **SETTINGS)
+@given(tables=rec_tables().filter(lambda t: not t[4]), protocol=st.sampled_from(["temporal", "item-cold"]),
+       neg_ratio=st.integers(1, 3), folds=st.sampled_from([None, 3]))
+def test_implicit_labels_on_random_tables(tables, protocol, neg_ratio, folds):
+    """Every input row becomes a positive; negatives are untouched items of the positive's pool."""
+    items_df, inter_df, users_df, expected, _ = tables
+    fold_settings = {"folds": folds} if protocol == "item-cold" and folds else {}
+    try:
+        prepared = _run_pipeline(items_df, inter_df, users_df, protocol, 3, labels="implicit", neg_ratio=neg_ratio,
+                                 **fold_settings)
+    except ValueError as err:  # more folds than items
+        assert fold_settings and len(items_df) < folds, str(err)
+        _assert_clear(err, ["folds"])
+        return
+    samples = _all_samples(prepared)
+    positives, negatives = samples[samples["label"] == 1], samples[samples["label"] == 0]
+    got = sorted(zip(positives["user_id"], positives["item_id"], positives["timestamp"].astype(int)))
+    assert got == sorted((u, i, t) for u, i, t, _ in expected)
+    touched = set(zip(positives["user_id"], positives["item_id"]))
+    assert not any(pair in touched for pair in zip(negatives["user_id"], negatives["item_id"]))
+    counts = prepared.stats["negatives"]
+    assert len(negatives) == sum(counts["drawn"].values()) == neg_ratio * (
+        len(positives) - sum(counts["positives_without_negative"].values()))
+    if protocol == "item-cold":
+        train_items = set(prepared.train_item_ids)
+        in_train = negatives["item_id"].isin(train_items).to_numpy()
+        np.testing.assert_array_equal(in_train, negatives["split"].to_numpy() == "train")
+        assert set(prepared.vocabs["item_id"].tokens[1:]) <= train_items
+    else:
+        first_seen = positives.groupby("item_id")["timestamp"].min()
+        assert (first_seen.reindex(negatives["item_id"]).to_numpy() <= negatives["timestamp"].to_numpy()).all()
+    json.dumps(prepared.stats, allow_nan=False)
+
+
 # ---------------------------------------------------------------- config, vocabulary
 
 ODD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.integers(2**62, 2**64),
@@ -301,7 +333,8 @@ ODD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.integers
 
 
 @settings(max_examples=80, **SETTINGS)
-@given(field=st.sampled_from(["protocol", "max_len", "seed", "fractions", "long_tail_max", "pair_window"]),
+@given(field=st.sampled_from(["protocol", "max_len", "seed", "fractions", "long_tail_max", "pair_window", "labels",
+                              "neg_ratio"]),
        value=ODD_VALUES)
 def test_prepare_config_fields_accept_or_name_the_field(field, value):
     config = PrepareConfig(**{field: value})
@@ -314,6 +347,8 @@ def test_prepare_config_fields_accept_or_name_the_field(field, value):
     # Accepted values are exactly the documented ones.
     if field == "protocol":
         assert value in ("temporal", "item-cold")
+    elif field == "labels":
+        assert value in ("rating", "implicit")
     elif field == "fractions":
         assert len(value) == 3 and min(value) > 0 and abs(sum(value) - 1) < 1e-6
     else:

@@ -132,7 +132,7 @@ def center_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pushed_center(hub_server, center_dir):
-    from mim_hf.common.hub import push_center
+    from mim_hf.center.hub import push_center
 
     repo_id = _repo("ml100k-center")
     push_center(center_dir, repo_id)
@@ -282,7 +282,9 @@ def test_ctr_round_trip_restores_model_vocabs_and_center(hub_server, pushed_cent
     from huggingface_hub import HfApi, ModelCard
     from transformers import AutoModel
 
-    from mim_hf.common.hub import load_ctr_from_hub, push_ctr_model
+    from mim_hf.ctr.collator import center_content_table
+    from mim_hf.ctr.hub import load_ctr_from_hub, push_ctr_model
+    from mim_hf.ctr.predict import load_ctr_model
     from mim_hf.modeling.modeling_ciubm import CiUBMForCTR
 
     repo_id = _repo("ciubm")
@@ -309,9 +311,11 @@ def test_ctr_round_trip_restores_model_vocabs_and_center(hub_server, pushed_cent
             {"user_id": "new-user", "item_id": "i7", "behavior_item_ids": [], "label": 0}]
     items = {"item_id": [f"i{i}" for i in range(29)], "year": ["1995"] * 29}
     batch = bundle.collator(items=items, max_len=4)(rows)
-    assert batch["target_content_embeds"].shape == (2, CONTENT_DIM)
-    original = AutoModel.from_pretrained(ctr_dir).eval()
+    assert batch["target_content_rows"].shape == (2,)
+    original = AutoModel.from_pretrained(ctr_dir).eval().set_content_table(center_content_table(bundle.center))
     torch.testing.assert_close(bundle.model(**batch).logits, original(**batch).logits, rtol=0, atol=0)
+    # the one loader takes Hub repo ids too
+    torch.testing.assert_close(load_ctr_model(repo_id).model(**batch).logits, original(**batch).logits, rtol=0, atol=0)
 
     card = ModelCard.load(repo_id)
     meta = _front_matter(str(card))
@@ -342,7 +346,7 @@ def test_ctr_trained_on_a_local_center_pushes_with_the_hub_center(hub_server, pu
     # Hub revision; naming the pushed center must not reuse that revision.
     from huggingface_hub import HfApi
 
-    from mim_hf.common.hub import load_ctr_from_hub, push_ctr_model
+    from mim_hf.ctr.hub import load_ctr_from_hub, push_ctr_model
 
     trained = tmp_path / "trained"
     shutil.copytree(ctr_dir, trained)
@@ -358,7 +362,7 @@ def test_ctr_trained_on_a_local_center_pushes_with_the_hub_center(hub_server, pu
 def test_ctr_push_and_load_refuse_a_missing_or_foreign_center(hub_server, pushed_center, ctr_dir, tmp_path):
     from huggingface_hub import HfApi
 
-    from mim_hf.common.hub import load_ctr_from_hub, push_ctr_model
+    from mim_hf.ctr.hub import load_ctr_from_hub, push_ctr_model
 
     with pytest.raises(ValueError, match=r"names center 'test-user/no-such-center'.*Push the center first"):
         push_ctr_model(ctr_dir, _repo("ciubm-x"), center_repo_id="test-user/no-such-center")
@@ -387,7 +391,7 @@ def test_center_round_trip_with_branches_and_card(hub_server, pushed_center, cen
     from huggingface_hub import DatasetCard, HfApi
 
     from mim_hf.center.store import RepresentationCenter
-    from mim_hf.common.hub import push_center
+    from mim_hf.center.hub import push_center
 
     local = RepresentationCenter.load(center_dir)
     remote = RepresentationCenter.load(pushed_center)
@@ -418,7 +422,7 @@ def test_prepared_data_round_trip_with_datasets(hub_server, prepared, tmp_path, 
     from datasets import load_dataset
     from huggingface_hub import DatasetCard
 
-    from mim_hf.common.hub import load_prepared_from_hub, push_prepared
+    from mim_hf.data.hub import load_prepared_from_hub, push_prepared
 
     repo_id = _repo("synthetic-item-cold")
     push_prepared(prepared, repo_id, revision="v1")
@@ -546,7 +550,7 @@ def test_hub_loads_refuse_pickle_weights_and_never_run_repo_code(hub_server, enc
                                                                  encoder_batch, tmp_path):
     from huggingface_hub import HfApi
 
-    from mim_hf.common.hub import load_ctr_from_hub
+    from mim_hf.ctr.hub import load_ctr_from_hub
     from mim_hf.encoder.hub import load_encoder_from_hub
     from test_safe_loading import marker_module, plant_pickle
 

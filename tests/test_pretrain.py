@@ -20,7 +20,7 @@ from mim_hf.data import make_synthetic_world, prepare
 from mim_hf.encoder.encoding import encode_items
 from mim_hf.encoder.lora import load_adapters
 from mim_hf.modeling.processing_mim_encoder import MIMContentProcessor
-from mim_hf.common.training import load_config
+from mim_hf.common.config import load_config
 from mim_hf.pretrain.train import (
     ItemViews,
     PretrainConfig,
@@ -151,16 +151,36 @@ def test_resume_from_checkpoint_gives_the_same_result(prepared_dir, tmp_path):
     config = tiny_config(prepared_dir, tmp_path / "run")
     uninterrupted = run(config)
     weights = AutoModel.from_pretrained(tmp_path / "run" / "encoder").state_dict()
-    # Simulate a kill after step 2: drop the step-4 checkpoint and the final artefacts.
-    for path in ("checkpoints/step_4", "encoder", "adapters", "metrics.json"):
+    # a changed configuration is refused by name before anything is written
+    config_json = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"in batch_size \(checkpoint: 16, this run: 8\), seed \(checkpoint: 0"):
+        run(dataclasses.replace(config, seed=7, batch_size=8), resume=True)
+    assert (tmp_path / "run" / "config.json").read_text() == config_json
+    # Drop the final artefacts and flip one bit of the step-4 checkpoint: resume falls back to step 2.
+    for path in ("encoder", "adapters", "metrics.json"):
         target = tmp_path / "run" / path
         shutil.rmtree(target) if target.is_dir() else target.unlink()
-    resumed = run(config, resume=True)
+    damaged = tmp_path / "run" / "checkpoints" / "step_4" / "model.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-5] ^= 0x10
+    damaged.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"step_4: .*model.safetensors is damaged: its sha256 .*intact .*step_2"):
+        resumed = run(config, resume=True)
     assert resumed["resumed_from"].endswith("step_2")
     assert resumed["history"] == uninterrupted["history"]
     assert resumed["alignment"] == uninterrupted["alignment"]
     for name, value in AutoModel.from_pretrained(tmp_path / "run" / "encoder").state_dict().items():
         torch.testing.assert_close(value, weights[name], atol=0, rtol=0)
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused(prepared_dir, tmp_path):
+    from mim_hf.common.loop import hold_output_dir
+
+    config = tiny_config(prepared_dir, tmp_path / "run")
+    with hold_output_dir(config.output_dir):  # another run holds the folder
+        with pytest.raises(RuntimeError, match=r"in use by another training run \(pid \d+ on host .*, started "):
+            run(config)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # nothing of the refused run
 
 
 def test_text_only_alignment_task(prepared_dir, tmp_path):

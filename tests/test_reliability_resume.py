@@ -11,7 +11,7 @@ processes, each stage killed with SIGKILL once and resumed with ``--resume`` by 
     process 3: csft --resume       -> finishes; ctr  -- killed DURING the write of checkpoint 12
     process 4: ctr --resume        -> finishes   (the CTR runs read the reference chain's center)
 
-The kill is deterministic: the driver wraps two internals of ``mim_hf.common.training`` so the
+The kill is deterministic: the driver wraps two internals of ``mim_hf.common.checkpoints`` so the
 process sends itself SIGKILL at the chosen file of the chosen checkpoint. Every process runs
 under ``tests/unpickling_guard.forbid_unpickling`` (any unpickling, or ``torch.load`` without
 ``weights_only=True``, fails the run), so the whole resume path is pickle-free.
@@ -74,7 +74,7 @@ import json, os, runpy, signal, sys, traceback
 sys.path.insert(0, os.environ["MIM_HF_TESTS_DIR"])
 from unpickling_guard import forbid_unpickling
 import mim_hf.pretrain.train, mim_hf.csft.train, mim_hf.ctr.train
-from mim_hf.common import training as common
+from mim_hf.common import checkpoints as common
 
 real_write, real_commit = common._write_state_file, common._commit_checkpoint
 

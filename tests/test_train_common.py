@@ -21,18 +21,17 @@ from spawned_workers import free_port, run_workers
 from unpickling_guard import forbid_unpickling
 
 from mim_hf.csft.losses import InfoNCELoss
-from mim_hf.common import training as common
-from mim_hf.common.training import (
-    TrainingProgress,
-    config_field,
+from mim_hf.common import checkpoints as common
+from mim_hf.common.checkpoints import (
     latest_checkpoint,
     load_checkpoint,
-    load_config,
-    parse_config,
+    restore_checkpoint,
     restore_folder,
-    resume_if_requested,
     save_checkpoint,
+    start_run,
 )
+from mim_hf.common.config import config_field, load_config, parse_config
+from mim_hf.common.loop import TrainingProgress, hold_output_dir, train_batches
 from mim_hf.csft.train import BestWeights
 
 
@@ -41,7 +40,7 @@ class ToyConfig:
     learning_rate: float = config_field(1e-3, "step size")
     epochs: int = config_field(2, "passes over the data")
     use_queue: bool = config_field(False, "keep a queue")
-    levels: list = config_field(["item"], "levels")
+    levels: list[str] = config_field(["item"], "levels")
     output_dir: str | None = config_field(None, "where to write")
     weights: dict = config_field({"item": 1.0}, "a bare-dict field")
 
@@ -63,6 +62,27 @@ def test_unknown_and_badly_typed_fields_are_named(tmp_path):
         load_config(ToyConfig, overrides={"epochs": "many"})
     with pytest.raises(ValueError, match=r"config field 'use_queue': 'maybe' is not a boolean"):
         load_config(ToyConfig, overrides={"use_queue": "maybe"})
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """What a stage config looks like to the checkpoints: an output_dir and fields that change results."""
+
+    output_dir: str = config_field("", "where checkpoints go")
+    seed: int = config_field(0, "seed")
+    batch_size: int = config_field(4, "batch size")
+    learning_rate: float = config_field(0.1, "step size")
+    keep_checkpoints: int = config_field(2, "newest checkpoints kept")
+
+
+def run_config(output_dir, **values) -> RunConfig:
+    return RunConfig(output_dir=str(output_dir), **values)
+
+
+def resume_into(accelerator, output_dir, resume, state, per_process=(), **config_values):
+    """What a stage does: start_run (checks, config.json), then restore_checkpoint once objects exist."""
+    checkpoint = start_run(accelerator, run_config(output_dir, **config_values), resume)
+    return restore_checkpoint(accelerator, checkpoint, state, per_process)
 
 
 class Counter:
@@ -149,14 +169,14 @@ def test_checkpoint_restores_every_state_exactly_without_unpickling(tmp_path):
     accelerator, state, step = toy_training(tmp_path)
     for _ in range(3):
         step()
-    path = save_checkpoint(accelerator, tmp_path, step=3, state=state, per_process=("loss",))
+    path = save_checkpoint(accelerator, run_config(tmp_path), step=3, state=state, per_process=("loss",))
     assert path.name == "step_3" and len(state["loss"].queue) == 6
     expected, expected_draws = snapshot(state), random_draws()
     for _ in range(2):  # moves every state on
         step()
     assert state["progress"].step == 5
     with forbid_unpickling():
-        assert resume_if_requested(accelerator, tmp_path, resume=True, state=state, per_process=("loss",)) == path
+        assert resume_into(accelerator, tmp_path, resume=True, state=state, per_process=("loss",)) == path
     # every entry, including AdamW's moments and step counts, the scheduler, the queue and the
     # best weights, equals the saved state bit for bit; the RNGs continue where they were
     assert_same(snapshot(state), expected)
@@ -177,9 +197,9 @@ def test_resumed_toy_training_equals_uninterrupted(tmp_path):
     accelerator, state, step = toy_training(tmp_path)
     for _ in range(3):
         step()
-    save_checkpoint(accelerator, tmp_path / "run", step=3, state=state, per_process=("loss",))
+    save_checkpoint(accelerator, run_config(tmp_path / "run"), step=3, state=state, per_process=("loss",))
     accelerator, state, step = toy_training(tmp_path)  # a new process: fresh objects, then resume
-    resume_if_requested(accelerator, tmp_path / "run", resume=True, state=state, per_process=("loss",))
+    resume_into(accelerator, tmp_path / "run", resume=True, state=state, per_process=("loss",))
     for _ in range(3):
         step()
     assert_same(snapshot(state), straight)
@@ -196,14 +216,14 @@ def evil_pickle(marker: Path) -> bytes:
 def test_pickles_in_a_checkpoint_folder_are_never_opened(tmp_path):
     accelerator, state, step = toy_training(tmp_path)
     step()
-    path = save_checkpoint(accelerator, tmp_path, step=1, state=state, per_process=("loss",))
+    path = save_checkpoint(accelerator, run_config(tmp_path), step=1, state=state, per_process=("loss",))
     marker = tmp_path / "pwned"
     # the file names accelerate's save_state uses, and a torch.save-style .bin
     for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "pytorch_model.bin",
                  "scheduler.bin", "model.pkl"):
         (path / name).write_bytes(evil_pickle(marker))
     with forbid_unpickling():
-        resume_if_requested(accelerator, tmp_path, resume=True, state=state, per_process=("loss",))
+        resume_into(accelerator, tmp_path, resume=True, state=state, per_process=("loss",))
     assert not marker.exists()
     # an Accelerator.save_state-style folder (pickles, no manifest) is refused, not loaded
     legacy = tmp_path / "legacy" / "checkpoints" / "step_7"
@@ -211,14 +231,14 @@ def test_pickles_in_a_checkpoint_folder_are_never_opened(tmp_path):
     (legacy / "custom_checkpoint_0.pkl").write_bytes(evil_pickle(marker))
     (legacy / "model.safetensors").write_bytes(b"")
     with forbid_unpickling(), pytest.raises(ValueError, match="no manifest.json: not a mim-hf checkpoint"):
-        resume_if_requested(accelerator, tmp_path / "legacy", resume=True, state=state, per_process=("loss",))
+        resume_into(accelerator, tmp_path / "legacy", resume=True, state=state, per_process=("loss",))
     assert not marker.exists()
 
 
 def test_kill_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
     accelerator, state, step = toy_training(tmp_path)
     step()
-    save_checkpoint(accelerator, tmp_path, step=1, state=state, per_process=("loss",))
+    save_checkpoint(accelerator, run_config(tmp_path), step=1, state=state, per_process=("loss",))
     expected = snapshot(state)
     step()
 
@@ -233,22 +253,22 @@ def test_kill_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkey
     real_write = common._write_state_file
     monkeypatch.setattr(common, "_write_state_file", write_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(accelerator, tmp_path, step=2, state=state, per_process=("loss",))
+        save_checkpoint(accelerator, run_config(tmp_path), step=2, state=state, per_process=("loss",))
     monkeypatch.setattr(common, "_write_state_file", real_write)
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == [".tmp_step_2", "step_1"]
     assert latest_checkpoint(tmp_path).name == "step_1"
-    resume_if_requested(accelerator, tmp_path, resume=True, state=state, per_process=("loss",))
+    resume_into(accelerator, tmp_path, resume=True, state=state, per_process=("loss",))
     assert_same(snapshot(state), expected)
     # the next complete save removes the dead temporary
-    save_checkpoint(accelerator, tmp_path, step=2, state=state, per_process=("loss",))
+    save_checkpoint(accelerator, run_config(tmp_path), step=2, state=state, per_process=("loss",))
     assert sorted(p.name for p in root.iterdir()) == ["step_1", "step_2"]
 
 
 def test_damaged_or_mismatching_checkpoints_are_refused_by_name(tmp_path):
     accelerator, state, step = toy_training(tmp_path)
     step()
-    path = save_checkpoint(accelerator, tmp_path, step=1, state=state, per_process=("loss",))
+    path = save_checkpoint(accelerator, run_config(tmp_path), step=1, state=state, per_process=("loss",))
     with pytest.raises(ValueError, match=r"holds entries .* this run expects"):
         load_checkpoint(accelerator, path, {k: v for k, v in state.items() if k != "counter"}, per_process=("loss",))
     with pytest.raises(ValueError, match=r"holds entries .*'loss': True.* this run expects .*'loss': False"):
@@ -276,11 +296,11 @@ def test_tied_and_non_contiguous_tensors_round_trip(tmp_path):
     holder = TrainingProgress()
     holder.state_dict = lambda: {"view": embedding.weight.detach().T, "again": embedding.weight.detach()}
     holder.load_state_dict = lambda state: holder.__dict__.update(loaded=state)
-    save_checkpoint(accelerator, tmp_path, step=1, state={"model": model, "holder": holder})
+    save_checkpoint(accelerator, run_config(tmp_path), step=1, state={"model": model, "holder": holder})
     expected = embedding.weight.detach().clone()
     with torch.no_grad():
         embedding.weight.zero_()
-    resume_if_requested(accelerator, tmp_path, resume=True, state={"model": model, "holder": holder})
+    resume_into(accelerator, tmp_path, resume=True, state={"model": model, "holder": holder})
     assert model.decoder.weight is model.embedding.weight and torch.equal(model.embedding.weight, expected)
     assert torch.equal(holder.loaded["view"], expected.T) and torch.equal(holder.loaded["again"], expected)
 
@@ -295,21 +315,21 @@ def test_state_that_needs_pickle_is_refused_at_save_time(tmp_path):
 
     accelerator = Accelerator(cpu=True)
     with pytest.raises(TypeError, match=r"checkpoint state 'fn': a builtin_function_or_method cannot be stored"):
-        save_checkpoint(accelerator, tmp_path, step=1, state={"opaque": Opaque()})
+        save_checkpoint(accelerator, run_config(tmp_path), step=1, state={"opaque": Opaque()})
     with pytest.raises(ValueError, match="checkpoint entry name 'model_0' must match"):
-        save_checkpoint(accelerator, tmp_path, step=1, state={"model_0": TrainingProgress()})
+        save_checkpoint(accelerator, run_config(tmp_path), step=1, state={"model_0": TrainingProgress()})
     with pytest.raises(TypeError, match="entry 'x': a int has no state_dict"):
-        save_checkpoint(accelerator, tmp_path, step=1, state={"x": 3})
+        save_checkpoint(accelerator, run_config(tmp_path), step=1, state={"x": 3})
 
 
 def test_folders_travel_with_the_checkpoint(tmp_path):
     accelerator = Accelerator(cpu=True)
     progress = TrainingProgress()
     best = tmp_path / "model"
-    save_checkpoint(accelerator, tmp_path, step=1, state={"progress": progress}, folders={"best_model": best})
+    save_checkpoint(accelerator, run_config(tmp_path), step=1, state={"progress": progress}, folders={"best_model": best})
     best.mkdir()
     (best / "weights.safetensors").write_bytes(b"step-2 best")
-    second = save_checkpoint(accelerator, tmp_path, step=2, state={"progress": progress}, folders={"best_model": best})
+    second = save_checkpoint(accelerator, run_config(tmp_path), step=2, state={"progress": progress}, folders={"best_model": best})
     (best / "weights.safetensors").unlink()  # writers replace files: the checkpoint's link keeps the old bytes
     (best / "weights.safetensors").write_bytes(b"step-3 best, written after the checkpoint")
     assert restore_folder(second, "best_model", best)
@@ -342,13 +362,13 @@ def _ddp_worker(rank: int, port: int, root: str) -> None:
         local.seen[progress.step] = (rank, float(torch.rand(1)))
 
     step()
-    path = save_checkpoint(accelerator, root, step=1, state=state, per_process=("local",))
+    path = save_checkpoint(accelerator, run_config(root), step=1, state=state, per_process=("local",))
     expected = {"model": {k: v.clone() for k, v in accelerator.unwrap_model(model).state_dict().items()},
                 "seen": dict(local.seen), "draw": torch.rand(3)}
     step()
     step()
     with forbid_unpickling():
-        assert resume_if_requested(accelerator, root, resume=True, state=state, per_process=("local",)) == path
+        assert resume_into(accelerator, root, resume=True, state=state, per_process=("local",)) == path
     restored = accelerator.unwrap_model(model).state_dict()
     ok = (accelerator.num_processes == 2 and isinstance(model, torch.nn.parallel.DistributedDataParallel)
           and all(torch.equal(restored[k], v) for k, v in expected["model"].items()) and local.seen == expected["seen"]
@@ -374,25 +394,25 @@ def test_data_parallel_checkpoint_saves_shared_state_once_and_per_process_state_
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        resume_if_requested(Accelerator(cpu=True), tmp_path, resume=True, state={"progress": TrainingProgress()})
+        resume_into(Accelerator(cpu=True), tmp_path, resume=True, state={"progress": TrainingProgress()})
 
 
 def test_fresh_run_refuses_an_earlier_runs_checkpoints(tmp_path):
     accelerator, progress = Accelerator(cpu=True), TrainingProgress()
-    save_checkpoint(accelerator, tmp_path, step=40, state={"progress": progress})
+    save_checkpoint(accelerator, run_config(tmp_path), step=40, state={"progress": progress})
     with pytest.raises(FileExistsError, match=r"earlier run \(step_40\): pass --resume"):
-        resume_if_requested(accelerator, tmp_path, resume=False, state={"progress": progress})
+        resume_into(accelerator, tmp_path, resume=False, state={"progress": progress})
     assert latest_checkpoint(tmp_path).name == "step_40"  # nothing was deleted
     shutil.rmtree(tmp_path / "checkpoints")
     (tmp_path / "checkpoints" / ".tmp_step_3").mkdir(parents=True)  # a killed write: not a checkpoint
-    assert resume_if_requested(accelerator, tmp_path, resume=False, state={"progress": progress}) is None
+    assert resume_into(accelerator, tmp_path, resume=False, state={"progress": progress}) is None
     assert not (tmp_path / "checkpoints" / ".tmp_step_3").exists()
 
 
 def test_keeps_newest_checkpoints_only(tmp_path):
     accelerator = Accelerator(cpu=True)
     for step in (1, 2, 3):
-        save_checkpoint(accelerator, tmp_path, step=step, state={"progress": TrainingProgress()}, keep=2)
+        save_checkpoint(accelerator, run_config(tmp_path), step=step, state={"progress": TrainingProgress()})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2", "step_3"]
 
 
@@ -426,3 +446,165 @@ def test_accelerate_state_is_fresh_in_the_next_test():
     """Runs after the test above (pytest keeps file order): its bf16 state must be gone."""
     accelerator = Accelerator(cpu=True, mixed_precision="no")
     assert accelerator.mixed_precision == "no"
+
+
+# ---- HfArgumentParser configs of the three stages ----------------------------------------------
+@pytest.mark.parametrize(("module", "cls", "config_file"), [
+    ("mim_hf.pretrain.train", "PretrainConfig", "pretrain_synthetic.yaml"),
+    ("mim_hf.csft.train", "CSFTConfig", "csft_synthetic.yaml"),
+    ("mim_hf.ctr.train", "CTRTrainConfig", "ctr_synthetic_ciubm_csft.yaml"),
+])
+def test_every_stage_config_parses_yaml_plus_cli(module, cls, config_file):
+    """The CTR config's bare ``list`` fields crashed HfArgumentParser; lists now parse as ``--field a b``."""
+    import importlib
+
+    config_cls = getattr(importlib.import_module(module), cls)
+    path = Path(__file__).resolve().parents[1] / "training" / "configs" / config_file
+    config, resume = parse_config(config_cls, "", ["--config", str(path), "--seed", "3", "--no-show-progress", "--resume"])
+    assert config == load_config(config_cls, path, {"seed": 3, "show_progress": False}) and resume
+    if cls == "CTRTrainConfig":
+        config, resume = parse_config(config_cls, "", ["--config", str(path), "--attention-hidden-sizes", "8", "4",
+                                                       "--model-overrides", "{sim_top_k: 5}"])
+        assert config.attention_hidden_sizes == [8, 4] and config.model_overrides == {"sim_top_k": 5} and not resume
+
+
+# ---- issue 21: resume checks the configuration, verifies every file, falls back ------------------
+def test_resume_refuses_a_changed_configuration_naming_the_fields(tmp_path):
+    accelerator, state, step = toy_training(tmp_path)
+    assert resume_into(accelerator, tmp_path, resume=False, state=state) is None  # fresh run: writes config.json
+    step()
+    save_checkpoint(accelerator, run_config(tmp_path), step=1, state=state, per_process=("loss",))
+    config_json = (tmp_path / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"differs from .*step_1's in learning_rate \(checkpoint: 0\.1, this run: "
+                                         r"0\.05\), seed \(checkpoint: 0, this run: 7\)"):
+        resume_into(accelerator, tmp_path, resume=True, state=state, per_process=("loss",), seed=7, learning_rate=0.05)
+    assert (tmp_path / "config.json").read_text() == config_json  # not overwritten by the refused run
+    # fields that do not change results may change
+    assert resume_into(accelerator, tmp_path, resume=True, state=state, per_process=("loss",), keep_checkpoints=5)
+
+
+@dataclasses.dataclass
+class LongerScheduleConfig(RunConfig):
+    RESUME_MAY_GROW = ("max_steps",)
+    max_steps: int = config_field(10, "steps")
+
+
+def test_resume_accepts_a_longer_schedule_only_where_the_config_allows_it(tmp_path):
+    accelerator, state, step = toy_training(tmp_path)
+    step()
+    save_checkpoint(accelerator, LongerScheduleConfig(output_dir=str(tmp_path)), step=1, state=state,
+                    per_process=("loss",))
+    longer = LongerScheduleConfig(output_dir=str(tmp_path), max_steps=20)
+    assert restore_checkpoint(accelerator, start_run(accelerator, longer, True), state, ("loss",))
+    with pytest.raises(ValueError, match=r"in max_steps \(checkpoint: 10, this run: 5\).* max_steps may grow\)"):
+        start_run(accelerator, LongerScheduleConfig(output_dir=str(tmp_path), max_steps=5), True)
+    with pytest.raises(ValueError, match=r"in batch_size \(checkpoint: 4, this run: 8\)"):
+        start_run(accelerator, LongerScheduleConfig(output_dir=str(tmp_path), max_steps=20, batch_size=8), True)
+
+
+def _flip_one_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # a byte of tensor data: same size, same valid header
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["bit flip", "manifest not JSON", "manifest lacks files", "file removed"])
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, damage):
+    accelerator, state, step = toy_training(tmp_path)
+    step()
+    older = save_checkpoint(accelerator, run_config(tmp_path), step=1, state=state, per_process=("loss",))
+    expected = snapshot(state)
+    step()
+    newer = save_checkpoint(accelerator, run_config(tmp_path), step=2, state=state, per_process=("loss",))
+    if damage == "bit flip":
+        _flip_one_bit(newer / "model.safetensors")
+        reason = r"model.safetensors is damaged: its sha256 differs"
+    elif damage == "manifest not JSON":
+        (newer / "manifest.json").write_text('{"format": "mim-hf-checkpoint", "ver')
+        reason = r"manifest.json is damaged: not readable JSON"
+    elif damage == "manifest lacks files":
+        manifest = json.loads((newer / "manifest.json").read_text())
+        (newer / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "files"}))
+        reason = r"manifest.json is damaged: it lacks \['files'\]"
+    else:
+        (newer / "optimizer.safetensors").unlink()
+        reason = r"optimizer.safetensors is damaged: missing bytes"
+    with pytest.warns(UserWarning, match=rf"skipped damaged checkpoint\(s\) \(step_2: .*{reason}.*resuming from the "
+                                         r"older intact .*step_1"):
+        assert resume_into(accelerator, tmp_path, resume=True, state=state, per_process=("loss",)) == older
+    assert_same(snapshot(state), expected)
+
+
+def test_resume_refuses_when_every_checkpoint_is_damaged(tmp_path):
+    accelerator, state, step = toy_training(tmp_path)
+    step()
+    only = save_checkpoint(accelerator, run_config(tmp_path), step=1, state=state, per_process=("loss",))
+    _flip_one_bit(only / "progress.safetensors")
+    with pytest.raises(ValueError, match=r"every checkpoint .* is damaged .*progress.safetensors is damaged: its sha256"):
+        resume_into(accelerator, tmp_path, resume=True, state=state, per_process=("loss",))
+
+
+# ---- issue 21: a resume with another batch size ends (it used to loop forever) -------------------
+@pytest.mark.timeout(120)
+def test_position_past_the_end_of_the_epoch_is_an_error_not_a_hang():
+    accelerator, progress = Accelerator(cpu=True), TrainingProgress()
+    loader = accelerator.prepare(torch.utils.data.DataLoader(list(range(12)), batch_size=4))
+    progress.epoch, progress.batches_in_epoch = 0, 5  # written with a smaller batch: 5 of 12 batches
+    with pytest.raises(ValueError, match=r"position \(epoch 0, batch 5\) is past the end of this run's epoch of 3"):
+        next(train_batches(accelerator, progress, loader, stop=lambda: progress.step >= 100))
+    progress.batches_in_epoch = 3  # checkpointed right at the end of an epoch: the next epoch starts
+    batches = train_batches(accelerator, progress, loader, stop=lambda: progress.step >= 100)
+    assert next(batches).tolist() == [0, 1, 2, 3] and (progress.epoch, progress.batches_in_epoch) == (1, 0)
+
+
+@pytest.mark.timeout(300)
+def test_ctr_resume_with_another_batch_size_is_refused(tmp_path):
+    """``--resume --batch-size 128`` on a checkpoint written with 32 spun forever at 100% CPU."""
+    from mim_hf.ctr.train import CTRTrainConfig, run
+    from mim_hf.data import make_synthetic_world, prepare
+
+    world = make_synthetic_world(n_users=30, n_items=40, impressions_per_user=12)
+    data_dir = prepare(world, protocol="temporal", max_len=10).save(tmp_path / "data")
+    values = dict(data_dir=str(data_dir), output_dir=str(tmp_path / "ctr"), mode="din", max_len=10, id_embed_dim=4,
+                  attention_hidden_sizes=[8], fusion_hidden_sizes=[16], batch_size=32, eval_batch_size=64,
+                  max_steps=5, checkpoint_every=3, patience=0, show_progress=False, num_threads=1)
+    train_samples = run(load_config(CTRTrainConfig, None, values))["fallbacks"]["train"]["samples"]
+    assert math.ceil(train_samples / 128) <= 3 < math.ceil(train_samples / 32)
+    shutil.rmtree(tmp_path / "ctr" / "checkpoints" / "step_5")  # as if killed after step 3
+    assert json.loads((tmp_path / "ctr" / "checkpoints" / "step_3" / "manifest.json").read_text())["config"][
+        "batch_size"] == 32
+    # with 128 an epoch has at most 3 batches: skipping 3 left nothing to train on, and the loop spun forever
+    with pytest.raises(ValueError, match=r"differs from .*step_3's in batch_size \(checkpoint: 32, this run: 128\)"):
+        run(load_config(CTRTrainConfig, None, {**values, "batch_size": 128}), resume=True)
+
+
+# ---- issue 21: one run per output folder -------------------------------------------------------
+HOLD_LOCK = """
+import sys, time
+from mim_hf.common.loop import hold_output_dir
+with hold_output_dir(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_run_into_a_held_output_dir_is_refused_naming_the_holder(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match=rf"in use by another training run \(pid {holder.pid} on host "
+                                               rf"{socket.gethostname()}, started 20\d\d-"):
+            with hold_output_dir(tmp_path):
+                pass
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    with hold_output_dir(tmp_path):  # the holder ended: the folder is free again
+        with pytest.raises(RuntimeError, match=rf"pid {os.getpid()} "):
+            with hold_output_dir(tmp_path):
+                pass

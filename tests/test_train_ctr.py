@@ -17,8 +17,9 @@ from mim_hf.center.store import RepresentationCenter
 from mim_hf.data import PreparedData, make_synthetic_world, prepare
 from mim_hf.ctr.metrics import auc
 from mim_hf.ctr import train as ctr_module
-from mim_hf.common.training import load_config
-from mim_hf.ctr.train import CTRTrainConfig, load_ctr_model, predict, run
+from mim_hf.common.config import load_config
+from mim_hf.ctr.predict import CTRBundle, load_ctr_model, predict
+from mim_hf.ctr.train import CTRTrainConfig, run
 
 REPO = Path(__file__).resolve().parents[1]
 CONTENT_DIM = 8
@@ -82,14 +83,16 @@ def test_each_mode_runs_end_to_end(world_dirs, tmp_path, protocol, mode):
     prepared = PreparedData.load(config.data_dir)
     check_metrics_shape(metrics, prepared, config)
     model_dir = Path(config.output_dir) / "model"
-    model, center = load_ctr_model(model_dir)
+    bundle = load_ctr_model(model_dir)
+    model, center = bundle.model, bundle.center
     # the unknown row of the ID tables is never trained under the "zero" policy
     assert torch.count_nonzero(model.embeddings.item_id_embeddings.weight[0]) == 0
     assert torch.count_nonzero(model.embeddings.user_id_embeddings.weight[0]) == 0
     if mode == "din":
-        assert center is None and model.config.center_fingerprint is None
+        assert center is None and model.config.center_fingerprint is None and model.content_table is None
     else:
         assert model.config.center_fingerprint == "sha256:tiny-a" and model.config.content_dim == CONTENT_DIM
+        assert model.content_table.shape == (center.num_items + 1, CONTENT_DIM)  # attached by the loader
         assert Path(model.config.center_repo) == Path(world_dirs["center"]).resolve()
     # the center is not copied into the model folder
     assert sum(f.stat().st_size for f in model_dir.iterdir()) < 200_000
@@ -100,6 +103,8 @@ def test_each_mode_runs_end_to_end(world_dirs, tmp_path, protocol, mode):
     # predict() reproduces the test scores behind metrics.json
     probs = predict(model_dir, prepared.samples["test"], items=prepared.items)
     assert auc(prepared.samples["test"]["label"], probs) == pytest.approx(metrics["test"]["overall"]["auc"], abs=1e-12)
+    assert isinstance(bundle, CTRBundle)
+    np.testing.assert_array_equal(predict(bundle, prepared.samples["test"], items=prepared.items), probs)
 
 
 def test_training_loss_decreases(world_dirs, tmp_path):
@@ -208,3 +213,31 @@ def test_script_entry_point(world_dirs, tmp_path, monkeypatch):
     assert metrics["seed"] == 3 and metrics["protocol"] == "item-cold" and metrics["mode"] == "din"
     assert (out / "model" / "config.json").is_file() and (out / "config.json").is_file()
     assert np.isfinite(metrics["test"]["cold"]["logloss"])
+
+
+def test_transformers_trainer_trains_with_the_collator(world_dirs, tmp_path):
+    # CiUBMForCTR under transformers.Trainer, the project's collator as data_collator (raw sample
+    # rows in, so remove_unused_columns=False keeps the columns the collator reads)
+    from transformers import Trainer, TrainingArguments
+
+    from mim_hf.ctr.collator import CTRCollator, center_content_table
+    from mim_hf.modeling import CiUBMConfig, CiUBMForCTR
+
+    prepared = PreparedData.load(world_dirs["temporal"])
+    center = RepresentationCenter.load(world_dirs["center"])
+    collator = CTRCollator(prepared.vocabs, items=prepared.items, center=center, max_len=10,
+                           item_features=["item_category"])
+    torch.manual_seed(0)
+    config = CiUBMConfig(**collator.config_kwargs(), content_dim=CONTENT_DIM, id_embed_dim=4, content_proj_dim=4,
+                         attention_hidden_sizes=[8], fusion_hidden_sizes=[16])
+    model = CiUBMForCTR(config).set_content_table(center_content_table(center))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=16, max_steps=4,
+                             learning_rate=1e-2, remove_unused_columns=False, report_to=[], save_strategy="no",
+                             logging_steps=1, use_cpu=True, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=prepared.samples["train"], data_collator=collator)
+    result = trainer.train()
+    assert result.global_step == 4 and np.isfinite(result.training_loss)
+    assert all(not torch.equal(before[name], p) for name, p in model.named_parameters() if p.requires_grad
+               and name in ("fusion.layers.0.weight", "content_projection.weight"))
+    assert np.isfinite(trainer.evaluate(eval_dataset=prepared.samples["valid"])["eval_loss"])

@@ -22,14 +22,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from mim_hf.center.store import (
-    CenterBuildStaging,
-    RepresentationCenter,
-    encode_levels,
-    encoder_fingerprint,
-    encoder_levels,
-    validated_catalogue_ids,
-)
+from mim_hf.center.build import CenterBuildStaging
+from mim_hf.center.encoders import encode_levels, encoder_fingerprint, encoder_levels
+from mim_hf.center.index import validated_catalogue_ids
+from mim_hf.center.store import RepresentationCenter
 from mim_hf.center.cli import add_center_build_arguments
 from mim_hf.data import PreparedData
 from mim_hf.encoder.build import load_encoder_and_processor

@@ -6,12 +6,13 @@
 Writes <output_dir>/config.json, checkpoints/, model/ (save_pretrained; the center is not copied)
 and metrics.json (valid + test, overall and per popularity bucket).
 
---resume continues from the newest complete checkpoint under OUTPUT_DIR/checkpoints (exactly:
-same metrics and weights as an uninterrupted run; no pickle is loaded). Without it, a fresh
-run removes the checkpoints an earlier run left there.
+--resume continues from the newest intact checkpoint under OUTPUT_DIR/checkpoints (exactly:
+same metrics and weights as an uninterrupted run; no pickle is loaded; a changed configuration
+is refused). Without it, a run refuses a folder that holds an earlier run's checkpoints; a
+second run into a folder in use is refused too. See docs/training.md.
 """
 
-from mim_hf.common.training import parse_config
+from mim_hf.common.config import parse_config
 from mim_hf.ctr.train import CTRTrainConfig, run
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The Representation Center: item id -> content embedding, precomputed, versioned, memory-mapped."""
 
-from .store import RepresentationCenter, build_center
+from .build import build_center
+from .store import RepresentationCenter
 
 __all__ = ["RepresentationCenter", "build_center"]

@@ -14,13 +14,13 @@ import argparse
 import json
 import time
 
-from mim_hf.center.store import DEFAULT_CHUNK_SIZE
+from mim_hf.center.build import DEFAULT_CHUNK_SIZE
 from mim_hf.encoder.build import load_encoder_and_processor
 
 
 def center_build_cli(args: argparse.Namespace) -> int:
     """Encode every item of a prepared-data directory and write a center to ``--out``."""
-    from mim_hf.center.store import build_center
+    from mim_hf.center.build import build_center
     from mim_hf.data import PreparedData
 
     started = time.perf_counter()
@@ -36,6 +36,7 @@ def center_build_cli(args: argparse.Namespace) -> int:
 
 def center_info_cli(args: argparse.Namespace) -> int:
     """Print a center's metadata (``--json`` for machine-readable output)."""
+    from mim_hf.center.layout import EMBEDDINGS_FILE
     from mim_hf.center.store import RepresentationCenter
 
     center = RepresentationCenter.load(args.center, revision=args.revision)
@@ -49,7 +50,8 @@ def center_info_cli(args: argparse.Namespace) -> int:
                 "encoder_revision", "encoder_fingerprint", "created_at", "updated_at", "format_version"):
         print(f"{key:<20} {info.get(key)}")
     if args.verify:
-        print(f"{'checksums':<20} ok ({', '.join(center.metadata.get('files', {}))})")
+        print(f"{'checksums':<20} ok (every chunk of {', '.join(center.metadata['checksums'][EMBEDDINGS_FILE])} "
+              f"and of the id index)")
     return 0
 
 
@@ -89,7 +91,7 @@ def add_center_build_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_center_subparsers(commands) -> argparse.ArgumentParser:
     """Add ``center build|info|nearest`` to ``commands`` (the ``mim-hf`` sub-parsers action)."""
-    from mim_hf.center.store import DEFAULT_LEVEL
+    from mim_hf.center.layout import DEFAULT_LEVEL
 
     center = commands.add_parser("center", help="build, inspect and query a Representation Center")
     center_commands = center.add_subparsers(dest="center_command", required=True)
@@ -106,7 +108,7 @@ def add_center_subparsers(commands) -> argparse.ArgumentParser:
     info = center_commands.add_parser("info", help="print a center's metadata")
     info.add_argument("center", help="center directory or Hub dataset repo id")
     info.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    info.add_argument("--verify", action="store_true", help="also check every file against its sha256")
+    info.add_argument("--verify", action="store_true", help="also check every chunk of every tensor against its CRC32")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=center_info_cli)
 

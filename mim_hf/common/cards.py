@@ -427,9 +427,9 @@ def ctr_card(config: Mapping[str, Any], repo_id: str, metrics: Mapping[str, Any]
         if table else _no_metrics("evaluation metrics")
     center = config.get("center_repo")
     how_to_load = f"""```python
-from mim_hf.common.hub import load_ctr_from_hub
+from mim_hf.ctr.predict import load_ctr_model
 
-bundle = load_ctr_from_hub("{repo_id}")   # model + vocabularies{' + its Representation Center (' + center + ')' if center else ''}
+bundle = load_ctr_model("{repo_id}")   # model + vocabularies{' + its Representation Center (' + center + ')' if center else ''}
 collator = bundle.collator(items=items_table)  # items_table: the catalogue, for item side features
 batch = collator([{{"user_id": "42", "item_id": "1", "behavior_item_ids": ["7", "9"]}}])
 probs = bundle.model(**batch).probs
@@ -516,6 +516,16 @@ def data_card(prepared_meta: Mapping[str, Any], stats: Mapping[str, Any], split_
                      "in training (unknown IDs: only their content is known).",
         "temporal": "Interactions are sorted by time and split 80/10/10 into train/valid/test.",
     }
+    config = prepared_meta.get("config") or {}
+    if protocol == "item-cold" and config.get("folds") is not None:
+        protocol_lines["item-cold"] = (f"Items are cut into {config['folds']} folds at random; this is fold {config.get('fold')}: "
+                                       "its part is test, the next part valid, the rest train. Valid/test hold only "
+                                       "interactions with items never seen in training.")
+    if config.get("labels") == "implicit":
+        protocol_lines[protocol] = protocol_lines.get(protocol, "") + (
+            f" Labels are implicit: every interaction is a positive, with {config.get('neg_ratio')} drawn negative(s) "
+            "per positive (items the user never touched, from the positive's split under item-cold, from items "
+            "seen by then under temporal).")
     split_stats = stats.get("splits") or {}
     bucket_rows = [(s, *(f"{v['popularity_buckets'].get(b, 0):,}" for b in BUCKET_ORDER[1:]),
                     _fmt(v.get("positive_rate"))) for s, v in split_stats.items() if "popularity_buckets" in v]
@@ -539,7 +549,7 @@ from datasets import load_dataset
 samples = load_dataset("{repo_id}", "samples")   # DatasetDict train / valid / test
 pairs = load_dataset("{repo_id}", "pairs")
 
-from mim_hf.common.hub import load_prepared_from_hub
+from mim_hf.data.hub import load_prepared_from_hub
 prepared = load_prepared_from_hub("{repo_id}")   # + items, vocabularies, stats (PreparedData)
 ```""",
         "intended_use": "Training and evaluating CTR models and C-SFT content encoders with mim-hf, and comparing "

@@ -61,14 +61,9 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mim_hf.common.training import (
-    TrainingProgress,
-    config_field,
-    resume_if_requested,
-    save_checkpoint,
-    save_config,
-    write_json_atomic,
-)
+from mim_hf.common.checkpoints import restore_checkpoint, save_checkpoint, start_run
+from mim_hf.common.config import config_field, write_json_atomic
+from mim_hf.common.loop import EpochShuffleSampler, TrainingProgress, hold_output_dir, train_batches
 
 STAGE_NAME = "csft"
 ENCODER_INFO_NAME = "csft_encoder.json"
@@ -79,6 +74,11 @@ HARD_NEGATIVE_SOURCES = ("field", "user_negatives")
 @dataclass
 class CSFTConfig:
     """Every knob of C-SFT (stage 2)."""
+
+    # --resume may ask for more steps: the learning rate is constant after warm-up, so the run goes
+    # on as if the larger max_steps had been set from the start (exactly so when the checkpoint's
+    # max_steps is a multiple of eval_every; otherwise its extra last evaluation stays in the history).
+    RESUME_MAY_GROW = ("max_steps",)
 
     data_dir: str = config_field("", "prepared-data directory (PreparedData.save / `mim-hf data prepare`)")
     output_dir: str = config_field("runs/csft", "where config, checkpoints, encoder/ and metrics.json go")
@@ -231,7 +231,7 @@ def load_csft_encoder(directory):
     else the start encoder (from ``csft_encoder.json``) with the saved adapters loaded."""
     from mim_hf.encoder.build import load_encoder_and_processor
     from mim_hf.encoder.lora import load_adapters
-    from mim_hf.common.training import config_from_dict
+    from mim_hf.common.config import config_from_dict
 
     directory = Path(directory)
     if (directory / "config.json").is_file():
@@ -382,19 +382,21 @@ def target_log_prior(batches: PairBatches) -> torch.Tensor:
     return (counts / counts.sum()).log().float()
 
 
-def _epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
-    return np.random.default_rng([seed, epoch]).permutation(num_pairs).tolist()
-
-
 def run(config: CSFTConfig, resume: bool = False, accelerator: Accelerator | None = None) -> dict:
-    """Train C-SFT; returns (and writes) the metrics dict described in the module docstring."""
+    """Train C-SFT; returns (and writes) the metrics dict described in the module docstring.
+    Holds the lock on ``output_dir`` while it runs."""
+    config.validate()
+    with hold_output_dir(config.output_dir):
+        return _train(config, resume, accelerator)
+
+
+def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) -> dict:
     from mim_hf.data import PreparedData
     from mim_hf.csft.losses import MultiLevelInfoNCE
     from mim_hf.encoder.lora import save_adapters
     from mim_hf.encoder.lora import merge_adapters as merge_lora
     from mim_hf.csft.retrieval import evaluate_pairs, popularity_retrieval, train_item_counts
 
-    config.validate()
     timings: dict[str, float] = {}
     started = time.perf_counter()
     if config.num_threads:
@@ -403,9 +405,7 @@ def run(config: CSFTConfig, resume: bool = False, accelerator: Accelerator | Non
     set_seed(config.seed)
     output_dir = Path(config.output_dir)
     main = accelerator.is_main_process
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / "config.json")
+    checkpoint = start_run(accelerator, config, resume)
 
     prepared = PreparedData.load(config.data_dir)
     encoder, processor = build_start_encoder(config)
@@ -444,7 +444,7 @@ def run(config: CSFTConfig, resume: bool = False, accelerator: Accelerator | Non
     retrieval["start"] = evaluate(("valid", "test"))  # before a resume loads trained weights
     timings["start_eval"] = time.perf_counter() - started_eval
     # The loss holds the time-negative queues, which differ per process unless they are gathered.
-    resumed_from = resume_if_requested(accelerator, output_dir, resume, checkpoint_state, per_process=("loss",))
+    resumed_from = restore_checkpoint(accelerator, checkpoint, checkpoint_state, per_process=("loss",))
     if progress.step == 0 and not progress.history:
         progress.record({"loss": None, "levels": {}, SELECTION_METRIC: retrieval["start"]["valid"]["recall@10"],
                          "valid": retrieval["start"]["valid"]}, key=SELECTION_METRIC)
@@ -456,82 +456,79 @@ def run(config: CSFTConfig, resume: bool = False, accelerator: Accelerator | Non
     train_time = eval_time = 0.0
     encoder_model.train()
     loss_fn.train()
-    while progress.step < config.max_steps:
-        loader = accelerator.prepare(DataLoader(_epoch_order(len(batches), config.seed, progress.epoch),
-                                                batch_size=config.batch_size, drop_last=True,
-                                                collate_fn=torch.as_tensor))
-        if progress.batches_in_epoch:
-            loader = accelerator.skip_first_batches(loader, progress.batches_in_epoch)
-        for positions in loader:
-            step_started = time.perf_counter()
-            positions = positions.cpu()
-            trigger_rows, target_rows = batches.trigger_rows[positions], batches.target_rows[positions]
-            parts = [trigger_rows, target_rows]
-            hard_rows = hard_mask = None
-            if batches.num_hard:
-                hard_rows, hard_mask = batches.hard_negative_rows(target_rows, progress.step, positions)
-                parts.append(hard_rows.flatten())
-            unique_rows, inverse = torch.unique(torch.cat(parts), return_inverse=True)
-            inputs = {k: v.to(device) for k, v in batches.encoder_inputs(unique_rows).items()}
-            # Dropout masks from (seed, step, rank) alone: a resumed run draws the same ones even
-            # though building data loaders and evaluating consumed global random numbers.
-            torch.manual_seed(hash((config.seed, progress.step, accelerator.process_index)) % (2**63))
-            output = encoder_model(**inputs, return_dict=True)
-            size = len(positions)
-            inverse = inverse.to(device)
-            hard_kwargs = {}
-            if hard_rows is not None:
-                hard_kwargs = {"hard_negative_outputs": _select_outputs(output, inverse[2 * size:]),
-                               "hard_negative_ids": hard_rows.to(device)}
-                if hard_mask is not None:
-                    hard_kwargs["hard_negative_mask"] = hard_mask.to(device)
-            loss, levels = loss_fn(_select_outputs(output, inverse[:size]), _select_outputs(output, inverse[size:2 * size]),
-                                   trigger_rows.to(device), target_rows.to(device), **hard_kwargs)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            progress.batches_in_epoch += 1
-            window_loss += float(loss.detach())
-            for level, value in levels.items():
-                window_levels[level] = window_levels.get(level, 0.0) + value
-            window_steps += 1
-            train_time += time.perf_counter() - step_started
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-            if not math.isfinite(float(loss.detach())):
-                raise FloatingPointError(f"C-SFT loss became {float(loss.detach())} at step {progress.step}; "
-                                         f"lower learning_rate ({config.learning_rate}) or raise temperature")
+    sampler = EpochShuffleSampler(len(batches), config.seed)
 
-            if progress.step % config.eval_every == 0 or progress.step == config.max_steps:
-                eval_started = time.perf_counter()
-                # Test is scored from the same catalogue encoding (cheap) but only read for the
-                # step that valid selects: the final metrics need no second encoding.
-                scored = evaluate(("valid", "test"))
-                valid = scored["valid"]
-                improved = progress.record({
-                    "loss": window_loss / window_steps,
-                    "levels": {k: v / window_steps for k, v in window_levels.items()},
-                    SELECTION_METRIC: valid["recall@10"], "valid": valid,
-                }, key=SELECTION_METRIC)
-                if improved:
-                    best.capture(accelerator.unwrap_model(encoder_model), scored)
-                window_loss, window_levels, window_steps = 0.0, {}, 0
-                encoder_model.train()
-                eval_time += time.perf_counter() - eval_started
-                if main:
-                    bar.write(f"step {progress.step}: loss {progress.history[-1]['loss']:.4f}, "
-                              f"valid recall@10 {valid['recall@10']:.4f} (best {progress.best_metric:.4f} "
-                              f"at step {progress.best_step})")
-            if config.checkpoint_every and progress.step % config.checkpoint_every == 0:
-                save_checkpoint(accelerator, output_dir, progress.step, checkpoint_state,
-                                keep=config.keep_checkpoints, per_process=("loss",))
-            if progress.step >= config.max_steps:
-                break
-        else:
-            progress.epoch += 1
-            progress.batches_in_epoch = 0
+    def epoch_loader(epoch: int):
+        sampler.set_epoch(epoch)
+        return accelerator.prepare(DataLoader(list(sampler), batch_size=config.batch_size, drop_last=True,
+                                              collate_fn=torch.as_tensor))
+
+    for positions in train_batches(accelerator, progress, epoch_loader,
+                                   stop=lambda: progress.step >= config.max_steps):
+        step_started = time.perf_counter()
+        positions = positions.cpu()
+        trigger_rows, target_rows = batches.trigger_rows[positions], batches.target_rows[positions]
+        parts = [trigger_rows, target_rows]
+        hard_rows = hard_mask = None
+        if batches.num_hard:
+            hard_rows, hard_mask = batches.hard_negative_rows(target_rows, progress.step, positions)
+            parts.append(hard_rows.flatten())
+        unique_rows, inverse = torch.unique(torch.cat(parts), return_inverse=True)
+        inputs = {k: v.to(device) for k, v in batches.encoder_inputs(unique_rows).items()}
+        # Dropout masks from (seed, step, rank) alone: a resumed run draws the same ones even
+        # though building data loaders and evaluating consumed global random numbers.
+        torch.manual_seed(hash((config.seed, progress.step, accelerator.process_index)) % (2**63))
+        output = encoder_model(**inputs, return_dict=True)
+        size = len(positions)
+        inverse = inverse.to(device)
+        hard_kwargs = {}
+        if hard_rows is not None:
+            hard_kwargs = {"hard_negative_outputs": _select_outputs(output, inverse[2 * size:]),
+                           "hard_negative_ids": hard_rows.to(device)}
+            if hard_mask is not None:
+                hard_kwargs["hard_negative_mask"] = hard_mask.to(device)
+        loss, levels = loss_fn(_select_outputs(output, inverse[:size]), _select_outputs(output, inverse[size:2 * size]),
+                               trigger_rows.to(device), target_rows.to(device), **hard_kwargs)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.advance()
+        window_loss += float(loss.detach())
+        for level, value in levels.items():
+            window_levels[level] = window_levels.get(level, 0.0) + value
+        window_steps += 1
+        train_time += time.perf_counter() - step_started
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(f"C-SFT loss became {float(loss.detach())} at step {progress.step}; "
+                                     f"lower learning_rate ({config.learning_rate}) or raise temperature")
+
+        if progress.step % config.eval_every == 0 or progress.step == config.max_steps:
+            eval_started = time.perf_counter()
+            # Test is scored from the same catalogue encoding (cheap) but only read for the
+            # step that valid selects: the final metrics need no second encoding.
+            scored = evaluate(("valid", "test"))
+            valid = scored["valid"]
+            improved = progress.record({
+                "loss": window_loss / window_steps,
+                "levels": {k: v / window_steps for k, v in window_levels.items()},
+                SELECTION_METRIC: valid["recall@10"], "valid": valid,
+            }, key=SELECTION_METRIC)
+            if improved:
+                best.capture(accelerator.unwrap_model(encoder_model), scored)
+            window_loss, window_levels, window_steps = 0.0, {}, 0
+            encoder_model.train()
+            eval_time += time.perf_counter() - eval_started
+            if main:
+                bar.write(f"step {progress.step}: loss {progress.history[-1]['loss']:.4f}, "
+                          f"valid recall@10 {valid['recall@10']:.4f} (best {progress.best_metric:.4f} "
+                          f"at step {progress.best_step})")
+        if config.checkpoint_every and progress.step % config.checkpoint_every == 0:
+            save_checkpoint(accelerator, config, progress.step, checkpoint_state, per_process=("loss",))
+        if progress.step >= config.max_steps:
+            break
     bar.close()
     timings["train"], timings["periodic_eval"] = train_time, eval_time
 

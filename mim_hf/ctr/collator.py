@@ -4,18 +4,22 @@ Rows are those of ``PreparedData.samples[split]``: ``user_id``, ``item_id``, ``l
 ``behavior_item_ids`` (most recent last) and ``user_*`` side features. Item side features
 (e.g. ``item_genres``, ``item_year``) come from an item table built once from the items
 ``Dataset`` (the whole catalogue), so a target and the same item as a behaviour always get the
-same features. Content embeddings come from the Representation Center through
-``lookup(item_ids) -> (embeds (N, C) float, found_mask (N,) bool)``.
+same features. Content enters as integer rows of the model's content table: row r + 1 holds
+the Representation Center's row r (:func:`center_content_table` builds that table once, and
+``CiUBMForCTR.set_content_table`` attaches it), row 0 is zeros (padding, and items the center
+lacks).
 
-Sequences keep the ``max_len`` most recent behaviours and are RIGHT-padded: real behaviours at
-positions ``0 .. n-1`` (oldest first), padding after them with id 0, zero content and
-``behavior_mask`` False. The model ignores order, so the side only matters for reading tensors.
+Sequences keep the ``max_len`` most recent behaviours and are RIGHT-padded to the batch's
+longest history (capped by ``max_len``): real behaviours at positions ``0 .. n-1`` (oldest
+first), padding after them with id 0, content row 0 and ``behavior_mask`` False. The model
+ignores order, so the side only matters for reading tensors.
 
-Nothing is dropped silently: unknown users/items/feature values map to index 0 and missing
-content to a zero vector, and every such fallback is counted in ``collator.stats``. Malformed
+Nothing is dropped silently: unknown users/items/feature values map to index 0 and items
+without content to row 0, and every such fallback is counted in ``collator.stats``. Malformed
 input raises instead: a row without ``user_id`` / ``item_id`` / ``behavior_item_ids`` / a user
 feature, "label" in some rows only, a label other than 0/1 (NaN included), a history that is not
-a list, non-finite content from the lookup (ValueError / TypeError naming the row or item).
+a list (ValueError / TypeError naming the row or item). Everything the model reads is checked
+here, so its forward needs no checks.
 """
 
 from __future__ import annotations
@@ -31,7 +35,14 @@ import torch
 
 from mim_hf.data.vocab import Vocabulary
 
-ContentLookup = Callable[[list], tuple[torch.Tensor, torch.Tensor]]
+ContentRows = Callable[[list], np.ndarray]
+
+
+def center_content_table(center, level: str = "item_embeds") -> torch.Tensor:
+    """The content table that :class:`CTRCollator` rows index: (center.num_items + 1, C) float32,
+    row 0 = zeros, row r + 1 = the center's row r (of embedding ``level``)."""
+    embeds = torch.from_numpy(np.array(center.embeddings(level), dtype=np.float32))
+    return torch.cat([embeds.new_zeros(1, embeds.shape[1]), embeds])
 
 
 def _as_vocabulary(name: str, vocab: Any) -> Any:
@@ -52,18 +63,20 @@ class CTRCollator:
         items: the item catalogue (``datasets.Dataset`` or mapping of columns) with ``item_id``
             and, for each item feature ``item_<col>``, a column ``<col>``; needed when
             ``item_features`` is non-empty.
-        center: the content source: an object with ``.lookup(item_ids)`` (the Representation
-            Center) or such a callable; None for ID-only models (mode "din", base "din").
-        max_len: behaviours kept per sample (the most recent ones).
+        center: where content rows come from: the Representation Center (an object with
+            ``.rows_for(item_ids)``) or a callable ``item_ids -> rows`` (int array, -1 = no content);
+            None for ID-only models (mode "din", base "din").
+        max_len: behaviours kept per sample (the most recent ones); a batch is padded to its
+            longest kept history, not to ``max_len``.
         user_features: sample columns used as user side features, e.g. ``("user_gender",)``.
         item_features: item side features, e.g. ``("item_genres", "item_year")``; list-valued
             columns in the catalogue are multi-valued (padded with 0 to their longest list).
 
-    Output (B = len(rows), L = max_len, G = values per multi-valued feature, C = content dim):
-        user_ids (B,), target_item_ids (B,), behavior_item_ids (B, L), behavior_mask (B, L) bool,
-        user_features {name: (B,)}, target_item_features {name: (B,) | (B, G)},
-        behavior_item_features {name: (B, L) | (B, L, G)}, target_content_embeds (B, C) and
-        behavior_content_embeds (B, L, C) when a center is given, labels (B,) when rows hold "label".
+    Output, all int64 but the mask (B = len(rows), L = longest kept history, at least 1, G = values
+    per multi-valued feature): user_ids (B,), target_item_ids (B,), behavior_item_ids (B, L),
+    behavior_mask (B, L) bool, user_features {name: (B,)}, target_item_features {name: (B,) | (B, G)},
+    behavior_item_features {name: (B, L) | (B, L, G)}, target_content_rows (B,) and
+    behavior_content_rows (B, L) when a center is given, labels (B,) when rows hold "label".
     """
 
     def __init__(
@@ -84,12 +97,12 @@ class CTRCollator:
         if missing:
             raise ValueError(f"vocabs lack {missing}; available: {sorted(vocabs)}")
         self.vocabs = {name: _as_vocabulary(name, vocabs[name]) for name in needed}
-        if center is None or callable(center) and not hasattr(center, "lookup"):
-            self.lookup = center
-        elif hasattr(center, "lookup"):
-            self.lookup = center.lookup
+        if center is None or callable(center) and not hasattr(center, "rows_for"):
+            self.rows_for = center
+        elif hasattr(center, "rows_for"):
+            self.rows_for = center.rows_for
         else:
-            raise TypeError(f"center must have .lookup(item_ids) or be callable, got {type(center).__name__}")
+            raise TypeError(f"center must have .rows_for(item_ids) or be callable, got {type(center).__name__}")
         self.max_len = int(max_len)
         self.multi_valued_item_features: list[str] = []
         self._item_index = None
@@ -156,26 +169,16 @@ class CTRCollator:
         self.stats[count_as] += int(unknown.sum() if counts is None else counts[unknown].sum())
         return codes
 
-    def _lookup_content(self, item_ids: list[str], counts: np.ndarray) -> torch.Tensor:
-        """Content (N, C) float32 of (distinct) ``item_ids``; ``counts`` (N,): batch positions each stands for."""
-        result = self.lookup(item_ids)
-        if not (isinstance(result, tuple) and len(result) == 2 and all(isinstance(t, torch.Tensor) for t in result)):
-            raise TypeError(f"content lookup must return (embeds tensor, found_mask tensor), got {type(result).__name__}")
-        embeds, found = result
-        if embeds.dim() != 2 or embeds.shape[0] != len(item_ids) or found.shape != (len(item_ids),):
-            raise ValueError(
-                f"content lookup of {len(item_ids)} ids returned embeds {tuple(embeds.shape)} and found_mask "
-                f"{tuple(found.shape)}; expected ({len(item_ids)}, C) and ({len(item_ids)},)"
-            )
-        if not embeds.is_floating_point():
-            raise TypeError(f"content lookup returned {embeds.dtype} embeddings; expected a floating-point tensor")
-        finite = torch.isfinite(embeds).all(dim=1)
-        if not bool(finite.all()):
-            bad = int((~finite).nonzero()[0])
-            raise ValueError(f"content lookup returned non-finite values (NaN/inf) for item {item_ids[bad]!r}; "
-                             "content embeddings must be finite (rebuild or repair the Representation Center)")
-        self.stats["content_missing"] += int(counts[~found.bool().numpy()].sum())
-        return embeds.float()
+    def _content_rows(self, item_ids: list[str], counts: np.ndarray) -> torch.Tensor:
+        """Content-table rows (N,) int64 of (distinct) ``item_ids`` (0 = no content, counted in
+        ``stats["content_missing"]``); ``counts`` (N,): batch positions each id stands for."""
+        rows = np.asarray(self.rows_for(item_ids))
+        if rows.shape != (len(item_ids),) or rows.dtype.kind not in "iu":
+            raise ValueError(f"content rows of {len(item_ids)} ids must be an integer array of shape "
+                             f"({len(item_ids)},), got {rows.dtype} {rows.shape}")
+        rows = rows.astype(np.int64) + 1  # -1 (no content) -> row 0
+        self.stats["content_missing"] += int(counts[rows == 0].sum())
+        return torch.from_numpy(rows)
 
     def _columns_of(self, rows) -> tuple[dict[str, list], int]:
         """The batch as columns (name -> list, one value per row) and its size, checked: every row has
@@ -222,6 +225,7 @@ class CTRCollator:
         full_histories = [() if history is None else history for history in columns["behavior_item_ids"]]
         full_lengths = np.fromiter(map(len, full_histories), dtype=np.int64, count=batch_size)
         lengths = np.minimum(full_lengths, max_len)
+        width = max(1, int(lengths.max()))  # the batch's longest kept history, not max_len
         flat_history = list(map(str, chain.from_iterable(
             history[-max_len:] if length > max_len else history for history, length in zip(full_histories, full_lengths))))
         # histories repeat a few thousand items: look each distinct one up once, then expand
@@ -238,11 +242,11 @@ class CTRCollator:
             "user_ids": torch.from_numpy(self._encode("user_id", user_ids, "unknown_users")),
             "target_item_ids": torch.from_numpy(self._encode("item_id", target_ids, "unknown_target_items")),
         }
-        behavior_ids = np.zeros((batch_size, max_len), dtype=np.int64)
+        behavior_ids = np.zeros((batch_size, width), dtype=np.int64)
         behavior_ids[row_of, pos_of] = self._encode("item_id", list(distinct_history), "unknown_behavior_items",
                                                     distinct_counts)[history_index]
         batch["behavior_item_ids"] = torch.from_numpy(behavior_ids)
-        batch["behavior_mask"] = torch.arange(max_len).unsqueeze(0) < torch.from_numpy(lengths).unsqueeze(1)
+        batch["behavior_mask"] = torch.arange(width).unsqueeze(0) < torch.from_numpy(lengths).unsqueeze(1)
         batch["user_features"] = {
             name: torch.from_numpy(self._encode(name, columns[name], f"unknown_{name}"))
             for name in self.user_features
@@ -253,17 +257,17 @@ class CTRCollator:
             batch["target_item_features"], batch["behavior_item_features"] = {}, {}
             for name, table in self._item_tables.items():
                 batch["target_item_features"][name] = torch.from_numpy(table[target_rows])
-                behavior_values = np.zeros((batch_size, max_len, *table.shape[1:]), dtype=np.int64)
+                behavior_values = np.zeros((batch_size, width, *table.shape[1:]), dtype=np.int64)
                 behavior_values[row_of, pos_of] = table[history_rows]
                 batch["behavior_item_features"][name] = torch.from_numpy(behavior_values)
-        if self.lookup is not None:
-            content = self._lookup_content(target_ids + list(distinct_history), np.concatenate(
+        if self.rows_for is not None:
+            rows = self._content_rows(target_ids + list(distinct_history), np.concatenate(
                 [np.ones(batch_size, dtype=np.int64), distinct_counts]))
-            batch["target_content_embeds"] = content[:batch_size]
-            behavior_content = torch.zeros(batch_size, max_len, content.shape[1], dtype=content.dtype)
-            behavior_content[torch.from_numpy(row_of), torch.from_numpy(pos_of)] = content[batch_size:][
+            batch["target_content_rows"] = rows[:batch_size]
+            behavior_rows = torch.zeros(batch_size, width, dtype=torch.int64)
+            behavior_rows[torch.from_numpy(row_of), torch.from_numpy(pos_of)] = rows[batch_size:][
                 torch.from_numpy(history_index)]
-            batch["behavior_content_embeds"] = behavior_content
+            batch["behavior_content_rows"] = behavior_rows
         if "label" in columns:
             labels = [label.item() if isinstance(label, torch.Tensor) and label.numel() == 1 else label
                       for label in columns["label"]]
@@ -277,4 +281,4 @@ class CTRCollator:
         return batch
 
 
-__all__ = ["CTRCollator", "ContentLookup"]
+__all__ = ["CTRCollator", "ContentRows", "center_content_table"]

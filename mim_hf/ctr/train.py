@@ -7,10 +7,9 @@ What happens:
 1. ``PreparedData.load(data_dir)``; the Representation Center at ``center_path`` is opened
    (content modes, or base "sim"); its fingerprint, dim, path and version go into the model
    config, the center itself is NOT copied into the model.
-2. Every split is collated ONCE by :class:`~mim_hf.ctr.collator.CTRCollator` into tensors kept
-   in memory (:class:`CTRTensorSplit`); content enters as a row number into a small
-   (catalogue + 1, C) content table that each batch hands to the model (``content_table``),
-   which reads the rows it needs, so no (N, L, C) or (B, L, C) content tensor is built.
+2. Every split is collated ONCE by :class:`~mim_hf.ctr.collator.CTRCollator` into int64 tensors
+   kept in memory (:class:`CTRTensorSplit`); content enters as rows of the center's content
+   table, which the model holds (``set_content_table``; not saved with it).
 3. AdamW with gradient clipping; the valid split is evaluated every ``eval_every`` steps (default:
    each epoch); the best model by valid AUC is saved with ``save_pretrained`` to
    ``output_dir/model``; training stops after ``patience`` evaluations without improvement.
@@ -23,7 +22,7 @@ Unknown users/items (and unseen side-feature values) map to row 0 of their table
 a fraction of training IDs by 0 so the network learns what "unknown" looks like (item-cold
 valid/test targets are all unknown). The same policy applies to every mode, DIN included.
 
-Checkpoints (every ``checkpoint_every`` steps, see :mod:`mim_hf.common.training`): model, optimizer,
+Checkpoints (every ``checkpoint_every`` steps, see :mod:`mim_hf.common.checkpoints`): model, optimizer,
 progress (with the running train loss), RNG states and the best model so far (``model/``, which a
 resume puts back as it was at the checkpointed step). ``run(config, resume=True)`` continues from
 the newest one.
@@ -47,22 +46,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
-from mim_hf.ctr.collator import CTRCollator
+from mim_hf.ctr.collator import CTRCollator, center_content_table
 from mim_hf.ctr.metrics import evaluate_by_bucket
-from mim_hf.common.training import (
-    TrainingProgress,
-    config_field,
-    restore_folder,
-    resume_if_requested,
-    save_checkpoint,
-    save_config,
-    write_json_atomic,
-)
+from mim_hf.common.checkpoints import restore_checkpoint, restore_folder, save_checkpoint, start_run
+from mim_hf.common.config import config_field, write_json_atomic
+from mim_hf.common.loop import EpochShuffleSampler, TrainingProgress, hold_output_dir, train_batches
 
 MODES = ("din", "content_feature", "ciubm")
-# content rows travel through the collator as float32 numbers; exact up to 2**24
-_MAX_CONTENT_ROWS = 2**24
 _COLLATE_CHUNK_ROWS = 8192
 
 
@@ -76,13 +68,13 @@ class CTRTrainConfig:
     base: str = config_field("din", "behaviour stage: din (all behaviours) | sim (top-k by content similarity)")
     center_path: str | None = config_field(None, "Representation Center directory (required unless mode=din and base=din)")
     center_level: str = config_field("item_embeds", "which embedding level of the center to use")
-    user_features: list | None = config_field(None, "user side features (sample columns); None = every user_* column with a vocabulary")
-    item_features: list | None = config_field(None, "item side features; None = every item_* column with a vocabulary and a catalogue column")
+    user_features: list[str] | None = config_field(None, "user side features (sample columns); None = every user_* column with a vocabulary")
+    item_features: list[str] | None = config_field(None, "item side features; None = every item_* column with a vocabulary and a catalogue column")
     max_len: int = config_field(50, "behaviours kept per sample (most recent)")
     id_embed_dim: int = config_field(16, "width of every ID / side-feature embedding")
     content_proj_dim: int = config_field(32, "width content vectors are projected to before fusion")
-    attention_hidden_sizes: list = config_field([64, 32], "hidden layers of the DIN attention MLP")
-    fusion_hidden_sizes: list = config_field([200, 80], "hidden layers of the fusion MLP")
+    attention_hidden_sizes: list[int] = config_field([64, 32], "hidden layers of the DIN attention MLP")
+    fusion_hidden_sizes: list[int] = config_field([200, 80], "hidden layers of the fusion MLP")
     dropout: float = config_field(0.1, "dropout in the fusion MLP")
     unknown_row_policy: str = config_field("zero", "row 0 of user/item ID tables: zero (fixed) | trained")
     unknown_id_dropout: float = config_field(0.1, "training probability of replacing a user/item ID by the unknown row 0")
@@ -137,60 +129,22 @@ def needs_center(config: CTRTrainConfig) -> bool:
 
 
 # ------------------------------------------------------------------------------------------
-# Collate once; batches carry content rows and the content table
+# Collate once
 # ------------------------------------------------------------------------------------------
-class ContentTable:
-    """The catalogue's content embeddings as one dense (n_items + 1, C) tensor; row 0 = zeros.
-
-    Row r + 1 holds catalogue item r (a zero vector if the center lacks it), so row numbers
-    depend on the catalogue only and collated tensors can be shared across centers.
-    ``lookup(ids)`` is the collator's content source: it returns the row numbers as a (N, 1)
-    "embedding" (the collator's own truncation and padding then place them, padding = row 0)
-    and ``found`` = in the catalogue and in the center (the collator counts the misses);
-    batches pass ``table`` to the model as ``content_table`` next to the row numbers.
-    ``device``: where ``table`` lives (the model's device). It is moved there once, here: a batch
-    moved to the device then carries the same table object every step, so it is neither copied per
-    batch nor re-normed by the model (which caches row norms per table object).
-    """
-
-    def __init__(self, center, item_ids: list[str], level: str = "item_embeds", device=None):
-        import pandas as pd
-
-        if len(item_ids) + 1 > _MAX_CONTENT_ROWS:
-            raise ValueError(f"catalogue of {len(item_ids)} items exceeds the {_MAX_CONTENT_ROWS - 1} rows a content table holds")
-        embeds, found = center.lookup(list(item_ids), level=level)
-        self.table = torch.cat([torch.zeros(1, embeds.shape[1]), embeds.float()])  # (n_items + 1, C)
-        if device is not None:
-            self.table = self.table.to(device)
-        self.center_misses = int((~found).sum())  # catalogue items the center does not hold (zero rows)
-        self._row_of = pd.Index(list(item_ids))
-        self._found = np.concatenate([[False], found.numpy()])
-
-    @property
-    def dim(self) -> int:
-        return int(self.table.shape[1])
-
-    def lookup(self, item_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self._row_of.get_indexer(item_ids) + 1  # absent from the catalogue (-1) -> row 0
-        return torch.from_numpy(rows.astype(np.float32)).unsqueeze(1), torch.from_numpy(self._found[rows])
-
-
 class CTRTensorSplit(torch.utils.data.Dataset):
     """One split collated once into tensors; ``__getitems__(indices)`` returns a model-ready batch.
 
-    Holds the collator's output for all N samples (ids (N,), (N, L), features, labels) plus the
-    content rows ``target_content_rows`` (N,) and ``behavior_content_rows`` (N, L) when a
-    content table is given. A batch also carries ``sample_index`` (B,), popped before the model.
+    Holds the collator's output for all N samples (ids (N,), (N, L), features, content rows,
+    labels), every chunk padded to ``collator.max_len``. A batch also carries
+    ``sample_index`` (B,), popped before the model.
     """
 
-    def __init__(self, tensors: dict[str, Any], content: ContentTable | None):
+    def __init__(self, tensors: dict[str, Any]):
         self.tensors = tensors
-        self.content = content
         self.length = int(tensors["user_ids"].shape[0])
 
     @classmethod
-    def collate(cls, collator: CTRCollator, samples, content: ContentTable | None,
-                chunk_rows: int = _COLLATE_CHUNK_ROWS) -> "CTRTensorSplit":
+    def collate(cls, collator: CTRCollator, samples, chunk_rows: int = _COLLATE_CHUNK_ROWS) -> "CTRTensorSplit":
         """Run ``collator`` over ``samples`` (a datasets.Dataset) in chunks and concatenate."""
         if len(samples) == 0:
             raise ValueError("cannot train or evaluate on an empty split (0 samples)")
@@ -200,15 +154,9 @@ class CTRTensorSplit(torch.utils.data.Dataset):
             raise ValueError(f"samples lack columns {missing}; columns: {samples.column_names}")
         samples = samples.select_columns(columns)
         chunks = [collator(samples[start:start + chunk_rows]) for start in range(0, len(samples), chunk_rows)]
-        tensors = _concat_batches(chunks)
-        if content is not None:
-            tensors["target_content_rows"] = tensors.pop("target_content_embeds").squeeze(-1)
-            tensors["behavior_content_rows"] = tensors.pop("behavior_content_embeds").squeeze(-1)
-        return cls(_compact(tensors), content)
-
-    def with_content(self, content: ContentTable | None) -> "CTRTensorSplit":
-        """The same tensors read from another content table (same catalogue, other center)."""
-        return CTRTensorSplit(self.tensors, content)
+        # a fixed width: the attention path (packed or padded) and the ID-dropout draws of a training
+        # run then depend on max_len only, not on the longest history in the data
+        return cls(_concat_batches(chunks, collator.max_len))
 
     def __len__(self) -> int:
         return self.length
@@ -216,8 +164,6 @@ class CTRTensorSplit(torch.utils.data.Dataset):
     def __getitems__(self, indices) -> dict[str, Any]:
         index = torch.as_tensor(indices, dtype=torch.long)
         batch = _index_batch(self.tensors, index)
-        if self.content is not None:  # the model reads target/behavior_content_rows from the table
-            batch["content_table"] = self.content.table
         batch["sample_index"] = index
         return batch
 
@@ -225,20 +171,14 @@ class CTRTensorSplit(torch.utils.data.Dataset):
         return self.__getitems__([index])
 
 
-def _concat_batches(batches: list[dict]) -> dict:
+def _concat_batches(batches: list[dict], width: int, key: str = "") -> dict:
+    """Concatenate collated chunks; behaviour tensors (dim 1 = sequence) are 0-padded to ``width``."""
     first = batches[0]
     if isinstance(first, dict):
-        return {key: _concat_batches([b[key] for b in batches]) for key in first}
+        return {name: _concat_batches([b[name] for b in batches], width, key or name) for name in first}
+    if key.startswith("behavior_"):
+        batches = [F.pad(b, (0, 0) * (b.dim() - 2) + (0, width - b.shape[1])) for b in batches]
     return torch.cat(batches)
-
-
-def _compact(tensors):
-    """Integer tensors (ids, rows, labels) as int32: half the memory; embeddings accept int32."""
-    if isinstance(tensors, dict):
-        return {key: _compact(value) for key, value in tensors.items()}
-    if tensors.is_floating_point():  # content row numbers (exact in float32, < 2**24)
-        return tensors.to(torch.int32)
-    return tensors.to(torch.int32) if tensors.dtype == torch.int64 else tensors
 
 
 def _index_batch(tensors, index: torch.Tensor):
@@ -250,23 +190,6 @@ def _index_batch(tensors, index: torch.Tensor):
 def _batch_as_is(batch):
     """DataLoader collate_fn: ``__getitems__`` already built the batch."""
     return batch
-
-
-class EpochShuffleSampler(torch.utils.data.Sampler):
-    """A permutation of range(n) drawn from ``seed`` and the epoch alone (resumable, no global RNG)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=generator).tolist())
 
 
 # ------------------------------------------------------------------------------------------
@@ -322,36 +245,14 @@ def build_model_config(config: CTRTrainConfig, collator: CTRCollator, center):
     )
 
 
-# the quickstart trains several models (modes x seeds) on the same data in one process:
-# collating a split once per data set, not once per run, saves seconds per run
-_COLLATED_CACHE: dict[tuple, tuple[dict, dict]] = {}
-_COLLATED_CACHE_SIZE = 2
-
-
-def collate_splits(collator: CTRCollator, prepared, content: ContentTable | None, config: CTRTrainConfig):
-    """({split: CTRTensorSplit}, {split: collator fallback counts}) for train/valid/test.
-
-    Reuses the tensors of an earlier call in this process with the same prepared data (path
-    and modification time), ``max_len``, features and content use; content rows depend on the
-    catalogue only, so models with different centers share them.
-    """
-    marker = Path(config.data_dir) / "prepared.json"
-    key = (str(marker.resolve()), marker.stat().st_mtime_ns, collator.max_len, tuple(collator.user_features),
-           tuple(collator.item_features), content is not None)
-    if key not in _COLLATED_CACHE:
-        splits, fallbacks = {}, {}
-        for name in ("train", "valid", "test"):
-            collator.stats.clear()
-            splits[name] = CTRTensorSplit.collate(collator, prepared.samples[name], content)
-            fallbacks[name] = dict(collator.stats)
-        while len(_COLLATED_CACHE) >= _COLLATED_CACHE_SIZE:
-            _COLLATED_CACHE.pop(next(iter(_COLLATED_CACHE)))
-        _COLLATED_CACHE[key] = (splits, fallbacks)
-    splits, fallbacks = _COLLATED_CACHE[key]
-    fallbacks = {name: dict(counts) for name, counts in fallbacks.items()}
-    if content is not None:
-        fallbacks["center_catalogue_misses"] = content.center_misses
-    return {name: split.with_content(content) for name, split in splits.items()}, fallbacks
+def collate_splits(collator: CTRCollator, prepared) -> tuple[dict, dict]:
+    """({split: CTRTensorSplit}, {split: collator fallback counts}) for train/valid/test."""
+    splits, fallbacks = {}, {}
+    for name in ("train", "valid", "test"):
+        collator.stats.clear()
+        splits[name] = CTRTensorSplit.collate(collator, prepared.samples[name])
+        fallbacks[name] = dict(collator.stats)
+    return splits, fallbacks
 
 
 # ------------------------------------------------------------------------------------------
@@ -395,63 +296,6 @@ def evaluate_split(model, split: CTRTensorSplit, samples, batch_size: int, accel
 
 
 # ------------------------------------------------------------------------------------------
-# Loading a trained model and scoring
-# ------------------------------------------------------------------------------------------
-def load_ctr_model(model_dir: str | os.PathLike, center=None):
-    """Load a saved ``CiUBMForCTR`` and the center it needs, checked by fingerprint.
-
-    ``center``: a ``RepresentationCenter``, a center directory, or None (then the path recorded
-    in the model config at training time is opened, for modes that use content). Raises
-    ``ValueError`` when the center's encoder fingerprint or dim differs from the one recorded.
-    Returns ``(model (eval mode), center or None)``.
-    """
-    from mim_hf.modeling.modeling_ciubm import CiUBMForCTR
-
-    with _quiet_transformers_bars():
-        model = CiUBMForCTR.from_pretrained(str(model_dir)).eval()
-    if not model.needs_content_inputs:
-        return model, None
-    if center is None:
-        center = model.config.center_repo
-        if center is None:
-            raise ValueError(f"{model_dir}: mode {model.config.mode!r} needs a center and none is recorded; pass center=")
-    if isinstance(center, (str, os.PathLike)):
-        center = open_center(center)
-    if model.config.center_fingerprint is None:
-        raise ValueError(f"{model_dir}: the model config records no center_fingerprint to check {center} against")
-    center.check_fingerprint(model.config.center_fingerprint, model.config.content_dim)
-    return model, center
-
-
-def predict(model_dir: str | os.PathLike, samples, center=None, items=None, batch_size: int = 4096) -> np.ndarray:
-    """Score CTR samples with a saved model: returns click probabilities, float64 (N,).
-
-    ``samples``: a ``datasets.Dataset`` with the columns of ``PreparedData.samples`` (``user_id``,
-    ``item_id``, ``behavior_item_ids``, the model's ``user_*`` features; ``label`` is optional).
-    ``center``: see :func:`load_ctr_model`. ``items``: the item catalogue (``PreparedData.items``),
-    required when the model uses item side features or content. Unknown users/items map to the
-    unknown row, as in training.
-    """
-    model, center = load_ctr_model(model_dir, center)
-    config = model.config
-    if (config.item_feature_sizes or center is not None) and items is None:
-        raise ValueError("this model uses item side features or content: pass items= (the item catalogue)")
-    content = None
-    if center is not None:
-        content = ContentTable(center, [str(i) for i in items["item_id"]], getattr(config, "center_level", "item_embeds"),
-                               device=model.device)
-    collator = CTRCollator(
-        config.vocabularies, items=items, center=content.lookup if content else None,
-        max_len=getattr(config, "behavior_max_len", 50), user_features=list(config.user_feature_sizes),
-        item_features=list(config.item_feature_sizes),
-    )
-    if "label" not in samples.column_names:  # the collator reads labels when present; scoring needs none
-        samples = samples.add_column("label", [0] * len(samples))
-    split = CTRTensorSplit.collate(collator, samples, content)
-    return predict_split(model, split, batch_size)
-
-
-# ------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------
 @contextlib.contextmanager
@@ -492,7 +336,8 @@ def run(config: CTRTrainConfig, resume: bool = False, accelerator=None) -> dict:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     try:
-        return _train_and_evaluate(config, resume, accelerator)
+        with hold_output_dir(config.output_dir):
+            return _train_and_evaluate(config, resume, accelerator)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -509,30 +354,29 @@ def _train_and_evaluate(config: CTRTrainConfig, resume: bool, accelerator) -> di
     started = time.perf_counter()
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     output_dir = Path(config.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / "config.json")
+    checkpoint = start_run(accelerator, config, resume)
     set_seed(config.seed)
 
     # ---- data, center, tensors --------------------------------------------------------
     prepared = PreparedData.load(config.data_dir)
     center = open_center(config.center_path) if needs_center(config) else None
-    content = None
-    if center is not None:
-        content = ContentTable(center, [str(i) for i in prepared.items["item_id"]], config.center_level,
-                               device=accelerator.device)
+    content_table = center_content_table(center, config.center_level) if center is not None else None
     user_features, item_features = infer_features(prepared, config)
-    collator = CTRCollator(prepared.vocabs, items=prepared.items, center=content.lookup if content else None,
-                           max_len=config.max_len, user_features=user_features, item_features=item_features)
+    collator = CTRCollator(prepared.vocabs, items=prepared.items, center=center, max_len=config.max_len,
+                           user_features=user_features, item_features=item_features)
     timings["load"] = time.perf_counter() - started
     tick = time.perf_counter()
-    splits, fallbacks = collate_splits(collator, prepared, content, config)
+    splits, fallbacks = collate_splits(collator, prepared)
+    if center is not None:
+        fallbacks["center_catalogue_misses"] = int((center.rows_for([str(i) for i in prepared.items["item_id"]]) < 0).sum())
     timings["collate"] = time.perf_counter() - tick
 
     # ---- model, optimizer, loader -----------------------------------------------------
     model = CiUBMForCTR(build_model_config(config, collator, center))
+    if content_table is not None:
+        model.set_content_table(content_table)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    sampler = EpochShuffleSampler(len(splits["train"]), config.seed)
+    sampler = EpochShuffleSampler(len(splits["train"]), config.seed, generator="torch")
     # its own generator: creating an iterator (also when skipping batches on resume) would
     # otherwise draw from the global RNG and shift the dropout masks of a resumed run
     train_loader = torch.utils.data.DataLoader(splits["train"], batch_size=config.batch_size, sampler=sampler,
@@ -543,7 +387,7 @@ def _train_and_evaluate(config: CTRTrainConfig, resume: bool, accelerator) -> di
     # running train-loss sum since the last evaluation travels in the checkpoint too
     progress.train_loss_sum, progress.train_loss_count = 0.0, 0
     checkpoint_state = {"model": model, "optimizer": optimizer, "progress": progress}
-    checkpoint = resume_if_requested(accelerator, output_dir, resume, checkpoint_state)
+    restore_checkpoint(accelerator, checkpoint, checkpoint_state)
 
     steps_per_epoch = len(train_loader)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
@@ -582,34 +426,26 @@ def _train_and_evaluate(config: CTRTrainConfig, resume: bool, accelerator) -> di
 
     tick = time.perf_counter()
     model.train()
-    while progress.step < total_steps and not stopped_early:
-        train_loader.set_epoch(progress.epoch)
-        loader = train_loader
-        if progress.batches_in_epoch:  # resumed mid-epoch: skip what the checkpointed run already saw
-            loader = accelerator.skip_first_batches(train_loader, progress.batches_in_epoch)
-        for batch in loader:
-            batch.pop("sample_index")
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-            if config.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.train_loss_sum += float(loss.detach())
-            progress.train_loss_count += 1
-            progress.step += 1
-            progress.batches_in_epoch += 1
-            if progress.batches_in_epoch == steps_per_epoch:
-                progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
-            bar.update(1)
-            done = progress.step >= total_steps
-            if progress.step % eval_every == 0 or done:
-                stopped_early = evaluate_and_maybe_stop() and not done
-            if progress.step % checkpoint_every == 0 or done or stopped_early:
-                save_checkpoint(accelerator, output_dir, progress.step, checkpoint_state,
-                                keep=config.keep_checkpoints, folders={"best_model": best_dir})
-            if done or stopped_early:
-                break
+    for batch in train_batches(accelerator, progress, train_loader,
+                               stop=lambda: progress.step >= total_steps or stopped_early):
+        batch.pop("sample_index")
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        if config.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.train_loss_sum += float(loss.detach())
+        progress.train_loss_count += 1
+        progress.advance(steps_per_epoch)
+        bar.update(1)
+        done = progress.step >= total_steps
+        if progress.step % eval_every == 0 or done:
+            stopped_early = evaluate_and_maybe_stop() and not done
+        if progress.step % checkpoint_every == 0 or done or stopped_early:
+            save_checkpoint(accelerator, config, progress.step, checkpoint_state, folders={"best_model": best_dir})
+        if done or stopped_early:
+            break
     bar.close()
     timings["train"] = time.perf_counter() - tick
 
@@ -620,7 +456,10 @@ def _train_and_evaluate(config: CTRTrainConfig, resume: bool, accelerator) -> di
         raise RuntimeError(f"no best model under {best_dir}: valid AUC was undefined at every evaluation "
                            "(does the valid split hold both labels?)")
     with _quiet_transformers_bars():
-        best = CiUBMForCTR.from_pretrained(str(best_dir)).to(accelerator.device)
+        best = CiUBMForCTR.from_pretrained(str(best_dir))
+    if content_table is not None:
+        best.set_content_table(content_table)
+    best.to(accelerator.device)
     results = {name: evaluate_split(best, splits[name], prepared.samples[name], config.eval_batch_size, accelerator)
                for name in ("valid", "test")}
     timings["evaluate"] = time.perf_counter() - tick
@@ -649,5 +488,4 @@ def _train_and_evaluate(config: CTRTrainConfig, resume: bool, accelerator) -> di
     return metrics
 
 
-__all__ = ["CTRTrainConfig", "CTRTensorSplit", "ContentTable", "EpochShuffleSampler", "run", "predict",
-           "load_ctr_model", "evaluate_split", "predict_split"]
+__all__ = ["CTRTrainConfig", "CTRTensorSplit", "EpochShuffleSampler", "run", "evaluate_split", "predict_split"]

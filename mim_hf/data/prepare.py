@@ -3,7 +3,8 @@
 The flow, for one protocol::
 
     RecData (items, interactions[, users])
-      -> split every interaction into train / valid / test          (split_interactions)
+      -> split every interaction into train / valid / test          (split_interactions, item_splits)
+      -> labels: the log's own (rating) or implicit + drawn negatives (mim_hf.data.labels)
       -> behaviour sequences: the user's earlier positives          (behaviour_sequences)
       -> popularity buckets counted on train only                   (popularity_buckets)
       -> CTR samples (one row per interaction) + side features
@@ -13,13 +14,16 @@ The flow, for one protocol::
 
 Leakage rules (tested): a behaviour is strictly earlier than its sample; train pairs never
 touch valid/test; popularity counts and vocabularies see the train split only; under
-``item-cold`` held-out items never appear in a behaviour sequence or a vocabulary.
+``item-cold`` held-out items never appear in a behaviour sequence, a vocabulary or a train
+row (drawn negatives included). docs/data.md describes every option.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -31,8 +35,9 @@ import datasets.utils as datasets_utils
 
 from mim_hf.common.fs import resolve_inside
 
-from .tables import ITEM_CONTENT_COLUMNS, ITEM_REQUIRED, RecData, _column, _require_columns, interaction_frame, \
-    replace_column, unique_id_strings, validate_users
+from .labels import LABEL_SCHEMES, draw_negatives
+from .tables import ITEM_CONTENT_COLUMNS, ITEM_REQUIRED, RecData, _column, _require_columns, clean_titles, \
+    interaction_frame, replace_column, unique_id_strings, validate_users
 from .vocab import Vocabulary
 
 PROTOCOLS = ("temporal", "item-cold")
@@ -47,12 +52,18 @@ SAMPLE_COLUMNS = ("split", "popularity_bucket", "history_length", "behavior_item
 class PrepareConfig:
     """Every knob of :func:`prepare`, saved beside the prepared data."""
 
-    protocol: str = "temporal"  # "temporal" (time-sorted 80/10/10) or "item-cold" (items split 80/10/10)
+    protocol: str = "temporal"  # "temporal" (time-sorted 80/10/10) or "item-cold" (items split 80/10/10 or in folds)
     max_len: int = 50  # longest behaviour sequence kept (most recent positives)
-    seed: int = 0  # seeds the item-cold item split
+    seed: int = 0  # seeds the item-cold item split and the implicit negatives
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / valid / test
     long_tail_max: int = 20  # items with 1..long_tail_max train interactions are long-tail; more is head
     pair_window: int = 3  # each train positive is a target for its pair_window most recent earlier positives
+    labels: str = "rating"  # "rating" (the log's label) or "implicit" (every interaction 1 + drawn negatives)
+    neg_ratio: int = 1  # implicit labels: negatives drawn per positive
+    # item-cold: None = one hold-out by `fractions`; K >= 3 = K item folds, `fold` holds out part
+    # `fold` as test and part `fold + 1` (mod K) as valid (`fractions` is then unused).
+    folds: int | None = None
+    fold: int = 0
 
     @classmethod
     def from_dict(cls, values, source: str = "config") -> "PrepareConfig":
@@ -76,6 +87,21 @@ class PrepareConfig:
         _check_int("pair_window", self.pair_window, 1, "a positive integer")
         _check_int("long_tail_max", self.long_tail_max, 1, "an integer >= 1")
         _check_int("seed", self.seed, 0, "an integer >= 0")
+        if not isinstance(self.labels, str) or self.labels not in LABEL_SCHEMES:
+            raise ValueError(f"labels {self.labels!r} is not one of {list(LABEL_SCHEMES)}")
+        _check_int("neg_ratio", self.neg_ratio, 1, "an integer >= 1 (negatives drawn per positive)")
+        if self.folds is None:
+            if self.fold != 0:
+                raise ValueError(f"fold {self.fold!r} needs folds (the number of item folds); expected fold=0 "
+                                 "without folds")
+        else:
+            _check_int("folds", self.folds, 3, "an integer >= 3 (one part test, one valid, the rest train) or None")
+            if self.protocol != "item-cold":
+                raise ValueError(f"folds={self.folds!r} splits items, which only protocol='item-cold' does; got "
+                                 f"protocol={self.protocol!r} (expected folds=None)")
+            _check_int("fold", self.fold, 0, f"an integer in 0..{self.folds - 1} (folds={self.folds})")
+            if self.fold >= self.folds:
+                raise ValueError(f"fold must be an integer in 0..{self.folds - 1} (folds={self.folds}), got {self.fold!r}")
         expected = f"fractions must be three positive numbers summing to 1, got {self.fractions!r}"
         if isinstance(self.fractions, (str, bytes)) or not hasattr(self.fractions, "__len__") or len(self.fractions) != 3:
             raise ValueError(expected)
@@ -116,24 +142,44 @@ class PreparedData:
     stats: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
-        """Write everything under ``path`` (datasets ``save_to_disk`` + JSON); returns ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        """Write everything under ``path`` (datasets ``save_to_disk`` + JSON); returns ``path``.
+
+        Atomic: the files are written to the sibling ``.<name>.saving`` and swapped in with two
+        renames (an existing ``path`` moves to ``.<name>.replaced`` first, then is deleted), so a
+        save killed at any point leaves ``path`` either as it was, complete, or absent -- never a
+        mix of two datasets. Leftovers of a killed save are removed by the next one. An existing
+        ``path`` that is neither empty nor a prepared-data directory is a ``ValueError``.
+        """
+        given, path = Path(path), Path(os.path.abspath(path))  # abspath: "." has no name to put a sibling beside
+        if path.exists() and not (path / "prepared.json").is_file() and (not path.is_dir() or any(path.iterdir())):
+            raise ValueError(f"{str(path)!r} exists and is not a prepared-data directory (no prepared.json); saving "
+                             "replaces the whole folder, so expected a new or empty path or an earlier save")
+        staging, replaced = path.with_name(f".{path.name}.saving"), path.with_name(f".{path.name}.replaced")
+        for leftover in (staging, replaced):
+            _remove(leftover)
+        staging.mkdir(parents=True)
+        self._write(staging)
+        if path.exists() or path.is_symlink():
+            os.rename(path, replaced)
+        os.rename(staging, path)
+        _remove(replaced)
+        return given
+
+    def metadata(self) -> dict:
+        """The ``prepared.json`` content: format version, name, config and train item ids."""
+        return {"format_version": FORMAT_VERSION, "name": self.name,
+                "config": {**self.config.__dict__, "fractions": list(self.config.fractions)},
+                "train_item_ids": self.train_item_ids}
+
+    def _write(self, path: Path) -> None:
         with _quiet_progress():
             self.items.save_to_disk(str(path / "items"))
             for name, table in (("samples", self.samples), ("pairs", self.pairs)):
                 # datasets writes no shard for an empty split and then cannot load it: ask for one.
                 table.save_to_disk(str(path / name), num_shards={s: 1 for s, split in table.items() if len(split) == 0})
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "name": self.name,
-            "config": {**self.config.__dict__, "fractions": list(self.config.fractions)},
-            "train_item_ids": self.train_item_ids,
-        }
-        (path / "prepared.json").write_text(json.dumps(meta, indent=1))
+        (path / "prepared.json").write_text(json.dumps(self.metadata(), indent=1))
         (path / "vocabs.json").write_text(json.dumps({k: v.to_dict() for k, v in self.vocabs.items()}))
         (path / "stats.json").write_text(json.dumps(self.stats, indent=2))
-        return path
 
     @classmethod
     def load(cls, path: str | Path) -> "PreparedData":
@@ -175,6 +221,14 @@ class PreparedData:
             config=config,
             stats=_read_json(path, "stats.json"),
         )
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder, file or link (a link only, never what it points at); nothing if absent."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def _read_json(root: Path, relative: str):
@@ -221,11 +275,36 @@ def _quiet_progress():
             datasets_utils.enable_progress_bars()
 
 
-def split_interactions(frame: pd.DataFrame, item_ids: np.ndarray, config: PrepareConfig) -> tuple[np.ndarray, np.ndarray]:
+def item_splits(item_ids: np.ndarray, config: PrepareConfig) -> pd.Series:
+    """``item-cold``: item id -> "train"/"valid"/"test", in a seeded random order of the items.
+
+    Without ``config.folds`` the shuffled items are cut by ``config.fractions``; with K folds they
+    are cut into K near-equal parts (``numpy.array_split``) and fold k holds out part k as test
+    and part (k + 1) mod K as valid, so the K test sets are disjoint and cover the catalogue.
+    """
+    rng = np.random.default_rng(config.seed)
+    shuffled = np.asarray(item_ids, dtype=object)[rng.permutation(len(item_ids))]
+    n = len(shuffled)
+    if config.folds is None:
+        train_frac, valid_frac, _ = config.fractions
+        n_train, n_valid = int(round(n * train_frac)), int(round(n * valid_frac))
+        names = ["train"] * n_train + ["valid"] * n_valid + ["test"] * (n - n_train - n_valid)
+        return pd.Series(names, index=shuffled, dtype=object)
+    if config.folds > n:
+        raise ValueError(f"folds={config.folds} but the items table has only {n} item(s); expected folds <= {n} "
+                         "(every fold holds out at least one item)")
+    part = np.repeat(np.arange(config.folds), [len(p) for p in np.array_split(np.arange(n), config.folds)])
+    names = np.where(part == config.fold, "test", np.where(part == (config.fold + 1) % config.folds, "valid", "train"))
+    return pd.Series(names, index=shuffled, dtype=object)
+
+
+def split_interactions(frame: pd.DataFrame, item_ids: np.ndarray,
+                       config: PrepareConfig) -> tuple[np.ndarray, np.ndarray, pd.Series | None]:
     """Assign each interaction to a split.
 
-    Returns ``(split, train_items)``: ``split`` is an array of "train"/"valid"/"test" per row
-    of ``frame``; ``train_items`` the item ids whose content the train period may use.
+    Returns ``(split, train_items, item_split)``: ``split`` is an array of "train"/"valid"/"test"
+    per row of ``frame``; ``train_items`` the item ids whose content the train period may use;
+    ``item_split`` the :func:`item_splits` of ``item-cold`` (``None`` under ``temporal``).
     """
     train_frac, valid_frac, _ = config.fractions
     n = len(frame)
@@ -237,13 +316,12 @@ def split_interactions(frame: pd.DataFrame, item_ids: np.ndarray, config: Prepar
         n_train, n_valid = int(round(n * train_frac)), int(round(n * valid_frac))
         split = np.where(position < n_train, "train", np.where(position < n_train + n_valid, "valid", "test"))
         train_items = np.unique(frame["item_id"].to_numpy()[split == "train"])
-        return split.astype(object), train_items
-    rng = np.random.default_rng(config.seed)
-    shuffled = np.asarray(item_ids, dtype=object)[rng.permutation(len(item_ids))]
-    n_train, n_valid = int(round(len(item_ids) * train_frac)), int(round(len(item_ids) * valid_frac))
-    item_split = pd.Series(["train"] * n_train + ["valid"] * n_valid + ["test"] * (len(item_ids) - n_train - n_valid), index=shuffled)
+        return split.astype(object), train_items, None
+    item_split = item_splits(item_ids, config)
     split = item_split.reindex(frame["item_id"].to_numpy()).to_numpy()
-    return split.astype(object), np.sort(shuffled[:n_train].astype(str))
+    # sorted(), not numpy's fixed-width str (which drops an id's trailing "\0").
+    train_items = np.array(sorted(item_split.index[item_split.to_numpy() == "train"]), dtype=object)
+    return split.astype(object), train_items, item_split
 
 
 def behaviour_sequences(frame: pd.DataFrame, history_mask: np.ndarray, max_len: int) -> tuple[pa.ListArray, pa.ListArray]:
@@ -282,16 +360,21 @@ def popularity_buckets(train_item_ids: np.ndarray, item_ids: np.ndarray, long_ta
     return np.select([n == 0, n <= long_tail_max], ["cold", "long_tail"], "head").astype(object)
 
 
-def _checked_items(items: Dataset) -> Dataset:
-    """The items table with ids as unique non-empty str (see :func:`validate_items` for the rest)."""
+def _checked_items(items: Dataset) -> tuple[Dataset, int]:
+    """The items table with ids as unique non-empty str and titles checked as :func:`validate_items`
+    does (images are not re-decoded); returns it and its number of empty titles."""
     _require_columns(items, ITEM_REQUIRED, "items")
     if len(items) == 0:
         raise ValueError("items table is empty (expected at least one item)")
     raw = _column(items, "item_id")
     ids = unique_id_strings(raw, "items", "item_id").tolist()
-    if items.features["item_id"].dtype == "string" and raw.tolist() == ids:
-        return items
-    return replace_column(items, "item_id", ids)
+    raw_titles = _column(items, "title")
+    titles = clean_titles(raw_titles)
+    if not (items.features["item_id"].dtype == "string" and raw.tolist() == ids):
+        items = replace_column(items, "item_id", ids)
+    if not (items.features["title"].dtype == "string" and raw_titles.tolist() == titles):
+        items = replace_column(items, "title", titles)
+    return items, sum(1 for t in titles if not t)
 
 
 def _check_column_names(frame: pd.DataFrame, items: Dataset, users: Dataset | None) -> None:
@@ -308,8 +391,10 @@ def _check_column_names(frame: pd.DataFrame, items: Dataset, users: Dataset | No
                          "user_<name> sample columns; expected the interactions table not to hold those names")
 
 
-def _side_features(frame: pd.DataFrame, items: Dataset, users: Dataset | None) -> pd.DataFrame:
-    """Join ``item_*`` (catalogue attributes) and ``user_*`` (user table) columns onto samples."""
+def _side_features(frame: pd.DataFrame, items: Dataset, users: Dataset | None) -> tuple[pd.DataFrame, dict]:
+    """Join ``item_*`` (catalogue attributes) and ``user_*`` (user table) columns onto samples.
+
+    Returns the frame and, with a users table, the counts of users (and rows) it lacks."""
     item_cols = [c for c in items.column_names if c not in ITEM_CONTENT_COLUMNS]
     if item_cols:
         attrs = items.select_columns(["item_id", *item_cols]).to_pandas().set_index("item_id")
@@ -321,12 +406,17 @@ def _side_features(frame: pd.DataFrame, items: Dataset, users: Dataset | None) -
             if exact_int is not None and np.all(np.isnan(values) | exact_int):
                 values = values.astype("Int64")  # an int attribute with gaps (e.g. year) stays int
             frame[f"item_{col}"] = values.to_numpy() if values.dtype != "Int64" else values.array
+    missing = {}
     if users is not None:
-        user_frame = users.to_pandas()
-        user_frame = user_frame.set_index("user_id").reindex(frame["user_id"].to_numpy())
+        user_frame = users.to_pandas().set_index("user_id")
+        absent = ~frame["user_id"].isin(user_frame.index).to_numpy()
+        # The fallback: their user_* features are missing, which the vocabularies encode as [UNK].
+        missing = {"users_missing_from_users_table": int(frame["user_id"][absent].nunique()),
+                   "rows_without_user_features": int(absent.sum())}
+        user_frame = user_frame.reindex(frame["user_id"].to_numpy())
         for col in user_frame.columns:
             frame[f"user_{col}"] = user_frame[col].to_numpy()
-    return frame
+    return frame, missing
 
 
 def _pairs_frame(samples: pd.DataFrame, offsets: np.ndarray, behaviour_items: np.ndarray, behaviour_times: np.ndarray,
@@ -355,15 +445,19 @@ def prepare(data: RecData, config: PrepareConfig | None = None, **overrides) -> 
     """
     config = PrepareConfig(**{**(config.__dict__ if config else {}), **overrides})
     config.validate()
-    items, users = _checked_items(data.items), validate_users(data.users) if data.users is not None else None
-    item_ids = _column(items, "item_id").to_numpy(dtype=object)
     # Re-checked here (cheap, idempotent) so unvalidated tables cannot lose rows silently,
     # e.g. int item ids that would match no item-cold split.
+    (items, empty_titles), users = _checked_items(data.items), validate_users(data.users) if data.users is not None else None
+    item_ids = _column(items, "item_id").to_numpy(dtype=object)
     frame = interaction_frame(data.interactions.to_pandas(), pd.Index(item_ids))
     _check_column_names(frame, items, users)
-    split, train_items = split_interactions(frame, item_ids, config)
-    frame["split"] = split
-    # Stable order inside each split: by time, then by the log's own order.
+    frame["split"], train_items, item_split = split_interactions(frame, item_ids, config)
+    negative_counts = None
+    if config.labels == "implicit":
+        frame["label"] = np.int8(1)
+        negatives, negative_counts = draw_negatives(frame, item_ids, item_split, config.neg_ratio, config.seed)
+        frame = pd.concat([frame, negatives.assign(label=np.int8(0))], ignore_index=True)
+    # Stable order inside each split: by time, then by the log's own order (drawn negatives last).
     split_rank = pd.Categorical(frame["split"], categories=list(SPLITS)).codes
     frame = frame.iloc[np.lexsort((frame["timestamp"].to_numpy(), split_rank))].reset_index(drop=True)
 
@@ -373,8 +467,10 @@ def prepare(data: RecData, config: PrepareConfig | None = None, **overrides) -> 
     # everywhere). temporal: any earlier positive is observable history at serving time.
     history_mask = positive & is_train if config.protocol == "item-cold" else positive
     behaviours, behaviour_times = behaviour_sequences(frame, history_mask, config.max_len)
-    frame["popularity_bucket"] = popularity_buckets(frame["item_id"].to_numpy()[is_train], frame["item_id"].to_numpy(), config.long_tail_max)
-    frame = _side_features(frame, items, users)
+    counted = is_train & positive if config.labels == "implicit" else is_train  # interactions, not drawn negatives
+    frame["popularity_bucket"] = popularity_buckets(frame["item_id"].to_numpy()[counted], frame["item_id"].to_numpy(),
+                                                    config.long_tail_max)
+    frame, missing_users = _side_features(frame, items, users)
 
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.append_column("behavior_item_ids", behaviours).append_column("behavior_timestamps", behaviour_times)
@@ -401,14 +497,18 @@ def prepare(data: RecData, config: PrepareConfig | None = None, **overrides) -> 
 
     prepared = PreparedData(data.name, items, samples, pairs, vocabs, [str(i) for i in train_items], config)
     frame["history_length"] = np.diff(offsets)
-    prepared.stats = compute_stats(prepared, frame, data, self_pairs)
+    fallbacks = {**data.report.to_dict(), "empty_titles": empty_titles, "self_pairs_skipped": sum(self_pairs.values()),
+                 **missing_users}
+    prepared.stats = compute_stats(prepared, frame, data, fallbacks, negative_counts)
     return prepared
 
 
-def compute_stats(prepared: PreparedData, frame: pd.DataFrame, data: RecData, self_pairs: dict[str, int]) -> dict:
+def compute_stats(prepared: PreparedData, frame: pd.DataFrame, data: RecData, fallbacks: dict[str, int],
+                  negatives: dict | None = None) -> dict:
     """Every count a reader needs to trust the split (printed by ``mim-hf data prepare``).
 
-    ``frame`` holds all samples with their ``split`` and ``history_length``.
+    ``frame`` holds all samples with their ``split`` and ``history_length``; ``negatives`` the
+    counts of :func:`mim_hf.data.labels.draw_negatives` (``implicit`` labels only).
     """
     known_users = frame["user_id"].isin(prepared.vocabs["user_id"].tokens[1:]).to_numpy()
     known_items = frame["item_id"].isin(prepared.vocabs["item_id"].tokens[1:]).to_numpy()
@@ -430,17 +530,22 @@ def compute_stats(prepared: PreparedData, frame: pd.DataFrame, data: RecData, se
             "mean_history_length": float(lengths.mean()) if len(lengths) else 0.0,
             "pairs": len(prepared.pairs[name]),
         }
+    config = prepared.config
+    extra = {"fold": {"folds": config.folds, "fold": config.fold}} if config.folds is not None else {}
+    if negatives is not None:
+        extra["negatives"] = {"labels": config.labels, "neg_ratio": config.neg_ratio, **negatives}
     return {
         "dataset": prepared.name,
         "protocol": prepared.config.protocol,
+        **extra,
         "users": int(frame["user_id"].nunique()),
         "items": len(data.items),
-        "interactions": len(frame),
+        "interactions": len(frame) - (sum(negatives["drawn"].values()) if negatives is not None else 0),
         "positive_rate": float(frame["label"].mean()),
         "train_items": len(prepared.train_item_ids),
         "splits": splits,
         "vocab_sizes": {k: len(v) for k, v in prepared.vocabs.items()},
-        "fallbacks": {**data.report.to_dict(), "self_pairs_skipped": sum(self_pairs.values())},
+        "fallbacks": fallbacks,
     }
 
 
@@ -461,6 +566,14 @@ def format_stats(stats: dict) -> str:
             f"{b['long_tail']:>9} {b['head']:>7} {split['rows_with_unknown_user']:>8} {split['rows_with_unknown_item']:>8} "
             f"{split['rows_with_empty_history']:>7} {split['mean_history_length']:>8.1f} {split['pairs']:>7}"
         )
+    if "fold" in stats:
+        lines.insert(1, f"item fold {stats['fold']['fold']} of {stats['fold']['folds']} (test: part "
+                        f"{stats['fold']['fold']}, valid: the next part, train: the rest)")
+    if "negatives" in stats:
+        neg = stats["negatives"]
+        lines.append(f"labels={neg['labels']}, {neg['neg_ratio']} negative(s) per positive: "
+                     + "; ".join(f"{s} drawn={neg['drawn'][s]} rejected_draws={neg['rejected_draws'][s]} "
+                                 f"positives_without_negative={neg['positives_without_negative'][s]}" for s in SPLITS))
     lines.append("vocabulary sizes (incl. [UNK]): " + ", ".join(f"{k}={v}" for k, v in stats["vocab_sizes"].items()))
     lines.append("fallbacks applied: " + ", ".join(f"{k}={v}" for k, v in stats["fallbacks"].items()))
     return "\n".join(lines)

@@ -211,19 +211,24 @@ def validate_items(items: Dataset, report: ValidationReport | None = None) -> Da
     if len(items) == 0:
         raise ValueError("items table is empty (expected at least one item)")
     ids = unique_id_strings(_column(items, "item_id"), "items", "item_id")
-    titles = _column(items, "title").astype(object).tolist()
-    for row, title in enumerate(titles):
-        if isinstance(title, float) and np.isnan(title):
-            titles[row] = None  # pandas' missing value: the empty-title fallback below
-        elif title is not None and not isinstance(title, str):
-            raise ValueError(f"items table: title at row {row} is {title!r} ({type(title).__name__}); expected str")
-    clean_titles = [(t or "").strip() for t in titles]
-    report.empty_titles = sum(1 for t in clean_titles if not t)
-    items = replace_column(replace_column(items, "title", clean_titles), "item_id", ids.tolist())
+    titles = clean_titles(_column(items, "title"))
+    report.empty_titles = sum(1 for t in titles if not t)
+    items = replace_column(replace_column(items, "title", titles), "item_id", ids.tolist())
     if "image" in items.column_names:
         items = _validate_images(items, report)
     front = ["item_id", "title"]
     return items.select_columns(front + [c for c in items.column_names if c not in front])
+
+
+def clean_titles(titles: pd.Series) -> list[str]:
+    """Titles stripped, missing ones (None/NaN) as ``""``; anything but text is a ``ValueError``."""
+    titles = titles.astype(object).tolist()
+    for row, title in enumerate(titles):
+        if isinstance(title, float) and np.isnan(title):
+            titles[row] = None  # pandas' missing value: the empty-title fallback
+        elif title is not None and not isinstance(title, str):
+            raise ValueError(f"items table: title at row {row} is {title!r} ({type(title).__name__}); expected str")
+    return [(t or "").strip() for t in titles]
 
 
 def validate_users(users: Dataset) -> Dataset:

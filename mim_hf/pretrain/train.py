@@ -18,7 +18,7 @@ recall@K is measured on held-out items before, during and after training. The re
 ``output_dir/adapters`` (LoRA adapters + heads, ``mim_hf.encoder.lora.save_adapters``) and
 ``output_dir/metrics.json``.
 
-Checkpoints (``checkpoint_every``, see :mod:`mim_hf.common.training`) hold the objectives module
+Checkpoints (``checkpoint_every``, see :mod:`mim_hf.common.checkpoints`) hold the objectives module
 (encoder + MLM head + temperature), AdamW, the scheduler, progress (with the alignment history),
 the running loss sums and the RNG states. Batches come from ``(seed, epoch)`` and MLM masks from
 ``(seed, step)``, so ``run(config, resume=True)`` after a kill gives the uninterrupted run's
@@ -39,21 +39,16 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mim_hf.encoder.build import build_content_encoder, resolve_model_path
 from mim_hf.encoder.lora import merge_adapters, save_adapters, trainable_parameter_counts
 from mim_hf.csft.losses import InfoNCELoss
 from mim_hf.modeling.processing_mim_encoder import MIMContentProcessor, rows_to_records
-from mim_hf.common.training import (
-    TrainingProgress,
-    config_field,
-    resume_if_requested,
-    save_checkpoint,
-    save_config,
-    write_json_atomic,
-)
+from mim_hf.common.checkpoints import restore_checkpoint, save_checkpoint, start_run
+from mim_hf.common.config import config_field, write_json_atomic
+from mim_hf.common.loop import EpochShuffleSampler, TrainingProgress, hold_output_dir, train_batches
 
 OBJECTIVES = ("mlm", "simcse", "image_text", "title_attributes")
 RECALL_KS = (1, 10)
@@ -314,23 +309,6 @@ class PretrainingObjectives(nn.Module):
 
 
 # ---- data ---------------------------------------------------------------------------------------
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation of ``range(n)`` drawn from ``(seed, epoch)``: reproducible without touching
-    the global RNG (so resuming mid-epoch replays exactly the same order)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
 class ItemViews:
     """Pre-tokenised text views (and lazily processed images) of catalogue rows.
 
@@ -483,7 +461,12 @@ def run(config: PretrainConfig, resume: bool = False, accelerator=None) -> dict:
     """Pre-train the content encoder; write ``output_dir/{config.json, checkpoints/, encoder/,
     adapters/, metrics.json}`` and return the metrics dict (also in metrics.json):
     ``{"alignment": {"before": {...}, "after": {...}, "task", "heldout"}, "history": [...],
-    "timings_s": {...}, ...}``."""
+    "timings_s": {...}, ...}``. Holds the lock on ``output_dir`` while it runs."""
+    with hold_output_dir(config.output_dir):
+        return _pretrain(config, resume, accelerator)
+
+
+def _pretrain(config: PretrainConfig, resume: bool, accelerator) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -500,9 +483,7 @@ def run(config: PretrainConfig, resume: bool = False, accelerator=None) -> dict:
     accelerator = accelerator or Accelerator()
     set_seed(config.seed)
     output_dir = Path(config.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / "config.json")
+    checkpoint = start_run(accelerator, config, resume)
 
     prepared = PreparedData.load(config.data_dir)
     encoder, processor = build_encoder_and_processor(config)
@@ -543,7 +524,7 @@ def run(config: PretrainConfig, resume: bool = False, accelerator=None) -> dict:
         return alignment_recall(unwrapped.encoder, eval_views, candidate_view, config.eval_batch_size,
                                 accelerator.device)
 
-    resumed_from = resume_if_requested(accelerator, output_dir, resume, checkpoint_state)
+    resumed_from = restore_checkpoint(accelerator, checkpoint, checkpoint_state)
     tick = time.perf_counter()
     if not progress.history:  # fresh run: the "before" point
         progress.record({"losses": {}, "alignment": evaluate()})
@@ -552,39 +533,31 @@ def run(config: PretrainConfig, resume: bool = False, accelerator=None) -> dict:
     tick = time.perf_counter()
     bar = tqdm(total=total_steps, initial=progress.step, desc="pre-training", unit="step",
                disable=not (config.show_progress and accelerator.is_main_process))
-    while progress.step < total_steps:
-        dataloader.set_epoch(progress.epoch)
-        epoch_batches = (accelerator.skip_first_batches(dataloader, progress.batches_in_epoch)
-                         if progress.batches_in_epoch else dataloader)
-        for batch in epoch_batches:
-            if weights["mlm"] > 0:
-                # Masks depend on (seed, step) only: a resumed run masks exactly like an uninterrupted one.
-                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + progress.step)
-                masked, labels = mask_title_tokens(
-                    batch["title_input_ids"].cpu(), batch["title_attention_mask"].cpu(), special_ids,
-                    tokenizer.mask_token_id, len(tokenizer), config.mlm_probability, generator)
-                batch["mlm_input_ids"], batch["mlm_labels"] = masked.to(accelerator.device), labels.to(accelerator.device)
-            terms = objectives(batch)
-            accelerator.backward(terms["loss"])
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            meter.add(terms)
-            progress.step += 1
-            progress.batches_in_epoch += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(terms['loss'].detach()):.4f}")
-            last = progress.step >= total_steps
-            if last or (config.eval_every and progress.step % config.eval_every == 0):
-                progress.record({"losses": meter.means_and_reset(), "learning_rate": scheduler.get_last_lr()[0],
-                                 "alignment": evaluate()})
-            if last or (config.checkpoint_every and progress.step % config.checkpoint_every == 0):
-                save_checkpoint(accelerator, output_dir, progress.step, checkpoint_state, keep=config.keep_checkpoints)
-            if last:
-                break
-        else:
-            progress.epoch += 1
-            progress.batches_in_epoch = 0
+    for batch in train_batches(accelerator, progress, dataloader, stop=lambda: progress.step >= total_steps):
+        if weights["mlm"] > 0:
+            # Masks depend on (seed, step) only: a resumed run masks exactly like an uninterrupted one.
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + progress.step)
+            masked, labels = mask_title_tokens(
+                batch["title_input_ids"].cpu(), batch["title_attention_mask"].cpu(), special_ids,
+                tokenizer.mask_token_id, len(tokenizer), config.mlm_probability, generator)
+            batch["mlm_input_ids"], batch["mlm_labels"] = masked.to(accelerator.device), labels.to(accelerator.device)
+        terms = objectives(batch)
+        accelerator.backward(terms["loss"])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        meter.add(terms)
+        progress.advance()
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(terms['loss'].detach()):.4f}")
+        last = progress.step >= total_steps
+        if last or (config.eval_every and progress.step % config.eval_every == 0):
+            progress.record({"losses": meter.means_and_reset(), "learning_rate": scheduler.get_last_lr()[0],
+                             "alignment": evaluate()})
+        if last or (config.checkpoint_every and progress.step % config.checkpoint_every == 0):
+            save_checkpoint(accelerator, config, progress.step, checkpoint_state)
+        if last:
+            break
     bar.close()
     timings["train_s"] = time.perf_counter() - tick
 

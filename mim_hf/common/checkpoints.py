@@ -1,16 +1,12 @@
-"""What every training stage shares: config files, seeding, progress state, atomic checkpoints.
-
-A stage defines a dataclass config (every field with a default and a ``help`` in its
-metadata) and a ``run(config) -> metrics`` function. :func:`parse_config` builds the config
-from ``--config file.yaml`` plus ``--field value`` overrides, so the same stage runs as
-``accelerate launch training/<stage>.py --config ...`` or in-process from the quickstart.
+"""Atomic, pickle-free, verified checkpoints of a training run.
 
 Checkpoints
 -----------
 A stage names what must survive a crash in one mapping, e.g. ``{"model": model, "optimizer":
 optimizer, "scheduler": scheduler, "progress": progress}`` (anything with ``state_dict`` /
-``load_state_dict``), and calls :func:`save_checkpoint` every N steps and
-:func:`resume_if_requested` once before training. ``<output_dir>/checkpoints/step_<N>/`` holds:
+``load_state_dict``); it calls :func:`start_run` first (checks the output folder, picks the
+checkpoint to resume, writes ``config.json``), :func:`restore_checkpoint` once its objects exist,
+and :func:`save_checkpoint` every N steps. ``<output_dir>/checkpoints/step_<N>/`` holds:
 
 * ``<entry>.safetensors`` per entry (``<entry>_<rank>.safetensors`` for entries that differ
   between processes, e.g. C-SFT's negative queues): the entry's ``state_dict()`` tensors, and
@@ -21,7 +17,7 @@ optimizer, "scheduler": scheduler, "progress": progress}`` (anything with ``stat
 * ``folders/<name>/``: folders a stage writes between checkpoints (CTR's best model so far),
   hard-linked in, so a resumed run gets back the one that belongs to the checkpointed step.
 * ``manifest.json``: format version, step, number of processes, accelerate's step counter, the
-  entry names and every file's size (a truncated file is refused by name).
+  entry names, the run's configuration and every file's size and sha256.
 
 Guarantees:
 
@@ -47,33 +43,37 @@ Guarantees:
   checkpoints (``FileExistsError``): an old ``step_<N>`` can never be mistaken for this run's, and
   a forgotten ``--resume`` never deletes hours of training. Half-written ``.tmp_step_*`` folders
   are not checkpoints and are removed.
+* **Verified.** ``--resume`` checks every file's sha256 (a flipped bit, a truncated or missing
+  file, a damaged manifest) and falls back to the newest intact checkpoint with a warning naming
+  the damaged one; it refuses a configuration that differs from the checkpointed run's in any
+  field but :data:`RESUMABLE_FIELDS` (and growth of a config's ``RESUME_MAY_GROW`` fields), naming
+  the fields (tests/test_train_common.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
-import tempfile
 import typing
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mim_hf.common.config import save_config
 from mim_hf.common.fs import fsync_path
 
 CHECKPOINT_PREFIX = "step_"
 CHECKPOINT_FORMAT = "mim-hf-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 _STATE_METADATA_KEY = "mim_hf_state"
 _FOLDERS = "folders"
@@ -82,145 +82,6 @@ _ENTRY_NAME = re.compile(r"(?!.*_[0-9]+$)[A-Za-z][A-Za-z0-9_-]*")
 _RESERVED_NAMES = {"rng_state", "grad_scaler", "manifest", "folders"}
 # These shard model/optimizer state across processes; the format stores one full copy.
 _UNSUPPORTED_DISTRIBUTED = ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")
-
-
-def config_field(default, help: str, **kwargs):
-    """A dataclass field with a default and a one-line description (shown by ``--help``)."""
-    if isinstance(default, (list, dict, tuple)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
-
-
-def _coerce(value, annotation, name: str):
-    """Convert a YAML/CLI value to the field's declared type; errors name the field."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is typing.Union or str(origin) == "types.UnionType":
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], name)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ValueError(f"config field {name!r}: {value!r} is not a boolean (expected true/false)")
-    if annotation in (int, float, str):
-        try:
-            return annotation(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"config field {name!r}: {value!r} is not a valid {annotation.__name__}") from None
-    if annotation in (list, tuple, dict):  # a bare annotation: same handling as list[...] etc.
-        origin = annotation
-    if origin in (list, tuple, dict):
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, (list, tuple, dict)):
-            raise ValueError(f"config field {name!r}: {value!r} is not a {origin.__name__}")
-        return origin(value)
-    return value
-
-
-def config_from_dict(cls, values: dict):
-    """Instantiate ``cls`` from a dict; unknown keys raise naming them and the valid ones."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(v, hints[k], k) for k, v in values.items()})
-
-
-def load_config(cls, path: str | os.PathLike | None = None, overrides: dict | None = None):
-    """``cls`` from a YAML file (optional) updated with ``overrides``."""
-    values = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a mapping of field: value, got {type(loaded).__name__}")
-        values.update(loaded)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return config_from_dict(cls, values)
-
-
-def parse_config(cls, description: str, argv: list[str] | None = None):
-    """Parse ``--config FILE`` plus one ``--field`` option per config field; returns ``(config, resume)``."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=None, help="YAML file of field: value (CLI options override it)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                            help=f"{f.metadata.get('help', '')} (default: {default!r})")
-    args = vars(parser.parse_args(argv))
-    config_path, resume = args.pop("config"), args.pop("resume")
-    return load_config(cls, config_path, args), resume
-
-
-def save_config(config, path: str | os.PathLike) -> None:
-    write_json_atomic(path, dataclasses.asdict(config))
-
-
-def write_json_atomic(path: str | os.PathLike, payload) -> None:
-    """Write JSON to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, default=_json_default)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_default(value):
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-class TrainingProgress:
-    """Step/epoch counters, data position, best validation metric and a metric history.
-
-    ``epoch`` and ``batches_in_epoch`` are the data loader's position; put the object in the
-    checkpoint state (:func:`save_checkpoint`) and a resumed run continues from there.
-    """
-
-    def __init__(self):
-        self.step = 0
-        self.epoch = 0
-        self.batches_in_epoch = 0
-        self.best_metric: float | None = None
-        self.best_step: int | None = None
-        self.evals_without_improvement = 0
-        self.history: list[dict] = []
-
-    def state_dict(self) -> dict:
-        return {"json": json.dumps(self.__dict__, default=_json_default)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.__dict__.update(json.loads(state["json"]))
-
-    def record(self, metrics: dict, key: str | None = None, higher_is_better: bool = True) -> bool:
-        """Append ``metrics`` to the history; returns True when ``metrics[key]`` is a new best."""
-        self.history.append({"step": self.step, "epoch": self.epoch, **metrics})
-        if key is None or metrics.get(key) is None:
-            return False
-        value = float(metrics[key])
-        better = self.best_metric is None or (value > self.best_metric if higher_is_better else value < self.best_metric)
-        if better:
-            self.best_metric, self.best_step, self.evals_without_improvement = value, self.step, 0
-        else:
-            self.evals_without_improvement += 1
-        return better
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
@@ -374,10 +235,14 @@ def _state_of(accelerator, obj):
     return (accelerator.unwrap_model(obj) if isinstance(obj, torch.nn.Module) else obj).state_dict()
 
 
-def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state: typing.Mapping[str, typing.Any],
-                    keep: int = 2, per_process: typing.Collection[str] = (),
+def save_checkpoint(accelerator, config, step: int, state: typing.Mapping[str, typing.Any],
+                    per_process: typing.Collection[str] = (),
                     folders: typing.Mapping[str, str | os.PathLike] | None = None) -> Path:
-    """Write ``<output_dir>/checkpoints/step_<step>/`` atomically; returns its path.
+    """Write ``<config.output_dir>/checkpoints/step_<step>/`` atomically; returns its path.
+
+    ``config`` (the run's dataclass config) is recorded in the manifest, so that ``--resume``
+    can refuse a different one (:func:`start_run`); its ``keep_checkpoints`` (default 2) newest
+    checkpoints are kept.
 
     ``state`` maps entry names to objects with ``state_dict()`` / ``load_state_dict()``
     (models, optimizers, schedulers, :class:`TrainingProgress`, ...); entries named in
@@ -391,6 +256,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
     the newest ``keep`` are removed (renamed away first: a ``step_<N>`` name always means complete).
     """
     _check_checkpointable(accelerator, state, per_process)
+    output_dir, keep = config.output_dir, getattr(config, "keep_checkpoints", 2)
     folders = {name: Path(path) for name, path in (folders or {}).items()}
     _check_folder_names(folders)
     root = checkpoint_dir(output_dir)
@@ -422,7 +288,8 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
             "entries": {name: {"per_process": name in per_process} for name in state},
             "grad_scaler": accelerator.scaler is not None,
             "folders": {name: source.is_dir() for name, source in folders.items()},
-            "files": {path.relative_to(tmp).as_posix(): path.stat().st_size
+            "config": _config_record(config),
+            "files": {path.relative_to(tmp).as_posix(): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
                       for path in sorted(tmp.rglob("*")) if path.is_file()},
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
@@ -492,22 +359,47 @@ def _remove_folder(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def read_manifest(checkpoint: str | os.PathLike) -> dict:
-    """The ``manifest.json`` of a checkpoint folder, checked for format, version and file sizes."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _config_record(config) -> dict:
+    """The config as JSON would give it back (tuples become lists), for comparison on resume."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def read_manifest(checkpoint: str | os.PathLike, verify: bool = False) -> dict:
+    """The ``manifest.json`` of a checkpoint folder, checked for format, version and file sizes;
+    with ``verify`` also every file's sha256. Any damage is a ``ValueError`` naming the file."""
     checkpoint = Path(checkpoint)
     manifest_file = checkpoint / MANIFEST_NAME
     if not manifest_file.is_file():
         raise ValueError(f"{checkpoint} has no {MANIFEST_NAME}: not a mim-hf checkpoint (checkpoints written by "
                          "Accelerator.save_state hold pickles and are not loaded); start without --resume")
-    manifest = json.loads(manifest_file.read_text())
-    if manifest.get("format") != CHECKPOINT_FORMAT or manifest.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{manifest_file}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
-                         f"expected {CHECKPOINT_FORMAT!r} version {CHECKPOINT_VERSION}")
-    for name, size in manifest["files"].items():
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{manifest_file} is damaged: not readable JSON ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT \
+            or manifest.get("version") != CHECKPOINT_VERSION:
+        found = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else type(manifest)
+        raise ValueError(f"{manifest_file}: format/version {found!r}, expected {CHECKPOINT_FORMAT!r} version "
+                         f"{CHECKPOINT_VERSION}")
+    missing = sorted({"step", "num_processes", "accelerator_step", "entries", "grad_scaler", "folders", "config",
+                      "files"} - set(manifest))
+    if missing:
+        raise ValueError(f"{manifest_file} is damaged: it lacks {missing}")
+    for name, recorded in manifest["files"].items():
         path = checkpoint / name
-        if not path.is_file() or path.stat().st_size != size:
+        if not path.is_file() or path.stat().st_size != recorded["bytes"]:
             found = path.stat().st_size if path.is_file() else "missing"
-            raise ValueError(f"checkpoint file {path} is damaged: {found} bytes, the manifest says {size}")
+            raise ValueError(f"checkpoint file {path} is damaged: {found} bytes, the manifest says {recorded['bytes']}")
+        if verify and _sha256(path) != recorded["sha256"]:
+            raise ValueError(f"checkpoint file {path} is damaged: its sha256 differs from the manifest's")
     return manifest
 
 
@@ -549,28 +441,91 @@ def load_checkpoint(accelerator, checkpoint: str | os.PathLike, state: typing.Ma
     return manifest
 
 
-def resume_if_requested(accelerator, output_dir: str | os.PathLike, resume: bool,
-                        state: typing.Mapping[str, typing.Any], per_process: typing.Collection[str] = ()) -> Path | None:
-    """With ``resume``: load the newest complete checkpoint into ``state`` (error if none exists)
-    and return its path. Without: start fresh and return None; an earlier run's complete
-    checkpoints in ``output_dir`` are an error (``FileExistsError``: resume it or delete them),
-    never silently replaced or mixed with this run's."""
+# Fields that do not change what a run computes; --resume accepts new values for them.
+RESUMABLE_FIELDS = ("output_dir", "show_progress", "keep_checkpoints", "checkpoint_every", "num_threads")
+
+
+def _newest_intact(root: Path) -> Path:
+    """The newest checkpoint under ``root`` whose manifest and files (sha256) are intact; damaged
+    newer ones are skipped with a warning naming them and the damage."""
+    complete = _complete_checkpoints(root)
+    if not complete:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {root}")
+    damage = []
+    for _, checkpoint in reversed(complete):
+        try:
+            read_manifest(checkpoint, verify=True)
+        except ValueError as error:
+            damage.append(f"{checkpoint.name}: {error}")
+            continue
+        if damage:
+            warnings.warn(f"--resume: skipped damaged checkpoint(s) ({'; '.join(damage)}); resuming from the older "
+                          f"intact {checkpoint}", stacklevel=3)
+        return checkpoint
+    raise ValueError(f"--resume: every checkpoint under {root} is damaged ({'; '.join(damage)})")
+
+
+def _check_same_config(checkpoint: Path, config) -> None:
+    """Refuse to resume ``checkpoint`` with a config that differs in a field that changes results.
+
+    A stage's config class may name fields that can *grow* on resume (a longer schedule) in a
+    ``RESUME_MAY_GROW`` class attribute, where continuing equals having asked for more from the start.
+    """
+    saved, now = read_manifest(checkpoint)["config"], _config_record(config)
+    may_grow = getattr(type(config), "RESUME_MAY_GROW", ())
+
+    def allowed(name):
+        before, after = saved.get(name, "<absent>"), now.get(name, "<absent>")
+        grows = name in may_grow and isinstance(before, int) and isinstance(after, int) and after > before
+        return before == after or name in RESUMABLE_FIELDS or grows
+
+    changed = [name for name in sorted(set(saved) | set(now)) if not allowed(name)]
+    if changed:
+        details = ", ".join(f"{name} (checkpoint: {saved.get(name, '<absent>')!r}, this run: "
+                            f"{now.get(name, '<absent>')!r})" for name in changed)
+        raise ValueError(f"--resume: this run's configuration differs from {checkpoint}'s in {details}; resume with "
+                         f"the checkpoint's values, or start a fresh run in another output_dir (only "
+                         f"{', '.join(RESUMABLE_FIELDS)} may change on resume"
+                         + (f", and {', '.join(may_grow)} may grow)" if may_grow else ")"))
+
+
+def start_run(accelerator, config, resume: bool) -> Path | None:
+    """Check ``config.output_dir`` for this run, then write its ``config.json``; returns the
+    checkpoint to continue from (``resume``) or None (fresh). All processes call it.
+
+    Fresh run: an earlier run's complete checkpoints there are an error (``FileExistsError``:
+    resume it or delete them), never silently replaced or mixed with this run's; half-written
+    temporaries are removed. ``resume``: the newest intact checkpoint (every file's sha256 is
+    checked; damaged newer ones are skipped with a warning), whose recorded config must equal
+    ``config`` except in :data:`RESUMABLE_FIELDS` and growth of ``RESUME_MAY_GROW`` fields (else
+    ``ValueError`` naming the fields).
+    ``config.json`` is written only once these checks pass.
+    """
+    output_dir = Path(config.output_dir)
     root = checkpoint_dir(output_dir)
-    if not resume:
-        earlier = latest_checkpoint(output_dir)
-        if earlier is not None:
-            complete = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
-            raise FileExistsError(
-                f"{output_dir} holds checkpoints of an earlier run ({', '.join(complete)}): pass --resume to "
-                f"continue it, or delete {root} to start over")
-        if accelerator.is_main_process and root.is_dir():
+    checkpoint = None
+    if resume:
+        checkpoint = _newest_intact(root)
+        _check_same_config(checkpoint, config)
+    elif latest_checkpoint(output_dir) is not None:
+        complete = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+        raise FileExistsError(f"{output_dir} holds checkpoints of an earlier run ({', '.join(complete)}): pass "
+                              f"--resume to continue it, or delete {root} to start over")
+    accelerator.wait_for_everyone()  # every process checked before the main process writes
+    if accelerator.is_main_process:
+        if root.is_dir() and not resume:
             for leftover in root.iterdir():  # half-written or half-deleted by a killed run: not checkpoints
                 if leftover.name.startswith(_TEMPORARY_PREFIXES):
                     shutil.rmtree(leftover, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        return None
-    checkpoint = latest_checkpoint(output_dir)
-    if checkpoint is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint under {root}")
-    load_checkpoint(accelerator, checkpoint, state, per_process)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "config.json")
+    accelerator.wait_for_everyone()
+    return checkpoint
+
+
+def restore_checkpoint(accelerator, checkpoint: Path | None, state: typing.Mapping[str, typing.Any],
+                       per_process: typing.Collection[str] = ()) -> Path | None:
+    """:func:`load_checkpoint` of the checkpoint :func:`start_run` chose (nothing when None); returns it."""
+    if checkpoint is not None:
+        load_checkpoint(accelerator, checkpoint, state, per_process)
     return checkpoint
