@@ -455,7 +455,7 @@ def text_tower_dir(tokenizer, tmp_path_factory):
 
 
 def test_documented_save_builds_a_center_and_the_merged_encoder_upserts_into_it(text_tower_dir, tmp_path, capsys):
-    from mim_hf.center.store import RepresentationCenter, build_center
+    from mim_hf.center import RepresentationCenter, build_center
     from mim_hf.cli import main
     from mim_hf.data import PreparedData, make_synthetic_world, prepare
     from mim_hf.encoder.build import build_content_encoder, load_encoder_and_processor
