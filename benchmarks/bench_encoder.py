@@ -1,26 +1,22 @@
-"""Content-encoder inference throughput: `mim_hf.encoder.encoding.encode_items` vs a reference.
+"""Content-encoder inference throughput: `encode_items` vs sentence-transformers' `encode`.
 
 Encodes MovieLens-100k item texts (or generated titles if the data cannot be loaded) with the
 real all-MiniLM-L6-v2 text tower (offline copy), batch 64, 2 torch threads on CPU, and prints
-items/s for encode_items (exact fp32 through its packed fast path, which is the default) and for
-references measured in the same run, then per-round ratios, each line saying which path it is about.
+items/s for ``mim_hf.encoder.encoding.encode_items`` and for a reference measured in the same run:
+sentence-transformers' ``SentenceTransformer.encode`` on the same folder and texts (384-d output,
+no projection: speed only) when it is installed, else a plain padded forward (catalogue order,
+each batch padded to its longest row). The plain forward is also checked to give the same
+embeddings as ``encode_items``.
 
-The goal reference is sentence-transformers' ``SentenceTransformer.encode`` on the same folder
-(384-d output, no projection: speed only), same titles, same batch size. Extra references (skipped
-with ``--goal-only``): encode_items with ``fast_path=None`` (the plain padded forward, to read the
-fast path's own gain), a faithful naive loop (catalogue order, padded to max_length, ``no_grad``),
-both checked to give the same embeddings as the fast path; sentence-transformers with eager
-attention; and the opt-in int8 path (default selective scheme) with its drift: cosine to the fp32
-embeddings, overlap of the 10 nearest neighbours, title -> own-attributes recall@10.
+Where the lead comes from: ``encode_items`` tokenises once and batches rows of similar *token*
+length, so it computes fewer padded positions; the padding ratio printed below (padded tokens
+of the reference's batches / ours) is the gain to expect when both run the same model code.
 
 Timing: one warm-up call per method, then ``--rounds`` rounds; each round runs every method once,
-its order reversed every other round (ours and sentence-transformers stay back to back). A round's
-ratio compares the two calls of that round, so machine-load drift hits both alike; the verdict is
-the median of the per-round ratios (their range, the total-time ratio and best-vs-best are printed
-beside it). ``--device cuda`` runs both on the GPU (``torch.cuda.synchronize()`` before every timer
-read; no int8 there).
+its order reversed every other round. A round's ratio compares the two calls of that round, so
+machine-load drift hits both alike; the verdict is the median of the per-round ratios.
 
-Run: .venv/bin/python benchmarks/bench_encoder.py [--rounds R] [--goal-only] [--device cpu|cuda] [--items N]
+Run: .venv/bin/python benchmarks/bench_encoder.py [--rounds R] [--items N] [--device cpu|cuda]
 """
 
 import argparse
@@ -32,10 +28,9 @@ import time
 import torch
 
 from mim_hf.encoder.build import build_content_encoder, build_content_processor, resolve_model_path
-from mim_hf.encoder.encoding import encode_items, quantize_int8
+from mim_hf.encoder.encoding import encode_items
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
-INT8_NOTE = "quantize_int8 once, FFN inputs int8, approximate"
 
 
 def movielens_items():
@@ -45,7 +40,7 @@ def movielens_items():
 
         items = load_movielens_100k().items
         return [{"title": r["title"], "genres": r["genres"], "year": r["year"]} for r in items], "MovieLens-100k"
-    except Exception as error:  # offline without the cached wheel -> generated titles
+    except Exception as error:  # offline without the cached data -> generated titles
         return None, f"generated titles (MovieLens unavailable: {type(error).__name__}: {str(error)[:120]})"
 
 
@@ -61,51 +56,29 @@ def generated_items(n_items, seed=0):
     ]
 
 
-def naive_reference(encoder, processor, items, batch_size, device):
-    """Unsorted batches, padded to max_length, no_grad: what a first loop looks like."""
+def plain_padded_forward(encoder, processor, items, batch_size, device):
+    """Catalogue order, each batch tokenised and padded to its longest row, inference mode."""
     outputs = []
-    with torch.no_grad():
+    with torch.inference_mode():
         for start in range(0, len(items), batch_size):
-            texts = processor.build_texts(items[start : start + batch_size])
-            inputs = processor.tokenizer(texts, padding="max_length", truncation=True,
-                                         max_length=processor.max_length, return_tensors="pt").to(device)
-            outputs.append(encoder(**inputs).item_embeds)
+            inputs = processor(items[start : start + batch_size])
+            outputs.append(encoder(**{k: v.to(device) for k, v in inputs.items()}).item_embeds)
     return torch.cat(outputs)
 
 
-def neighbour_agreement(reference, other, k=10):
-    """Mean overlap of each row's k nearest neighbours (cosine, self excluded) under two embeddings."""
-    def top(embeds):
-        similarity = embeds @ embeds.T
-        similarity.fill_diagonal_(-float("inf"))
-        return similarity.topk(k, dim=1).indices
-    a, b = top(reference), top(other)
-    return sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a, b)) / (k * len(a))
-
-
-def title_attribute_recall(titles, attributes, k=10):
-    """Share of items whose own attribute text is among the k attribute texts nearest its title."""
-    ranks = (titles @ attributes.T).topk(k, dim=1).indices
-    return (ranks == torch.arange(len(titles)).unsqueeze(1)).any(dim=1).float().mean().item()
-
-
-def summarise(ratios):
-    """Per-round ratios -> (median, min, max)."""
-    return statistics.median(ratios), min(ratios), max(ratios)
+def padded_tokens(lengths, order, batch_size):
+    """Positions computed when rows are taken in ``order`` and each batch is padded to its longest row."""
+    return sum(len(batch) * max(lengths[i] for i in batch)
+               for batch in (order[s : s + batch_size] for s in range(0, len(order), batch_size)))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=None, help="limit the number of items")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="interleaved timing rounds (every method once per round, after one warm-up)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds after one warm-up")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="where both encode_items and sentence-transformers run (threads set on cpu only)")
-    parser.add_argument("--goal-only", action="store_true",
-                        help="time only encode_items fp32 and sentence-transformers' encode (skip the extra "
-                             "references, the int8 path and its drift report)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -125,109 +98,55 @@ def main():
     encoder = build_content_encoder(MODEL_ID, embed_dim=256, lora=False).eval().to(device)
     processor = build_content_processor(MODEL_ID, max_length=args.max_length)
     texts = processor.build_texts(items)
+    lengths = [len(ids) for ids in processor.tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]]
 
-    def ours(model=encoder, **options):
-        return lambda: encode_items(model, processor, items, batch_size=args.batch_size, show_progress=False,
-                                    device=device, **options)["item_embeds"]
-
-    OURS, PLAIN, INT8 = ("encode_items fp32 (exact; packed fast path)",
-                         "encode_items fp32, fast_path=None (plain padded forward)",
-                         f"encode_items int8 ({INT8_NOTE})")
-    NAIVE = "naive loop (catalogue order, padded to max_length, no_grad)"
-    ST_NAME, ST_EAGER = ("sentence-transformers encode (fp32, its default SDPA attention)",
-                         "sentence-transformers encode (fp32, eager attention)")
-    methods = {OURS: ours()}
-    quantize_seconds = None
-    if not args.goal_only:
-        methods[PLAIN] = ours(fast_path=None)
-        methods[NAIVE] = lambda: naive_reference(encoder, processor, items, args.batch_size, device)
-        if device.type == "cpu":  # int8 (fbgemm) is CPU only; quantised once, as a caller encoding often would
-            start = time.perf_counter()
-            quantized = quantize_int8(encoder)
-            quantize_seconds = time.perf_counter() - start
-            methods[INT8] = ours(quantized)
+    OURS = "encode_items (tokenise once, token-length-sorted batches)"
+    methods = {OURS: lambda: encode_items(encoder, processor, items, batch_size=args.batch_size, show_progress=False,
+                                          device=device)["item_embeds"]}
     if importlib.util.find_spec("sentence_transformers") is not None:
         from sentence_transformers import SentenceTransformer
 
-        def st_encode(model):
-            model.max_seq_length = args.max_length
-            return lambda: model.encode(texts, batch_size=args.batch_size, convert_to_tensor=True,
-                                        show_progress_bar=False)
-
-        path = resolve_model_path(MODEL_ID)
-        methods[ST_NAME] = st_encode(SentenceTransformer(path, device=str(device)))
-        if not args.goal_only:
-            # Eager attention for ST too, so the attention choice can be read apart from the rest.
-            methods[ST_EAGER] = st_encode(SentenceTransformer(
-                path, device=str(device), model_kwargs={"attn_implementation": "eager"}))
+        REFERENCE = "sentence-transformers encode"
+        model = SentenceTransformer(resolve_model_path(MODEL_ID), device=str(device))
+        model.max_seq_length = args.max_length
+        methods[REFERENCE] = lambda: model.encode(texts, batch_size=args.batch_size, convert_to_tensor=True,
+                                                  show_progress_bar=False)
+        # sentence-transformers sorts by character length, longest first.
+        reference_order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     else:
-        print("sentence-transformers not installed: no goal ratio (plain-forward and naive references only)")
+        REFERENCE = "plain padded forward (catalogue order)"
+        methods[REFERENCE] = lambda: plain_padded_forward(encoder, processor, items, args.batch_size, device)
+        reference_order = list(range(len(texts)))
 
-    # Rounds: every method once, ours and ST back to back (their order alternating per round), so that
-    # load drift on a shared machine hits a round's pair alike; the verdict uses per-round ratios.
     names = list(methods)
     seconds = {name: [] for name in names}
-    embeds = {}
-    for name in names:  # warm-up (allocator, oneDNN primitive caches, lazy imports)
-        embeds[name] = methods[name]()
-    sync()
+    for name in names:  # warm-up (allocator, kernel caches, lazy imports)
+        methods[name]()
     for round_index in range(args.rounds):
-        round_names = names if round_index % 2 == 0 else names[::-1]
-        for name in round_names:
+        for name in (names if round_index % 2 == 0 else names[::-1]):
             sync()
             start = time.perf_counter()
-            embeds[name] = methods[name]()
+            methods[name]()
             sync()
             seconds[name].append(time.perf_counter() - start)
-    embeds = {name: value.float().cpu() for name, value in embeds.items()}
 
     n = len(items)
-    mean_tokens = sum(len(ids) for ids in processor.tokenizer(texts)["input_ids"]) / n
-    print(f"data: {source}; {n} items, mean {mean_tokens:.1f} tokens/text, max_length {args.max_length}")
-    threads = f"torch threads {torch.get_num_threads()}" if device.type == "cpu" else f"device {torch.cuda.get_device_name()}"
-    print(f"model: {MODEL_ID} (offline), batch {args.batch_size}, {threads}, {args.rounds} interleaved rounds "
-          f"after a warm-up")
-    print(f"{'method':<70}  {'median items/s':>14}  {'best':>8}  {'worst':>8}")
+    print(f"data: {source}; {n} items, mean {sum(lengths) / n:.1f} tokens/text, max_length {args.max_length}")
+    threads = f"torch threads {torch.get_num_threads()}" if device.type == "cpu" else torch.cuda.get_device_name()
+    print(f"model: {MODEL_ID} (offline), batch {args.batch_size}, {threads}, {args.rounds} interleaved rounds")
     for name in names:
-        times = seconds[name]
-        print(f"{name:<70}: {n / statistics.median(times):14.1f}  {n / min(times):8.1f}  {n / max(times):8.1f}")
-    if PLAIN in embeds:
-        for other in (PLAIN, NAIVE):
-            max_diff = (embeds[other] - embeds[OURS]).abs().max().item()
-            assert max_diff < 1e-4, f"encode_items (fast path) disagrees with {other}: max |diff| {max_diff}"
-            print(f"encode_items fp32 (fast path) vs {other.split(' (')[0]}: embeddings agree (max |diff| {max_diff:.1e})")
-
-    def ratio_line(label, reference, subject, goal=""):
-        per_round = [r / s for r, s in zip(seconds[reference], seconds[subject])]
-        median, low, high = summarise(per_round)
-        aggregate = sum(seconds[reference]) / sum(seconds[subject])
-        best = min(seconds[reference]) / min(seconds[subject])
-        print(f"{label}: median {median:.2f}x per round (range {low:.2f}-{high:.2f} over {len(per_round)} rounds); "
-              f"total time {aggregate:.2f}x; best vs best {best:.2f}x{goal}")
-
-    if ST_NAME in seconds:
-        ratio_line("GOAL LINE (exact fp32): encode_items / sentence-transformers encode", ST_NAME, OURS,
-                   " (goal >= 1.3, read the per-round median)")
-    if not args.goal_only:
-        ratio_line("encode_items fast path / its plain padded forward", PLAIN, OURS)
-        ratio_line("encode_items fast path / naive loop", NAIVE, OURS)
-        if ST_EAGER in seconds:
-            ratio_line("encode_items fast path / sentence-transformers with eager attention", ST_EAGER, OURS)
-        if INT8 in seconds:
-            print(f"int8: quantize_int8 took {quantize_seconds:.2f} s once (encode_items(quantize='int8') pays it per call)")
-            cosine = torch.nn.functional.cosine_similarity(embeds[OURS], embeds[INT8], dim=1)
-            print(f"int8 drift vs fp32 item embeddings: cosine min {cosine.min():.4f} mean {cosine.mean():.4f}; "
-                  f"10-nearest-neighbour agreement {neighbour_agreement(embeds[OURS], embeds[INT8]):.3f}")
-            recalls = {}
-            for label, model in (("fp32", encoder), ("int8", quantized)):
-                views = [encode_items(model, processor, items, batch_size=args.batch_size, show_progress=False,
-                                      view=view)["item_embeds"] for view in ("title", "attributes")]
-                recalls[label] = title_attribute_recall(*views)
-            print(f"title->own attributes recall@10 (untrained projection): fp32 {recalls['fp32']:.3f}, "
-                  f"int8 {recalls['int8']:.3f}")
-            if ST_NAME in seconds:
-                ratio_line("approximate path: encode_items int8 / sentence-transformers fp32 encode", ST_NAME, INT8,
-                           " (embeddings drift, see above)")
+        print(f"{name:<60}: {n / statistics.median(seconds[name]):8.1f} items/s (median round)")
+    ours_order = sorted(range(n), key=lambda i: -lengths[i])
+    padding_ratio = (padded_tokens(lengths, reference_order, args.batch_size)
+                     / padded_tokens(lengths, ours_order, args.batch_size))
+    print(f"padding ratio (positions computed: {REFERENCE} / encode_items): {padding_ratio:.3f}")
+    per_round = [reference / ours for reference, ours in zip(seconds[REFERENCE], seconds[OURS])]
+    print(f"encode_items / {REFERENCE}: median {statistics.median(per_round):.2f}x per round "
+          f"(range {min(per_round):.2f}-{max(per_round):.2f} over {len(per_round)} rounds)")
+    plain = plain_padded_forward(encoder, processor, items, args.batch_size, device).float().cpu()
+    max_diff = (plain - methods[OURS]().float().cpu()).abs().max().item()
+    assert max_diff < 1e-4, f"encode_items disagrees with the plain padded forward: max |diff| {max_diff}"
+    print(f"encode_items vs the plain padded forward: embeddings agree (max |diff| {max_diff:.1e})")
 
 
 if __name__ == "__main__":

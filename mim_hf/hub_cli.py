@@ -47,14 +47,14 @@ def _run(kind: str, push, args, **kwargs) -> int:
 
 
 def cmd_push_encoder(args) -> int:
-    from mim_hf.common.hub import push_encoder
+    from mim_hf.encoder.hub import push_encoder
 
     return _run("encoder", push_encoder, args, metrics=args.metrics, commit_message=args.commit_message,
                 create_branch=args.create_branch)
 
 
 def cmd_push_adapters(args) -> int:
-    from mim_hf.common.hub import push_adapters
+    from mim_hf.encoder.hub import push_adapters
 
     return _run("adapters", push_adapters, args, base_model=args.base_model, base_revision=args.base_revision,
                 metrics=args.metrics, commit_message=args.commit_message, create_branch=args.create_branch)

@@ -5,15 +5,20 @@ remote code. LoRA (peft) is applied from outside (``mim_hf.encoder.lora``).
 """
 
 import os
-import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_mim_encoder import MIMContentEncoderConfig
+from .processing_mim_encoder import MIMContentProcessor, has_saved_processor, rows_to_records
+
+logger = logging.get_logger(__name__)
+
+ENCODER_LEVELS = ("item_embeds", "text_embeds", "image_embeds")
 
 
 def tower_output_dim(tower_config: PreTrainedConfig) -> int:
@@ -138,6 +143,8 @@ class MIMContentEncoder(MIMContentEncoderPreTrainedModel):
             self.vision_projection = None
             self.fusion = None
         self.projection_dropout = nn.Dropout(config.projection_dropout)
+        # The item-row -> inputs recipe (not a module): saved with the model, loaded with it, used by encode().
+        self.processor: MIMContentProcessor | None = None
         self.post_init()
 
     @staticmethod
@@ -156,11 +163,12 @@ class MIMContentEncoder(MIMContentEncoderPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """``PreTrainedModel.from_pretrained`` reading safetensors weights only.
+        """``PreTrainedModel.from_pretrained`` reading safetensors weights only, plus the processor.
 
         ``use_safetensors`` defaults to True here, so a pickle-based ``pytorch_model.bin`` is never
         opened (a local folder holding only such files is a ``ValueError``); pass
-        ``use_safetensors=False`` to opt out. Everything else is ``PreTrainedModel.from_pretrained``.
+        ``use_safetensors=False`` to opt out. A local folder that holds a saved processor gives
+        ``model.processor`` (else it stays None). Everything else is ``PreTrainedModel.from_pretrained``.
         """
         kwargs.setdefault("use_safetensors", True)
         folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
@@ -173,7 +181,10 @@ class MIMContentEncoder(MIMContentEncoderPreTrainedModel):
                         f"{folder} holds weights only as {pickled} (pickle), which are not loaded; expected "
                         "model.safetensors (re-save with save_pretrained, or pass use_safetensors=False if you trust the file)"
                     )
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if has_saved_processor(folder):  # a local folder written with its processor
+            model.processor = MIMContentProcessor.from_pretrained(folder)
+        return model
 
     @classmethod
     def from_towers(
@@ -370,7 +381,12 @@ class MIMContentEncoder(MIMContentEncoderPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save config + weights (+ the remote-code files via ``auto_map``).
+        """Save config + weights (+ the remote-code files via ``auto_map``) and ``self.processor``.
+
+        The processor (tokenizer, image processor, ``processor_config.json``) is what turns item rows
+        into inputs, so it travels with the weights: ``mim-hf center build``, ``encode()`` and
+        ``AutoProcessor.from_pretrained(dir, trust_remote_code=True)`` need it. Without one (an
+        encoder built from configs) a warning says how to add it.
 
         Refuses while peft LoRA layers are injected: their weights would not load into plain
         towers. Merge them first (``mim_hf.encoder.lora.merge_adapters``) or save the adapters alone
@@ -381,16 +397,160 @@ class MIMContentEncoder(MIMContentEncoderPreTrainedModel):
                 "this encoder still holds injected LoRA layers; call mim_hf.encoder.lora.merge_adapters(encoder) "
                 "before save_pretrained, or mim_hf.encoder.lora.save_adapters(encoder, dir) to save adapters only"
             )
+        # The processor first, so that save_pretrained(..., push_to_hub=True) uploads it too.
+        if self.processor is not None:
+            self.processor.save_pretrained(save_directory)
+        elif not has_saved_processor(save_directory):
+            logger.warning(f"{save_directory}: saved without a processor (encoder.processor is None); set "
+                           "encoder.processor = MIMContentProcessor(tokenizer, ...) before saving, or call "
+                           "processor.save_pretrained on the same folder")
         super().save_pretrained(save_directory, *args, **kwargs)
-        # The processor file travels with the model so a user without mim_hf can import it.
-        processing_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "processing_mim_encoder.py")
-        if os.path.isfile(processing_file) and os.path.isdir(save_directory):
-            shutil.copy(processing_file, os.path.join(save_directory, "processing_mim_encoder.py"))
+
+    def encode(
+        self,
+        items_or_titles,
+        batch_size: int = 32,
+        show_progress_bar: bool = False,
+        level: str = "item_embeds",
+        processor: MIMContentProcessor | None = None,
+        view: str = "full",
+    ) -> torch.FloatTensor:
+        """Items -> L2-normalised embeddings (N, embed_dim), float32 on CPU, in input order.
+
+        Args:
+            items_or_titles: str (a title), dict (an item row: title / attribute / image columns),
+                a list of either, a dict of equal-length lists (every value a list), or a
+                ``datasets.Dataset``. A single str or row gives a (embed_dim,) vector.
+            batch_size: rows per forward pass.
+            show_progress_bar: tqdm bar over batches.
+            level: ``"item_embeds"`` (fused, default), ``"text_embeds"`` or ``"image_embeds"``
+                (``"item"`` / ``"text"`` / ``"image"`` also work).
+            processor: defaults to ``self.processor`` (loaded by ``from_pretrained`` from the folder).
+            view: processor text view (``"full"``, ``"title"``, ``"attributes"``).
+        """
+        processor = processor if processor is not None else self.processor
+        if processor is None:
+            raise ValueError("encode() needs a processor: pass processor=..., set encoder.processor, or load the "
+                             "encoder from a folder saved with its processor")
+        level = f"{level}_embeds" if level in ("item", "text", "image") else level
+        if isinstance(items_or_titles, Mapping):  # one row, unless every value is a list (a dict of columns)
+            single = not all(isinstance(value, (list, tuple)) for value in items_or_titles.values())
+        else:
+            single = isinstance(items_or_titles, str)
+        items = [items_or_titles] if single else items_or_titles
+        if not isinstance(items, Mapping) and not hasattr(items, "column_names"):  # titles -> rows
+            items = [{processor.title_field: item} if isinstance(item, str) else item for item in items]
+        embeds = encode_items(self, processor, items, batch_size=batch_size, levels=(level,),
+                              view=view, show_progress=show_progress_bar)[level]
+        return embeds[0] if single else embeds
+
+
+def _text_columns(items, processor: MIMContentProcessor) -> list[dict]:
+    """Item rows without the image column (cheap to materialise for building texts)."""
+    if hasattr(items, "select_columns") and hasattr(items, "column_names"):  # datasets.Dataset
+        return rows_to_records(items.select_columns([c for c in items.column_names if c != processor.image_field])[:])
+    return items
+
+
+def _select_rows(items, indices: list[int]) -> list[dict]:
+    """Rows ``indices`` of a ``datasets.Dataset`` (decodes only these rows) or a list of dicts."""
+    if hasattr(items, "select") and hasattr(items, "column_names"):
+        return rows_to_records(items[indices])
+    return [items[i] for i in indices]
+
+
+def encode_items(
+    encoder: MIMContentEncoder,
+    processor: MIMContentProcessor,
+    items,
+    *,
+    batch_size: int = 64,
+    levels: Sequence[str] = ("item_embeds",),
+    view: str = "full",
+    sort_by_length: bool = True,
+    show_progress: bool = True,
+    device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Encode every item with ``encoder`` and return embeddings in the items' original order.
+
+    All texts are built and tokenised once (one fast-tokenizer call); rows are batched by token
+    length (less padding) and each batch is padded to its longest row (``tokenizer.pad``); runs
+    under ``torch.inference_mode`` in eval mode (the encoder's mode is restored afterwards).
+
+    Args:
+        encoder: a ``MIMContentEncoder`` (LoRA merged or not).
+        processor: its ``MIMContentProcessor``.
+        items: ``datasets.Dataset``, dict of equal-length lists, or sequence of dicts with the
+            processor's title / attribute / image columns. N rows.
+        batch_size: rows per forward pass.
+        levels: which outputs to return, from ``ENCODER_LEVELS``; ``"image_embeds"`` needs a vision tower.
+        view: processor text view ("full", "title", "attributes").
+        sort_by_length: batch rows of similar token length together; the output order is the input order either way.
+        show_progress: tqdm progress bar over batches.
+        device: where to run (default: the encoder's device).
+    Returns:
+        ``{level: FloatTensor (N, embed_dim)}`` on CPU, float32, L2-normalised rows; with
+        ``"image_embeds"`` also ``"image_mask"``: BoolTensor (N,) (rows without image are zeros).
+    """
+    unknown = [level for level in levels if level not in ENCODER_LEVELS]
+    if unknown or not levels:
+        raise ValueError(f"levels {list(levels)!r} invalid; choose from {ENCODER_LEVELS}")
+    if "image_embeds" in levels and getattr(encoder, "vision_model", None) is None:
+        raise ValueError("level 'image_embeds' requested but the encoder has no vision tower")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(items, Mapping) and not hasattr(items, "__len__"):
+        items = list(items)
+    if isinstance(items, Mapping):
+        items = rows_to_records(items)
+    n_items = len(items)
+    results = {level: torch.zeros(n_items, encoder.config.embed_dim, dtype=torch.float32) for level in levels}
+    if "image_embeds" in levels:
+        results["image_mask"] = torch.zeros(n_items, dtype=torch.bool)
+    if n_items == 0:
+        return results
+    device = torch.device(device) if device is not None else encoder.device
+    if torch.device(encoder.device).type != device.type:
+        raise ValueError(f"device {device} but the encoder is on {encoder.device}; move it first (encoder.to(device))")
+
+    # One fast-tokenizer call for the whole catalogue (counts empty titles / truncations once).
+    tokenized = processor.tokenize(processor.build_texts(_text_columns(items, processor), view=view),
+                                   padding=False, return_tensors=None)
+    order = list(range(n_items))
+    if sort_by_length:
+        order.sort(key=lambda i: len(tokenized["input_ids"][i]), reverse=True)
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.inference_mode():
+            starts = range(0, n_items, batch_size)
+            for start in logging.tqdm(starts, disable=not show_progress, desc="encoding items", unit="batch"):
+                batch_indices = order[start : start + batch_size]
+                inputs = dict(processor.tokenizer.pad(
+                    {key: [values[i] for i in batch_indices] for key, values in tokenized.items()}, return_tensors="pt"))
+                if processor.image_processor is not None:
+                    rows = _select_rows(items, batch_indices)
+                    pixel_values, inputs["image_mask"] = processor.process_images([r.get(processor.image_field) for r in rows])
+                    if pixel_values is not None:
+                        inputs["pixel_values"] = pixel_values
+                output = encoder(**{key: value.to(device) for key, value in inputs.items()}, return_dict=True)
+                index = torch.tensor(batch_indices, dtype=torch.long)
+                for level in levels:
+                    values = getattr(output, level)
+                    if values is not None:  # None: no image in this batch -> rows stay zero
+                        results[level][index] = values.float().cpu()
+                if "image_mask" in results:
+                    results["image_mask"][index] = output.image_mask.cpu()
+    finally:
+        encoder.train(was_training)
+    return results
 
 
 MIMContentEncoder.register_for_auto_class("AutoModel")
 
 __all__ = [
+    "ENCODER_LEVELS",
+    "encode_items",
     "MIMContentEncoder",
     "MIMContentEncoderOutput",
     "MIMContentEncoderPreTrainedModel",

@@ -3,20 +3,28 @@
 Self-contained: imports only ``transformers`` (and the standard library) so it can travel
 with the model as remote code. It is a plain class rather than a ``ProcessorMixin``: its
 input is item *rows* (title + attributes + image), not (text, images), and it keeps counts of
-the fallbacks it applied.
+the fallbacks it applied. Its saved ``processor_config.json`` names it in ``auto_map``, so
+``AutoProcessor.from_pretrained(folder, trust_remote_code=True)`` returns it.
 """
 
 import base64
 import json
 import math
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
 from transformers.image_utils import load_image
+from transformers.utils import cached_file
 
-PROCESSOR_CONFIG_NAME = "mim_processor_config.json"
+# transformers' processor file name: AutoProcessor reads its "auto_map". Folders saved with the earlier
+# name (LEGACY_PROCESSOR_CONFIG_NAME) still load.
+PROCESSOR_CONFIG_NAME = "processor_config.json"
+LEGACY_PROCESSOR_CONFIG_NAME = "mim_processor_config.json"
+# Hub download options a from_pretrained call may carry on to the tokenizer / image processor loaders.
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 # The constructor settings saved in PROCESSOR_CONFIG_NAME (tokenizer / image processor have their own files).
 PROCESSOR_SETTINGS = (
     "max_length", "attribute_fields", "title_field", "image_field", "id_field", "attribute_separator", "untitled_text",
@@ -30,6 +38,13 @@ FALLBACK_COUNT_KEYS = (
     "unreadable_image",  # image could not be decoded -> image_mask False
     "converted_image_mode",  # image mode not RGB (L, RGBA, P, ...) -> converted to RGB
 )
+
+
+def has_saved_processor(directory) -> bool:
+    """True if local ``directory`` holds a saved ``MIMContentProcessor`` (its tokenizer and settings)."""
+    directory = str(directory)
+    return os.path.isfile(os.path.join(directory, "tokenizer_config.json")) and any(
+        os.path.isfile(os.path.join(directory, name)) for name in (PROCESSOR_CONFIG_NAME, LEGACY_PROCESSOR_CONFIG_NAME))
 
 
 def rows_to_records(rows) -> list[dict]:
@@ -278,29 +293,45 @@ class MIMContentProcessor:
         return BatchFeature(encoded)
 
     # ---- persistence --------------------------------------------------------------------
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoProcessor") -> None:
+        """What ``AutoProcessor`` calls on a remote-code processor class; ``save_pretrained`` always
+        writes the ``AutoProcessor`` entry of ``auto_map``."""
+        if auto_class != "AutoProcessor":
+            raise ValueError(f"MIMContentProcessor registers for AutoProcessor only, got {auto_class!r}")
+
     def to_dict(self) -> dict:
         return {"processor_class": type(self).__name__, **{name: getattr(self, name) for name in PROCESSOR_SETTINGS}}
 
     def save_pretrained(self, save_directory) -> None:
-        """Write tokenizer files, the image processor config (if any) and mim_processor_config.json."""
+        """Write tokenizer files, the image processor config (if any), ``processor_config.json`` (settings +
+        ``auto_map`` so ``AutoProcessor.from_pretrained(dir, trust_remote_code=True)`` returns this class)
+        and this file (the remote code that entry names)."""
         os.makedirs(save_directory, exist_ok=True)
         self.tokenizer.save_pretrained(save_directory)
         if self.image_processor is not None:
             self.image_processor.save_pretrained(save_directory)
+        config = {**self.to_dict(), "auto_map": {"AutoProcessor": f"{__name__.split('.')[-1]}.{type(self).__name__}"}}
         with open(os.path.join(save_directory, PROCESSOR_CONFIG_NAME), "w", encoding="utf-8") as handle:
-            json.dump(self.to_dict(), handle, indent=2, sort_keys=True)
+            json.dump(config, handle, indent=2, sort_keys=True)
+        if os.path.abspath(os.path.dirname(__file__)) != os.path.abspath(save_directory):
+            shutil.copy(__file__, os.path.join(save_directory, os.path.basename(__file__)))
 
     @classmethod
     def from_pretrained(cls, text_model_path, vision_model_path=None, trust_remote_code: bool = False,
                         **kwargs) -> "MIMContentProcessor":
-        """Load from a directory written by ``save_pretrained`` (or build from tower folders/ids:
+        """Load from a folder or Hub repo written by ``save_pretrained`` (or build from tower folders/ids:
         tokenizer from ``text_model_path``, image processor from ``vision_model_path`` or, if
         None, from ``text_model_path`` when it holds a preprocessor_config.json).
-        ``kwargs`` override saved settings. A tokenizer / image processor that needs remote code
-        loads only with ``trust_remote_code=True``."""
+        ``kwargs``: Hub options (``revision``, ``token``, ...) and settings that override saved ones.
+        A tokenizer / image processor that needs remote code loads only with ``trust_remote_code=True``."""
+        kwargs.pop("_from_auto", None)  # set by AutoProcessor
+        hub = {name: kwargs.pop(name) for name in HUB_KWARGS if name in kwargs}
+        lookup = {**hub, "_raise_exceptions_for_missing_entries": False, "_raise_exceptions_for_connection_errors": False}
         settings = {}
-        config_file = os.path.join(str(text_model_path), PROCESSOR_CONFIG_NAME)
-        if os.path.isfile(config_file):
+        config_file = cached_file(text_model_path, PROCESSOR_CONFIG_NAME, **lookup) or cached_file(
+            text_model_path, LEGACY_PROCESSOR_CONFIG_NAME, **lookup)
+        if config_file is not None:
             with open(config_file, encoding="utf-8") as handle:
                 try:
                     settings = json.load(handle)
@@ -309,17 +340,19 @@ class MIMContentProcessor:
             if not isinstance(settings, dict):
                 raise ValueError(f"{config_file} holds {type(settings).__name__}; expected a JSON object")
             settings.pop("processor_class", None)
+            settings.pop("auto_map", None)
             unknown = sorted(set(settings) - set(PROCESSOR_SETTINGS))
             if unknown:
                 raise ValueError(f"{config_file}: unknown setting(s) {unknown}; expected some of {list(PROCESSOR_SETTINGS)}")
         settings.update(kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(text_model_path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(text_model_path, trust_remote_code=trust_remote_code, **hub)
         image_processor = None
         if vision_model_path is not None:
             image_processor = AutoImageProcessor.from_pretrained(vision_model_path, trust_remote_code=trust_remote_code)
-        elif os.path.isfile(os.path.join(str(text_model_path), "preprocessor_config.json")):
-            image_processor = AutoImageProcessor.from_pretrained(text_model_path, trust_remote_code=trust_remote_code)
+        elif cached_file(text_model_path, "preprocessor_config.json", **lookup) is not None:
+            image_processor = AutoImageProcessor.from_pretrained(text_model_path, trust_remote_code=trust_remote_code,
+                                                                 **hub)
         return cls(tokenizer, image_processor=image_processor, **settings)
 
 
-__all__ = ["MIMContentProcessor", "FALLBACK_COUNT_KEYS", "rows_to_records", "format_attribute_value"]
+__all__ = ["MIMContentProcessor", "FALLBACK_COUNT_KEYS", "rows_to_records", "format_attribute_value", "has_saved_processor"]

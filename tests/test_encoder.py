@@ -1,4 +1,5 @@
-"""Tests for the Stage-1 content encoder: config, model, processor, LoRA, encode_items."""
+"""Tests for the Stage-1 content encoder: config, model, processor (saved with the model), LoRA, fingerprint,
+encode_items."""
 
 import io
 import json
@@ -13,6 +14,7 @@ from PIL import Image
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoProcessor,
     AutoTokenizer,
     BertConfig,
     BertModel,
@@ -186,16 +188,20 @@ def test_save_load_equality_and_auto_registration(tokenizer, tmp_path):
     processor = MIMContentProcessor(tokenizer, ViTImageProcessorPil(size={"height": 32, "width": 32}), max_length=16)
     batch = processor(movie_rows())
     expected = encoder(**batch)
-    encoder.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
+    encoder.processor = processor
+    encoder.save_pretrained(tmp_path)  # the processor travels with the weights
     files = set(os.listdir(tmp_path))
     assert {"config.json", "model.safetensors", "configuration_mim_encoder.py", "modeling_mim_encoder.py",
-            "processing_mim_encoder.py", "mim_processor_config.json", "preprocessor_config.json"} <= files
+            "processing_mim_encoder.py", "processor_config.json", "tokenizer_config.json",
+            "preprocessor_config.json"} <= files
 
     loaded = AutoModel.from_pretrained(tmp_path).eval()
     assert type(loaded) is MIMContentEncoder
-    reloaded_processor = MIMContentProcessor.from_pretrained(tmp_path)
-    assert reloaded_processor.to_dict() == processor.to_dict()
+    reloaded_processor = loaded.processor
+    assert type(reloaded_processor) is MIMContentProcessor and reloaded_processor.to_dict() == processor.to_dict()
+    auto = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(auto) is MIMContentProcessor and auto.to_dict() == processor.to_dict()
+    assert type(auto.image_processor) is type(processor.image_processor)
     loaded_state = loaded.state_dict()
     for name, tensor in encoder.state_dict().items():  # the weights come back bit for bit
         assert torch.equal(loaded_state[name], tensor), name
@@ -212,6 +218,7 @@ def test_remote_code_load_without_mim_hf(tokenizer, tmp_path):
     expected = encoder(**batch).item_embeds
     model_dir, work_dir = tmp_path / "model", tmp_path / "elsewhere"
     work_dir.mkdir()
+    encoder.processor = make_processor(tokenizer)
     encoder.save_pretrained(model_dir)
     torch.save({k: v for k, v in batch.items()}, tmp_path / "batch.pt")
     # -S: skip site-packages .pth files (the editable mim_hf hook lives there); -I: no cwd/env paths.
@@ -224,9 +231,13 @@ try:
 except ImportError:
     pass
 import torch
-from transformers import AutoModel
+from transformers import AutoModel, AutoProcessor
 model = AutoModel.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
 assert "mim_hf" not in type(model).__module__, type(model).__module__
+processor = AutoProcessor.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
+assert type(processor).__name__ == "MIMContentProcessor", type(processor)
+assert type(model.processor).__name__ == "MIMContentProcessor", type(model.processor)
+torch.save(model.encode([{{"title": "Toy Story"}}, "Heat"], level="text"), {str(tmp_path / "encoded.pt")!r})
 assert type(model.config.vision_config).__name__ == "CLIPVisionConfig", type(model.config.vision_config)
 assert model.config.fusion_type == "mean"
 batch = torch.load({str(tmp_path / "batch.pt")!r}, weights_only=True)
@@ -241,6 +252,8 @@ print("remote", type(model).__module__)
     assert "remote transformers_modules" in result.stdout
     actual = torch.load(tmp_path / "out.pt", weights_only=True)
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
+    encoded = torch.load(tmp_path / "encoded.pt", weights_only=True)
+    torch.testing.assert_close(encoded, encoder.encode(["Toy Story", "Heat"], level="text"), atol=1e-6, rtol=1e-6)
 
 
 # ---- LoRA -------------------------------------------------------------------------------
@@ -428,3 +441,75 @@ def test_config_file_names_the_transformers_version_it_needs(monkeypatch):
                                                   configuration_mim_encoder.__file__)
     with pytest.raises(ImportError, match=r"needs transformers >= 5\.20 .* this environment has transformers"):
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+# ---- the documented save feeds the center; fingerprint across a LoRA merge ---------------------
+@pytest.fixture(scope="module")
+def text_tower_dir(tokenizer, tmp_path_factory):
+    """A tiny BERT text tower saved with the MiniLM tokenizer, as a tower folder on disk."""
+    folder = tmp_path_factory.mktemp("tower")
+    torch.manual_seed(0)
+    BertModel(tiny_text_config(tokenizer.vocab_size)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_documented_save_builds_a_center_and_the_merged_encoder_upserts_into_it(text_tower_dir, tmp_path, capsys):
+    from mim_hf.center import RepresentationCenter, build_center
+    from mim_hf.cli import main
+    from mim_hf.data import PreparedData, make_synthetic_world, prepare
+    from mim_hf.encoder.build import build_content_encoder, load_encoder_and_processor
+    from mim_hf.encoder.fingerprint import encoder_fingerprint
+
+    data_dir = prepare(make_synthetic_world(n_users=10, n_items=12, impressions_per_user=4)).save(tmp_path / "data")
+    items = PreparedData.load(data_dir).items.remove_columns("image")
+    encoder = build_content_encoder(text_tower_dir, embed_dim=EMBED_DIM, lora=True).eval()
+    assert type(encoder.processor) is MIMContentProcessor  # built from the tower folder's tokenizer
+    _randomise_lora(encoder)
+    # A center built while LoRA is injected ...
+    center = build_center(encoder, encoder.processor, items, tmp_path / "center_lora", show_progress=False)
+    fingerprint = encoder_fingerprint(encoder)
+    merge_adapters(encoder)
+    assert encoder_fingerprint(encoder) == fingerprint  # outputs-defining weights: equal across the merge
+    encoder.save_pretrained(tmp_path / "encoder")  # the documented save: merge, save_pretrained
+    # ... accepts the saved merged encoder for an upsert (same fingerprint, same embeddings).
+    loaded, processor = load_encoder_and_processor(tmp_path / "encoder")
+    assert encoder_fingerprint(loaded) == fingerprint and processor is loaded.processor
+    before = center.embeddings("item_embeds").astype("float32")
+    assert center.upsert(items.select(range(3)), loaded, processor, show_progress=False)["replaced"] == 3
+    after = RepresentationCenter.load(tmp_path / "center_lora").embeddings("item_embeds").astype("float32")
+    assert abs(after - before).max() < 2e-3  # float16 storage
+    # The CLI builds from the same folder, with the same fingerprint.
+    assert main(["center", "build", "--encoder", str(tmp_path / "encoder"), "--data", str(data_dir),
+                 "--out", str(tmp_path / "center_cli"), "--quiet"]) == 0
+    assert RepresentationCenter.load(tmp_path / "center_cli").fingerprint == fingerprint
+    # Another rank / alpha in the config (training settings) does not change what the encoder computes.
+    loaded.config.lora_r, loaded.config.lora_alpha = 2, 3
+    assert encoder_fingerprint(loaded) == fingerprint
+    with torch.no_grad():
+        loaded.text_projection.weight[0, 0] += 1e-3
+    assert encoder_fingerprint(loaded) != fingerprint
+
+
+def test_a_folder_without_processor_is_a_one_line_error(tokenizer, tmp_path, caplog):
+    from mim_hf.encoder.build import build_content_processor, load_encoder_and_processor
+
+    encoder = make_encoder(tokenizer)
+    with caplog.at_level("WARNING"):
+        encoder.save_pretrained(tmp_path)
+    assert "saved without a processor" in caplog.text
+    with pytest.raises(ValueError) as error:
+        load_encoder_and_processor(tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and "processor is missing" in message and "save_pretrained" in message
+    assert MIMContentEncoder.from_pretrained(tmp_path).processor is None
+    build_content_processor(MINILM_PATH, max_length=12).save_pretrained(tmp_path)  # the fix the message names
+    loaded, processor = load_encoder_and_processor(tmp_path)
+    assert processor.max_length == 12 and loaded.encode("Toy Story").shape == (EMBED_DIM,)
+
+
+def test_processor_saved_under_the_earlier_file_name_still_loads(tokenizer, tmp_path):
+    processor = make_processor(tokenizer, with_images=False, max_length=12)
+    processor.save_pretrained(tmp_path)
+    os.rename(tmp_path / "processor_config.json", tmp_path / "mim_processor_config.json")
+    assert MIMContentProcessor.from_pretrained(tmp_path).to_dict() == processor.to_dict()

@@ -193,10 +193,10 @@ def test_processor_settings_are_checked(tokenizer, kwargs, match):
 def test_processor_config_file_is_checked(processor, tmp_path):
     processor.save_pretrained(tmp_path)
     assert MIMContentProcessor.from_pretrained(tmp_path).to_dict() == processor.to_dict()
-    (tmp_path / "mim_processor_config.json").write_text('{"max_length": 8, "eval_me": "os.system"}')
+    (tmp_path / "processor_config.json").write_text('{"max_length": 8, "eval_me": "os.system"}')
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['eval_me'\]"):
         MIMContentProcessor.from_pretrained(tmp_path)
-    (tmp_path / "mim_processor_config.json").write_text("[1, 2")
+    (tmp_path / "processor_config.json").write_text("[1, 2")
     with pytest.raises(ValueError, match="not valid JSON"):
         MIMContentProcessor.from_pretrained(tmp_path)
 

@@ -97,7 +97,7 @@ def encoder_batch(tokenizer):
 
 @pytest.fixture(scope="module")
 def pushed_encoder(hub_server, encoder_dir):
-    from mim_hf.common.hub import push_encoder
+    from mim_hf.encoder.hub import push_encoder
 
     repo_id = _repo("mim-csft")
     push_encoder(encoder_dir, repo_id)
@@ -197,20 +197,22 @@ def test_encoder_round_trip_and_card(hub_server, pushed_encoder, encoder_dir, en
     from huggingface_hub import HfApi, ModelCard
     from transformers import AutoModel
 
-    from mim_hf.common.hub import load_encoder_from_hub
+    from mim_hf.encoder.hub import load_encoder_from_hub
 
     expected = AutoModel.from_pretrained(encoder_dir).eval()(**encoder_batch).item_embeds
     loaded = AutoModel.from_pretrained(pushed_encoder).eval()
     assert type(loaded).__name__ == "MIMContentEncoder" and type(loaded).__module__.startswith("mim_hf")
     torch.testing.assert_close(loaded(**encoder_batch).item_embeds, expected, rtol=0, atol=0)
     encoder, processor = load_encoder_from_hub(pushed_encoder)
-    assert processor is not None and processor.max_length == 16
+    assert processor is not None and processor.max_length == 16 and encoder.processor is processor
+    torch.testing.assert_close(encoder.encode("Toy Story (1995)"),
+                               loaded(**processor([{"title": "Toy Story (1995)"}])).item_embeds[0])
     torch.testing.assert_close(encoder.eval()(**processor([{"title": "Toy Story (1995)"}])).item_embeds,
                                loaded(**processor([{"title": "Toy Story (1995)"}])).item_embeds)
 
     files = set(HfApi().list_repo_files(pushed_encoder))
     assert {"config.json", "model.safetensors", "modeling_mim_encoder.py", "configuration_mim_encoder.py",
-            "mim_processor_config.json", "README.md", "metrics.json"} <= files
+            "processor_config.json", "README.md", "metrics.json"} <= files
     card = ModelCard.load(pushed_encoder)
     meta = _front_matter(str(card))
     assert meta["library_name"] == "transformers" and "mim-hf" in meta["tags"]
@@ -238,7 +240,7 @@ def test_adapters_round_trip_onto_base_encoder(hub_server, pushed_encoder, encod
     from huggingface_hub import ModelCard
     from transformers import AutoModel
 
-    from mim_hf.common.hub import load_adapters_from_hub, push_adapters
+    from mim_hf.encoder.hub import load_adapters_from_hub, push_adapters
     from mim_hf.encoder.lora import apply_lora, save_adapters
 
     encoder = apply_lora(AutoModel.from_pretrained(encoder_dir).eval())
@@ -458,7 +460,7 @@ def test_prepared_data_round_trip_with_datasets(hub_server, prepared, tmp_path, 
 
 # ---- bad input --------------------------------------------------------------------------------
 def test_bad_inputs_give_clear_errors_and_leave_the_artefact_intact(hub_server, encoder_dir, monkeypatch, tmp_path):
-    from mim_hf.common.hub import load_encoder_from_hub, push_encoder
+    from mim_hf.encoder.hub import load_encoder_from_hub, push_encoder
 
     before = _tree_hashes(encoder_dir)
     with pytest.raises(ValueError, match="malformed repo id 'not a/repo id'"):
@@ -520,7 +522,7 @@ def test_card_generator_omits_absent_metrics_and_checks_metric_shapes():
 def test_push_never_uploads_what_lies_outside_the_artefact(hub_server, encoder_dir, tmp_path):
     from huggingface_hub import HfApi
 
-    from mim_hf.common.hub import push_encoder
+    from mim_hf.encoder.hub import push_encoder
 
     secret = tmp_path / "outside" / "id_rsa"
     secret.parent.mkdir()
@@ -548,8 +550,8 @@ def test_hub_loads_refuse_pickle_weights_and_never_run_repo_code(hub_server, enc
                                                                  encoder_batch, tmp_path):
     from huggingface_hub import HfApi
 
-    from mim_hf.common.hub import load_encoder_from_hub
     from mim_hf.ctr.hub import load_ctr_from_hub
+    from mim_hf.encoder.hub import load_encoder_from_hub
     from test_safe_loading import marker_module, plant_pickle
 
     marker = tmp_path / "payload-ran"
@@ -633,7 +635,7 @@ def test_live_hub_encoder_round_trip(encoder_dir, encoder_batch):
     from transformers import AutoModel
 
     from hub_server import point_hf_clients_at
-    from mim_hf.common.hub import push_encoder
+    from mim_hf.encoder.hub import push_encoder
 
     token = os.environ["MIM_HF_LIVE_TOKEN"]
     undo = point_hf_clients_at("https://huggingface.co", token)  # undoes the local-Hub patching meanwhile

@@ -106,7 +106,7 @@ class ColumnProcessor:
     fallback_counts = {}
     image_field = "image"
     image_processor = None
-    tokenizer = type("T", (), {"pad_token_id": 0, "padding_side": "right"})()
+    tokenizer = type("T", (), {"pad": staticmethod(lambda rows, return_tensors: {k: torch.tensor(v) for k, v in rows.items()})})()
 
     def build_texts(self, rows, view="full"):
         return [r["title"] for r in rows]

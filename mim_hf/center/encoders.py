@@ -2,52 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
-
-# Config keys that change on save/load or with the library version but not what the encoder
-# computes (weights' dtype is hashed with the weights themselves).
-_VOLATILE_CONFIG_KEYS = frozenset({
-    "transformers_version", "_name_or_path", "_commit_hash", "architectures", "auto_map", "dtype",
-    "torch_dtype", "return_dict", "output_hidden_states", "output_attentions", "use_cache",
-    "_attn_implementation", "_attn_implementation_autoset", "_experts_implementation",
-})
-
-
-def _without_volatile_keys(config: Any) -> Any:
-    if isinstance(config, dict):
-        return {str(k): _without_volatile_keys(v) for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
-    if isinstance(config, (list, tuple)):
-        return [_without_volatile_keys(v) for v in config]
-    return config
-
-
-def encoder_fingerprint(model: torch.nn.Module) -> str:
-    """Content hash of an encoder: its config (if any) and every tensor of its state_dict.
-
-    Two encoders with the same fingerprint produce the same embeddings, so a CTR model can
-    record the fingerprint of the center it was trained with and refuse a different one.
-    Config keys that do not change the computation (library version, load path,
-    ``architectures``, ``auto_map``, output flags) are left out, so an encoder fingerprints the
-    same before ``save_pretrained`` and after ``from_pretrained``.
-    Returns ``"sha256:<64 hex chars>"``.
-    """
-    digest = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
-        config_dict = _without_volatile_keys(config.to_dict())
-        digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode("utf-8"))
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode("utf-8"))
-        if tensor.numel():
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return "sha256:" + digest.hexdigest()
+from mim_hf.encoder.fingerprint import encoder_fingerprint  # noqa: F401  (the center's import path)
 
 
 def encoder_levels(encoder: torch.nn.Module) -> tuple[str, ...]:

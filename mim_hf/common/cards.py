@@ -315,14 +315,14 @@ encoder = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)
 """
     if has_processor:
         how_to_load += f"""
-Encoder and processor together, then encoding items (`text_embeds`, `image_embeds`, `item_embeds`,
-each `(batch, {config.get('embed_dim')})`):
+Encoder and processor together, then encoding items (L2-normalised, `(items, {config.get('embed_dim')})`;
+`level="text"` / `"image"` for the other levels):
 
 ```python
-from mim_hf.common.hub import load_encoder_from_hub
+from mim_hf.encoder.hub import load_encoder_from_hub
 
 encoder, processor = load_encoder_from_hub("{repo_id}")
-item_embeds = encoder(**processor([{{"title": "Toy Story (1995)", "genres": ["Animation"]}}])).item_embeds
+item_embeds = encoder.encode([{{"title": "Toy Story (1995)", "genres": ["Animation"]}}, "GoldenEye (1995)"])
 ```"""
     else:
         how_to_load += "\nNo processor was saved with this encoder: tokenise item text with the text tower's tokenizer."
@@ -373,7 +373,7 @@ def adapters_card(adapter_configs: Mapping[str, Mapping[str, Any]], repo_id: str
         "training_section": "\n\n".join(training),
         "metrics_section": retrieval_section(metrics) or _no_metrics("retrieval metrics"),
         "how_to_load": f"""```python
-from mim_hf.common.hub import load_adapters_from_hub
+from mim_hf.encoder.hub import load_adapters_from_hub
 
 # downloads the base encoder {base_model}, injects the adapters and loads the head
 encoder = load_adapters_from_hub("{repo_id}"{revision_arg})

@@ -11,7 +11,7 @@ import os
 
 from mim_hf.encoder.lora import apply_lora
 from mim_hf.modeling.modeling_mim_encoder import MIMContentEncoder
-from mim_hf.modeling.processing_mim_encoder import MIMContentProcessor
+from mim_hf.modeling.processing_mim_encoder import MIMContentProcessor, has_saved_processor
 
 # Hub id -> (PyPI package shipping an offline copy, function returning its local folder).
 OFFLINE_MODEL_PACKAGES = {
@@ -43,12 +43,18 @@ def build_content_encoder(
 ) -> MIMContentEncoder:
     """Pretrained towers (ids, paths or loaded models) -> ``MIMContentEncoder`` with new
     projections/fusion and, if ``lora``, LoRA on both towers (base weights frozen).
-    ``config_kwargs`` are ``MIMContentEncoderConfig`` fields (fusion_type, lora_r, ...)."""
+    ``config_kwargs`` are ``MIMContentEncoderConfig`` fields (fusion_type, lora_r, ...).
+
+    When both towers are given as ids/paths, ``encoder.processor`` is their default processor
+    (:func:`build_content_processor`; replace it to change settings such as ``max_length``): it is
+    saved with the encoder and used by ``encoder.encode``. Loaded tower objects leave it None."""
     def resolve(tower):
         return resolve_model_path(tower) if isinstance(tower, (str, os.PathLike)) else tower
 
     encoder = MIMContentEncoder.from_towers(resolve(text_model), resolve(vision_model), embed_dim=embed_dim,
                                             **config_kwargs)
+    if all(tower is None or isinstance(tower, (str, os.PathLike)) for tower in (text_model, vision_model)):
+        encoder.processor = build_content_processor(text_model, vision_model)
     return apply_lora(encoder) if lora else encoder
 
 
@@ -61,14 +67,18 @@ def build_content_processor(
 
 
 def load_encoder_and_processor(encoder_dir: str | os.PathLike):
-    """A directory written by ``MIMContentEncoder.save_pretrained`` + ``MIMContentProcessor.
-    save_pretrained`` -> (encoder in eval mode, processor). LoRA must be merged before saving."""
-    if not os.path.isfile(os.path.join(str(encoder_dir), "config.json")):
-        raise ValueError(f"{encoder_dir}: not a saved encoder directory (no config.json); pass the folder written "
+    """A folder written by ``encoder.save_pretrained`` (LoRA merged; the processor is saved with it)
+    -> (encoder in eval mode, its processor). A folder without either is a one-line ``ValueError``."""
+    folder = str(encoder_dir)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"{folder}: not a saved encoder folder (no config.json); pass the folder written "
                          "by encoder.save_pretrained(...) after merging LoRA")
-    encoder = MIMContentEncoder.from_pretrained(str(encoder_dir))
-    processor = MIMContentProcessor.from_pretrained(str(encoder_dir))
-    return encoder.eval(), processor
+    if not has_saved_processor(folder):
+        raise ValueError(f"{folder}: the encoder's processor is missing (no tokenizer_config.json + "
+                         "processor_config.json); add it with build_content_processor('<text model>').save_pretrained"
+                         f"({folder!r}), or set encoder.processor before encoder.save_pretrained")
+    encoder = MIMContentEncoder.from_pretrained(folder)
+    return encoder.eval(), encoder.processor
 
 
 __all__ = ["build_content_encoder", "build_content_processor", "load_encoder_and_processor", "resolve_model_path",
