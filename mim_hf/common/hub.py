@@ -45,7 +45,6 @@ CARD_FILE = "README.md"
 METRICS_FILE = "metrics.json"
 # Files never uploaded from an artefact folder: locks, caches, the card (regenerated).
 _SKIP_NAMES = {CARD_FILE, ".lock", "__pycache__", ".gitattributes"}
-_MODELING_DIR = Path(__file__).resolve().parent / "modeling"
 _MODULE_REF = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -193,10 +192,13 @@ def _remote_code_files(folder: Path, config: Mapping[str, Any]) -> dict[str, byt
             raise ValueError(f"config.json auto_map entry {ref!r} is not 'module.ClassName' (a module name of letters, "
                              "digits and '_'); refusing to read code from a path")
     names = {ref.split(".")[0] + ".py" for ref in refs}
+    from mim_hf import modeling  # installed from the top-level modeling/ folder (package-dir mapping)
+
+    modeling_dir = Path(modeling.__file__).resolve().parent
     out = {}
     for name in sorted(names):
         if not (folder / name).is_file():
-            source = _MODELING_DIR / name
+            source = modeling_dir / name
             if not source.is_file():
                 raise ValueError(f"config.json auto_map names {name}, absent from {folder} and from mim_hf.modeling")
             out[name] = source.read_bytes()
