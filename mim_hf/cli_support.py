@@ -11,6 +11,7 @@ the traceback instead.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import sys
@@ -101,11 +102,15 @@ def check_stage_inputs(config, options: dict[str, str] | None = None) -> None:
 
 
 def run_stage(config_cls, run, description: str, argv: list[str] | None = None):
-    """The body of a ``training/<stage>.py`` script: parse ``--config`` + ``--field`` options, check the
-    input folders, train; errors as one line unless ``--debug``. Returns ``run``'s metrics."""
+    """The body of a ``training/<stage>.py`` script: parse ``--config`` + ``--field`` options (``--center``
+    = ``--center-path``), check the input folders, train; errors as one line unless ``--debug``.
+    Returns ``run``'s metrics."""
     from mim_hf.common.config import parse_config
 
     argv, debug = pop_debug_flag(list(sys.argv[1:] if argv is None else argv))
+    if any(field.name == "center_path" for field in dataclasses.fields(config_cls)):  # --center DIR, as in mim-hf
+        argv = ["--center-path" if arg == "--center" else arg.replace("--center=", "--center-path=", 1)
+                if arg.startswith("--center=") else arg for arg in argv]
     warn_if_single_process_on_cpu()
     with user_errors(debug):
         config, resume = parse_config(config_cls, description, argv)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 import signal
 import subprocess
 import sys
@@ -74,7 +75,7 @@ def test_stage_script_on_a_fresh_clone_names_the_command_that_makes_each_missing
     from mim_hf.csft.train import CSFTConfig
     from mim_hf.ctr.train import CTRTrainConfig, run
 
-    argv = ["--config", str(CTR_CONFIG), "--data-dir", str(trained["data"]), "--center-path", str(tmp_path / "c")]
+    argv = ["--config", str(CTR_CONFIG), "--data-dir", str(trained["data"]), "--center", str(tmp_path / "c")]
     with pytest.raises(SystemExit, match=r"center_path '.*/c' does not exist .*`mim-hf center build --encoder"):
         run_stage(CTRTrainConfig, run, "", argv)
     with pytest.raises(SystemExit, match=r"encoder_path 'runs/pre/encoder' does not exist .*training/pretrain.py"):
@@ -94,7 +95,7 @@ def test_train_ctr_script_runs_end_to_end_in_two_cpu_processes(trained, tmp_path
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                str(REPO / "training" / "train_ctr.py"), "--config", str(CTR_CONFIG), "--data-dir", str(trained["data"]),
-               "--center-path", str(trained["center"]), "--output-dir", str(out), "--max-len", "10", "--epochs", "1",
+               "--center", str(trained["center"]), "--output-dir", str(out), "--max-len", "10", "--epochs", "1",
                "--batch-size", "64", "--show-progress", "false"]
     # own process group: on the deadline the launcher AND its workers are killed, none is left behind
     launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -190,6 +191,21 @@ def test_recommend_ranks_unseen_items_cold_ones_by_content(trained, tmp_path, ca
          "--candidates", candidates], capsys)
     assert "user 'nobody' has no interactions in the prepared data" in _error_of(
         ["recommend", "--model", trained["model"], "--data-dir", trained["data"], "--user-id", "nobody"], capsys)
+
+
+def test_recommend_with_an_id_only_model_leaves_out_items_it_cannot_score(trained, tmp_path):
+    from mim_hf.common.config import load_config
+    from mim_hf.ctr.predict import load_ctr_model
+    from mim_hf.ctr.recommend import recommend
+    from mim_hf.ctr.train import CTRTrainConfig, run
+
+    run(load_config(CTRTrainConfig, REPO / "training" / "configs" / "ctr_synthetic_din.yaml", dict(
+        data_dir=str(trained["data"]), output_dir=str(tmp_path / "din"), max_len=10, epochs=1, show_progress=False)))
+    bundle, prepared = load_ctr_model(tmp_path / "din" / "model"), trained["prepared"]
+    stats = Counter()
+    ranked = recommend(bundle, prepared, prepared.samples["train"][0]["user_id"], k=1000, stats=stats)
+    assert stats["unscorable_skipped"] > 0  # the held-out (cold) items: no ID, no content
+    assert all(item in bundle.vocabs["item_id"] for item, _ in ranked)
 
 
 # ---- 7. polish ---------------------------------------------------------------------------------------

@@ -71,6 +71,8 @@ def cmd_recommend(args) -> int:
         for rank, (item, score) in enumerate(top, 1):
             print(f"{rank:>3}  {item}  {score:.4f}")
     note = " (the user has no positive history: ranked by ID, features and content only)" if stats["empty_history"] else ""
+    if stats["unscorable_skipped"]:
+        note += f"; {stats['unscorable_skipped']} item(s) unknown to the model and without content left out"
     print(f"ranked {stats['candidates']} candidates for user {args.user_id!r}, {stats['cold_candidates']} of them cold "
           f"(scored by content){note}", file=sys.stderr)
     return 0

@@ -159,7 +159,8 @@ def recommend(bundle, prepared, user_id: str, k: int = 10, candidates=None, batc
     every center item, or for a model without one every catalogue item, the user has not
     interacted with). Cold candidates (unknown to the model's item vocabulary) are scored through
     their content. Raises ``ValueError`` for a user the prepared data does not know (no history to
-    rank by), ``k < 1``, and candidates the model can score neither by ID nor by content (named).
+    rank by), ``k < 1``, and given candidates the model can score neither by ID nor by content
+    (named); such items of the default pool are left out and counted in ``stats["unscorable_skipped"]``.
     A known user without positives is ranked anyway (``stats["empty_history"]``: 1). ``stats``
     (optional Counter) also receives ``candidates`` and ``cold_candidates`` counts.
     """
@@ -175,13 +176,18 @@ def recommend(bundle, prepared, user_id: str, k: int = 10, candidates=None, batc
         raise ValueError(f"user {user_id!r} has no interactions in the prepared data, so there is no history to rank "
                          f"by (known users look like {example!r})")
     stats["empty_history"] += int(not history.behavior_item_ids)  # ranked anyway: by ID, features and content
-    if candidates is None:
+    default_pool = candidates is None
+    if default_pool:
         pool = bundle.center.item_ids() if bundle.center is not None else prepared.items["item_id"]
         candidates = [str(i) for i in pool if str(i) not in history.seen_item_ids]
     candidates = list(dict.fromkeys(str(i) for i in candidates))  # unique, order kept
+    scorable = _scorable(bundle, candidates) if candidates else np.zeros(0, dtype=bool)
+    unscorable = [item for item, ok in zip(candidates, scorable) if not ok]
+    if default_pool:  # e.g. catalogue items an ID-only model never saw: left out, counted
+        stats["unscorable_skipped"] += len(unscorable)
+        candidates, unscorable = [item for item, ok in zip(candidates, scorable) if ok], []
     if not candidates:
         raise ValueError(f"no candidates left to rank for user {user_id!r}")
-    unscorable = [item for item, ok in zip(candidates, _scorable(bundle, candidates)) if not ok]
     if unscorable:
         raise ValueError(f"{len(unscorable)} candidate item(s) are unknown to the model and have no content in its "
                          f"center, e.g. {unscorable[:5]}")
