@@ -237,3 +237,10 @@ def test_saved_model_config_and_card_hold_no_absolute_local_path(trained):
     assert str(trained["root"]) not in card and "/home/" not in card
     # the relative record is resolved against the model folder, wherever the command runs
     assert load_ctr_model(trained["model"]).center.fingerprint == "sha256:cli"
+
+
+def test_pushing_a_model_whose_center_is_a_relative_local_path_asks_for_the_center_repo(trained, hub_server):
+    from mim_hf.ctr.hub import push_ctr_model
+
+    with pytest.raises(ValueError, match=r"center_repo is the local path '\.\./\.\./center'; push that center"):
+        push_ctr_model(trained["model"], f"{hub_server.user}/cli-ctr")
