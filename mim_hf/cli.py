@@ -5,8 +5,13 @@
     mim-hf data prepare --items meta.jsonl --interactions reviews.jsonl --preset amazon-reviews-2023 --out data/amz
     mim-hf data stats data/ml100k/temporal
     mim-hf center build|info|nearest ...
+    mim-hf predict --model DIR --data FILE --out FILE [--data-dir DIR]
+    mim-hf recommend --model DIR --data-dir DIR --user-id U [--k 10] [--candidates FILE]
     mim-hf quickstart
     mim-hf results [--protocols item-cold/implicit] [--folds 5] [--seeds 0 1 2] [--models din ...] [--budget small]
+
+Every subcommand ends an error with one line, ``error: ...`` (exit status 1); ``--debug``
+anywhere on the line shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -124,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="MIM (Multi-modal Content Interest Modeling) for CTR prediction: data, encoders, "
                     "representation center, CiUBM.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also accepted after "
+                                                             "the subcommand)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="prepare datasets and inspect them")
@@ -188,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_center_subparsers(commands)
     add_push_subparsers(commands)
 
+    from mim_hf.ctr.cli import add_ctr_subparsers
+
+    add_ctr_subparsers(commands)
+
     from mim_hf.quickstart import STAGES
 
     quick = commands.add_parser(
@@ -244,8 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mim_hf.cli_support import pop_debug_flag, user_errors
+
+    argv, debug = pop_debug_flag(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    args.debug = debug
+    with user_errors(debug):
+        return args.func(args)
 
 
 if __name__ == "__main__":

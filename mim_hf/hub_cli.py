@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from mim_hf.cli_support import one_line
+
 
 def _common(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("directory", metavar="DIR", help=f"the saved {what}")
@@ -42,7 +44,9 @@ def _run(kind: str, push, args, **kwargs) -> int:
         info = push(args.directory, args.repo_id, revision=args.revision, private=args.private, token=args.token,
                     **kwargs)
     except (ValueError, TypeError) as err:
-        raise SystemExit(f"error: mim-hf push {kind}: {err}") from None
+        if getattr(args, "debug", False):
+            raise
+        raise SystemExit(f"error: mim-hf push {kind}: {one_line(err)}") from None
     return _report(kind, args.repo_id, info)
 
 

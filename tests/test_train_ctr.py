@@ -93,7 +93,7 @@ def test_each_mode_runs_end_to_end(world_dirs, tmp_path, protocol, mode):
     else:
         assert model.config.center_fingerprint == "sha256:tiny-a" and model.config.content_dim == CONTENT_DIM
         assert model.content_table.shape == (center.num_items + 1, CONTENT_DIM)  # attached by the loader
-        assert Path(model.config.center_repo) == Path(world_dirs["center"]).resolve()
+        assert (Path(config.output_dir) / "model" / model.config.center_repo).resolve() == Path(world_dirs["center"]).resolve()
     # the center is not copied into the model folder
     assert sum(f.stat().st_size for f in model_dir.iterdir()) < 200_000
     assert not list(model_dir.rglob("embeddings.safetensors"))

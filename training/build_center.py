@@ -11,12 +11,15 @@ encodes one chunk, the rows are gathered (padded to equal length, then trimmed) 
 process, which stages each chunk on disk as it arrives. Once every chunk is staged the main
 process writes the center once (atomic version swap) and removes the staging. Only the main
 process touches the disk. Runs unchanged as a single process (``python training/build_center.py``).
+Errors are one line (``--debug``: the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
@@ -27,6 +30,7 @@ from mim_hf.center.encoders import encode_levels, encoder_fingerprint, encoder_l
 from mim_hf.center.index import validated_catalogue_ids
 from mim_hf.center.store import RepresentationCenter
 from mim_hf.center.cli import add_center_build_arguments
+from mim_hf.cli_support import check_stage_inputs, pop_debug_flag, user_errors, warn_if_single_process_on_cpu
 from mim_hf.data import PreparedData
 from mim_hf.encoder.build import load_encoder_and_processor
 
@@ -47,6 +51,8 @@ def gather_rows(accelerator: Accelerator, local: torch.Tensor, counts: list[int]
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_stage_inputs(SimpleNamespace(data_dir=args.data, encoder_path=args.encoder),
+                       {"data_dir": "--data", "encoder_path": "--encoder"})
     accelerator = Accelerator()
     started = time.perf_counter()
     encoder, processor = load_encoder_and_processor(args.encoder)
@@ -96,4 +102,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    arguments, debug = pop_debug_flag(sys.argv[1:])
+    warn_if_single_process_on_cpu()
+    with user_errors(debug):
+        main(arguments)

@@ -10,11 +10,14 @@ Writes output_dir/{config.json, checkpoints/, encoder/, metrics.json}; see mim_h
 same metrics and weights as an uninterrupted run; no pickle is loaded; a changed configuration
 is refused). Without it, a run refuses a folder that holds an earlier run's checkpoints; a
 second run into a folder in use is refused too. See docs/training.md.
+
+A missing input folder is named with the command that makes it; errors are one line
+(--debug: the traceback). For N processes on CPU: ACCELERATE_USE_CPU=true torchrun
+--nproc_per_node N training/csft.py ... (see docs/cli.md).
 """
 
-from mim_hf.common.config import parse_config
+from mim_hf.cli_support import run_stage
 from mim_hf.csft.train import CSFTConfig, run
 
 if __name__ == "__main__":
-    config, resume = parse_config(CSFTConfig, __doc__)
-    run(config, resume)
+    run_stage(CSFTConfig, run, __doc__)

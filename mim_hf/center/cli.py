@@ -15,6 +15,7 @@ import json
 import time
 
 from mim_hf.center.build import DEFAULT_CHUNK_SIZE
+from mim_hf.cli_support import check_stage_inputs
 from mim_hf.encoder.build import load_encoder_and_processor
 
 
@@ -23,6 +24,8 @@ def center_build_cli(args: argparse.Namespace) -> int:
     from mim_hf.center.build import build_center
     from mim_hf.data import PreparedData
 
+    check_stage_inputs(argparse.Namespace(data_dir=args.data, encoder_path=args.encoder),
+                       {"data_dir": "--data", "encoder_path": "--encoder"})  # names the command that makes each
     started = time.perf_counter()
     encoder, processor = load_encoder_and_processor(args.encoder)
     items = PreparedData.load(args.data).items

@@ -117,7 +117,15 @@ def _fmt(value: Any, metric: bool = False) -> str:
         return "nan" if math.isnan(value) else (f"{value:.4f}" if metric else f"{value:.6g}")
     if isinstance(value, (list, dict)):
         return f"`{json.dumps(value)}`"
-    return f"`{value}`"
+    return f"`{_portable(value)}`"
+
+
+def _portable(value: Any) -> Any:
+    """An absolute local path shortened to its last two parts (``…/run/data``): a card never shows
+    the machine's folders (``/home/<user>/...``); any other value unchanged."""
+    if isinstance(value, str) and os.path.isabs(value) and len(Path(value).parts) > 3:
+        return "…/" + "/".join(Path(value).parts[-2:])
+    return value
 
 
 def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
@@ -268,7 +276,7 @@ def _tower_name(tower_config: Mapping[str, Any] | None) -> str | None:
     if not tower_config:
         return None
     name = tower_config.get("_name_or_path") or ""
-    return _hub_id(name) or (f"{tower_config.get('model_type')} (local, {name})" if name else
+    return _hub_id(name) or (f"{tower_config.get('model_type')} (local, {_portable(name)})" if name else
                              f"{tower_config.get('model_type')} (randomly initialised)")
 
 

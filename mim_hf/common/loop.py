@@ -92,7 +92,8 @@ class EpochShuffleSampler(Sampler[int]):
     def __init__(self, n: int, seed: int, generator: str = "numpy"):
         if generator not in ("numpy", "torch"):
             raise ValueError(f"generator must be 'numpy' or 'torch', got {generator!r}")
-        self.n, self.seed, self.epoch, self.generator = n, seed, 0, generator
+        # not named "generator": accelerate takes a sampler's .generator for a torch.Generator to synchronise
+        self.n, self.seed, self.epoch, self.kind = n, seed, 0, generator
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -101,7 +102,7 @@ class EpochShuffleSampler(Sampler[int]):
         return self.n
 
     def __iter__(self):
-        if self.generator == "torch":
+        if self.kind == "torch":
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             return iter(torch.randperm(self.n, generator=generator).tolist())
         return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())

@@ -89,7 +89,7 @@ def push_ctr_model(directory: str | os.PathLike, repo_id: str, *, center_repo_id
         raise ValueError(f"CTR model in {folder} (mode {config.get('mode')!r}) reads content embeddings but names no "
                          f"center: pass center_repo_id='org/center' (--center-repo-id) after pushing the center")
     if center_repo is not None:
-        if center_repo_id is None and Path(center_repo).exists():
+        if center_repo_id is None and (folder / center_repo).exists():  # absolute, or relative to the model folder
             raise ValueError(f"the CTR model's center_repo is the local path {center_repo!r}; push that center "
                              f"(push_center) and pass its repo id as center_repo_id")
         # The recorded revision belongs to the recorded center_repo (for a local center it is a

@@ -58,8 +58,22 @@ def load_ctr_model(model: str | os.PathLike, center=None, *, revision: str | Non
 
     with _quiet_transformers_bars():
         loaded = CiUBMForCTR.from_pretrained(str(model)).eval()
-    return attach_center(loaded, center if center is not None or not load_center else loaded.config.center_repo,
-                         str(model), load_center)
+    if center is None and load_center:
+        center = recorded_center_path(model, loaded.config.center_repo)
+    return attach_center(loaded, center, str(model), load_center)
+
+
+def recorded_center_path(model_dir: str | os.PathLike, center_repo: str | None) -> Path | None:
+    """The center directory a local model's config records: ``center_repo`` relative to the model
+    folder (as training writes it) or absolute (older models). Raises ``ValueError`` naming both
+    when it does not exist (pass ``center=`` / ``--center`` then)."""
+    if center_repo is None:
+        return None
+    path = Path(model_dir) / center_repo  # an absolute center_repo stays as it is
+    if not path.is_dir():
+        raise ValueError(f"CTR model {str(model_dir)!r} records center {center_repo!r} (looked for {path}), which does "
+                         "not exist here; pass the center directory (center= / --center DIR)")
+    return path
 
 
 def attach_center(model, center, name: str, load_center: bool = True) -> CTRBundle:
@@ -87,21 +101,34 @@ def attach_center(model, center, name: str, load_center: bool = True) -> CTRBund
     return CTRBundle(model, vocabs, center)
 
 
-def predict(model, samples, center=None, items=None, batch_size: int = 4096) -> np.ndarray:
+def predict(model, samples, center=None, items=None, batch_size: int = 4096, *, show_progress: bool = False,
+            fallbacks: dict | None = None) -> np.ndarray:
     """Click probabilities, float64 (N,), of CTR samples scored by a trained model.
 
     ``model``: a :class:`CTRBundle` or what :func:`load_ctr_model` takes (``center`` is passed on).
     ``samples``: a ``datasets.Dataset`` with the columns of ``PreparedData.samples`` (``user_id``,
     ``item_id``, ``behavior_item_ids``, the model's ``user_*`` features; ``label`` is optional).
     ``items``: the item catalogue (``PreparedData.items``), required when the model uses item side
-    features. Unknown users/items map to the unknown row, as in training.
+    features. Unknown users/items map to the unknown row, as in training; ``fallbacks`` (a dict,
+    optional) is updated with those counts (the collator's ``stats``). ``show_progress``: a tqdm
+    bar over the batches.
     """
+    from tqdm.auto import tqdm
+
     bundle = model if isinstance(model, CTRBundle) else load_ctr_model(model, center)
     if bundle.model.config.item_feature_sizes and items is None:
         raise ValueError("this model uses item side features: pass items= (the item catalogue)")
     if "label" not in samples.column_names:  # the collator reads labels when present; scoring needs none
         samples = samples.add_column("label", [0] * len(samples))
-    return predict_split(bundle.model, CTRTensorSplit.collate(bundle.collator(items), samples), batch_size)
+    collator = bundle.collator(items)
+    probs = []
+    for start in tqdm(range(0, len(samples), batch_size), desc="scoring", unit="batch", disable=not show_progress):
+        batch = samples.select(range(start, min(start + batch_size, len(samples))))
+        probs.append(predict_split(bundle.model, CTRTensorSplit.collate(collator, batch), batch_size))
+    if fallbacks is not None:
+        for key, count in collator.stats.items():
+            fallbacks[key] = fallbacks.get(key, 0) + count
+    return np.concatenate(probs) if probs else np.empty(0, dtype=np.float64)
 
 
-__all__ = ["CTRBundle", "load_ctr_model", "predict"]
+__all__ = ["CTRBundle", "load_ctr_model", "predict", "recorded_center_path"]

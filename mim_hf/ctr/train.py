@@ -231,7 +231,8 @@ def build_model_config(config: CTRTrainConfig, collator: CTRCollator, center):
         center_fields = {
             "content_dim": center.embed_dim,
             "center_fingerprint": center.fingerprint,
-            "center_repo": str(Path(center.root).resolve()),
+            # relative to output_dir/model, where the model is saved: no absolute local path in its config
+            "center_repo": os.path.relpath(Path(center.root).resolve(), (Path(config.output_dir) / "model").resolve()),
             "center_revision": center.version,
             "center_level": config.center_level,
         }
