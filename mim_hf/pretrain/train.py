@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mim_hf.encoder.build import build_content_encoder, resolve_model_path
-from mim_hf.encoder.lora import merge_adapters, save_adapters, trainable_parameter_counts
+from mim_hf.encoder.lora import apply_lora, merge_adapters, save_adapters, trainable_parameter_counts
 from mim_hf.csft.losses import InfoNCELoss
 from mim_hf.modeling.processing_mim_encoder import MIMContentProcessor, rows_to_records
 from mim_hf.common.checkpoints import restore_checkpoint, save_checkpoint, start_run
@@ -83,6 +83,8 @@ class PretrainConfig:
     lora_dropout: float = config_field(0.05, "dropout on the LoRA input path")
     lora_text_target_modules: list[str] = config_field([], "text-tower modules LoRA adapts; [] = the architecture default")
     lora_vision_target_modules: list[str] = config_field([], "vision-tower modules LoRA adapts; [] = the architecture default")
+    lora_last_layers: int = config_field(0, "LoRA only on the towers' last N layers (peft layers_to_transform; "
+                                         "0 = all); backward then stops there")
     max_length: int = config_field(32, "maximum tokens per text (special tokens included)")
     attribute_fields: list[str] = config_field([], "attribute columns of the 'attributes' view; [] = all non-title/image/id columns")
     # ---- objectives -------------------------------------------------------------------------
@@ -141,7 +143,7 @@ class PretrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("max_steps", "epochs", "eval_every", "checkpoint_every", "warmup_steps", "num_threads",
-                     "eval_min_items"):
+                     "eval_min_items", "lora_last_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.max_steps == 0 and self.epochs == 0:
@@ -198,10 +200,12 @@ def build_encoder_and_processor(config: PretrainConfig):
     vision_tower = config.vision_model or (
         _tower_from_config(config.vision_tower_config) if config.vision_tower_config else None)
     encoder = build_content_encoder(
-        text_tower, vision_tower, embed_dim=config.embed_dim, lora=config.lora, text_pooling=config.text_pooling,
+        text_tower, vision_tower, embed_dim=config.embed_dim, lora=False, text_pooling=config.text_pooling,
         fusion_type=config.fusion_type, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout, lora_text_target_modules=config.lora_text_target_modules or None,
         lora_vision_target_modules=config.lora_vision_target_modules or None)
+    if config.lora:
+        apply_lora(encoder, last_layers=config.lora_last_layers)
     processor = MIMContentProcessor(
         tokenizer, _image_processor(config) if vision_tower is not None else None, max_length=config.max_length,
         attribute_fields=config.attribute_fields or None)
