@@ -2,7 +2,7 @@
 and fail by name, never hang, when one of them gets stuck.
 
 Workers are *spawned*, not forked. By the time a distributed test runs, the pytest process holds a
-dozen threads (torch's OpenMP pool, the local Hub server, the center's helper pool, tqdm monitors,
+dozen threads (torch's OpenMP pool, the local Hub server, tqdm monitors,
 fsspec's event loop, jemalloc's background thread); a forked child inherits their locks but not the
 threads, and a CI run hung for 90 minutes inside the forked 2-process checkpoint test. A spawned
 child starts from a clean interpreter and re-imports the test module (a few seconds each).

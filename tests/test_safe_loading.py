@@ -360,26 +360,19 @@ def test_prepared_data_bad_metadata_is_a_clear_error(prepared_dir):
         PreparedData.load(prepared_dir)
 
 
-def test_guard_exempts_only_numbas_own_cache_loader():
-    """The guard lets a pickle read through only when numba's cache module is the caller."""
+def test_guard_refuses_every_unpickling():
+    """The guard refuses pickle.loads whoever calls it, and an attempt caught by the caller still fails."""
     import pickle
 
     import unpickling_guard
 
     payload = pickle.dumps({"version": 1})
-    numba_like = {"__name__": "numba.core.caching", "pickle": pickle, "payload": payload}
-    # Code whose frame belongs to a module named like numba's cache loader (no numba needed).
-    code = compile("def load_index():\n    return pickle.loads(payload)\n", "<numba-cache-like>", "exec")
-    exec(code, numba_like)  # noqa: S102 - builds the stand-in loader, test only
-    before = unpickling_guard.allowed_numba_cache_reads()
-    with forbid_unpickling():
-        assert numba_like["load_index"]() == {"version": 1}
-    assert unpickling_guard.allowed_numba_cache_reads() == before + 1
     with pytest.raises(unpickling_guard.UnpicklingForbidden):
         with forbid_unpickling():
             pickle.loads(payload)
-    elsewhere = {"__name__": "numba.core.caching_not", "pickle": pickle, "payload": payload}
-    exec(code, elsewhere)  # noqa: S102
-    with pytest.raises(unpickling_guard.UnpicklingForbidden):
+    with pytest.raises(unpickling_guard.UnpicklingForbidden, match="attempted"):
         with forbid_unpickling():
-            elsewhere["load_index"]()
+            try:
+                pickle.loads(payload)
+            except Exception:
+                pass

@@ -31,6 +31,8 @@ import importlib.resources
 
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
 
+from mim_hf.common.offline import OFFLINE_MODEL_PACKAGES, resolve_model_path
+
 # hub_cards/ is installed as mim_hf.card_templates (pyproject package-dir), editable or not.
 TEMPLATE_DIR = Path(importlib.resources.files("mim_hf.card_templates"))
 CARD_KINDS = ("encoder", "adapters", "ctr", "center", "data")
@@ -257,8 +259,6 @@ def _hub_id(name: str | None) -> str | None:
     """A Hub model id for ``name`` (a known offline copy maps back to its id), else None (local path)."""
     if not name:
         return None
-    from mim_hf.encoder.build import OFFLINE_MODEL_PACKAGES, resolve_model_path
-
     for hub_id in OFFLINE_MODEL_PACKAGES:
         if "/" in hub_id and os.path.realpath(resolve_model_path(hub_id)) == os.path.realpath(name):
             return hub_id

