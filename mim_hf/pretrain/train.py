@@ -10,19 +10,14 @@ Objectives (weighted terms; a weight of 0 disables the term):
 * ``title_attributes_weight`` -- title <-> attributes alignment (processor views ``"title"``
   and ``"attributes"``), for text-only catalogues such as MovieLens.
 
-All contrastive terms use :class:`mim_hf.csft.losses.InfoNCELoss` (symmetric, in-batch negatives,
-cross-device negatives under data parallelism, duplicates of the same item masked).
-Only training-split items (``PreparedData.train_item_ids``) are trained on. Alignment
-recall@K is measured on held-out items before, during and after training. The result is
-``output_dir/encoder`` (LoRA merged; ``encoder.save_pretrained`` + ``processor.save_pretrained``),
-``output_dir/adapters`` (LoRA adapters + heads, ``mim_hf.encoder.lora.save_adapters``) and
-``output_dir/metrics.json``.
+Contrastive terms use :class:`mim_hf.csft.losses.InfoNCELoss` (symmetric, in-batch and
+cross-device negatives, duplicates masked). Only training-split items are trained on; alignment
+recall@K is measured on held-out items before, during and after. Output: ``encoder/`` (LoRA
+merged, + processor), ``adapters/`` (``mim_hf.encoder.lora.save_adapters``), ``metrics.json``.
 
-Checkpoints (``checkpoint_every``, see :mod:`mim_hf.common.checkpoints`) hold the objectives module
-(encoder + MLM head + temperature), AdamW, the scheduler, progress (with the alignment history),
-the running loss sums and the RNG states. Batches come from ``(seed, epoch)`` and MLM masks from
-``(seed, step)``, so ``run(config, resume=True)`` after a kill gives the uninterrupted run's
-metrics and weights exactly (same machine, CPU).
+Checkpoints (:mod:`mim_hf.common.checkpoints`) hold the objectives module (encoder + MLM head +
+temperature), AdamW, the scheduler, progress, the loss sums and the RNG states; batches come from
+``(seed, epoch)`` and MLM masks from ``(seed, step)``, so a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
