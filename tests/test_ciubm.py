@@ -673,3 +673,23 @@ def test_collator_bad_inputs():
         tiny_collator(bad_center)(ROWS[:1])
     with pytest.raises(TypeError, match="center must have .rows_for"):
         tiny_collator(object())
+
+
+def test_content_cosine_in_chunks_equals_one_gather_and_the_formula():
+    """The chunked similarity gives the values of one (B, L, C) gather bit for bit, and the cosine."""
+    from mim_hf.modeling.modeling_ciubm import content_cosine_similarity, table_inverse_norms
+
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(40, 16, generator=generator)
+    table[3] = 0.0  # a zero row: similarity 0
+    rows = torch.randint(0, 40, (11, 7), generator=generator)
+    rows[0, :3] = 3
+    target = torch.nn.functional.normalize(torch.randn(11, 16, generator=generator), dim=-1)
+    inverse_norms = table_inverse_norms(table)
+    one_gather = content_cosine_similarity(target, table, inverse_norms, rows, chunk_elements=10**9)
+    for chunk_elements in (1, 16 * 7 * 2, 16 * 7 * 5 + 3):
+        assert torch.equal(content_cosine_similarity(target, table, inverse_norms, rows, chunk_elements), one_gather)
+    expected = torch.nn.functional.cosine_similarity(target.unsqueeze(1), table[rows], dim=-1)
+    torch.testing.assert_close(one_gather, expected, atol=1e-6, rtol=0)
+    assert one_gather[0, :3].eq(0).all()
+    assert content_cosine_similarity(target[:0], table, inverse_norms, rows[:0]).shape == (0, 7)
