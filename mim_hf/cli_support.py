@@ -101,6 +101,18 @@ def check_stage_inputs(config, options: dict[str, str] | None = None) -> None:
                              f"OUT/<protocol> of `mim-hf data prepare --out OUT`")
 
 
+STAGE_HELP = """
+--resume continues from the newest intact checkpoint under OUTPUT_DIR/checkpoints (exactly:
+same metrics and weights as an uninterrupted run; no pickle is loaded; a changed configuration
+is refused). Without it, a run refuses a folder that holds an earlier run's checkpoints; a
+second run into a folder in use is refused too. See docs/training.md.
+
+A missing input folder is named with the command that makes it; errors are one line
+(--debug: the traceback). For N processes on CPU: ACCELERATE_USE_CPU=true torchrun
+--nproc_per_node N training/{script} ... (see docs/cli.md).
+"""
+
+
 def run_stage(config_cls, run, description: str, argv: list[str] | None = None):
     """The body of a ``training/<stage>.py`` script: parse ``--config`` + ``--field`` options (``--center``
     = ``--center-path``), check the input folders, train; errors as one line unless ``--debug``.
@@ -113,10 +125,10 @@ def run_stage(config_cls, run, description: str, argv: list[str] | None = None):
                 if arg.startswith("--center=") else arg for arg in argv]
     warn_if_single_process_on_cpu()
     with user_errors(debug):
-        config, resume = parse_config(config_cls, description, argv)
+        config, resume = parse_config(config_cls, description + STAGE_HELP.format(script=Path(sys.argv[0]).name), argv)
         check_stage_inputs(config)
         return run(config, resume)
 
 
-__all__ = ["check_stage_inputs", "one_line", "pop_debug_flag", "run_stage", "user_errors",
+__all__ = ["STAGE_HELP", "check_stage_inputs", "one_line", "pop_debug_flag", "run_stage", "user_errors",
            "warn_if_single_process_on_cpu"]

@@ -81,7 +81,7 @@ def parse_overrides(assignments: list[str]) -> dict:
     return overrides
 
 
-def _config_names(world: str, protocol: str) -> dict[str, str]:
+def config_names(world: str, protocol: str) -> dict[str, str]:
     """Shipped config file per stage for ``world`` / ``protocol`` (CTR names get the model appended)."""
     if world == "movielens-100k":
         return {"pretrain": "pretrain_ml100k", "csft": "csft_ml100k", "ctr": f"ctr_ml100k_{protocol.replace('-', '_')}_"}
@@ -131,7 +131,7 @@ def _resume(config: QuickstartConfig, stage_dir: Path) -> bool:
     return checkpoint is not None
 
 
-def _load_world(config: QuickstartConfig):
+def load_world(config: QuickstartConfig):
     from mim_hf.data import load_movielens_100k, make_synthetic_world
 
     if config.world == "movielens-100k":
@@ -155,7 +155,7 @@ def run_protocol(config: QuickstartConfig, protocol: str, data, timings: dict) -
     from mim_hf.pretrain import train as pretrain
 
     root = Path(config.out) / protocol
-    names = _config_names(config.world, protocol)
+    names = config_names(config.world, protocol)
     stage_overrides = {stage: config.overrides.get(stage, {}) for stage in ("pretrain", "csft", "ctr")}
     data_dir, pretrain_dir, csft_dir = root / "data", root / "pretrain", root / "csft"
 
@@ -284,7 +284,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     with _Stage(timings, "load_data"):
-        data = _load_world(config)
+        data = load_world(config)
     report = {"protocols": {}, "retrieval": {}, "csft_history": {}, "data": {}}
     parts = _run_protocols(config, data, timings)
     for protocol in config.protocols:

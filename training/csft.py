@@ -6,14 +6,7 @@
 
 Writes output_dir/{config.json, checkpoints/, encoder/, metrics.json}; see mim_hf.csft.train.
 
---resume continues from the newest intact checkpoint under OUTPUT_DIR/checkpoints (exactly:
-same metrics and weights as an uninterrupted run; no pickle is loaded; a changed configuration
-is refused). Without it, a run refuses a folder that holds an earlier run's checkpoints; a
-second run into a folder in use is refused too. See docs/training.md.
-
-A missing input folder is named with the command that makes it; errors are one line
-(--debug: the traceback). For N processes on CPU: ACCELERATE_USE_CPU=true torchrun
---nproc_per_node N training/csft.py ... (see docs/cli.md).
+Resuming, refusals, errors, several CPU processes: mim_hf.cli_support.STAGE_HELP (in --help).
 """
 
 from mim_hf.cli_support import run_stage

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mim_hf.ctr.collator import CTRCollator, center_content_table
-from mim_hf.ctr.train import CTRTensorSplit, _quiet_transformers_bars, open_center, predict_split
+from mim_hf.ctr.train import CTRTensorSplit, quiet_transformers_bars, open_center, predict_split
 
 
 @dataclasses.dataclass
@@ -56,7 +56,7 @@ def load_ctr_model(model: str | os.PathLike, center=None, *, revision: str | Non
         return load_ctr_from_hub(str(model), revision=revision, token=token, load_center=load_center, center=center)
     from mim_hf.modeling.modeling_ciubm import CiUBMForCTR
 
-    with _quiet_transformers_bars():
+    with quiet_transformers_bars():
         loaded = CiUBMForCTR.from_pretrained(str(model)).eval()
     if center is None and load_center:
         center = recorded_center_path(model, loaded.config.center_repo)

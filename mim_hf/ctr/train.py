@@ -300,7 +300,7 @@ def evaluate_split(model, split: CTRTensorSplit, samples, batch_size: int, accel
 # Training
 # ------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _quiet_transformers_bars():
+def quiet_transformers_bars():
     """Hide transformers' per-save/load shard bars (one per evaluation would flood the log)."""
     from transformers.utils import logging as hf_logging
 
@@ -317,7 +317,7 @@ def _save_model_atomic(model, path: Path) -> None:
     """save_pretrained into a temporary sibling, then swap it in (a crash leaves the old model)."""
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    with _quiet_transformers_bars():
+    with quiet_transformers_bars():
         model.save_pretrained(str(tmp))
     old = path.with_name(f".{path.name}.old")
     shutil.rmtree(old, ignore_errors=True)
@@ -456,7 +456,7 @@ def _train_and_evaluate(config: CTRTrainConfig, resume: bool, accelerator) -> di
     if not best_dir.exists():
         raise RuntimeError(f"no best model under {best_dir}: valid AUC was undefined at every evaluation "
                            "(does the valid split hold both labels?)")
-    with _quiet_transformers_bars():
+    with quiet_transformers_bars():
         best = CiUBMForCTR.from_pretrained(str(best_dir))
     if content_table is not None:
         best.set_content_table(content_table)

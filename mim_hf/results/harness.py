@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mim_hf.common.checkpoints import latest_checkpoint
 from mim_hf.common.config import write_json_atomic
-from mim_hf.quickstart import CTR_MODELS, _config_names, _load_world, stage_config
+from mim_hf.quickstart import CTR_MODELS, config_names, load_world, stage_config
 from mim_hf.results import tuning
 
 MODELS = ("din", "fuxictr_din", "content_feature", "ciubm_pretrained", "ciubm_csft")
@@ -187,7 +187,7 @@ def run_fold(config: ResultsConfig, data, protocol: str, fold: int, progress: _P
     "valid_auc_by_setting": {setting id: valid AUC}, "runs": {seed: result}}}``."""
     split, labels = split_labels(protocol)
     root = Path(config.out) / split / labels / f"fold{fold}"
-    names = _config_names(config.world, split)
+    names = config_names(config.world, split)
     if not (root / "data" / "prepared.json").exists():
         from mim_hf.data import prepare
 
@@ -225,7 +225,7 @@ def run_results(config: ResultsConfig) -> dict:
 
     config.validate()
     started = time.perf_counter()
-    data = _load_world(config)
+    data = load_world(config)
     progress = _Progress(total_runs(config))
     folds = {protocol: {fold: run_fold(config, data, protocol, fold, progress) for fold in range(protocol_folds(config, protocol))}
              for protocol in config.protocols}
