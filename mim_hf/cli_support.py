@@ -113,6 +113,17 @@ A missing input folder is named with the command that makes it; errors are one l
 """
 
 
+def close_process_group() -> None:
+    """Tear down torch.distributed on every process before the interpreter exits: a gloo group left to
+    interpreter shutdown can abort a process ("terminate called without an active exception") after
+    training succeeded, and the launcher then kills the others."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run_stage(config_cls, run, description: str, argv: list[str] | None = None):
     """The body of a ``training/<stage>.py`` script: parse ``--config`` + ``--field`` options (``--center``
     = ``--center-path``), check the input folders, train; errors as one line unless ``--debug``.
@@ -127,8 +138,10 @@ def run_stage(config_cls, run, description: str, argv: list[str] | None = None):
     with user_errors(debug):
         config, resume = parse_config(config_cls, description + STAGE_HELP.format(script=Path(sys.argv[0]).name), argv)
         check_stage_inputs(config)
-        return run(config, resume)
+        metrics = run(config, resume)
+        close_process_group()
+        return metrics
 
 
-__all__ = ["STAGE_HELP", "check_stage_inputs", "one_line", "pop_debug_flag", "run_stage", "user_errors",
+__all__ = ["STAGE_HELP", "check_stage_inputs", "close_process_group", "one_line", "pop_debug_flag", "run_stage", "user_errors",
            "warn_if_single_process_on_cpu"]

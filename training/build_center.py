@@ -30,7 +30,7 @@ from mim_hf.center.encoders import encode_levels, encoder_fingerprint, encoder_l
 from mim_hf.center.index import validated_catalogue_ids
 from mim_hf.center.store import RepresentationCenter
 from mim_hf.center.cli import add_center_build_arguments
-from mim_hf.cli_support import check_stage_inputs, pop_debug_flag, user_errors, warn_if_single_process_on_cpu
+from mim_hf.cli_support import check_stage_inputs, close_process_group, pop_debug_flag, user_errors, warn_if_single_process_on_cpu
 from mim_hf.data import PreparedData
 from mim_hf.encoder.build import load_encoder_and_processor
 
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         staging.remove()
         print(f"built {center} from {n_processes} process(es), {len(todo)} of {staging.num_chunks} chunk(s) "
               f"encoded in this run, in {time.perf_counter() - started:.1f}s")
-    accelerator.wait_for_everyone()
     accelerator.end_training()
+    close_process_group()
 
 
 if __name__ == "__main__":
