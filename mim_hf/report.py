@@ -26,6 +26,7 @@ MODEL_LABELS = {
     "din": "DIN-ID",
     "fuxictr_din": "FuxiCTR DIN",
     "content_feature": "content-as-feature (pre-trained)",
+    "ciubm_raw": "CiUBM (frozen-encoder center)",
     "ciubm_pretrained": "CiUBM (pre-trained center)",
     "ciubm_csft": "CiUBM (C-SFT center)",
 }

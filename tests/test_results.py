@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from mim_hf.results import tuning
 from mim_hf.results.paired import paired_difference
@@ -306,3 +307,23 @@ def test_lever_rows_train_their_own_model(tmp_path):
 
     assert parameters("ciubm_pretrained+content_to_id") > parameters("ciubm_pretrained")  # the generator's weights
     assert "CiUBM (pre-trained center) + content_to_id" in (tmp_path / "report.md").read_text()
+
+
+def test_frozen_encoder_center_is_the_towers_pooled_output(tmp_path):
+    from mim_hf.encoder.build import load_encoder_and_processor
+    from mim_hf.results import harness
+
+    tiny = {"world": {"n_users": 30, "n_items": 40, "impressions_per_user": 12}, "ctr": {"batch_size": 64}}
+    config = harness.ResultsConfig(out=str(tmp_path), world="synthetic", protocols=("temporal/rating",),
+                                   models=("din", "ciubm_raw"), seeds=(0,), folds=1, epochs=1,
+                                   show_progress=False, overrides=tiny)
+    report = harness.run_results(config)
+    fold = tmp_path / "temporal" / "rating" / "fold0"
+    assert not (fold / "pretrain").exists()  # the frozen encoder needs no pre-training
+    encoder, processor = load_encoder_and_processor(fold / "raw" / "encoder")
+    inputs = processor([{"title": "a quiet film", "genres": ["Drama"], "year": 1990}])
+    tower = encoder.text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    weights = inputs["attention_mask"].unsqueeze(-1).float()
+    pooled = (tower.last_hidden_state * weights).sum(1) / weights.sum(1)
+    torch.testing.assert_close(encoder.encode_text(inputs["input_ids"], inputs["attention_mask"]), pooled)
+    assert "ciubm_raw" in report["paired"]["temporal/rating"]

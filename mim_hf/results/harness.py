@@ -23,11 +23,21 @@ from pathlib import Path
 
 from mim_hf.common.checkpoints import latest_checkpoint
 from mim_hf.common.config import write_json_atomic
-from mim_hf.quickstart import CTR_MODELS, config_names, load_world, stage_config
+from mim_hf.quickstart import config_names, load_world, stage_config
 from mim_hf.results import levers as lever_specs
 from mim_hf.results import tuning
 
-MODELS = ("din", "fuxictr_din", "content_feature", "ciubm_pretrained", "ciubm_csft")
+# model -> (CiUBM mode, the fold's center it reads, the shipped CTR config its architecture comes from);
+# "raw" is the foundation encoder as it ships (no pre-training, no C-SFT): the center to beat
+ROWS = {
+    "din": ("din", None, "din"),
+    "fuxictr_din": (None, None, "din"),  # FuxiCTR's own DIN class, DIN-ID's widths
+    "content_feature": ("content_feature", "pretrained", "content_feature"),
+    "ciubm_raw": ("ciubm", "raw", "ciubm_pretrained"),
+    "ciubm_pretrained": ("ciubm", "pretrained", "ciubm_pretrained"),
+    "ciubm_csft": ("ciubm", "csft", "ciubm_csft"),
+}
+MODELS = tuple(ROWS)
 PROTOCOLS = ("temporal/rating", "item-cold/rating", "temporal/implicit", "item-cold/implicit")
 
 
@@ -110,8 +120,29 @@ def model_center(model: str) -> str | None:
     """The fold's center ``model`` reads (None for the ID-only models): "pretrained", "csft" or
     "csft+<C-SFT levers>"."""
     base, levers = lever_specs.parse_model(model)
-    center = None if base == "fuxictr_din" else CTR_MODELS[base][1]
+    center = ROWS[base][1]
     return lever_specs.center_name(center, levers) if center else None
+
+
+def frozen_encoder(config):
+    """The pre-training config's towers as they ship, not trained here: LoRA off, ``embed_dim`` = the
+    text tower's width and an identity text projection, so a text-only item embedding IS the
+    tower's pooled output (plain all-MiniLM-L6-v2 mean pooling on MovieLens)."""
+    import torch
+
+    from mim_hf.pretrain.train import build_encoder_and_processor
+
+    config = dataclasses.replace(config, lora=False)
+    torch.manual_seed(config.seed)
+    encoder, processor = build_encoder_and_processor(config)
+    width = encoder.text_projection.in_features
+    if width != config.embed_dim:
+        torch.manual_seed(config.seed)
+        encoder, processor = build_encoder_and_processor(dataclasses.replace(config, embed_dim=width))
+    with torch.no_grad():
+        encoder.text_projection.weight.copy_(torch.eye(width))
+    encoder.processor = processor
+    return encoder.eval(), processor
 
 
 def _encoder_chain(config: ResultsConfig, root: Path, names: dict, wanted: set[str]) -> dict[str, Path]:
@@ -121,12 +152,14 @@ def _encoder_chain(config: ResultsConfig, root: Path, names: dict, wanted: set[s
     from mim_hf.encoder.build import load_encoder_and_processor
     from mim_hf.pretrain import train as pretrain
 
-    data_dir, pretrain_dir, csft_dir = root / "data", root / "pretrain", root / "csft"
+    data_dir, pretrain_dir = root / "data", root / "pretrain"
     common = {"data_dir": str(data_dir), "show_progress": config.show_progress}
-    if not (pretrain_dir / "metrics.json").exists():
-        pretrain.run(stage_config(pretrain.PretrainConfig, names["pretrain"], **config.overrides.get("pretrain", {}),
-                                  **common, output_dir=str(pretrain_dir)),
-                     resume=latest_checkpoint(pretrain_dir) is not None)
+    pretrain_config = stage_config(pretrain.PretrainConfig, names["pretrain"], **config.overrides.get("pretrain", {}),
+                                   **common, output_dir=str(pretrain_dir))
+    if "raw" in wanted and not (root / "raw" / "encoder" / "config.json").exists():
+        frozen_encoder(pretrain_config)[0].save_pretrained(root / "raw" / "encoder")
+    if wanted - {"raw"} and not (pretrain_dir / "metrics.json").exists():
+        pretrain.run(pretrain_config, resume=latest_checkpoint(pretrain_dir) is not None)
     for name in sorted(c for c in wanted if c.startswith("csft")):
         csft_dir = root / name
         if not (csft_dir / "metrics.json").exists():
@@ -140,7 +173,8 @@ def _encoder_chain(config: ResultsConfig, root: Path, names: dict, wanted: set[s
         if not (path / "CURRENT").exists():
             from mim_hf.data import PreparedData
 
-            encoder, processor = load_encoder_and_processor((pretrain_dir if name == "pretrained" else root / name) / "encoder")
+            encoder, processor = load_encoder_and_processor(
+                (pretrain_dir if name == "pretrained" else root / name) / "encoder")
             build_center(encoder, processor, PreparedData.load(data_dir).items, path,
                          show_progress=config.show_progress, resume=(path / STAGING_DIR).is_dir())
         centers[name] = path
@@ -154,7 +188,7 @@ def _train_one(config: ResultsConfig, root: Path, names: dict, model: str, setti
 
     run_dir = root / "runs" / model / tuning.setting_id(setting) / f"seed{seed}"
     base, levers = lever_specs.parse_model(model)
-    ctr_config_name = names["ctr"] + ("din" if base == "fuxictr_din" else base)
+    ctr_config_name = names["ctr"] + ROWS[base][2]
     fields = {"epochs": epochs, "patience": tuning.PATIENCE, **setting, **config.overrides.get("ctr", {})}
     if levers:
         fields["model_overrides"] = {**fields.get("model_overrides", {}), **lever_specs.overrides(levers, "ctr")}
@@ -176,7 +210,7 @@ def _train_one(config: ResultsConfig, root: Path, names: dict, model: str, setti
     else:
         center = model_center(model)
         metrics = ctr.run(stage_config(ctr.CTRTrainConfig, ctr_config_name, **fields, data_dir=str(root / "data"),
-                                       output_dir=str(run_dir), mode=CTR_MODELS[base][0], seed=seed,
+                                       output_dir=str(run_dir), mode=ROWS[base][0], seed=seed,
                                        center_path=str(centers[center]) if center else None,
                                        show_progress=config.show_progress),
                           resume=latest_checkpoint(run_dir) is not None)
@@ -216,7 +250,7 @@ def run_fold(config: ResultsConfig, data, protocol: str, fold: int, progress: _P
     out = {}
     for model in config.models:
         base = lever_specs.parse_model(model)[0]
-        shipped = stage_config(CTRTrainConfig, names["ctr"] + ("din" if base == "fuxictr_din" else base))
+        shipped = stage_config(CTRTrainConfig, names["ctr"] + ROWS[base][2])
         grid = tuning.settings_grid(config.budget, {f: getattr(shipped, f) for f in tuning.TUNED_FIELDS})
         first, *others = config.seeds
         tried = {tuning.setting_id(s): _result(config, root, names, model, s, first, centers, epochs, progress)

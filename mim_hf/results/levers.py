@@ -14,7 +14,7 @@ LEVERS = {
     "aware_attention": ("ctr", {"similarity_attention": "aware"}),
     "content_to_id": ("ctr", {"content_to_id": True}),
 }
-CONTENT_BASES = ("content_feature", "ciubm_pretrained", "ciubm_csft")
+CONTENT_BASES = ("content_feature", "ciubm_raw", "ciubm_pretrained", "ciubm_csft")
 
 
 def parse_model(name: str) -> tuple[str, tuple[str, ...]]:
