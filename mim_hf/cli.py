@@ -228,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.set_defaults(func=cmd_quickstart)
 
     from mim_hf.results.harness import MODELS, PROTOCOLS
+    from mim_hf.results.tuning import BUDGETS
 
     res = commands.add_parser(
         "results", help="the results protocol: every split x labels x fold x model x seed, tuned on valid, with "
@@ -237,11 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--out", default="runs/results", help="artefacts and report (default runs/results)")
     res.add_argument("--world", choices=("movielens-100k", "synthetic"), default="movielens-100k")
     res.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS), help="SPLIT/LABELS (default all four)")
-    res.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="table rows (din is required)")
+    res.add_argument("--models", nargs="+", default=list(MODELS), metavar="MODEL",
+                     help=f"table rows (din is required): {', '.join(MODELS)}; a content model may add levers, "
+                          "e.g. ciubm_csft+content_to_id+simtier (docs/results-protocol.md)")
     res.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds; the first one tunes (default 0 1 2)")
     res.add_argument("--folds", type=int, default=5, help="item-cold: K >= 3 item folds (default 5), or 1 for one seeded hold-out")
     res.add_argument("--fold-limit", type=int, default=0, help="run only the first N folds (default 0 = all)")
-    res.add_argument("--budget", choices=("small", "full"), default="small", help="tuning grid (docs/results-protocol.md)")
+    res.add_argument("--budget", choices=list(BUDGETS), default="small",
+                     help="tuning grid (docs/results-protocol.md); 'screen' = one setting, for screening levers")
     res.add_argument("--epochs", type=int, default=0, help="epoch cap per run (default 0 = the budget's)")
     res.add_argument("--docs-dir", default="docs", help="where results.{md,json} go (default docs)")
     res.add_argument("--no-docs", action="store_true", help="write only OUT/report.*, not DOCS_DIR/results.*")

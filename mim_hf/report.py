@@ -26,9 +26,17 @@ MODEL_LABELS = {
     "din": "DIN-ID",
     "fuxictr_din": "FuxiCTR DIN",
     "content_feature": "content-as-feature (pre-trained)",
+    "ciubm_raw": "CiUBM (frozen-encoder center)",
     "ciubm_pretrained": "CiUBM (pre-trained center)",
     "ciubm_csft": "CiUBM (C-SFT center)",
 }
+
+
+def model_label(model: str) -> str:
+    """The table label of a model name, levers included: ``ciubm_csft+simtier`` ->
+    ``CiUBM (C-SFT center) + simtier``."""
+    base, *levers = model.split("+")
+    return " + ".join([MODEL_LABELS.get(base, base), *levers])
 
 
 def aggregate_seeds(per_seed: list[dict]) -> dict:
@@ -60,7 +68,7 @@ def results_table(protocol_results: dict, metric: str = "auc") -> str:
     lines = [header, "|" + "---|" * (len(BUCKET_ORDER) + 1)]
     for model, result in protocol_results.items():
         cells = [_cell(result.get(bucket), metric) for bucket in BUCKET_ORDER]
-        lines.append(f"| {MODEL_LABELS.get(model, model)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {model_label(model)} | " + " | ".join(cells) + " |")
     counts = next(iter(protocol_results.values()), {})
     lines.append("| *samples (n)* | " + " | ".join(str((counts.get(b) or {}).get("n", "–")) for b in BUCKET_ORDER) + " |")
     return "\n".join(lines)
@@ -82,7 +90,7 @@ def terminal_table(report: dict) -> str:
         lines.append(f"\n== {protocol}: AUC (GAUC) by popularity bucket, mean over seeds ==")
         lines.append(f"{'model':<34}" + "".join(f"{b:>20}" for b in BUCKET_ORDER))
         for model, result in results.items():
-            row = f"{MODEL_LABELS.get(model, model):<34}"
+            row = f"{model_label(model):<34}"
             for bucket in BUCKET_ORDER:
                 entry = result.get(bucket) or {}
                 auc, gauc = entry.get("auc"), entry.get("gauc")
@@ -121,7 +129,7 @@ def plot_auc_by_bucket(results: dict, title: str, path: Path, runs: str) -> Path
     for i, model in enumerate(models):
         means = [((results[model].get(b) or {}).get("auc") or math.nan) for b in buckets]
         stds = [((results[model].get(b) or {}).get("auc_std") or 0.0) for b in buckets]
-        ax.bar(x + i * width - 0.4 + width / 2, means, width, yerr=stds, label=MODEL_LABELS.get(model, model), capsize=2)
+        ax.bar(x + i * width - 0.4 + width / 2, means, width, yerr=stds, label=model_label(model), capsize=2)
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance (AUC 0.5)")
     first = next(iter(results.values()), {})
     ax.set_xticks(x, [f"{b}\nn={(first.get(b) or {}).get('n', '–')}" for b in buckets])

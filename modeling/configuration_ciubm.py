@@ -54,10 +54,18 @@ class CiUBMConfig(PretrainedConfig):
         content_interest_vector (`bool`, True): (a) pool behaviour content with
             softmax(cos-sim(target, behaviour) / content_temperature).
         content_temperature (`float`, 0.1): temperature of that softmax.
-        similarity_in_attention (`bool`, True): (b) add scale * cos-sim to the ID-attention logits.
+        similarity_in_attention (`bool`, True): (b) content similarity in the ID-attention logits.
+        similarity_attention (`str`, "bias"): how: "bias" adds scale * cos-sim; "aware" (similarity-
+            aware target attention) gives b1 * score + b2 * cos/t + b3 * score * cos/t with learned
+            b1, b2, b3 (t = content_temperature; starts equal to "bias").
         similarity_scale_init (`float`, 1.0): initial value of that learnable scale.
-        similarity_histogram (`bool`, True): (c) fraction of behaviours per cos-sim bin as features.
-        histogram_n_bins (`int`, 10): equal-width bins over [-1, 1].
+        similarity_histogram (`bool`, True): (c) a histogram of cos-sim over the behaviours as features.
+        histogram_kind (`str`, "fraction"): "fraction" = fraction of behaviours per bin; "simtier" =
+            each bin a learned vector (width content_proj_dim) weighted by log(1 + count).
+        histogram_n_bins (`int`, 10): equal-width bins over [-1, 1] (20 = bins of 0.1).
+        content_to_id (`bool`, False): modes "ciubm"/"content_feature": items whose ID row is unknown
+            (cold items, IDs dropped in training) get an ID embedding generated from their content;
+            trained through `unknown_id_dropout`, which must then be > 0.
 
     Unknown IDs
         unknown_row_policy (`str`, "zero"): row 0 of the user/item ID tables, where unknown and
@@ -106,8 +114,11 @@ class CiUBMConfig(PretrainedConfig):
     content_temperature: float = 0.1
     similarity_in_attention: bool = True
     similarity_scale_init: float = 1.0
+    similarity_attention: str = "bias"
     similarity_histogram: bool = True
+    histogram_kind: str = "fraction"
     histogram_n_bins: int = 10
+    content_to_id: bool = False
     unknown_row_policy: str = "zero"
     unknown_id_dropout: float = 0.0
     check_inputs: bool = False
@@ -119,6 +130,8 @@ class CiUBMConfig(PretrainedConfig):
         self._check_choice("mode", self.mode, CIUBM_MODES)
         self._check_choice("base", self.base, CIUBM_BASES)
         self._check_choice("unknown_row_policy", self.unknown_row_policy, UNKNOWN_ROW_POLICIES)
+        self._check_choice("similarity_attention", self.similarity_attention, ("bias", "aware"))
+        self._check_choice("histogram_kind", self.histogram_kind, ("fraction", "simtier"))
         self._check_choice(
             "attention_normalization", self.attention_normalization, ATTENTION_NORMALIZATIONS
         )
@@ -161,6 +174,10 @@ class CiUBMConfig(PretrainedConfig):
                 "unknown_row_policy='trained' needs unknown_id_dropout > 0; otherwise row 0 is never "
                 "trained and unknown IDs would hit an untouched row (use 'zero' instead)"
             )
+        if self.content_to_id and (self.mode == "din" or self.unknown_id_dropout == 0.0):
+            raise ValueError(
+                f"content_to_id needs content (mode 'ciubm' or 'content_feature', got {self.mode!r}) and "
+                f"unknown_id_dropout > 0 (got {self.unknown_id_dropout}): the generator learns where IDs are dropped")
         super().__post_init__(**kwargs)
 
     @staticmethod

@@ -1,9 +1,9 @@
 """CiUBM: content-interest-aware user behaviour modelling for CTR (Stage 3 of MIM).
 
-One model, one file, top to bottom: feature embedding, DIN attention unit, content
-similarity / content-interest / histogram blocks, SIM top-k search, then
-``CiUBMPreTrainedModel`` and ``CiUBMForCTR``. Imports only torch and transformers so it can be
-uploaded as Hub remote code next to ``configuration_ciubm.py``.
+Top to bottom: feature embedding, DIN attention unit, then ``CiUBMPreTrainedModel`` and
+``CiUBMForCTR``; the content blocks (similarity, content interest, histograms, content -> ID
+generator, SIM search) are in ``ciubm_content.py``. Imports only torch and transformers so it can
+be uploaded as Hub remote code next to ``configuration_ciubm.py`` and ``ciubm_content.py``.
 
 Content comes frozen from the Representation Center as one table (N, C) that the model holds
 as a non-persistent buffer (``set_content_table``: checkpoints stay small, row norms are
@@ -27,6 +27,19 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
+from .ciubm_content import (
+    CiUBMBehaviorSearch,
+    CiUBMContentInterest,
+    CiUBMContentToID,
+    CiUBMSimilarityHistogram,
+    CiUBMSimTier,
+    _compute_dtype,
+    _unit_rows,
+    content_cosine_similarity,
+    masked_softmax,
+    pool_rows,
+    table_inverse_norms,
+)
 from .configuration_ciubm import CiUBMConfig
 
 
@@ -53,16 +66,6 @@ class CiUBMOutput(ModelOutput):
     id_attention_weights: torch.FloatTensor | None = None
     content_attention_weights: torch.FloatTensor | None = None
     selected_behavior_indices: torch.LongTensor | None = None
-
-
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis restricted to `mask`; rows with no valid entry give all zeros.
-
-    scores: (B, L) float; mask: (B, L) bool -> (B, L) weights summing to 1 (or 0 if empty).
-    """
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    # multiplying by the mask zeroes the uniform weights of an all-padding row (no NaN)
-    return torch.softmax(scores, dim=-1) * mask
 
 
 class CiUBMMLP(nn.Module):
@@ -118,9 +121,14 @@ class CiUBMFeatureEmbedding(nn.Module):
         parts += [table(user_features[name]) for name, table in self.user_feature_embeddings.items()]
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
-    def embed_items(self, item_ids: torch.Tensor, item_features: dict) -> torch.Tensor:
-        """item_ids (*S), item_features name -> (*S) or (*S, G) if multi-valued -> (*S, item_dim)."""
+    def embed_items(self, item_ids: torch.Tensor, item_features: dict, generated_ids=None) -> torch.Tensor:
+        """item_ids (*S), item_features name -> (*S) or (*S, G) if multi-valued -> (*S, item_dim).
+        generated_ids: None, or (positions (M,), vectors (M, dim)) that replace the ID embedding at
+        those flat positions of a 1-D ``item_ids`` (the content -> ID generator's output)."""
         parts = [self.item_id_embeddings(item_ids)]
+        if generated_ids is not None:
+            positions, vectors = generated_ids
+            parts[0] = parts[0].index_copy(0, positions, vectors.to(parts[0].dtype))
         for name, table in self.item_feature_embeddings.items():
             values = item_features[name]
             if name in self.multi_valued_item_features:
@@ -176,9 +184,9 @@ class CiUBMTargetAttention(nn.Module):
             hidden_sizes[0], hidden_sizes[1:], 1, hidden_act, dropout=0.0, output_bias=normalization == "sum"
         )
 
-    def forward(self, query, keys, mask, score_bias=None):
-        """query (B, D), keys (B, L, D), mask (B, L) bool, score_bias (B, L) or None ->
-        (interest (B, D), weights (B, L))."""
+    def forward(self, query, keys, mask, score_bias=None, score_gain=None):
+        """query (B, D), keys (B, L, D), mask (B, L) bool, score_bias and score_gain (B, L) or None ->
+        (interest (B, D), weights (B, L)); the logits are score * score_gain + score_bias."""
         batch_size, seq_len, dim = keys.shape
         w_query, w_key, w_diff, w_prod = self.input_layer.weight.split(dim, dim=1)  # (H, D) each
         valid = mask.reshape(-1).nonzero().squeeze(1) if keys.device.type == "cpu" else None
@@ -197,6 +205,8 @@ class CiUBMTargetAttention(nn.Module):
             key_matrix = (w_key - w_diff).t().unsqueeze(0) + query.unsqueeze(2) * w_prod.t().unsqueeze(0)  # (B, D, H)
             hidden = torch.baddbmm(query_part.unsqueeze(1), keys, key_matrix)  # (B, L, H)
             scores = self.score_layers(self.activation(hidden)).squeeze(-1)  # (B, L)
+        if score_gain is not None:
+            scores = scores * score_gain
         if score_bias is not None:
             scores = scores + score_bias
         if self.normalization == "softmax":
@@ -205,102 +215,6 @@ class CiUBMTargetAttention(nn.Module):
             weights = scores * mask
         interest = torch.bmm(weights.unsqueeze(1), keys).squeeze(1)
         return interest, weights
-
-
-COSINE_EPS = 1e-8  # norms below it count as it: cosines stay bounded, zero vectors get 0
-
-
-def _unit_rows(vectors: torch.Tensor) -> torch.Tensor:
-    """(..., C) -> the rows divided by max(|row|, COSINE_EPS) (zero rows stay zero)."""
-    return vectors / torch.linalg.vector_norm(vectors, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
-
-
-def table_inverse_norms(table: torch.Tensor) -> torch.Tensor:
-    """(N, C) -> (N,) float32 1 / |row|, and 0 for rows of norm below COSINE_EPS (they count as zero
-    vectors: similarity 0, and no 1/eps that a half-precision cast would turn into inf)."""
-    norms = torch.linalg.vector_norm(table, dim=-1, dtype=torch.float32)
-    return torch.where(norms >= COSINE_EPS, norms.clamp_min(COSINE_EPS).reciprocal(), 0.0)
-
-
-def _compute_dtype(table: torch.Tensor) -> torch.dtype:
-    """float32 for half-precision tables (sums and norms in float32), else the table dtype."""
-    return torch.float32 if table.dtype in (torch.float16, torch.bfloat16) else table.dtype
-
-
-def content_cosine_similarity(target_unit: torch.Tensor, table: torch.Tensor, inverse_norms: torch.Tensor,
-                              rows: torch.LongTensor, chunk_elements: int = 1 << 18) -> torch.Tensor:
-    """Cosine of the target with each behaviour: unit target (B, C), content table (N, C), its
-    `table_inverse_norms` (N,), behaviour rows (B, L) -> (B, L) in [-1, 1] (0 for zero rows).
-    One (1, C) x (C, L) product per sample, a few samples at a time: each gathered block holds about
-    `chunk_elements` values and is read back from cache (3-4x faster than one (B, L, C) gather)."""
-    step = max(1, chunk_elements // max(1, rows.shape[1] * table.shape[1]))
-    dots = [torch.bmm(target_unit[start:start + step].unsqueeze(1),
-                      F.embedding(rows[start:start + step], table).to(target_unit.dtype).transpose(1, 2)).squeeze(1)
-            for start in range(0, max(rows.shape[0], 1), step)]  # an empty batch: one empty block
-    return torch.cat(dots) * inverse_norms[rows].to(target_unit.dtype)
-
-
-def pool_rows(table: torch.Tensor, rows: torch.LongTensor, weights: torch.Tensor) -> torch.Tensor:
-    """(B, C) = sum_l weights[b, l] * table[rows[b, l]]: one fused gather-and-sum per sample."""
-    if rows.shape[1] == 0:  # embedding_bag cannot split empty bags out of a 2-D input
-        return table.new_zeros(rows.shape[0], table.shape[1])
-    return F.embedding_bag(rows, table, per_sample_weights=weights.to(table.dtype), mode="sum")
-
-
-class CiUBMContentInterest(nn.Module):
-    """(a) Content-interest vector: behaviour content pooled by softmax(similarity / temperature).
-
-    similarity (B, L), mask (B, L), content table (N, C), behaviour rows (B, L) ->
-    (pooled (B, C), weights (B, L)).
-    """
-
-    def __init__(self, temperature: float):
-        super().__init__()
-        self.temperature = temperature
-
-    def forward(self, similarity, mask, table, rows):
-        weights = masked_softmax(similarity / self.temperature, mask)
-        return pool_rows(table, rows, weights), weights
-
-
-class CiUBMSimilarityHistogram(nn.Module):
-    """(c) Fraction of the (valid) behaviours whose similarity falls in each of n equal bins over [-1, 1].
-
-    similarity (B, L), mask (B, L) -> (B, n_bins); an all-padding row gives zeros.
-    """
-
-    def __init__(self, n_bins: int):
-        super().__init__()
-        self.n_bins = n_bins
-
-    def forward(self, similarity, mask):
-        # padded positions fall in some bin, but their count weight is mask = 0
-        bins = ((similarity.detach() + 1.0) * (self.n_bins / 2.0)).floor().long().clamp(0, self.n_bins - 1)
-        valid = mask.to(similarity.dtype)
-        counts = torch.zeros(similarity.shape[0], self.n_bins, dtype=similarity.dtype, device=similarity.device)
-        counts.scatter_add_(1, bins, valid)
-        return counts / valid.sum(1, keepdim=True).clamp_min(1.0)
-
-
-class CiUBMBehaviorSearch(nn.Module):
-    """SIM-style search stage: keep the top-k valid behaviours by content similarity.
-
-    similarity (B, L), mask (B, L) bool -> indices (B, k) into the sequence (in no particular
-    order), with k = min(top_k, L); rows with fewer than k valid behaviours also return padded
-    positions (still masked): padded positions score `search_padding_value` = -2, below every cosine.
-    """
-
-    search_padding_value = -2.0
-
-    def __init__(self, top_k: int):
-        super().__init__()
-        self.top_k = top_k
-
-    def forward(self, similarity, mask):
-        k = min(self.top_k, similarity.shape[1])
-        scores = similarity.masked_fill(~mask, self.search_padding_value)
-        # unsorted: the model is order-invariant over behaviours, and a partial selection is cheaper
-        return scores.topk(k, dim=1, sorted=False).indices
 
 
 class CiUBMPreTrainedModel(PreTrainedModel):
@@ -347,6 +261,10 @@ class CiUBMPreTrainedModel(PreTrainedModel):
                 module.weight[0].zero_()
         elif isinstance(module, CiUBMForCTR) and module.similarity_scale is not None:
             init.constant_(module.similarity_scale, self.config.similarity_scale_init)
+        elif isinstance(module, CiUBMForCTR) and module.similarity_gates is not None:
+            # b1 = 1, b3 = 0 and b2 / temperature = the "bias" mode's initial scale: both modes start equal
+            gates = [1.0, self.config.similarity_scale_init * self.config.content_temperature, 0.0]
+            module.similarity_gates.copy_(torch.tensor(gates, dtype=module.similarity_gates.dtype))
 
 
 class CiUBMForCTR(CiUBMPreTrainedModel):
@@ -376,16 +294,28 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
         self.content_interest = (
             CiUBMContentInterest(config.content_temperature) if full and config.content_interest_vector else None
         )
-        self.similarity_histogram = (
-            CiUBMSimilarityHistogram(config.histogram_n_bins) if full and config.similarity_histogram else None
-        )
-        # learnable weight of content similarity inside the ID attention logits (part b)
+        self.similarity_histogram = None
+        if full and config.similarity_histogram:
+            self.similarity_histogram = (
+                CiUBMSimTier(config.histogram_n_bins, config.content_proj_dim) if config.histogram_kind == "simtier"
+                else CiUBMSimilarityHistogram(config.histogram_n_bins))
+        # content similarity inside the ID attention logits (part b): "bias" adds scale * cos;
+        # "aware" gives b1 * score + b2 * cos / t + b3 * score * cos / t (gates b1, b2, b3)
+        in_attention = full and config.similarity_in_attention
         self.similarity_scale = (
-            nn.Parameter(torch.empty(())) if full and config.similarity_in_attention else None
+            nn.Parameter(torch.empty(())) if in_attention and config.similarity_attention == "bias" else None
+        )
+        self.similarity_gates = (
+            nn.Parameter(torch.empty(3)) if in_attention and config.similarity_attention == "aware" else None
+        )
+        self.content_to_id = (
+            CiUBMContentToID(config.content_dim, config.id_embed_dim) if self.uses_content and config.content_to_id
+            else None
         )
         # the similarity feeds the search and parts (a)-(c); "content_feature" alone never needs it
         self.uses_similarity = config.base == "sim" or any(
-            part is not None for part in (self.content_interest, self.similarity_histogram, self.similarity_scale)
+            part is not None for part in (self.content_interest, self.similarity_histogram, self.similarity_scale,
+                                          self.similarity_gates)
         )
         fusion_dim = user_dim + 2 * item_dim  # user, target item, ID interest
         if config.mode == "content_feature":
@@ -393,7 +323,8 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
         elif full:
             fusion_dim += config.content_proj_dim  # target content
             fusion_dim += config.content_proj_dim if self.content_interest is not None else 0
-            fusion_dim += config.histogram_n_bins if self.similarity_histogram is not None else 0
+            if self.similarity_histogram is not None:
+                fusion_dim += config.content_proj_dim if config.histogram_kind == "simtier" else config.histogram_n_bins
         self.fusion = CiUBMMLP(fusion_dim, config.fusion_hidden_sizes, 1, config.hidden_act, config.dropout)
         # the frozen content table and its inverse row norms: never saved (checkpoints stay small)
         self.register_buffer("content_table", None, persistent=False)
@@ -514,14 +445,24 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
             name: _behaviors_then_target(behavior_item_features[name], target_item_features[name])
             for name in self.config.item_feature_sizes
         }
-        item_repr = self.embeddings.embed_items(item_ids, item_features)  # (B * L + B, item_dim)
+        generated_ids = None
+        if self.content_to_id is not None:
+            # unknown (or dropped) IDs of items that have content get an ID embedding made from it
+            content_rows = torch.cat([behavior_content_rows.reshape(-1), target_content_rows])
+            positions = ((item_ids == 0) & (content_rows > 0)).nonzero().squeeze(1)
+            generated_ids = (positions, self.content_to_id(table, content_rows.index_select(0, positions)))
+        item_repr = self.embeddings.embed_items(item_ids, item_features, generated_ids)  # (B * L + B, item_dim)
         behavior_repr = item_repr[: batch_size * seq_len].view(batch_size, seq_len, item_repr.shape[-1])
         target_repr = item_repr[batch_size * seq_len:]
 
-        score_bias = None
+        score_bias = score_gain = None
         if self.similarity_scale is not None:
             score_bias = self.similarity_scale * similarity
-        id_interest, id_weights = self.id_attention(target_repr, behavior_repr, behavior_mask, score_bias)
+        elif self.similarity_gates is not None:
+            scaled = similarity / self.config.content_temperature
+            score_gain = self.similarity_gates[0] + self.similarity_gates[2] * scaled
+            score_bias = self.similarity_gates[1] * scaled
+        id_interest, id_weights = self.id_attention(target_repr, behavior_repr, behavior_mask, score_bias, score_gain)
 
         fusion_inputs = [user_repr, target_repr, id_interest]
         content_weights = None

@@ -14,6 +14,7 @@ from mim_hf.modeling.configuration_ciubm import CiUBMConfig
 from mim_hf.modeling.modeling_ciubm import (
     CiUBMForCTR,
     CiUBMSimilarityHistogram,
+    CiUBMSimTier,
     CiUBMTargetAttention,
     CiUBMBehaviorSearch,
 )
@@ -225,8 +226,10 @@ def reference_logits(model, inputs):
         behavior_content = model.content_table[inputs["behavior_content_rows"]]
     multi = set(config.multi_valued_item_features)
 
-    def item_vector(item_id, features):
+    def item_vector(item_id, features, content_row):
         parts = [emb.item_id_embeddings.weight[item_id]]
+        if model.content_to_id is not None and item_id == 0 and content_row > 0:
+            parts = [model.content_to_id.layers(model.content_table[content_row])]
         for name, table in emb.item_feature_embeddings.items():
             value = features[name]
             if name in multi:
@@ -245,14 +248,15 @@ def reference_logits(model, inputs):
     for b in range(len(inputs["user_ids"])):
         user = torch.cat([emb.user_id_embeddings.weight[inputs["user_ids"][b]]] + [
             table.weight[inputs["user_features"][name][b]] for name, table in emb.user_feature_embeddings.items()])
-        target = item_vector(inputs["target_item_ids"][b], {k: v[b] for k, v in inputs["target_item_features"].items()})
+        target = item_vector(inputs["target_item_ids"][b], {k: v[b] for k, v in inputs["target_item_features"].items()},
+                             inputs["target_content_rows"][b])
         positions = [l for l in range(inputs["behavior_mask"].shape[1]) if inputs["behavior_mask"][b, l]]
         sims = {l: cosine(target_content[b], behavior_content[b, l]) for l in positions} if (
             target_content is not None and model.needs_content_inputs) else {}
         if config.base == "sim" and inputs["behavior_mask"].shape[1] > config.sim_top_k:
             positions = sorted(positions, key=lambda l: -sims[l])[:config.sim_top_k]
-        keys = [item_vector(inputs["behavior_item_ids"][b, l], {k: v[b, l] for k, v in inputs["behavior_item_features"].items()})
-                for l in positions]
+        keys = [item_vector(inputs["behavior_item_ids"][b, l], {k: v[b, l] for k, v in inputs["behavior_item_features"].items()},
+                            inputs["behavior_content_rows"][b, l]) for l in positions]
         interest, content_pooled = torch.zeros_like(target), None
         if keys:
             k = torch.stack(keys)
@@ -260,6 +264,10 @@ def reference_logits(model, inputs):
             scores = unit.score_layers(unit.activation(unit.input_layer(torch.cat([q, k, q - k, q * k], -1)))).squeeze(-1)
             if model.similarity_scale is not None:
                 scores = scores + model.similarity_scale * torch.tensor([sims[l] for l in positions])
+            if model.similarity_gates is not None:  # b1 * score + b2 * cos / t + b3 * score * cos / t
+                b1, b2, b3 = model.similarity_gates
+                scaled = torch.tensor([sims[l] for l in positions]) / config.content_temperature
+                scores = b1 * scores + b2 * scaled + b3 * scores * scaled
             weights = torch.softmax(scores, 0) if config.attention_normalization == "softmax" else scores
             interest = (weights.unsqueeze(-1) * k).sum(0)
         parts = [user, target, interest]
@@ -281,7 +289,11 @@ def reference_logits(model, inputs):
                 counts = torch.zeros(n_bins)
                 for l in positions:
                     counts[min(max(int((sims[l] + 1) * n_bins / 2), 0), n_bins - 1)] += 1
-                parts.append(counts / max(len(positions), 1))
+                if config.histogram_kind == "simtier":  # sum over bins of log(1 + count) * bin vector
+                    parts.append(sum(torch.log1p(counts[i]) * model.similarity_histogram.bin_embeddings.weight[:, i]
+                                     for i in range(n_bins)))
+                else:
+                    parts.append(counts / max(len(positions), 1))
         logits.append(model.fusion(torch.cat(parts)).squeeze(-1))
     return torch.stack(logits)
 
@@ -298,6 +310,92 @@ def test_logits_equal_reference_computation(mode, base, normalization, attention
         expected = reference_logits(model, inputs)
     assert expected.abs().max() > 0.1
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+LEVERS = {"simtier": {"histogram_kind": "simtier", "histogram_n_bins": 20},
+          "aware": {"similarity_attention": "aware"},
+          "content_to_id": {"content_to_id": True, "unknown_id_dropout": 0.5}}
+
+
+def with_unknown_items(inputs):
+    """Some targets and behaviours with the unknown item ID 0 (their content rows stay)."""
+    out = dict(inputs)
+    out["target_item_ids"] = inputs["target_item_ids"].clone()
+    out["target_item_ids"][::2] = 0
+    out["behavior_item_ids"] = inputs["behavior_item_ids"].clone()
+    out["behavior_item_ids"][:, ::3] = 0
+    return out
+
+
+@pytest.mark.parametrize("lever", [*LEVERS, "all"])
+@pytest.mark.parametrize("base", ["din", "sim"])
+def test_levers_equal_reference_computation(lever, base, attention_path):
+    overrides = {k: v for levers in LEVERS.values() for k, v in levers.items()} if lever == "all" else LEVERS[lever]
+    model = tester.get_model(mode="ciubm", base=base, initializer_range=0.5, **overrides)
+    if model.similarity_gates is not None:  # away from the start, where b3 = 0 hides the product term
+        model.similarity_gates.data = torch.tensor([0.7, 0.3, -0.4])
+    inputs = with_unknown_items(tester.get_inputs(seq_len=7))
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        expected = reference_logits(model, inputs)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_aware_attention_starts_equal_to_the_similarity_bias():
+    inputs = tester.get_inputs(seq_len=7)
+    bias = tester.get_model(mode="ciubm", initializer_range=0.5)
+    aware = tester.get_model(mode="ciubm", initializer_range=0.5, similarity_attention="aware")
+    assert aware.similarity_scale is None and bias.similarity_gates is None
+    state = {k: v for k, v in aware.state_dict().items() if k != "similarity_gates"}
+    assert set(state) == set(bias.state_dict()) - {"similarity_scale"}
+    aware.load_state_dict({**bias.state_dict(), "similarity_gates": aware.similarity_gates.detach()}, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(aware(**inputs).logits, bias(**inputs).logits)
+
+
+def test_content_to_id_fills_only_unknown_ids_and_learns_from_dropped_ones():
+    model = tester.get_model(mode="ciubm", **LEVERS["content_to_id"])
+    inputs = tester.get_inputs(seq_len=7)
+    with torch.no_grad():
+        warm = model(**inputs).logits
+        model.content_to_id.layers[-1].bias.add_(1.0)
+        assert torch.equal(model(**inputs).logits, warm)  # every ID known: the generator is not read
+        cold = with_unknown_items(inputs)
+        before = model(**cold).logits
+        model.content_to_id.layers[-1].bias.sub_(2.0)
+        assert not torch.allclose(model(**cold).logits, before)  # unknown IDs read it
+    model.train()
+    torch.manual_seed(0)
+    model(**inputs).loss.backward()  # known IDs, dropped at rate 0.5 in training
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.content_to_id.parameters())
+
+
+def test_simtier_by_hand():
+    simtier = CiUBMSimTier(n_bins=4, dim=3)
+    similarity = torch.tensor([[0.9, 0.8, -0.9, 0.1], [0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True, False], [False, False, False, False]])
+    counts = torch.tensor([[1.0, 0.0, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0]])  # bins of 0.5 over [-1, 1]
+    torch.testing.assert_close(simtier(similarity, mask), torch.log1p(counts) @ simtier.bin_embeddings.weight.t())
+    assert torch.equal(simtier(similarity, mask)[1], torch.zeros(3))  # no behaviour: zeros
+
+
+@pytest.mark.parametrize("lever", LEVERS)
+def test_levers_save_and_load_with_identical_logits(lever, tmp_path):
+    model = tester.get_model(mode="ciubm", **LEVERS[lever])
+    inputs = with_unknown_items(tester.get_inputs(seq_len=7))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval().set_content_table(TABLE)
+    torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+
+
+def test_lever_configs_refuse_bad_values():
+    for bad, match in [({"similarity_attention": "gated"}, "similarity_attention"),
+                       ({"histogram_kind": "log"}, "histogram_kind"),
+                       ({"content_to_id": True, "unknown_id_dropout": 0.0}, "unknown_id_dropout > 0"),
+                       ({"content_to_id": True, "unknown_id_dropout": 0.5, "mode": "din"}, "mode 'ciubm'")]:
+        with pytest.raises(ValueError, match=match):
+            tester.get_config(**bad)
 
 
 def test_parts_switched_off_equal_reference():

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from mim_hf.results import tuning
 from mim_hf.results.paired import paired_difference
@@ -262,3 +263,67 @@ def test_content_models_share_one_encoder_chain_per_fold(tmp_path):
     assert (fold / "centers" / "csft" / "CURRENT").exists() and not (fold / "centers" / "pretrained").exists()
     assert sorted(p.name for p in (fold / "results").iterdir()) == ["ciubm_csft", "din"]
     assert report["paired"]["item-cold/rating"]["ciubm_csft"]["n_pairs"] == 1
+
+
+# ---------------------------------------------------------------- levers (ablation rows)
+def test_lever_names_are_parsed_and_checked():
+    from mim_hf.results import levers
+
+    assert levers.parse_model("ciubm_csft+content_to_id+simtier") == ("ciubm_csft", ("content_to_id", "simtier"))
+    assert levers.overrides(("content_to_id", "simtier"), "ctr") == {
+        "content_to_id": True, "histogram_kind": "simtier", "histogram_n_bins": 20}
+    for bad, match in [("ciubm_csft+wings", "unknown lever"), ("din+simtier", "content models"),
+                       ("ciubm_csft+simtier+simtier", "twice")]:
+        with pytest.raises(ValueError, match=match):
+            levers.parse_model(bad)
+
+
+def test_csft_levers_get_their_own_center(monkeypatch):
+    from mim_hf.results import harness, levers
+
+    monkeypatch.setitem(levers.LEVERS, "long_csft", ("csft", {"max_steps": 1000}))
+    assert harness.model_center("ciubm_csft+simtier+long_csft") == "csft+long_csft"
+    assert harness.model_center("ciubm_pretrained+simtier") == "pretrained"
+    assert harness.model_center("din") is None and harness.model_center("fuxictr_din") is None
+    with pytest.raises(ValueError, match="need the base 'ciubm_csft'"):
+        levers.parse_model("ciubm_pretrained+long_csft")
+
+
+def test_lever_rows_train_their_own_model(tmp_path):
+    from mim_hf.results import harness
+
+    tiny = {"world": {"n_users": 30, "n_items": 40, "impressions_per_user": 12},
+            "pretrain": {"max_steps": 2, "eval_every": 0, "batch_size": 8}, "ctr": {"batch_size": 64}}
+    config = harness.ResultsConfig(out=str(tmp_path), world="synthetic", protocols=("item-cold/rating",),
+                                   models=("din", "ciubm_pretrained", "ciubm_pretrained+content_to_id"), seeds=(0,),
+                                   folds=1, epochs=1, show_progress=False, overrides=tiny)
+    report = harness.run_results(config)
+    rows = report["protocols"]["item-cold/rating"]
+    assert set(rows) == {"din", "ciubm_pretrained", "ciubm_pretrained+content_to_id"}
+    fold = tmp_path / "item-cold" / "rating" / "fold0" / "results"
+
+    def parameters(model):
+        return json.loads(next((fold / model).rglob("seed0.json")).read_text())["training"]["num_parameters"]
+
+    assert parameters("ciubm_pretrained+content_to_id") > parameters("ciubm_pretrained")  # the generator's weights
+    assert "CiUBM (pre-trained center) + content_to_id" in (tmp_path / "report.md").read_text()
+
+
+def test_frozen_encoder_center_is_the_towers_pooled_output(tmp_path):
+    from mim_hf.encoder.build import load_encoder_and_processor
+    from mim_hf.results import harness
+
+    tiny = {"world": {"n_users": 30, "n_items": 40, "impressions_per_user": 12}, "ctr": {"batch_size": 64}}
+    config = harness.ResultsConfig(out=str(tmp_path), world="synthetic", protocols=("temporal/rating",),
+                                   models=("din", "ciubm_raw"), seeds=(0,), folds=1, epochs=1,
+                                   show_progress=False, overrides=tiny)
+    report = harness.run_results(config)
+    fold = tmp_path / "temporal" / "rating" / "fold0"
+    assert not (fold / "pretrain").exists()  # the frozen encoder needs no pre-training
+    encoder, processor = load_encoder_and_processor(fold / "raw" / "encoder")
+    inputs = processor([{"title": "a quiet film", "genres": ["Drama"], "year": 1990}])
+    tower = encoder.text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    weights = inputs["attention_mask"].unsqueeze(-1).float()
+    pooled = (tower.last_hidden_state * weights).sum(1) / weights.sum(1)
+    torch.testing.assert_close(encoder.encode_text(inputs["input_ids"], inputs["attention_mask"]), pooled)
+    assert "ciubm_raw" in report["paired"]["temporal/rating"]

@@ -23,10 +23,21 @@ from pathlib import Path
 
 from mim_hf.common.checkpoints import latest_checkpoint
 from mim_hf.common.config import write_json_atomic
-from mim_hf.quickstart import CTR_MODELS, config_names, load_world, stage_config
+from mim_hf.quickstart import config_names, load_world, stage_config
+from mim_hf.results import levers as lever_specs
 from mim_hf.results import tuning
 
-MODELS = ("din", "fuxictr_din", "content_feature", "ciubm_pretrained", "ciubm_csft")
+# model -> (CiUBM mode, the fold's center it reads, the shipped CTR config its architecture comes from);
+# "raw" is the foundation encoder as it ships (no pre-training, no C-SFT): the center to beat
+ROWS = {
+    "din": ("din", None, "din"),
+    "fuxictr_din": (None, None, "din"),  # FuxiCTR's own DIN class, DIN-ID's widths
+    "content_feature": ("content_feature", "pretrained", "content_feature"),
+    "ciubm_raw": ("ciubm", "raw", "ciubm_pretrained"),
+    "ciubm_pretrained": ("ciubm", "pretrained", "ciubm_pretrained"),
+    "ciubm_csft": ("ciubm", "csft", "ciubm_csft"),
+}
+MODELS = tuple(ROWS)
 PROTOCOLS = ("temporal/rating", "item-cold/rating", "temporal/implicit", "item-cold/implicit")
 
 
@@ -54,9 +65,10 @@ class ResultsConfig:
         if self.folds == 2 or self.folds < 1:
             raise ValueError(f"folds must be 1 (one seeded hold-out) or >= 3 (K item folds: one test part, one "
                              f"valid part, the rest train); got {self.folds}")
-        unknown = sorted(set(self.models) - set(MODELS))
+        unknown = sorted({lever_specs.parse_model(m)[0] for m in self.models} - set(MODELS))
         if unknown:
-            raise ValueError(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+            raise ValueError(f"unknown model(s) {unknown}; choose from {list(MODELS)} (optionally with levers: "
+                             f"ciubm_csft+{'+'.join(lever_specs.LEVERS)})")
         if "din" not in self.models:
             raise ValueError("models must include 'din': every paired comparison is against DIN-ID")
         if not self.seeds:
@@ -104,30 +116,65 @@ class _Progress:
         print(f"[results] {self.done}/{self.total} {what} {'(reused)' if reused else ''} [{elapsed:.0f}s]", flush=True)
 
 
+def model_center(model: str) -> str | None:
+    """The fold's center ``model`` reads (None for the ID-only models): "pretrained", "csft" or
+    "csft+<C-SFT levers>"."""
+    base, levers = lever_specs.parse_model(model)
+    center = ROWS[base][1]
+    return lever_specs.center_name(center, levers) if center else None
+
+
+def frozen_encoder(config):
+    """The pre-training config's towers as they ship, not trained here: LoRA off, ``embed_dim`` = the
+    text tower's width and an identity text projection, so a text-only item embedding IS the
+    tower's pooled output (plain all-MiniLM-L6-v2 mean pooling on MovieLens)."""
+    import torch
+
+    from mim_hf.pretrain.train import build_encoder_and_processor
+
+    config = dataclasses.replace(config, lora=False)
+    torch.manual_seed(config.seed)
+    encoder, processor = build_encoder_and_processor(config)
+    width = encoder.text_projection.in_features
+    if width != config.embed_dim:
+        torch.manual_seed(config.seed)
+        encoder, processor = build_encoder_and_processor(dataclasses.replace(config, embed_dim=width))
+    with torch.no_grad():
+        encoder.text_projection.weight.copy_(torch.eye(width))
+    encoder.processor = processor
+    return encoder.eval(), processor
+
+
 def _encoder_chain(config: ResultsConfig, root: Path, names: dict, wanted: set[str]) -> dict[str, Path]:
-    """Pre-training, C-SFT and the centers ``wanted`` ("pretrained", "csft") for one fold."""
+    """Pre-training, C-SFT and the centers ``wanted`` ("pretrained", "csft", "csft+<levers>") for one fold."""
     from mim_hf.center.build import STAGING_DIR, build_center
     from mim_hf.csft import train as csft
     from mim_hf.encoder.build import load_encoder_and_processor
     from mim_hf.pretrain import train as pretrain
 
-    data_dir, pretrain_dir, csft_dir = root / "data", root / "pretrain", root / "csft"
+    data_dir, pretrain_dir = root / "data", root / "pretrain"
     common = {"data_dir": str(data_dir), "show_progress": config.show_progress}
-    if not (pretrain_dir / "metrics.json").exists():
-        pretrain.run(stage_config(pretrain.PretrainConfig, names["pretrain"], **config.overrides.get("pretrain", {}),
-                                  **common, output_dir=str(pretrain_dir)),
-                     resume=latest_checkpoint(pretrain_dir) is not None)
-    if "csft" in wanted and not (csft_dir / "metrics.json").exists():
-        csft.run(stage_config(csft.CSFTConfig, names["csft"], **config.overrides.get("csft", {}), **common,
-                              output_dir=str(csft_dir), encoder_path=str(pretrain_dir / "encoder")),
-                 resume=latest_checkpoint(csft_dir) is not None)
+    pretrain_config = stage_config(pretrain.PretrainConfig, names["pretrain"], **config.overrides.get("pretrain", {}),
+                                   **common, output_dir=str(pretrain_dir))
+    if "raw" in wanted and not (root / "raw" / "encoder" / "config.json").exists():
+        frozen_encoder(pretrain_config)[0].save_pretrained(root / "raw" / "encoder")
+    if wanted - {"raw"} and not (pretrain_dir / "metrics.json").exists():
+        pretrain.run(pretrain_config, resume=latest_checkpoint(pretrain_dir) is not None)
+    for name in sorted(c for c in wanted if c.startswith("csft")):
+        csft_dir = root / name
+        if not (csft_dir / "metrics.json").exists():
+            fields = {**config.overrides.get("csft", {}), **lever_specs.overrides(name.split("+")[1:], "csft")}
+            csft.run(stage_config(csft.CSFTConfig, names["csft"], **fields, **common,
+                                  output_dir=str(csft_dir), encoder_path=str(pretrain_dir / "encoder")),
+                     resume=latest_checkpoint(csft_dir) is not None)
     centers = {}
     for name in sorted(wanted):
         path = root / "centers" / name
         if not (path / "CURRENT").exists():
             from mim_hf.data import PreparedData
 
-            encoder, processor = load_encoder_and_processor((pretrain_dir if name == "pretrained" else csft_dir) / "encoder")
+            encoder, processor = load_encoder_and_processor(
+                (pretrain_dir if name == "pretrained" else root / name) / "encoder")
             build_center(encoder, processor, PreparedData.load(data_dir).items, path,
                          show_progress=config.show_progress, resume=(path / STAGING_DIR).is_dir())
         centers[name] = path
@@ -140,9 +187,12 @@ def _train_one(config: ResultsConfig, root: Path, names: dict, model: str, setti
     from mim_hf.ctr import train as ctr
 
     run_dir = root / "runs" / model / tuning.setting_id(setting) / f"seed{seed}"
-    ctr_config_name = names["ctr"] + ("din" if model == "fuxictr_din" else model)
+    base, levers = lever_specs.parse_model(model)
+    ctr_config_name = names["ctr"] + ROWS[base][2]
     fields = {"epochs": epochs, "patience": tuning.PATIENCE, **setting, **config.overrides.get("ctr", {})}
-    if model == "fuxictr_din":
+    if levers:
+        fields["model_overrides"] = {**fields.get("model_overrides", {}), **lever_specs.overrides(levers, "ctr")}
+    if base == "fuxictr_din":
         from mim_hf.ctr.collator import CTRCollator
         from mim_hf.data import PreparedData
         from mim_hf.results import fuxictr
@@ -158,9 +208,9 @@ def _train_one(config: ResultsConfig, root: Path, names: dict, model: str, setti
             seed=seed, epochs=base.epochs, patience=base.patience, batch_size=base.batch_size,
             eval_batch_size=base.eval_batch_size, max_grad_norm=base.max_grad_norm)
     else:
-        mode, center = CTR_MODELS[model]
+        center = model_center(model)
         metrics = ctr.run(stage_config(ctr.CTRTrainConfig, ctr_config_name, **fields, data_dir=str(root / "data"),
-                                       output_dir=str(run_dir), mode=mode, seed=seed,
+                                       output_dir=str(run_dir), mode=ROWS[base][0], seed=seed,
                                        center_path=str(centers[center]) if center else None,
                                        show_progress=config.show_progress),
                           resume=latest_checkpoint(run_dir) is not None)
@@ -192,14 +242,15 @@ def run_fold(config: ResultsConfig, data, protocol: str, fold: int, progress: _P
         from mim_hf.data import prepare
 
         prepare(data, **prepare_kwargs(split, labels, config.folds, fold)).save(root / "data")
-    wanted = {CTR_MODELS[m][1] for m in config.models if m in CTR_MODELS and CTR_MODELS[m][1]}
+    wanted = {center for center in map(model_center, config.models) if center}
     centers = _encoder_chain(config, root, names, wanted) if wanted else {}
     epochs = config.epochs or tuning.budget(config.budget)["epochs"]
     from mim_hf.ctr.train import CTRTrainConfig
 
     out = {}
     for model in config.models:
-        shipped = stage_config(CTRTrainConfig, names["ctr"] + ("din" if model == "fuxictr_din" else model))
+        base = lever_specs.parse_model(model)[0]
+        shipped = stage_config(CTRTrainConfig, names["ctr"] + ROWS[base][2])
         grid = tuning.settings_grid(config.budget, {f: getattr(shipped, f) for f in tuning.TUNED_FIELDS})
         first, *others = config.seeds
         tried = {tuning.setting_id(s): _result(config, root, names, model, s, first, centers, epochs, progress)

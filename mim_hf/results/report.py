@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from mim_hf.common.config import write_json_atomic
-from mim_hf.report import BUCKET_ORDER, METRICS, MODEL_LABELS, aggregate_seeds, plot_auc_by_bucket, results_table
+from mim_hf.report import BUCKET_ORDER, METRICS, aggregate_seeds, model_label, plot_auc_by_bucket, results_table
 from mim_hf.results import tuning
 from mim_hf.results.paired import paired_difference
 
@@ -84,7 +84,7 @@ def build_report(config, folds: dict, wall_time_s: float) -> dict:
 def paired_table(paired: dict) -> str:
     lines = ["| model vs DIN-ID | mean AUC difference | 95 % interval | pairs (fold × seed) |", "|---|---|---|---|"]
     for model, p in paired.items():
-        lines.append(f"| {MODEL_LABELS.get(model, model)} | {p['auc_diff']:+.4f} | [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}] "
+        lines.append(f"| {model_label(model)} | {p['auc_diff']:+.4f} | [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}] "
                      f"| {p['n_pairs']} |")
     return "\n".join(lines)
 
@@ -103,7 +103,7 @@ def settings_table(settings: dict) -> str:
     lines = ["| model | fold | " + " | ".join(tuning.TUNED_FIELDS) + " |", "|" + "---|" * (len(tuning.TUNED_FIELDS) + 2)]
     for model, per_fold in settings.items():
         for fold, s in per_fold.items():
-            lines.append(f"| {MODEL_LABELS.get(model, model)} | {fold} | " + " | ".join(f"{s[f]:g}" for f in tuning.TUNED_FIELDS) + " |")
+            lines.append(f"| {model_label(model)} | {fold} | " + " | ".join(f"{s[f]:g}" for f in tuning.TUNED_FIELDS) + " |")
     return "\n".join(lines)
 
 

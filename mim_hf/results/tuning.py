@@ -15,6 +15,8 @@ PATIENCE = 2
 TUNED_FIELDS = ("learning_rate", "id_embed_dim", "dropout", "weight_decay")
 BUDGETS = {
     "small": {"epochs": 5, "grid": {"learning_rate": [1e-3, 3e-3]}},
+    # one setting: for screening levers quickly (its rows are not tuned; the report says "screen")
+    "screen": {"epochs": 5, "grid": {"learning_rate": [3e-3]}},
     "full": {"epochs": 10, "grid": {"learning_rate": [5e-4, 1e-3, 3e-3], "id_embed_dim": [16, 32],
                                     "dropout": [0.1, 0.3], "weight_decay": [0.0, 1e-5]}},
 }

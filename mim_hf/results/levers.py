@@ -1,0 +1,50 @@
+"""Levers: named changes to a content model that the harness runs as extra table rows (ablations).
+
+A model name is a base model of :data:`mim_hf.results.harness.MODELS`, optionally followed by
+levers: ``ciubm_csft+content_to_id+simtier``. A CTR lever sets CiUBMConfig fields (through the
+CTR config's ``model_overrides``); a C-SFT lever changes the C-SFT stage, so a model with C-SFT
+levers reads its own center, trained under ``csft+<levers>/`` of the fold.
+"""
+
+from __future__ import annotations
+
+# lever -> (stage, fields): "ctr" fields go to CiUBMConfig, "csft" fields to CSFTConfig
+LEVERS = {
+    "simtier": ("ctr", {"histogram_kind": "simtier", "histogram_n_bins": 20}),
+    "aware_attention": ("ctr", {"similarity_attention": "aware"}),
+    "content_to_id": ("ctr", {"content_to_id": True}),
+}
+CONTENT_BASES = ("content_feature", "ciubm_raw", "ciubm_pretrained", "ciubm_csft")
+
+
+def parse_model(name: str) -> tuple[str, tuple[str, ...]]:
+    """``"ciubm_csft+simtier"`` -> ``("ciubm_csft", ("simtier",))``, checked."""
+    base, *levers = name.split("+")
+    unknown = [lever for lever in levers if lever not in LEVERS]
+    if unknown:
+        raise ValueError(f"model {name!r}: unknown lever(s) {unknown}; choose from {list(LEVERS)}")
+    if len(set(levers)) != len(levers):
+        raise ValueError(f"model {name!r} names a lever twice")
+    if levers and base not in CONTENT_BASES:
+        raise ValueError(f"model {name!r}: levers apply to the content models {list(CONTENT_BASES)}, not {base!r}")
+    csft = [lever for lever in levers if LEVERS[lever][0] == "csft"]
+    if csft and base != "ciubm_csft":
+        raise ValueError(f"model {name!r}: C-SFT lever(s) {csft} need the base 'ciubm_csft'")
+    return base, tuple(levers)
+
+
+def overrides(levers, stage: str) -> dict:
+    """The fields the levers set for ``stage`` ("ctr": CiUBMConfig fields, "csft": CSFTConfig fields)."""
+    fields: dict = {}
+    for lever in levers:
+        lever_stage, lever_fields = LEVERS[lever]
+        if lever_stage == stage:
+            fields.update(lever_fields)
+    return fields
+
+
+def center_name(center: str, levers) -> str:
+    """The fold's center a model reads: ``center`` ("pretrained" / "csft"), or ``csft+<levers>``
+    when C-SFT levers change how that center is trained."""
+    csft = sorted(lever for lever in levers if LEVERS[lever][0] == "csft")
+    return "+".join([center, *csft]) if center == "csft" and csft else center
