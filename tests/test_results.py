@@ -327,3 +327,18 @@ def test_frozen_encoder_center_is_the_towers_pooled_output(tmp_path):
     pooled = (tower.last_hidden_state * weights).sum(1) / weights.sum(1)
     torch.testing.assert_close(encoder.encode_text(inputs["input_ids"], inputs["attention_mask"]), pooled)
     assert "ciubm_raw" in report["paired"]["temporal/rating"]
+
+
+def test_report_names_the_commits_its_runs_were_made_at():
+    from types import SimpleNamespace
+
+    from mim_hf.results.report import build_report
+
+    def run(auc, commit=None):
+        result = {"test": {"overall": {"auc": auc, "gauc": auc, "logloss": 0.6, "n": 10}}, "timings_s": {"total": 1.0}}
+        return {**result, "commit": commit} if commit else result
+
+    folds = {"temporal/rating": {0: {"din": {"setting": {}, "valid_auc_by_setting": {},
+                                             "runs": {0: run(0.6, "abc"), 1: run(0.61, "def"), 2: run(0.62)}}}}}
+    config = SimpleNamespace(folds=1, run_folds=1, seeds=(0, 1, 2), budget="small", epochs=1, world="synthetic")
+    assert build_report(config, folds, wall_time_s=1.0)["run_commits"] == ["abc", "def", "unrecorded"]

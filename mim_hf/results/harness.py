@@ -185,6 +185,7 @@ def _train_one(config: ResultsConfig, root: Path, names: dict, model: str, setti
                centers: dict, epochs: int) -> dict:
     """One CTR training; returns the result (valid/test metrics, training facts, setting)."""
     from mim_hf.ctr import train as ctr
+    from mim_hf.results.report import current_commit
 
     run_dir = root / "runs" / model / tuning.setting_id(setting) / f"seed{seed}"
     base, levers = lever_specs.parse_model(model)
@@ -216,7 +217,7 @@ def _train_one(config: ResultsConfig, root: Path, names: dict, model: str, setti
                           resume=latest_checkpoint(run_dir) is not None)
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"model": model, "seed": seed, "setting": setting, "valid": metrics["valid"], "test": metrics["test"],
-            "training": metrics["training"], "timings_s": metrics["timings_s"]}
+            "training": metrics["training"], "timings_s": metrics["timings_s"], "commit": current_commit()}
 
 
 def _result(config, root, names, model, setting, seed, centers, epochs, progress) -> dict:

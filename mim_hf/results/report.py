@@ -10,7 +10,7 @@ popularity bucket, paired AUC differences to DIN-ID, the chosen settings, commit
      "folds": K, "folds_run": k, "seeds": [...], "budget", "grid", "epochs", "patience",
      "settings": {"<protocol>": {"<model>": {"fold<k>": setting}}},
      "tuning_valid_auc": {"<protocol>": {"<model>": {"fold<k>": {"<setting id>": valid AUC}}}},
-     "wall_time_s", "compute_time_s", "commit", "environment"}
+     "wall_time_s", "compute_time_s", "commit", "run_commits", "environment"}
 
 ``n`` is the number of test samples summed over the folds that ran.
 """
@@ -30,7 +30,7 @@ from mim_hf.results import tuning
 from mim_hf.results.paired import paired_difference
 
 
-def _commit() -> str:
+def current_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).resolve().parent)
@@ -74,7 +74,10 @@ def build_report(config, folds: dict, wall_time_s: float) -> dict:
                        for r in f[m]["runs"].values())
     report["wall_time_s"] = round(wall_time_s, 1)
     report["compute_time_s"] = round(compute, 1)  # the chosen runs' own training time, also from earlier sessions
-    report["commit"] = _commit()
+    report["commit"] = current_commit()
+    # a resumed protocol may hold runs made at other commits: name them all
+    report["run_commits"] = sorted({r.get("commit", "unrecorded") for per_fold in folds.values() for f in per_fold.values()
+                                    for m in f.values() for r in m["runs"].values()})
     report["environment"] = {"world": config.world, "python": platform.python_version(), "torch": torch.__version__,
                              "cpu_cores": os.cpu_count(), "machine": platform.machine(),
                              "device": "cuda" if torch.cuda.is_available() else "cpu"}
@@ -113,7 +116,7 @@ def markdown(report: dict, plots: list[Path]) -> str:
              f"Test metrics, mean ± std over {n_runs}; settings chosen on valid AUC from the `{report['budget']}` "
              f"grid {report['grid']} (≤ {report['epochs']} epochs, early stopping patience {report['patience']}). "
              "How the protocol works: docs/results-protocol.md.", "",
-             f"Commit `{report['commit']}`; wall time {report['wall_time_s']:.0f} s this invocation, "
+             f"Commit `{report['commit']}` (runs made at {', '.join(report['run_commits'])}); wall time {report['wall_time_s']:.0f} s this invocation, "
              f"{report['compute_time_s']:.0f} s of training in the reported runs; "
              + ", ".join(f"{k}={v}" for k, v in report["environment"].items()), ""]
     for protocol, results in report["protocols"].items():
