@@ -11,10 +11,11 @@ from mim_hf.data import RecData, make_synthetic_world, prepare
 
 
 def _prepared(rows, items):
-    """A temporal PreparedData of ``rows`` (user, item, timestamp, label), 80/10/10 by time."""
+    """A temporal PreparedData of ``rows`` (user, item, timestamp, label): 80/10/10 by time."""
     items = Dataset.from_dict({"item_id": items, "title": [f"title {i}" for i in items]})
     user, item, time, label = zip(*rows)
-    log = Dataset.from_dict({"user_id": list(user), "item_id": list(item), "timestamp": list(time), "label": list(label)})
+    log = Dataset.from_dict({"user_id": list(user), "item_id": list(item), "timestamp": list(time),
+                             "label": list(label)})
     return prepare(RecData("hand-made", items, log), protocol="temporal")
 
 

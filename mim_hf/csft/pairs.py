@@ -177,10 +177,10 @@ def cooccurrence_pairs(prepared, window: int = 5, max_pairs_per_item: int = 20) 
     evidence = per_user.sort_values(["low", "high", "latest", "user"], kind="stable").drop_duplicates(
         ["low", "high"], keep="last").reset_index(drop=True)  # same (low, high) order as counts
     evidence["count"] = counts
-    directed = pd.concat([
-        evidence.rename(columns={"low": "trigger", "high": "target", "low_row": "trigger_row", "high_row": "target_row"}),
-        evidence.rename(columns={"high": "trigger", "low": "target", "high_row": "trigger_row", "low_row": "target_row"}),
-    ], ignore_index=True).sort_values(["trigger", "count", "target"], ascending=[True, False, True], kind="stable")
+    forward = {"low": "trigger", "high": "target", "low_row": "trigger_row", "high_row": "target_row"}
+    backward = {"high": "trigger", "low": "target", "high_row": "trigger_row", "low_row": "target_row"}
+    directed = pd.concat([evidence.rename(columns=forward), evidence.rename(columns=backward)], ignore_index=True)
+    directed = directed.sort_values(["trigger", "count", "target"], ascending=[True, False, True], kind="stable")
     kept = directed[directed.groupby("trigger", sort=False).cumcount().to_numpy() < max_pairs_per_item]
     frame = pd.DataFrame({
         "user_id": np.asarray(user_names, dtype=object)[kept["user"].to_numpy()],

@@ -115,9 +115,9 @@ class CSFTConfig:
                                             "hard_negative_source is 'field'")
     hard_negative_source: str = config_field("field", "'field': same hard_negative_field value as the target; "
                                              "'user_negatives': items the pair's user did not click in train")
-    pair_source: str = config_field("behaviour", "train pairs: 'behaviour' (the prepared ones), 'id_aligned' (nearest "
-                                    "earlier positive by a trained DIN's item-ID cosine), 'cooccurrence' (mim_hf.csft.pairs)")
-    id_model_path: str | None = config_field(None, "pair_source 'id_aligned': a CTR model directory trained on data_dir")
+    pair_source: str = config_field("behaviour", "train pairs: 'behaviour' (the prepared ones), 'id_aligned' "
+                                    "(nearest earlier positive by a trained DIN's item-ID cosine) or 'cooccurrence'")
+    id_model_path: str | None = config_field(None, "pair_source 'id_aligned': CTR model directory trained on data_dir")
     cooccurrence_window: int = config_field(5, "pair_source 'cooccurrence': items within N consecutive train positives "
                                             "of a user co-occur")
     cooccurrence_pairs_per_item: int = config_field(20, "pair_source 'cooccurrence': top co-counted partners per item")
