@@ -37,7 +37,7 @@ def check_pair_source(config) -> None:
         raise ValueError(f"pair_source must be one of {PAIR_SOURCES}, got {config.pair_source!r}")
     if config.pair_source == "id_aligned" and not config.id_model_path:
         raise ValueError("pair_source='id_aligned' needs id_model_path (the model/ folder of a CTR model trained "
-                         "by `mim-hf train-ctr` on the same prepared data, mode 'din')")
+                         "by training/train_ctr.py on the same prepared data, mode 'din')")
     if config.id_model_path and config.pair_source != "id_aligned":
         raise ValueError(f"id_model_path={config.id_model_path!r} is only read with pair_source='id_aligned', "
                          f"got pair_source={config.pair_source!r}")
@@ -110,7 +110,7 @@ def id_aligned_pairs(prepared, item_embeddings) -> tuple[Dataset, dict]:
     })
     stats = {"train_positive_targets": len(target_items), "pairs": len(frame),
              "targets_without_earlier_positive": len(target_items) - len(frame),
-             "trigger_is_most_recent": int((candidate[best] == candidate[np.flatnonzero(most_recent)]).sum())}
+             "trigger_is_most_recent": int((chosen == candidate[most_recent]).sum())}
     return _as_pairs(frame, prepared), stats
 
 
@@ -122,7 +122,7 @@ def din_item_embeddings(model_dir, prepared) -> np.ndarray:
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise ValueError(f"id_model_path {str(model_dir)!r} holds no trained CTR model (no config.json); expected the "
-                         "model/ folder `mim-hf train-ctr` writes, trained on the same prepared data")
+                         "model/ folder training/train_ctr.py writes, trained on the same prepared data")
     from mim_hf.ctr.predict import load_ctr_model
 
     bundle = load_ctr_model(path, load_center=False)
