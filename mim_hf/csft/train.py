@@ -64,6 +64,7 @@ from tqdm.auto import tqdm
 from mim_hf.common.checkpoints import restore_checkpoint, save_checkpoint, start_run
 from mim_hf.common.config import config_field, write_json_atomic
 from mim_hf.common.loop import EpochShuffleSampler, TrainingProgress, hold_output_dir, train_batches
+from mim_hf.csft.pairs import check_pair_source, train_pairs_for
 
 STAGE_NAME = "csft"
 ENCODER_INFO_NAME = "csft_encoder.json"
@@ -114,6 +115,12 @@ class CSFTConfig:
                                             "hard_negative_source is 'field'")
     hard_negative_source: str = config_field("field", "'field': same hard_negative_field value as the target; "
                                              "'user_negatives': items the pair's user did not click in train")
+    pair_source: str = config_field("behaviour", "train pairs: 'behaviour' (the prepared ones), 'id_aligned' "
+                                    "(nearest earlier positive by a trained DIN's item-ID cosine) or 'cooccurrence'")
+    id_model_path: str | None = config_field(None, "pair_source 'id_aligned': CTR model directory trained on data_dir")
+    cooccurrence_window: int = config_field(5, "pair_source 'cooccurrence': items within N consecutive train positives "
+                                            "of a user co-occur")
+    cooccurrence_pairs_per_item: int = config_field(20, "pair_source 'cooccurrence': top co-counted partners per item")
     eval_every: int = config_field(50, "evaluate on valid pairs every N steps (and at the last step)")
     eval_batch_size: int = config_field(128, "items per forward pass when encoding the catalogue")
     checkpoint_every: int = config_field(100, "checkpoint every N steps (0 = never)")
@@ -147,6 +154,7 @@ class CSFTConfig:
                              f"got {self.hard_negative_source!r}")
         if self.hard_negatives and self.hard_negative_source == "field" and not self.hard_negative_field:
             raise ValueError(f"hard_negatives={self.hard_negatives} needs hard_negative_field (an item column)")
+        check_pair_source(self)
         if self.encoder_path is None and not self.text_model:
             raise ValueError("give encoder_path (a stage-1 encoder) or text_model (raw towers)")
 
@@ -233,7 +241,7 @@ class PairBatches:
         self.items = prepared.items
         self.processor = processor
         self.index = catalogue_index(self.items["item_id"])
-        train_pairs = prepared.pairs["train"]
+        train_pairs, self.pair_stats = train_pairs_for(prepared, config)
         if config.max_train_pairs:
             train_pairs = train_pairs.select(range(min(config.max_train_pairs, len(train_pairs))))
         self.trigger_rows, self.target_rows = (torch.as_tensor(r) for r in pair_rows(train_pairs, self.index))
@@ -535,6 +543,7 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
         "start_encoder": config.encoder_path or {"text_model": config.text_model, "vision_model": config.vision_model},
         "levels": sorted({level for entry in progress.history for level in entry.get("levels", {})}),
         "num_train_pairs": len(batches),
+        "pair_source": {"name": config.pair_source, **batches.pair_stats},
         "num_processes": accelerator.num_processes,
         "steps": progress.step,
         "epochs_completed": progress.epoch,
