@@ -307,8 +307,7 @@ class MIMContentEncoder(MIMContentEncoderPreTrainedModel):
         attention_mask: torch.LongTensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
     ) -> torch.FloatTensor:
-        """Token ids (B, L) -> pooled text-tower output (B, H): what the text projection reads.
-        With frozen towers it can be computed once and passed to ``forward(text_pooled=...)``."""
+        """Token ids (B, L) -> pooled text-tower output (B, H), what ``forward(text_pooled=...)`` takes."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         tower_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -385,15 +384,14 @@ class MIMContentEncoder(MIMContentEncoderPreTrainedModel):
             self._check_inputs(input_ids, attention_mask, token_type_ids, pixel_values, image_mask)
         elif input_ids is not None or pixel_values is not None:
             raise ValueError("give either token ids / pixel_values or text_pooled / image_pooled, not both")
-        has_images = pixel_values is not None or image_pooled is not None
-        batch_size = input_ids.shape[0] if text_pooled is None else text_pooled.shape[0]
-        device = input_ids.device if text_pooled is None else text_pooled.device
+        reference = input_ids if text_pooled is None else text_pooled
+        batch_size, device = reference.shape[0], reference.device
         if text_pooled is None:
             text_pooled = self.pool_text(input_ids, attention_mask, token_type_ids)
         text_embeds = nn.functional.normalize(self.project_text(text_pooled), dim=-1)
 
         image_embeds = None
-        if not has_images:
+        if pixel_values is None and image_pooled is None:
             image_mask = torch.zeros(batch_size, dtype=torch.bool, device=device)
             item_embeds = text_embeds
         else:

@@ -226,6 +226,11 @@ def test_cached_forward_equals_uncached_forward(data_dir, towers, tmp_path):
         torch.testing.assert_close(getattr(cached, level), getattr(uncached, level), atol=1e-5, rtol=1e-4)
     everything = encode_items(encoder, processor, prepared.items, levels=("item_embeds",), show_progress=False)
     torch.testing.assert_close(cache.embed(encoder, 16, "cpu"), everything["item_embeds"], atol=1e-5, rtol=1e-4)
+    inputs = cache.inputs(rows, "cpu")
+    with pytest.raises(ValueError, match="not both"):
+        encoder(input_ids=batches.encoder_inputs(rows)["input_ids"], text_pooled=inputs["text_pooled"])
+    with pytest.raises(ValueError, match="image_pooled has"):
+        encoder(**{**inputs, "image_pooled": inputs["image_pooled"][:1]})
 
 
 def test_cached_run_trains_and_writes_a_loadable_encoder(data_dir, towers, tmp_path):
@@ -264,11 +269,11 @@ def test_cache_from_another_encoder_or_catalogue_is_refused(data_dir, towers, tm
     torch.testing.assert_close(load_or_build(path, encoder, *args).text, built.text)  # reused
     records = [dict(r) for r in batches.records]
     records[0][processor.title_field] = "another title"
-    with pytest.raises(ValueError, match=r"another catalogue \(catalogue: file sha256"):
+    with pytest.raises(ValueError, match=r"made for different catalogue \(catalogue: file sha256"):
         load_or_build(path, encoder, batches.encoder_inputs, prepared.items, records, processor, 64, "cpu")
     with torch.no_grad():
         next(encoder.text_model.parameters()).add_(1.0)
-    with pytest.raises(ValueError, match=r"another towers \(towers: file sha256"):
+    with pytest.raises(ValueError, match=r"made for different towers \(towers: file sha256"):
         load_or_build(path, encoder, *args)
 
 

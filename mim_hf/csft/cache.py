@@ -153,7 +153,7 @@ def load_or_build(path, encoder, encoder_inputs, items, records, processor, batc
         differ = [name for name in expected if cache.fingerprints.get(name) != expected[name]]
         if differ:
             described = "; ".join(f"{name}: file {cache.fingerprints.get(name)}, run {expected[name]}" for name in differ)
-            raise ValueError(f"tower cache {path} was made by another {' and '.join(differ)} ({described}); "
+            raise ValueError(f"tower cache {path} was made for different {' and '.join(differ)} ({described}); "
                              "delete it (or set tower_cache_path elsewhere) to rebuild it for this run")
         if len(cache) != len(items):  # fingerprints cover the ids; a row-count mismatch means a damaged file
             raise ValueError(f"tower cache {path} has {len(cache)} rows, the catalogue {len(items)} items")
