@@ -8,15 +8,9 @@ is encoded as its unique items once (trigger, target and hard-negative rows toge
 Encoder: a stage-1 encoder directory (``encoder_path``: ``save_pretrained`` of a merged
 ``MIMContentEncoder`` + its processor, as the pre-training stage writes it) or raw towers
 (``text_model`` / ``vision_model``, built by ``build_content_encoder`` with a new projection).
-LoRA goes on the towers (base weights frozen); projections and fusion train fully. With
-``cached_towers`` (and ``lora_r: 0``) the towers stay frozen and run once over the catalogue
-(:mod:`mim_hf.csft.cache`); each step then runs only projections and fusion on the cached pooled
-outputs, so full epochs over all train pairs fit a CPU budget. Steps, loss, negatives,
-evaluation and best weights are the same code in both modes; the written encoder is the same
-full ``MIMContentEncoder`` folder. ``anchor_weight`` > 0 adds ``anchor_weight * mean(1 - cos)``
-between each batch item's embedding and the start encoder's (computed once, at step 0), a guard
-against behaviour alignment erasing the content semantics cold items rely on;
-``early_stopping_patience`` stops after that many evaluations without a better valid recall@10.
+LoRA goes on the towers (base weights frozen); projections and fusion train fully. Or
+``cached_towers`` (``lora_r: 0``): frozen towers run once over the catalogue (:mod:`mim_hf.csft.cache`),
+steps run projections + fusion only: the same loop, evaluation and encoder format.
 
 Loss: ``MultiLevelInfoNCE`` (item, text, image, cross levels with ``level_weights``) with
 in-batch negatives, *space* negatives (``gather_across_devices``: the targets of every
@@ -122,16 +116,13 @@ class CSFTConfig:
                                             "hard_negative_source is 'field'")
     hard_negative_source: str = config_field("field", "'field': same hard_negative_field value as the target; "
                                              "'user_negatives': items the pair's user did not click in train")
-    cached_towers: bool = config_field(False, "frozen towers run once over the catalogue (pooled outputs cached); "
-                                       "steps train projections + fusion only: full epochs in seconds on a "
-                                       "CPU. Needs lora_r: 0")
-    tower_cache_path: str | None = config_field(None, "cached_towers: the cache file (None = "
-                                                "output_dir/tower_cache.safetensors); reused when made by the "
-                                                "same towers and catalogue, else an error")
-    anchor_weight: float = config_field(0.0, "weight of a guard keeping item embeddings near the start "
-                                        "encoder's: mean (1 - cosine) over the batch's items (0 = off)")
-    early_stopping_patience: int = config_field(0, "stop after N evaluations without a better valid recall@10 "
-                                                "(0 = run all max_steps)")
+    cached_towers: bool = config_field(False, "frozen towers run once over the catalogue; steps train projections "
+                                       "+ fusion on their cached pooled outputs (CPU epochs). Needs lora_r: 0")
+    tower_cache_path: str | None = config_field(None, "cached_towers: cache file (None = output_dir/tower_cache."
+                                                "safetensors); reused if made by the same towers + catalogue")
+    anchor_weight: float = config_field(0.0, "guard: weight of mean (1 - cos) to the start encoder's item "
+                                        "embeddings of the batch (0 = off)")
+    early_stopping_patience: int = config_field(0, "stop after N evaluations without a better valid recall@10 (0 = off)")
     eval_every: int = config_field(50, "evaluate on valid pairs every N steps (and at the last step)")
     eval_batch_size: int = config_field(128, "items per forward pass when encoding the catalogue")
     checkpoint_every: int = config_field(100, "checkpoint every N steps (0 = never)")
@@ -375,17 +366,9 @@ def _select_outputs(output, positions: torch.Tensor) -> dict:
             if getattr(output, name, None) is not None}
 
 
-def anchor_distance(embeds: torch.Tensor, start_embeds: torch.Tensor) -> torch.Tensor:
-    """Mean ``1 - cosine`` between L2-normalised embeddings and the start encoder's of the same items
-    (0 when they agree): the guard that keeps C-SFT close to the semantics its start encoded."""
-    return (1.0 - (embeds * start_embeds).sum(-1)).mean()
-
-
 def target_log_prior(batches: PairBatches) -> torch.Tensor:
-    """``(num_catalogue_rows,)`` log frequency of each item as a train target (floor: one count).
-
-    In-batch candidates are other pairs' targets, drawn with exactly this frequency.
-    """
+    """``(num_catalogue_rows,)`` log frequency of each item as a train target (floor: one count): in-batch
+    candidates are other pairs' targets, drawn with exactly this frequency."""
     counts = torch.bincount(batches.target_rows, minlength=len(batches.items)).double().clamp(min=1)
     return (counts / counts.sum()).log().float()
 
@@ -400,12 +383,13 @@ def run(config: CSFTConfig, resume: bool = False, accelerator: Accelerator | Non
 
 def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) -> dict:
     from mim_hf.data import PreparedData
-    from mim_hf.csft.losses import MultiLevelInfoNCE
+    from mim_hf.csft.losses import MultiLevelInfoNCE, anchor_distance
     from mim_hf.encoder.lora import save_adapters
     from mim_hf.encoder.lora import merge_adapters as merge_lora
     from mim_hf.modeling.modeling_mim_encoder import has_injected_adapters
     from mim_hf.csft.retrieval import evaluate_pairs, popularity_retrieval, train_item_counts
     from mim_hf.encoder.encoding import encode_items
+    from mim_hf.csft.cache import CACHE_NAME, load_or_build
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -428,27 +412,20 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
     device = accelerator.device
     cache = None
     if config.cached_towers:
-        from mim_hf.csft.cache import CACHE_NAME, load_or_build
-
         cache_started = time.perf_counter()
         with accelerator.main_process_first():  # the main process builds and saves it, the others read it
-            cache = load_or_build(config.tower_cache_path or output_dir / CACHE_NAME, encoder.to(device),
-                                  batches.encoder_inputs, prepared.items, batches.records, processor,
-                                  config.eval_batch_size, device, save=main)
+            cache = load_or_build(config.tower_cache_path or output_dir / CACHE_NAME, encoder.to(device), batches.encoder_inputs,
+                                  prepared.items, batches.records, processor, config.eval_batch_size, device, save=main)
         timings["tower_cache"] = time.perf_counter() - cache_started
 
-    def catalogue_embeds() -> torch.Tensor:
-        """(N, D) item embeddings of the whole catalogue by the current weights (eval mode)."""
+    def catalogue_embeds() -> torch.Tensor:  # (N, D) item embeddings of the catalogue by the current weights
         model = accelerator.unwrap_model(encoder_model)
-        if cache is not None:
-            return cache.embed(model, config.eval_batch_size, device)
-        return encode_items(model, processor, prepared.items, batch_size=config.eval_batch_size,
-                            levels=("item_embeds",), show_progress=False, device=device)["item_embeds"]
+        return (cache.embed(model, config.eval_batch_size, device) if cache is not None else
+                encode_items(model, processor, prepared.items, batch_size=config.eval_batch_size,
+                             levels=("item_embeds",), show_progress=False, device=device)["item_embeds"])
 
-    def evaluate(splits, embeds=None):
-        return evaluate_pairs(accelerator.unwrap_model(encoder_model), processor, prepared.items,
-                              {s: eval_pairs[s] for s in splits}, device=device,
-                              catalogue_embeds=catalogue_embeds() if embeds is None else embeds)
+    def evaluate(embeds):  # valid + test, scored from (N, D) catalogue embeddings
+        return evaluate_pairs(None, processor, prepared.items, eval_pairs, device=device, catalogue_embeds=embeds)
 
     loss_fn = MultiLevelInfoNCE(
         weights=config.level_weights, temperature=config.temperature,
@@ -470,7 +447,7 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
     retrieval["popularity"] = popularity_retrieval(train_item_counts(prepared.samples["train"]), eval_pairs,
                                                    prepared.items["item_id"])
     start_embeds = catalogue_embeds()  # before a resume loads trained weights; the anchor's reference
-    retrieval["start"] = evaluate(("valid", "test"), start_embeds)
+    retrieval["start"] = evaluate(start_embeds)
     timings["start_eval"] = time.perf_counter() - started_eval
     # The loss holds the time-negative queues, which differ per process unless they are gathered.
     resumed_from = restore_checkpoint(accelerator, checkpoint, checkpoint_state, per_process=("loss",))
@@ -493,7 +470,7 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
                                               collate_fn=torch.as_tensor))
 
     def patience_spent() -> bool:
-        return bool(config.early_stopping_patience) and progress.evals_without_improvement >= config.early_stopping_patience
+        return 0 < config.early_stopping_patience <= progress.evals_without_improvement
 
     for positions in train_batches(accelerator, progress, epoch_loader,
                                    stop=lambda: progress.step >= config.max_steps or patience_spent()):
@@ -506,10 +483,8 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
             hard_rows, hard_mask = batches.hard_negative_rows(target_rows, progress.step, positions)
             parts.append(hard_rows.flatten())
         unique_rows, inverse = torch.unique(torch.cat(parts), return_inverse=True)
-        if cache is not None:  # the towers' pooled outputs of these rows: only the heads run
-            inputs = cache.inputs(unique_rows, device)
-        else:
-            inputs = {k: v.to(device) for k, v in batches.encoder_inputs(unique_rows).items()}
+        inputs = (cache.inputs(unique_rows, device) if cache is not None  # cached: only the heads run
+                  else {k: v.to(device) for k, v in batches.encoder_inputs(unique_rows).items()})
         # Dropout masks from (seed, step, rank) alone: a resumed run draws the same ones even
         # though building data loaders and evaluating consumed global random numbers.
         torch.manual_seed(hash((config.seed, progress.step, accelerator.process_index)) % (2**63))
@@ -548,7 +523,7 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
             eval_started = time.perf_counter()
             # Test is scored from the same catalogue encoding (cheap) but only read for the
             # step that valid selects: the final metrics need no second encoding.
-            scored = evaluate(("valid", "test"))
+            scored = evaluate(catalogue_embeds())
             valid = scored["valid"]
             improved = progress.record({
                 "loss": window_loss / window_steps,
@@ -586,10 +561,9 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
                                                  "lora_r", "lora_alpha", "lora_dropout", "lora_last_layers", "seed")}
         (encoder_dir / ENCODER_INFO_NAME).write_text(json.dumps({"start": start, "best_step": progress.best_step},
                                                                 indent=2))
-        if not has_injected_adapters(model):  # frozen towers (cached_towers): the full encoder is the output
-            model.save_pretrained(encoder_dir)
-        elif config.merge_adapters:
+        if has_injected_adapters(model) and config.merge_adapters:
             merge_lora(model)
+        if not has_injected_adapters(model):  # merged, or frozen towers (cached_towers)
             model.save_pretrained(encoder_dir)
     accelerator.wait_for_everyone()
     timings["save"] = time.perf_counter() - save_started
