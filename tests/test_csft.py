@@ -278,9 +278,9 @@ def test_cache_from_another_encoder_or_catalogue_is_refused(data_dir, towers, tm
 
 
 def test_cached_towers_config_errors(data_dir, towers, tmp_path):
-    with pytest.raises(ValueError, match="cached_towers=True freezes the towers, but lora_r=8"):
+    with pytest.raises(ValueError, match="cached_towers=True with lora_r=8: cached towers are frozen"):
         run(tiny_config(data_dir, towers, tmp_path / "a", cached_towers=True))
-    with pytest.raises(ValueError, match="lora_r=0"):
+    with pytest.raises(ValueError, match="cached_towers=False with lora_r=0"):
         run(tiny_config(data_dir, towers, tmp_path / "b", lora_r=0))
     with pytest.raises(ValueError, match="anchor_weight"):
         run(cached_config(data_dir, towers, tmp_path / "c", anchor_weight=-1.0))

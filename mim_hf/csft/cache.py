@@ -165,4 +165,13 @@ def load_or_build(path, encoder, encoder_inputs, items, records, processor, batc
     return cache
 
 
-__all__ = ["CACHE_NAME", "TowerCache", "catalogue_fingerprint", "load_or_build", "towers_fingerprint"]
+def run_tower_cache(config, accelerator, encoder, batches, processor, items, device) -> TowerCache:
+    """A C-SFT run's cache (``config.tower_cache_path`` or ``output_dir/tower_cache.safetensors``): the main
+    process builds (or reuses) and saves it first, then the other processes read it."""
+    with accelerator.main_process_first():
+        return load_or_build(config.tower_cache_path or Path(config.output_dir) / CACHE_NAME, encoder.to(device),
+                             batches.encoder_inputs, items, batches.records, processor, config.eval_batch_size, device,
+                             save=accelerator.is_main_process)
+
+
+__all__ = ["CACHE_NAME", "TowerCache", "catalogue_fingerprint", "load_or_build", "run_tower_cache", "towers_fingerprint"]

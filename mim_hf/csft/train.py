@@ -8,9 +8,8 @@ is encoded as its unique items once (trigger, target and hard-negative rows toge
 Encoder: a stage-1 encoder directory (``encoder_path``: ``save_pretrained`` of a merged
 ``MIMContentEncoder`` + its processor, as the pre-training stage writes it) or raw towers
 (``text_model`` / ``vision_model``, built by ``build_content_encoder`` with a new projection).
-LoRA goes on the towers (base weights frozen); projections and fusion train fully. Or
-``cached_towers`` (``lora_r: 0``): frozen towers run once over the catalogue (:mod:`mim_hf.csft.cache`),
-steps run projections + fusion only: the same loop, evaluation and encoder format.
+LoRA goes on the towers (base weights frozen); projections and fusion train fully. Or ``cached_towers``
+(``lora_r: 0``): frozen towers run once (:mod:`mim_hf.csft.cache`), steps train projections + fusion only.
 
 Loss: ``MultiLevelInfoNCE`` (item, text, image, cross levels with ``level_weights``) with
 in-batch negatives, *space* negatives (``gather_across_devices``: the targets of every
@@ -144,11 +143,9 @@ class CSFTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if self.cached_towers and self.lora_r:
-            raise ValueError(f"cached_towers=True freezes the towers, but lora_r={self.lora_r} asks for LoRA on them; "
-                             "set lora_r: 0 (or cached_towers: false)")
-        if not self.cached_towers and not self.lora_r:
-            raise ValueError("lora_r=0 (no LoRA) is only supported with cached_towers=True")
+        if bool(self.cached_towers) == bool(self.lora_r):
+            raise ValueError(f"cached_towers={self.cached_towers} with lora_r={self.lora_r}: cached towers are frozen "
+                             "(set lora_r: 0); LoRA needs running towers (lora_r >= 1 with cached_towers: false)")
         if not (isinstance(self.anchor_weight, (int, float)) and 0 <= self.anchor_weight < math.inf):
             raise ValueError(f"anchor_weight must be a finite number >= 0, got {self.anchor_weight!r}")
         if not self.learning_rate > 0:
@@ -389,7 +386,7 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
     from mim_hf.modeling.modeling_mim_encoder import has_injected_adapters
     from mim_hf.csft.retrieval import evaluate_pairs, popularity_retrieval, train_item_counts
     from mim_hf.encoder.encoding import encode_items
-    from mim_hf.csft.cache import CACHE_NAME, load_or_build
+    from mim_hf.csft.cache import run_tower_cache
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -410,12 +407,9 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
                          f"{config.batch_size} x {accelerator.num_processes} process(es)")
     eval_pairs = {split: prepared.pairs[split] for split in ("valid", "test")}
     device = accelerator.device
-    cache = None
+    cache, cache_started = None, time.perf_counter()
     if config.cached_towers:
-        cache_started = time.perf_counter()
-        with accelerator.main_process_first():  # the main process builds and saves it, the others read it
-            cache = load_or_build(config.tower_cache_path or output_dir / CACHE_NAME, encoder.to(device), batches.encoder_inputs,
-                                  prepared.items, batches.records, processor, config.eval_batch_size, device, save=main)
+        cache = run_tower_cache(config, accelerator, encoder, batches, processor, prepared.items, device)
         timings["tower_cache"] = time.perf_counter() - cache_started
 
     def catalogue_embeds() -> torch.Tensor:  # (N, D) item embeddings of the catalogue by the current weights
@@ -423,9 +417,6 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
         return (cache.embed(model, config.eval_batch_size, device) if cache is not None else
                 encode_items(model, processor, prepared.items, batch_size=config.eval_batch_size,
                              levels=("item_embeds",), show_progress=False, device=device)["item_embeds"])
-
-    def evaluate(embeds):  # valid + test, scored from (N, D) catalogue embeddings
-        return evaluate_pairs(None, processor, prepared.items, eval_pairs, device=device, catalogue_embeds=embeds)
 
     loss_fn = MultiLevelInfoNCE(
         weights=config.level_weights, temperature=config.temperature,
@@ -447,7 +438,7 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
     retrieval["popularity"] = popularity_retrieval(train_item_counts(prepared.samples["train"]), eval_pairs,
                                                    prepared.items["item_id"])
     start_embeds = catalogue_embeds()  # before a resume loads trained weights; the anchor's reference
-    retrieval["start"] = evaluate(start_embeds)
+    retrieval["start"] = evaluate_pairs(None, processor, prepared.items, eval_pairs, catalogue_embeds=start_embeds)
     timings["start_eval"] = time.perf_counter() - started_eval
     # The loss holds the time-negative queues, which differ per process unless they are gathered.
     resumed_from = restore_checkpoint(accelerator, checkpoint, checkpoint_state, per_process=("loss",))
@@ -523,7 +514,7 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
             eval_started = time.perf_counter()
             # Test is scored from the same catalogue encoding (cheap) but only read for the
             # step that valid selects: the final metrics need no second encoding.
-            scored = evaluate(catalogue_embeds())
+            scored = evaluate_pairs(None, processor, prepared.items, eval_pairs, catalogue_embeds=catalogue_embeds())
             valid = scored["valid"]
             improved = progress.record({
                 "loss": window_loss / window_steps,
