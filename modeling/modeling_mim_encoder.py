@@ -301,6 +301,38 @@ class MIMContentEncoder(MIMContentEncoderPreTrainedModel):
             row = int((~torch.isfinite(pixel_values)).flatten(1).any(dim=1).nonzero()[0])
             raise ValueError(f"pixel_values row {row} holds NaN or inf; expected finite pixel values")
 
+    def pool_text(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+    ) -> torch.FloatTensor:
+        """Token ids (B, L) -> pooled text-tower output (B, H), what ``forward(text_pooled=...)`` takes."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        tower_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            tower_inputs["token_type_ids"] = token_type_ids
+        return self._pool_text(self.text_model(**tower_inputs, return_dict=True), attention_mask)
+
+    def pool_image(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """Pixel values (B, C, H, W) -> pooled vision-tower output (B, H): what the vision projection reads."""
+        if self.vision_model is None:
+            raise ValueError("pixel_values given but this encoder has no vision tower (config.vision_config is None)")
+        return self._pool_vision(self.vision_model(pixel_values=pixel_values, return_dict=True))
+
+    def project_text(self, pooled: torch.FloatTensor) -> torch.FloatTensor:
+        """Pooled text output (B, H) -> unnormalised text embeddings (B, embed_dim)."""
+        self._check_width("text", pooled, self.text_projection)
+        return self.text_projection(self.projection_dropout(pooled))
+
+    def project_image(self, pooled: torch.FloatTensor) -> torch.FloatTensor:
+        """Pooled vision output (B, H) -> unnormalised image embeddings (B, embed_dim)."""
+        if self.vision_projection is None:
+            raise ValueError("image input given but this encoder has no vision tower (config.vision_config is None)")
+        self._check_width("vision", pooled, self.vision_projection)
+        return self.vision_projection(self.projection_dropout(pooled))
+
     def encode_text(
         self,
         input_ids: torch.LongTensor,
@@ -308,31 +340,22 @@ class MIMContentEncoder(MIMContentEncoderPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
     ) -> torch.FloatTensor:
         """Token ids (B, L) -> unnormalised projected text embeddings (B, embed_dim)."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        tower_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            tower_inputs["token_type_ids"] = token_type_ids
-        pooled = self._pool_text(self.text_model(**tower_inputs, return_dict=True), attention_mask)
-        self._check_width("text", pooled, self.text_projection)
-        return self.text_projection(self.projection_dropout(pooled))
+        return self.project_text(self.pool_text(input_ids, attention_mask, token_type_ids))
 
     def encode_image(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """Pixel values (B, C, H, W) -> unnormalised projected image embeddings (B, embed_dim)."""
-        if self.vision_model is None:
-            raise ValueError("pixel_values given but this encoder has no vision tower (config.vision_config is None)")
-        pooled = self._pool_vision(self.vision_model(pixel_values=pixel_values, return_dict=True))
-        self._check_width("vision", pooled, self.vision_projection)
-        return self.vision_projection(self.projection_dropout(pooled))
+        return self.project_image(self.pool_image(pixel_values))
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         image_mask: torch.BoolTensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
         return_dict: bool | None = True,
+        text_pooled: torch.FloatTensor | None = None,
+        image_pooled: torch.FloatTensor | None = None,
     ) -> MIMContentEncoderOutput | tuple:
         """Encode a batch of items.
 
@@ -345,32 +368,50 @@ class MIMContentEncoder(MIMContentEncoderPreTrainedModel):
                 ``pixel_values`` is given).
             token_type_ids: (B, L) optional segment ids for BERT-like towers.
             return_dict: return a `MIMContentEncoderOutput` (else a tuple of its fields).
+            text_pooled: (B, H) precomputed ``pool_text`` outputs instead of ``input_ids`` (the
+                towers do not run: a cache of frozen towers).
+            image_pooled: with ``text_pooled``: (number of True in ``image_mask``, H) precomputed
+                ``pool_image`` outputs of the rows that have an image, or None for text only.
         Returns:
             `MIMContentEncoderOutput` with text_embeds, image_embeds (None without pixels),
             item_embeds, all (B, embed_dim) and L2-normalised, and image_mask (B,).
         """
-        self._check_inputs(input_ids, attention_mask, token_type_ids, pixel_values, image_mask)
-        batch_size = input_ids.shape[0]
-        text_embeds = self.encode_text(input_ids, attention_mask, token_type_ids)
-        text_embeds = nn.functional.normalize(text_embeds, dim=-1)
+        if text_pooled is None:
+            if input_ids is None:
+                raise ValueError("forward needs input_ids (or text_pooled, precomputed pooled tower outputs)")
+            if image_pooled is not None:
+                raise ValueError("image_pooled is only read together with text_pooled")
+            self._check_inputs(input_ids, attention_mask, token_type_ids, pixel_values, image_mask)
+        elif input_ids is not None or pixel_values is not None:
+            raise ValueError("give either token ids / pixel_values or text_pooled / image_pooled, not both")
+        reference = input_ids if text_pooled is None else text_pooled
+        batch_size, device = reference.shape[0], reference.device
+        if text_pooled is None:
+            text_pooled = self.pool_text(input_ids, attention_mask, token_type_ids)
+        text_embeds = nn.functional.normalize(self.project_text(text_pooled), dim=-1)
 
         image_embeds = None
-        if pixel_values is None:
-            image_mask = torch.zeros(batch_size, dtype=torch.bool, device=input_ids.device)
+        if pixel_values is None and image_pooled is None:
+            image_mask = torch.zeros(batch_size, dtype=torch.bool, device=device)
             item_embeds = text_embeds
         else:
-            if pixel_values.shape[0] != batch_size:
+            if pixel_values is not None and pixel_values.shape[0] != batch_size:
                 raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows but input_ids has {batch_size}")
             if image_mask is None:
-                image_mask = torch.ones(batch_size, dtype=torch.bool, device=input_ids.device)
-            image_mask = image_mask.to(device=input_ids.device, dtype=torch.bool)
+                image_mask = torch.ones(batch_size, dtype=torch.bool, device=device)
+            image_mask = image_mask.to(device=device, dtype=torch.bool)
             if image_mask.shape != (batch_size,):
                 raise ValueError(f"image_mask must have shape ({batch_size},), got {tuple(image_mask.shape)}")
+            if image_pooled is not None and image_pooled.shape[0] != int(image_mask.sum()):
+                raise ValueError(f"image_pooled has {image_pooled.shape[0]} rows but image_mask marks "
+                                 f"{int(image_mask.sum())} rows with an image")
             image_embeds = text_embeds.new_zeros(batch_size, self.config.embed_dim)
             item_embeds = text_embeds
             if bool(image_mask.any()):
                 # Run the vision tower only on rows that have an image; others keep zeros.
-                present = nn.functional.normalize(self.encode_image(pixel_values[image_mask]), dim=-1)
+                if image_pooled is None:
+                    image_pooled = self.pool_image(pixel_values[image_mask])
+                present = nn.functional.normalize(self.project_image(image_pooled), dim=-1)
                 image_embeds = image_embeds.index_put((image_mask.nonzero(as_tuple=True)[0],), present)
                 fused = nn.functional.normalize(self.fusion(text_embeds[image_mask], present), dim=-1)
                 item_embeds = text_embeds.index_put((image_mask.nonzero(as_tuple=True)[0],), fused)

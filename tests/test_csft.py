@@ -196,3 +196,105 @@ def test_user_negative_run_trains_and_reports_masked_pairs(data_dir, towers, tmp
     assert all(math.isfinite(h["loss"]) for h in metrics["history"] if h["loss"] is not None)
     with pytest.raises(ValueError, match="hard_negative_source must be one of"):
         tiny_config(data_dir, towers, tmp_path, hard_negative_source="genre").validate()
+
+
+# --- cached_towers: frozen towers run once, steps train the heads on their pooled outputs ---
+
+def cached_config(data_dir, towers, output_dir, **overrides):
+    return tiny_config(data_dir, towers, output_dir, cached_towers=True, lora_r=0, **overrides)
+
+
+def test_cached_forward_equals_uncached_forward(data_dir, towers, tmp_path):
+    from mim_hf.csft.cache import TowerCache
+    from mim_hf.csft.train import PairBatches
+    from mim_hf.encoder.encoding import encode_items
+
+    config = cached_config(data_dir, towers, tmp_path / "run", vision_model=towers["vision"])
+    torch.manual_seed(0)
+    encoder, processor = build_start_encoder(config)
+    assert not any(p.requires_grad for p in encoder.text_model.parameters())
+    prepared = PreparedData.load(data_dir)
+    batches = PairBatches(prepared, processor, encoder, config)
+    cache = TowerCache.build(encoder, batches.encoder_inputs, len(prepared.items), 16, "cpu")
+    encoder.eval()
+    rows = torch.tensor([5, 0, 17, 3, 39, 22])
+    with torch.no_grad():
+        cached = encoder(**cache.inputs(rows, "cpu"))
+        uncached = encoder(**batches.encoder_inputs(rows))
+    assert bool(uncached.image_mask.any())  # the image path is compared too
+    for level in ("item_embeds", "text_embeds", "image_embeds", "image_mask"):
+        torch.testing.assert_close(getattr(cached, level), getattr(uncached, level), atol=1e-5, rtol=1e-4)
+    everything = encode_items(encoder, processor, prepared.items, levels=("item_embeds",), show_progress=False)
+    torch.testing.assert_close(cache.embed(encoder, 16, "cpu"), everything["item_embeds"], atol=1e-5, rtol=1e-4)
+    inputs = cache.inputs(rows, "cpu")
+    with pytest.raises(ValueError, match="not both"):
+        encoder(input_ids=batches.encoder_inputs(rows)["input_ids"], text_pooled=inputs["text_pooled"])
+    with pytest.raises(ValueError, match="image_pooled has"):
+        encoder(**{**inputs, "image_pooled": inputs["image_pooled"][:1]})
+
+
+def test_cached_run_trains_and_writes_a_loadable_encoder(data_dir, towers, tmp_path):
+    from mim_hf.csft.cache import CACHE_NAME, TowerCache
+    from mim_hf.encoder.build import load_encoder_and_processor
+
+    config = cached_config(data_dir, towers, tmp_path / "run", vision_model=towers["vision"], queue_size=0,
+                           max_steps=6, eval_every=3, max_train_pairs=8, learning_rate=3e-2)
+    metrics = run(config)
+    assert metrics["history"][-1]["loss"] < metrics["history"][1]["loss"]
+    assert metrics["timings_s"]["tower_cache"] > 0
+    encoder, processor = load_encoder_and_processor(tmp_path / "run" / "encoder")
+    prepared = PreparedData.load(data_dir)
+    rescored = evaluate_pairs(encoder, processor, prepared.items, {"test": prepared.pairs["test"]})
+    assert rescored["test"] == pytest.approx(metrics["retrieval"]["final"]["test"], abs=1e-9)
+    # the saved cache reproduces the saved encoder's embeddings; the towers did not change
+    cache = TowerCache.load(tmp_path / "run" / CACHE_NAME)
+    everything = evaluate_pairs(encoder, processor, prepared.items, {"test": prepared.pairs["test"]},
+                                catalogue_embeds=cache.embed(encoder, 64, "cpu"))
+    assert everything["test"] == pytest.approx(rescored["test"], abs=1e-9)
+    start = AutoModel.from_pretrained(towers["text"])
+    torch.testing.assert_close(encoder.text_model.state_dict(), start.state_dict())
+
+
+def test_cache_from_another_encoder_or_catalogue_is_refused(data_dir, towers, tmp_path):
+    from mim_hf.csft.cache import load_or_build
+    from mim_hf.csft.train import PairBatches
+
+    config = cached_config(data_dir, towers, tmp_path / "run")
+    encoder, processor = build_start_encoder(config)
+    prepared = PreparedData.load(data_dir)
+    batches = PairBatches(prepared, processor, encoder, config)
+    path = tmp_path / "cache.safetensors"
+    args = (batches.encoder_inputs, prepared.items, batches.records, processor, 64, "cpu")
+    built = load_or_build(path, encoder, *args)
+    torch.testing.assert_close(load_or_build(path, encoder, *args).text, built.text)  # reused
+    records = [dict(r) for r in batches.records]
+    records[0][processor.title_field] = "another title"
+    with pytest.raises(ValueError, match=r"made for different catalogue \(catalogue: file sha256"):
+        load_or_build(path, encoder, batches.encoder_inputs, prepared.items, records, processor, 64, "cpu")
+    with torch.no_grad():
+        next(encoder.text_model.parameters()).add_(1.0)
+    with pytest.raises(ValueError, match=r"made for different towers \(towers: file sha256"):
+        load_or_build(path, encoder, *args)
+
+
+def test_cached_towers_config_errors(data_dir, towers, tmp_path):
+    with pytest.raises(ValueError, match="cached_towers=True with lora_r=8: cached towers are frozen"):
+        run(tiny_config(data_dir, towers, tmp_path / "a", cached_towers=True))
+    with pytest.raises(ValueError, match="cached_towers=False with lora_r=0"):
+        run(tiny_config(data_dir, towers, tmp_path / "b", lora_r=0))
+    with pytest.raises(ValueError, match="anchor_weight"):
+        run(cached_config(data_dir, towers, tmp_path / "c", anchor_weight=-1.0))
+
+
+def test_anchor_is_zero_at_the_start_and_grows_as_training_moves_away(data_dir, towers, tmp_path):
+    metrics = run(cached_config(data_dir, towers, tmp_path / "run", anchor_weight=1.0, max_steps=3, eval_every=1,
+                                learning_rate=3e-2, queue_size=0))
+    anchors = [entry["levels"]["anchor"] for entry in metrics["history"][1:]]
+    assert anchors[0] < 1e-6 < anchors[-1]  # step 1 runs the start weights; later steps have moved
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(data_dir, towers, tmp_path):
+    metrics = run(cached_config(data_dir, towers, tmp_path / "run", max_steps=200, eval_every=1,
+                                early_stopping_patience=2, learning_rate=3e-2, queue_size=0))
+    assert metrics["stopped_early"] and metrics["steps"] < 200
+    assert metrics["steps"] == metrics["best_step"] + 2

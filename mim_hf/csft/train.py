@@ -8,7 +8,8 @@ is encoded as its unique items once (trigger, target and hard-negative rows toge
 Encoder: a stage-1 encoder directory (``encoder_path``: ``save_pretrained`` of a merged
 ``MIMContentEncoder`` + its processor, as the pre-training stage writes it) or raw towers
 (``text_model`` / ``vision_model``, built by ``build_content_encoder`` with a new projection).
-LoRA goes on the towers (base weights frozen); projections and fusion train fully.
+LoRA goes on the towers (base weights frozen); projections and fusion train fully. Or ``cached_towers``
+(``lora_r: 0``): frozen towers run once (:mod:`mim_hf.csft.cache`), steps train projections + fusion only.
 
 Loss: ``MultiLevelInfoNCE`` (item, text, image, cross levels with ``level_weights``) with
 in-batch negatives, *space* negatives (``gather_across_devices``: the targets of every
@@ -88,7 +89,7 @@ class CSFTConfig:
     text_model: str = config_field("sentence-transformers/all-MiniLM-L6-v2", "text tower id/path (without encoder_path)")
     vision_model: str | None = config_field(None, "vision tower id/path, None = text-only (without encoder_path)")
     embed_dim: int = config_field(256, "shared embedding size of a new encoder (without encoder_path)")
-    lora_r: int = config_field(8, "LoRA rank on the towers")
+    lora_r: int = config_field(8, "LoRA rank on the towers (0 = no LoRA: towers frozen; needed by cached_towers)")
     lora_alpha: int = config_field(16, "LoRA alpha")
     lora_dropout: float = config_field(0.05, "LoRA dropout")
     lora_last_layers: int = config_field(2, "LoRA only on the towers' last N layers (peft layers_to_transform; "
@@ -121,6 +122,13 @@ class CSFTConfig:
     cooccurrence_window: int = config_field(5, "pair_source 'cooccurrence': items within N consecutive train positives "
                                             "of a user co-occur")
     cooccurrence_pairs_per_item: int = config_field(20, "pair_source 'cooccurrence': top co-counted partners per item")
+    cached_towers: bool = config_field(False, "frozen towers run once over the catalogue; steps train projections "
+                                       "+ fusion on their cached pooled outputs (CPU epochs). Needs lora_r: 0")
+    tower_cache_path: str | None = config_field(None, "cached_towers: cache file (None = output_dir/tower_cache."
+                                                "safetensors); reused if made by the same towers + catalogue")
+    anchor_weight: float = config_field(0.0, "guard: weight of mean (1 - cos) to the start encoder's item "
+                                        "embeddings of the batch (0 = off)")
+    early_stopping_patience: int = config_field(0, "stop after N evaluations without a better valid recall@10 (0 = off)")
     eval_every: int = config_field(50, "evaluate on valid pairs every N steps (and at the last step)")
     eval_batch_size: int = config_field(128, "items per forward pass when encoding the catalogue")
     checkpoint_every: int = config_field(100, "checkpoint every N steps (0 = never)")
@@ -133,16 +141,20 @@ class CSFTConfig:
         """Raise ``ValueError`` naming the first bad field."""
         if not self.data_dir:
             raise ValueError("data_dir is required (a directory written by `mim-hf data prepare`)")
-        for name in ("batch_size", "max_steps", "eval_every", "eval_batch_size", "lora_r", "lora_alpha",
-                     "keep_checkpoints"):
+        for name in ("batch_size", "max_steps", "eval_every", "eval_batch_size", "lora_alpha", "keep_checkpoints"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("max_train_pairs", "checkpoint_every", "queue_size", "hard_negatives", "warmup_steps",
-                     "num_threads", "lora_last_layers"):
+                     "num_threads", "lora_last_layers", "lora_r", "early_stopping_patience"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if bool(self.cached_towers) == bool(self.lora_r):
+            raise ValueError(f"cached_towers={self.cached_towers} with lora_r={self.lora_r}: cached towers are frozen "
+                             "(set lora_r: 0); LoRA needs running towers (lora_r >= 1 with cached_towers: false)")
+        if not (isinstance(self.anchor_weight, (int, float)) and 0 <= self.anchor_weight < math.inf):
+            raise ValueError(f"anchor_weight must be a finite number >= 0, got {self.anchor_weight!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if not self.temperature > 0:
@@ -191,11 +203,12 @@ class BestWeights:
 
 
 def build_start_encoder(config: CSFTConfig):
-    """The starting encoder (LoRA applied, base towers frozen) and its processor."""
+    """The starting encoder (towers frozen; LoRA on them unless ``lora_r`` is 0) and its processor."""
     from mim_hf.encoder.build import build_content_encoder, build_content_processor
-    from mim_hf.encoder.lora import apply_lora
+    from mim_hf.encoder.lora import apply_lora, freeze_towers
 
-    lora = {"lora_r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout}
+    lora = {"lora_r": config.lora_r, "lora_alpha": config.lora_alpha,
+            "lora_dropout": config.lora_dropout} if config.lora_r else {}
     if config.encoder_path is not None:
         from mim_hf.encoder.build import load_encoder_and_processor
 
@@ -206,6 +219,8 @@ def build_start_encoder(config: CSFTConfig):
         encoder = build_content_encoder(config.text_model, config.vision_model, embed_dim=config.embed_dim,
                                         lora=False, **lora)
         processor = build_content_processor(config.text_model, config.vision_model)
+    if not config.lora_r:
+        return freeze_towers(encoder), processor
     return apply_lora(encoder, last_layers=config.lora_last_layers), processor
 
 
@@ -357,10 +372,8 @@ def _select_outputs(output, positions: torch.Tensor) -> dict:
 
 
 def target_log_prior(batches: PairBatches) -> torch.Tensor:
-    """``(num_catalogue_rows,)`` log frequency of each item as a train target (floor: one count).
-
-    In-batch candidates are other pairs' targets, drawn with exactly this frequency.
-    """
+    """``(num_catalogue_rows,)`` log frequency of each item as a train target (floor: one count): in-batch
+    candidates are other pairs' targets, drawn with exactly this frequency."""
     counts = torch.bincount(batches.target_rows, minlength=len(batches.items)).double().clamp(min=1)
     return (counts / counts.sum()).log().float()
 
@@ -375,10 +388,13 @@ def run(config: CSFTConfig, resume: bool = False, accelerator: Accelerator | Non
 
 def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) -> dict:
     from mim_hf.data import PreparedData
-    from mim_hf.csft.losses import MultiLevelInfoNCE
+    from mim_hf.csft.losses import MultiLevelInfoNCE, anchor_distance
     from mim_hf.encoder.lora import save_adapters
     from mim_hf.encoder.lora import merge_adapters as merge_lora
+    from mim_hf.modeling.modeling_mim_encoder import has_injected_adapters
     from mim_hf.csft.retrieval import evaluate_pairs, popularity_retrieval, train_item_counts
+    from mim_hf.encoder.encoding import encode_items
+    from mim_hf.csft.cache import run_tower_cache
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -399,11 +415,16 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
                          f"{config.batch_size} x {accelerator.num_processes} process(es)")
     eval_pairs = {split: prepared.pairs[split] for split in ("valid", "test")}
     device = accelerator.device
+    cache, cache_started = None, time.perf_counter()
+    if config.cached_towers:
+        cache = run_tower_cache(config, accelerator, encoder, batches, processor, prepared.items, device)
+        timings["tower_cache"] = time.perf_counter() - cache_started
 
-    def evaluate(splits):
+    def catalogue_embeds() -> torch.Tensor:  # (N, D) item embeddings of the catalogue by the current weights
         model = accelerator.unwrap_model(encoder_model)
-        return evaluate_pairs(model, processor, prepared.items, {s: eval_pairs[s] for s in splits},
-                              batch_size=config.eval_batch_size, device=device)
+        return (cache.embed(model, config.eval_batch_size, device) if cache is not None else
+                encode_items(model, processor, prepared.items, batch_size=config.eval_batch_size,
+                             levels=("item_embeds",), show_progress=False, device=device)["item_embeds"])
 
     loss_fn = MultiLevelInfoNCE(
         weights=config.level_weights, temperature=config.temperature,
@@ -424,7 +445,8 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
     started_eval = time.perf_counter()
     retrieval["popularity"] = popularity_retrieval(train_item_counts(prepared.samples["train"]), eval_pairs,
                                                    prepared.items["item_id"])
-    retrieval["start"] = evaluate(("valid", "test"))  # before a resume loads trained weights
+    start_embeds = catalogue_embeds()  # before a resume loads trained weights; the anchor's reference
+    retrieval["start"] = evaluate_pairs(None, processor, prepared.items, eval_pairs, catalogue_embeds=start_embeds)
     timings["start_eval"] = time.perf_counter() - started_eval
     # The loss holds the time-negative queues, which differ per process unless they are gathered.
     resumed_from = restore_checkpoint(accelerator, checkpoint, checkpoint_state, per_process=("loss",))
@@ -446,8 +468,11 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
         return accelerator.prepare(DataLoader(list(sampler), batch_size=config.batch_size, drop_last=True,
                                               collate_fn=torch.as_tensor))
 
+    def patience_spent() -> bool:
+        return 0 < config.early_stopping_patience <= progress.evals_without_improvement
+
     for positions in train_batches(accelerator, progress, epoch_loader,
-                                   stop=lambda: progress.step >= config.max_steps):
+                                   stop=lambda: progress.step >= config.max_steps or patience_spent()):
         step_started = time.perf_counter()
         positions = positions.cpu()
         trigger_rows, target_rows = batches.trigger_rows[positions], batches.target_rows[positions]
@@ -457,7 +482,8 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
             hard_rows, hard_mask = batches.hard_negative_rows(target_rows, progress.step, positions)
             parts.append(hard_rows.flatten())
         unique_rows, inverse = torch.unique(torch.cat(parts), return_inverse=True)
-        inputs = {k: v.to(device) for k, v in batches.encoder_inputs(unique_rows).items()}
+        inputs = (cache.inputs(unique_rows, device) if cache is not None  # cached: only the heads run
+                  else {k: v.to(device) for k, v in batches.encoder_inputs(unique_rows).items()})
         # Dropout masks from (seed, step, rank) alone: a resumed run draws the same ones even
         # though building data loaders and evaluating consumed global random numbers.
         torch.manual_seed(hash((config.seed, progress.step, accelerator.process_index)) % (2**63))
@@ -472,6 +498,10 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
                 hard_kwargs["hard_negative_mask"] = hard_mask.to(device)
         loss, levels = loss_fn(_select_outputs(output, inverse[:size]), _select_outputs(output, inverse[size:2 * size]),
                                trigger_rows.to(device), target_rows.to(device), **hard_kwargs)
+        if config.anchor_weight:
+            anchor = anchor_distance(output.item_embeds, start_embeds[unique_rows].to(device))
+            loss = loss + config.anchor_weight * anchor
+            levels["anchor"] = float(anchor.detach())
         accelerator.backward(loss)
         optimizer.step()
         scheduler.step()
@@ -492,7 +522,7 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
             eval_started = time.perf_counter()
             # Test is scored from the same catalogue encoding (cheap) but only read for the
             # step that valid selects: the final metrics need no second encoding.
-            scored = evaluate(("valid", "test"))
+            scored = evaluate_pairs(None, processor, prepared.items, eval_pairs, catalogue_embeds=catalogue_embeds())
             valid = scored["valid"]
             improved = progress.record({
                 "loss": window_loss / window_steps,
@@ -505,12 +535,12 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
             encoder_model.train()
             eval_time += time.perf_counter() - eval_started
             if main:
-                bar.write(f"step {progress.step}: loss {progress.history[-1]['loss']:.4f}, "
+                bar.write(f"step {progress.step} (epoch {progress.epoch}): loss {progress.history[-1]['loss']:.4f}, "
                           f"valid recall@10 {valid['recall@10']:.4f} (best {progress.best_metric:.4f} "
                           f"at step {progress.best_step})")
         if config.checkpoint_every and progress.step % config.checkpoint_every == 0:
             save_checkpoint(accelerator, config, progress.step, checkpoint_state, per_process=("loss",))
-        if progress.step >= config.max_steps:
+        if progress.step >= config.max_steps or patience_spent():
             break
     bar.close()
     timings["train"], timings["periodic_eval"] = train_time, eval_time
@@ -523,14 +553,16 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
     save_started = time.perf_counter()
     encoder_dir = output_dir / "encoder"
     if main:
-        save_adapters(model, encoder_dir / "adapters")
+        if has_injected_adapters(model):
+            save_adapters(model, encoder_dir / "adapters")
         processor.save_pretrained(encoder_dir)
         start = {k: getattr(config, k) for k in ("encoder_path", "text_model", "vision_model", "embed_dim",
                                                  "lora_r", "lora_alpha", "lora_dropout", "lora_last_layers", "seed")}
         (encoder_dir / ENCODER_INFO_NAME).write_text(json.dumps({"start": start, "best_step": progress.best_step},
                                                                 indent=2))
-        if config.merge_adapters:
+        if has_injected_adapters(model) and config.merge_adapters:
             merge_lora(model)
+        if not has_injected_adapters(model):  # merged, or frozen towers (cached_towers)
             model.save_pretrained(encoder_dir)
     accelerator.wait_for_everyone()
     timings["save"] = time.perf_counter() - save_started
@@ -548,6 +580,7 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
         "steps": progress.step,
         "epochs_completed": progress.epoch,
         "best_step": progress.best_step,
+        "stopped_early": progress.step < config.max_steps,
         "temperature": {name: f.temperature for name, f in loss_fn.directions.items()},
         "hard_negative_fallbacks": batches.hard_fallbacks,
         "hard_negative_masked_pairs": batches.hard_masked_pairs,

@@ -77,18 +77,25 @@ def apply_lora(encoder: MIMContentEncoder, towers: tuple[str, ...] = TOWERS, las
     return _inject(encoder, {name: tower_lora_config(encoder, name, last_layers) for name in towers if name in present})
 
 
+def freeze_towers(encoder: MIMContentEncoder) -> MIMContentEncoder:
+    """Freeze both towers; projections and fusion train (in place). Returns the same encoder."""
+    for tower in _towers(encoder).values():
+        tower.requires_grad_(False)
+    for param in _head_parameters(encoder).values():
+        param.requires_grad_(True)
+    return encoder
+
+
 def _inject(encoder: MIMContentEncoder, configs: dict[str, LoraConfig]) -> MIMContentEncoder:
     """Inject ``configs`` ({tower: LoraConfig}) and freeze the towers' base weights."""
     if has_injected_adapters(encoder):
         raise ValueError("LoRA is already applied to this encoder")
+    freeze_towers(encoder)
     for name, tower in _towers(encoder).items():
-        tower.requires_grad_(False)
         if name in configs:
             inject_adapter_in_model(configs[name], tower, adapter_name=ADAPTER_NAME)
             for param_name, param in tower.named_parameters():
                 param.requires_grad_("lora_" in param_name)
-    for param in _head_parameters(encoder).values():
-        param.requires_grad_(True)
     # Injected layers start in training mode; keep the encoder's mode (eval -> no LoRA dropout).
     encoder.train(encoder.training)
     return encoder
@@ -195,6 +202,6 @@ def merge_adapters(encoder: MIMContentEncoder) -> MIMContentEncoder:
 
 
 __all__ = [
-    "apply_lora", "save_adapters", "load_adapters", "merge_adapters", "tower_lora_config",
+    "apply_lora", "freeze_towers", "save_adapters", "load_adapters", "merge_adapters", "tower_lora_config",
     "trainable_parameter_counts",
 ]
