@@ -342,3 +342,22 @@ def test_report_names_the_commits_its_runs_were_made_at():
                                              "runs": {0: run(0.6, "abc"), 1: run(0.61, "def"), 2: run(0.62)}}}}}
     config = SimpleNamespace(folds=1, run_folds=1, seeds=(0, 1, 2), budget="small", epochs=1, world="synthetic")
     assert build_report(config, folds, wall_time_s=1.0)["run_commits"] == ["abc", "def", "unrecorded"]
+
+
+def test_lever_rows_are_paired_against_their_base_model():
+    from types import SimpleNamespace
+
+    from mim_hf.results.report import build_report, markdown
+
+    def run(auc):
+        return {"test": {"overall": {"auc": auc, "gauc": auc, "logloss": 0.6, "n": 10}}, "timings_s": {"total": 1.0}}
+
+    rows = {"din": (0.60, 0.62), "ciubm_csft": (0.65, 0.66), "ciubm_csft+simtier": (0.66, 0.68),
+            "ciubm_raw+simtier": (0.7, 0.7)}  # its base did not run: no lever pair
+    folds = {"item-cold/rating": {0: {m: {"setting": {}, "valid_auc_by_setting": {}, "runs": {0: run(a), 1: run(b)}}
+                                      for m, (a, b) in rows.items()}}}
+    config = SimpleNamespace(folds=1, run_folds=1, seeds=(0, 1), budget="small", epochs=1, world="synthetic")
+    report = build_report(config, folds, wall_time_s=1.0)
+    assert set(report["levers"]["item-cold/rating"]) == {"ciubm_csft+simtier"}
+    assert report["levers"]["item-cold/rating"]["ciubm_csft+simtier"]["auc_diff"] == pytest.approx(0.015)
+    assert "| model vs its base model |" in markdown(report, [])

@@ -13,6 +13,9 @@ LEVERS = {
     "simtier": ("ctr", {"histogram_kind": "simtier", "histogram_n_bins": 20}),
     "aware_attention": ("ctr", {"similarity_attention": "aware"}),
     "content_to_id": ("ctr", {"content_to_id": True}),
+    # C-SFT changes against the shipped C-SFT config (cached towers, anchor 0.3, behaviour pairs)
+    "cooccurrence_pairs": ("csft", {"pair_source": "cooccurrence"}),
+    "no_anchor": ("csft", {"anchor_weight": 0.0}),
 }
 CONTENT_BASES = ("content_feature", "ciubm_raw", "ciubm_pretrained", "ciubm_csft")
 

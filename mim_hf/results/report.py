@@ -7,6 +7,7 @@ popularity bucket, paired AUC differences to DIN-ID, the chosen settings, commit
                                                "cold": {...}, "long_tail": {...}, "head": {...}},
                                        "fuxictr_din": {...}, ...}, ...},
      "paired": {"<protocol>": {"<model>": {"auc_diff", "ci_low", "ci_high", "n_pairs"}}},
+     "levers": {"<protocol>": {"<model+levers>": {...}}},   (against the model without its levers)
      "folds": K, "folds_run": k, "seeds": [...], "budget", "grid", "epochs", "patience",
      "settings": {"<protocol>": {"<model>": {"fold<k>": setting}}},
      "tuning_valid_auc": {"<protocol>": {"<model>": {"fold<k>": {"<setting id>": valid AUC}}}},
@@ -57,7 +58,7 @@ def aggregate_model(per_fold: dict) -> dict:
 
 def build_report(config, folds: dict, wall_time_s: float) -> dict:
     """The report dict from ``{protocol: {fold: run_fold(...)}}``."""
-    report = {"protocols": {}, "paired": {}, "settings": {}, "tuning_valid_auc": {}, "folds": config.folds, "folds_run": config.run_folds,
+    report = {"protocols": {}, "paired": {}, "levers": {}, "settings": {}, "tuning_valid_auc": {}, "folds": config.folds, "folds_run": config.run_folds,
               "seeds": list(config.seeds), "budget": config.budget, "grid": tuning.budget(config.budget)["grid"],
               "epochs": config.epochs or tuning.budget(config.budget)["epochs"], "patience": tuning.PATIENCE}
     compute = 0.0
@@ -70,6 +71,9 @@ def build_report(config, folds: dict, wall_time_s: float) -> dict:
         auc = {m: {(k, seed): run["test"]["overall"]["auc"] for k, f in per_fold.items() for seed, run in f[m]["runs"].items()}
                for m in models}
         report["paired"][protocol] = {m: paired_difference(auc[m], auc["din"]) for m in models if m != "din"}
+        # each lever row against the same model without its levers (when that row ran too)
+        report["levers"][protocol] = {m: paired_difference(auc[m], auc[m.split("+")[0]]) for m in models
+                                      if "+" in m and m.split("+")[0] in auc}
         compute += sum(r["timings_s"].get("total", 0.0) for f in per_fold.values() for m in models
                        for r in f[m]["runs"].values())
     report["wall_time_s"] = round(wall_time_s, 1)
@@ -84,8 +88,8 @@ def build_report(config, folds: dict, wall_time_s: float) -> dict:
     return report
 
 
-def paired_table(paired: dict) -> str:
-    lines = ["| model vs DIN-ID | mean AUC difference | 95 % interval | pairs (fold × seed) |", "|---|---|---|---|"]
+def paired_table(paired: dict, against: str = "DIN-ID") -> str:
+    lines = [f"| model vs {against} | mean AUC difference | 95 % interval | pairs (fold × seed) |", "|---|---|---|---|"]
     for model, p in paired.items():
         lines.append(f"| {model_label(model)} | {p['auc_diff']:+.4f} | [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}] "
                      f"| {p['n_pairs']} |")
@@ -125,6 +129,9 @@ def markdown(report: dict, plots: list[Path]) -> str:
             lines += [f"**{metric.upper()}**", "", results_table(results, metric), ""]
         lines += ["**AUC difference to DIN-ID** (paired over matched folds × seeds, 95 % bootstrap interval)", "",
                   paired_table(report["paired"][protocol]), ""]
+        if report["levers"][protocol]:
+            lines += ["**Levers** (each row against the same model without them, paired over folds × seeds)", "",
+                      paired_table(report["levers"][protocol], against="its base model"), ""]
         reference = report["paired"][protocol].get("fuxictr_din")
         if reference is not None:
             lines += [reference_verdict(reference), ""]
