@@ -354,7 +354,8 @@ def test_lever_rows_are_paired_against_their_base_model():
 
     rows = {"din": (0.60, 0.62), "ciubm_csft": (0.65, 0.66), "ciubm_csft+simtier": (0.66, 0.68),
             "ciubm_raw+simtier": (0.7, 0.7)}  # its base did not run: no lever pair
-    folds = {"item-cold/rating": {0: {m: {"setting": {}, "valid_auc_by_setting": {}, "runs": {0: run(a), 1: run(b)}}
+    setting = dict.fromkeys(tuning.TUNED_FIELDS, 0)
+    folds = {"item-cold/rating": {0: {m: {"setting": setting, "valid_auc_by_setting": {}, "runs": {0: run(a), 1: run(b)}}
                                       for m, (a, b) in rows.items()}}}
     config = SimpleNamespace(folds=1, run_folds=1, seeds=(0, 1), budget="small", epochs=1, world="synthetic")
     report = build_report(config, folds, wall_time_s=1.0)
