@@ -115,7 +115,8 @@ def settings_table(settings: dict) -> str:
 
 
 def markdown(report: dict, plots: list[Path]) -> str:
-    n_runs = f"{report['folds_run']} fold(s) of {report['folds']} × {len(report['seeds'])} seed(s)"
+    n_runs = (f"{len(report['seeds'])} seed(s) × the folds: `temporal` has one split, `item-cold` ran "
+              f"{report['folds_run']} of {report['folds']} item fold(s)")
     lines = ["# mim-hf results", "",
              f"Test metrics, mean ± std over {n_runs}; settings chosen on valid AUC from the `{report['budget']}` "
              f"grid {report['grid']} (≤ {report['epochs']} epochs, early stopping patience {report['patience']}). "
