@@ -128,6 +128,19 @@ def test_early_stopping_triggers_and_keeps_best(world_dirs, tmp_path):
     assert metrics["valid"]["overall"]["auc"] == pytest.approx(training["best_valid_auc"], abs=1e-9)
 
 
+def test_learning_rate_is_cut_after_each_evaluation_without_improvement(world_dirs, tmp_path):
+    config = tiny_config(world_dirs, tmp_path, mode="din", epochs=8, patience=4, learning_rate=3e-2,
+                         lr_decay_on_plateau=0.5)
+    history = run(config)["history"]
+    assert any(not h["is_best"] for h in history[:-1])  # the rule below is exercised
+    for before, after in zip(history, history[1:]):
+        expected = before["learning_rate"] * (1.0 if before["is_best"] else 0.5)
+        assert after["learning_rate"] == pytest.approx(expected, rel=1e-12)
+    assert history[0]["learning_rate"] == 3e-2
+    with pytest.raises(ValueError, match="lr_decay_on_plateau must be in"):
+        tiny_config(world_dirs, tmp_path, mode="din", lr_decay_on_plateau=0.0).validate()
+
+
 class Interrupted(Exception):
     pass
 

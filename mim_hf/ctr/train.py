@@ -10,7 +10,8 @@ What happens:
 2. Every split is collated ONCE by :class:`~mim_hf.ctr.collator.CTRCollator` into int64 tensors
    kept in memory (:class:`CTRTensorSplit`); content enters as rows of the center's content
    table, which the model holds (``set_content_table``; not saved with it).
-3. AdamW with gradient clipping; the valid split is evaluated every ``eval_every`` steps (default:
+3. AdamW with gradient clipping (the rate optionally cut by ``lr_decay_on_plateau`` after an evaluation
+   without improvement); the valid split is evaluated every ``eval_every`` steps (default:
    each epoch); the best model by valid AUC is saved with ``save_pretrained`` to
    ``output_dir/model``; training stops after ``patience`` evaluations without improvement.
 4. The best model is reloaded and scored on valid and test: AUC, GAUC, logloss, n, overall and
@@ -82,7 +83,9 @@ class CTRTrainConfig:
     seed: int = config_field(0, "seed of init, shuffling and dropout")
     batch_size: int = config_field(1024, "training samples per step (per process)")
     eval_batch_size: int = config_field(4096, "samples per forward pass in evaluation")
-    learning_rate: float = config_field(1e-3, "AdamW learning rate (constant)")
+    learning_rate: float = config_field(1e-3, "AdamW learning rate")
+    lr_decay_on_plateau: float = config_field(1.0, "multiply the learning rate by this after each evaluation without "
+                                              "a better valid AUC (1 = constant; FuxiCTR's fit uses 0.1)")
     weight_decay: float = config_field(0.0, "AdamW decoupled weight decay")
     max_grad_norm: float = config_field(10.0, "gradient-norm clip (0 = off)")
     epochs: int = config_field(5, "passes over the train split (upper bound; early stopping may end sooner)")
@@ -120,6 +123,8 @@ class CTRTrainConfig:
             raise ValueError("epochs and max_steps are both 0: nothing would be trained")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 < self.lr_decay_on_plateau <= 1.0:
+            raise ValueError(f"lr_decay_on_plateau must be in (0, 1], got {self.lr_decay_on_plateau}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError(f"weight_decay and max_grad_norm must be >= 0, got {self.weight_decay}, {self.max_grad_norm}")
 
@@ -418,8 +423,12 @@ def _train_and_evaluate(config: CTRTrainConfig, resume: bool, accelerator) -> di
                  "valid_auc": valid["overall"]["auc"], "valid_gauc": valid["overall"]["gauc"],
                  "valid_logloss": valid["overall"]["logloss"]}
         progress.train_loss_sum, progress.train_loss_count = 0.0, 0
+        entry["learning_rate"] = optimizer.param_groups[0]["lr"]  # the rate the steps before this evaluation used
         improved = progress.record(entry, key="valid_auc", higher_is_better=True)
         progress.history[-1]["is_best"] = improved
+        if not improved and config.lr_decay_on_plateau != 1.0:
+            for group in optimizer.param_groups:  # saved with the optimizer state: a resumed run keeps it
+                group["lr"] *= config.lr_decay_on_plateau
         if improved and accelerator.is_main_process:
             _save_model_atomic(accelerator.unwrap_model(model), best_dir)
         bar.set_postfix(valid_auc=f"{entry['valid_auc']:.4f}" if entry["valid_auc"] is not None else "n/a")
