@@ -107,8 +107,13 @@ def protocol_folds(config: "ResultsConfig", protocol: str) -> int:
 
 
 class _Progress:
+    """Progress lines of one invocation, and the commit its code was loaded from (recorded in every
+    result it makes: the checkout may move on while a long invocation runs)."""
+
     def __init__(self, total: int):
-        self.total, self.done, self.started = total, 0, time.perf_counter()
+        from mim_hf.results.report import current_commit
+
+        self.total, self.done, self.started, self.commit = total, 0, time.perf_counter(), current_commit()
 
     def step(self, what: str, reused: bool) -> None:
         self.done += 1
@@ -185,8 +190,6 @@ def _train_one(config: ResultsConfig, root: Path, names: dict, model: str, setti
                centers: dict, epochs: int) -> dict:
     """One CTR training; returns the result (valid/test metrics, training facts, setting)."""
     from mim_hf.ctr import train as ctr
-    from mim_hf.results.report import current_commit
-
     run_dir = root / "runs" / model / tuning.setting_id(setting) / f"seed{seed}"
     base, levers = lever_specs.parse_model(model)
     ctr_config_name = names["ctr"] + ROWS[base][2]
@@ -217,7 +220,7 @@ def _train_one(config: ResultsConfig, root: Path, names: dict, model: str, setti
                           resume=latest_checkpoint(run_dir) is not None)
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"model": model, "seed": seed, "setting": setting, "valid": metrics["valid"], "test": metrics["test"],
-            "training": metrics["training"], "timings_s": metrics["timings_s"], "commit": current_commit()}
+            "training": metrics["training"], "timings_s": metrics["timings_s"]}
 
 
 def _result(config, root, names, model, setting, seed, centers, epochs, progress) -> dict:
@@ -227,7 +230,7 @@ def _result(config, root, names, model, setting, seed, centers, epochs, progress
     if path.exists():
         progress.step(what, reused=True)
         return json.loads(path.read_text())
-    result = _train_one(config, root, names, model, setting, seed, centers, epochs)
+    result = {**_train_one(config, root, names, model, setting, seed, centers, epochs), "commit": progress.commit}
     write_json_atomic(path, result)
     progress.step(what + f" valid_auc={result['valid']['overall']['auc']:.4f}", reused=False)
     return result
