@@ -144,7 +144,7 @@ def test_harness_runs_resumes_and_reports(tmp_path, monkeypatch):
     valid = {r: json.loads((fold / "results" / "din" / r / "seed0.json").read_text())["valid"]["overall"]["auc"]
              for r in [tuning.setting_id(s) for s in tuning.settings_grid("small", {**chosen})]}
     assert tuning.setting_id(chosen) == max(valid, key=valid.get)
-    made_at = {json.loads((fold / "results" / "din" / r).read_text())["commit"] for r in stored}
+    made_at = {json.loads((fold / "results" / r).read_text())["commit"] for r in stored}
     assert made_at == {report["commit"]} and report["run_commits"] == [report["commit"]]
     assert json.loads((tmp_path / "docs" / "results.json").read_text())["protocols"] == json.loads(
         json.dumps(report["protocols"]))
