@@ -21,7 +21,7 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 COSINE_EPS = 1e-8  # norms below it count as it: cosines stay bounded, zero vectors get 0
 
 
-def _unit_rows(vectors: torch.Tensor) -> torch.Tensor:
+def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
     """(..., C) -> the rows divided by max(|row|, COSINE_EPS) (zero rows stay zero)."""
     return vectors / torch.linalg.vector_norm(vectors, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
 
@@ -33,7 +33,7 @@ def table_inverse_norms(table: torch.Tensor) -> torch.Tensor:
     return torch.where(norms >= COSINE_EPS, norms.clamp_min(COSINE_EPS).reciprocal(), 0.0)
 
 
-def _compute_dtype(table: torch.Tensor) -> torch.dtype:
+def compute_dtype(table: torch.Tensor) -> torch.dtype:
     """float32 for half-precision tables (sums and norms in float32), else the table dtype."""
     return torch.float32 if table.dtype in (torch.float16, torch.bfloat16) else table.dtype
 

@@ -33,12 +33,12 @@ from .ciubm_content import (
     CiUBMContentToID,
     CiUBMSimilarityHistogram,
     CiUBMSimTier,
-    _compute_dtype,
-    _unit_rows,
+    compute_dtype,
     content_cosine_similarity,
     masked_softmax,
     pool_rows,
     table_inverse_norms,
+    unit_rows,
 )
 from .configuration_ciubm import CiUBMConfig
 
@@ -418,7 +418,7 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
         if table is not None:
             target_content = table.index_select(0, target_content_rows)
             if self.uses_similarity:
-                target_unit = _unit_rows(target_content.to(_compute_dtype(table)))
+                target_unit = unit_rows(target_content.to(compute_dtype(table)))
                 similarity = content_cosine_similarity(
                     target_unit, table, self.content_inverse_norms, behavior_content_rows).to(table.dtype)
 
