@@ -41,8 +41,13 @@ def check_pair_source(config) -> None:
     if config.id_model_path and config.pair_source != "id_aligned":
         raise ValueError(f"id_model_path={config.id_model_path!r} is only read with pair_source='id_aligned', "
                          f"got pair_source={config.pair_source!r}")
-    for name, minimum in (("cooccurrence_window", 2), ("cooccurrence_pairs_per_item", 1)):
-        value = getattr(config, name)
+    _check_cooccurrence(config.cooccurrence_window, config.cooccurrence_pairs_per_item,
+                        names=("cooccurrence_window", "cooccurrence_pairs_per_item"))
+
+
+def _check_cooccurrence(window, max_pairs_per_item, names=("window", "max_pairs_per_item")) -> None:
+    """``ValueError`` naming the field unless window >= 2 and max_pairs_per_item >= 1 are ints."""
+    for name, value, minimum in ((names[0], window, 2), (names[1], max_pairs_per_item, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
@@ -149,10 +154,7 @@ def cooccurrence_pairs(prepared, window: int = 5, max_pairs_per_item: int = 20) 
     trigger may be later than the target (co-occurrence has no direction). Stats count the users
     with a single train positive (no partner) and the pairs dropped by ``max_pairs_per_item``.
     """
-    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise ValueError(f"window must be an int >= 2 (consecutive positives that co-occur), got {window!r}")
-    if isinstance(max_pairs_per_item, bool) or not isinstance(max_pairs_per_item, int) or max_pairs_per_item < 1:
-        raise ValueError(f"max_pairs_per_item must be an int >= 1, got {max_pairs_per_item!r}")
+    _check_cooccurrence(window, max_pairs_per_item)
     positives = _train_positives(prepared, ["user_id", "item_id", "timestamp"]).to_pandas()
     # The train split is in time order; a stable sort by user keeps each user's positives in it.
     user_codes, user_names = pd.factorize(positives["user_id"], sort=True)
@@ -212,12 +214,12 @@ def _train_positives(prepared, columns: list[str]) -> pa.Table:
 def _vocab_rows(prepared, item_ids: np.ndarray, what: str) -> np.ndarray:
     """Rows of ``item_ids`` in the prepared item vocabulary; an unknown id is an error (train
     positives are always in it)."""
-    tokens = prepared.vocabs["item_id"].tokens
-    rows = pd.Index(tokens).get_indexer(pd.Index(item_ids, dtype=object))
-    unknown = np.flatnonzero(rows <= 0)
+    vocab = prepared.vocabs["item_id"]
+    rows = vocab.encode(item_ids)
+    unknown = np.flatnonzero(rows == 0)
     if len(unknown):
         raise ValueError(f"{what} item_id {item_ids[unknown[0]]!r} is absent from the prepared item vocabulary "
-                         f"({len(tokens)} tokens); expected train positives only")
+                         f"({len(vocab)} tokens); expected train positives only")
     return rows
 
 
