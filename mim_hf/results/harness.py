@@ -190,6 +190,7 @@ def _train_one(config: ResultsConfig, root: Path, names: dict, model: str, setti
                centers: dict, epochs: int) -> dict:
     """One CTR training; returns the result (valid/test metrics, training facts, setting)."""
     from mim_hf.ctr import train as ctr
+
     run_dir = root / "runs" / model / tuning.setting_id(setting) / f"seed{seed}"
     base, levers = lever_specs.parse_model(model)
     ctr_config_name = names["ctr"] + ROWS[base][2]

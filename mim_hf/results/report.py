@@ -28,6 +28,7 @@ import torch
 from mim_hf.common.config import write_json_atomic
 from mim_hf.report import BUCKET_ORDER, METRICS, aggregate_seeds, model_label, plot_auc_by_bucket, results_table
 from mim_hf.results import tuning
+from mim_hf.results.levers import parse_model
 from mim_hf.results.paired import paired_difference
 
 
@@ -72,8 +73,9 @@ def build_report(config, folds: dict, wall_time_s: float) -> dict:
                for m in models}
         report["paired"][protocol] = {m: paired_difference(auc[m], auc["din"]) for m in models if m != "din"}
         # each lever row against the same model without its levers (when that row ran too)
-        report["levers"][protocol] = {m: paired_difference(auc[m], auc[m.split("+")[0]]) for m in models
-                                      if "+" in m and m.split("+")[0] in auc}
+        bases = {m: parse_model(m)[0] for m in models}
+        report["levers"][protocol] = {m: paired_difference(auc[m], auc[base]) for m, base in bases.items()
+                                      if base != m and base in auc}
         compute += sum(r["timings_s"].get("total", 0.0) for f in per_fold.values() for m in models
                        for r in f[m]["runs"].values())
     report["wall_time_s"] = round(wall_time_s, 1)
