@@ -502,6 +502,23 @@ def test_resume_accepts_a_longer_schedule_only_where_the_config_allows_it(tmp_pa
         start_run(accelerator, LongerScheduleConfig(output_dir=str(tmp_path), max_steps=20, batch_size=8), True)
 
 
+@dataclasses.dataclass
+class ConfigWithANewField(RunConfig):
+    lr_decay: float = config_field(1.0, "a field added after the checkpoint was written; 1.0 = the old behaviour")
+
+
+def test_resume_accepts_a_field_added_later_only_at_its_default(tmp_path):
+    """A checkpoint from before a config field existed resumes when the new field keeps its
+    default (the old behaviour); another value is refused, naming the field."""
+    accelerator, state, step = toy_training(tmp_path)
+    step()
+    save_checkpoint(accelerator, RunConfig(output_dir=str(tmp_path)), step=1, state=state, per_process=("loss",))
+    assert restore_checkpoint(accelerator, start_run(accelerator, ConfigWithANewField(output_dir=str(tmp_path)), True),
+                              state, ("loss",))
+    with pytest.raises(ValueError, match=r"in lr_decay \(checkpoint: '<absent>', this run: 0\.1\)"):
+        start_run(accelerator, ConfigWithANewField(output_dir=str(tmp_path), lr_decay=0.1), True)
+
+
 def _flip_one_bit(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x01  # a byte of tensor data: same size, same valid header

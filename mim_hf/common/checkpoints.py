@@ -465,19 +465,34 @@ def _newest_intact(root: Path) -> Path:
     raise ValueError(f"--resume: every checkpoint under {root} is damaged ({'; '.join(damage)})")
 
 
+def _field_defaults(config) -> dict:
+    """The config class's field defaults, recorded as :func:`_config_record` records values."""
+    defaults = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return json.loads(json.dumps(defaults))
+
+
 def _check_same_config(checkpoint: Path, config) -> None:
     """Refuse to resume ``checkpoint`` with a config that differs in a field that changes results.
 
     A stage's config class may name fields that can *grow* on resume (a longer schedule) in a
     ``RESUME_MAY_GROW`` class attribute, where continuing equals having asked for more from the start.
+    A field the checkpoint does not record (added to the config after it was written) is accepted
+    at its default value: a new field's default keeps the old behaviour.
     """
     saved, now = read_manifest(checkpoint)["config"], _config_record(config)
     may_grow = getattr(type(config), "RESUME_MAY_GROW", ())
+    defaults = _field_defaults(config)
 
     def allowed(name):
         before, after = saved.get(name, "<absent>"), now.get(name, "<absent>")
         grows = name in may_grow and isinstance(before, int) and isinstance(after, int) and after > before
-        return before == after or name in RESUMABLE_FIELDS or grows
+        added_at_default = name not in saved and name in defaults and after == defaults[name]
+        return before == after or name in RESUMABLE_FIELDS or grows or added_at_default
 
     changed = [name for name in sorted(set(saved) | set(now)) if not allowed(name)]
     if changed:
