@@ -111,7 +111,8 @@ def cmd_results(args) -> int:
 
     config = ResultsConfig(
         out=args.out, world=args.world, protocols=tuple(args.protocols), models=tuple(args.models),
-        seeds=tuple(args.seeds), folds=args.folds, fold_limit=args.fold_limit, budget=args.budget, epochs=args.epochs,
+        seeds=tuple(args.seeds), folds=args.folds, fold_limit=args.fold_limit,
+        only_folds=tuple(args.only_folds), budget=args.budget, epochs=args.epochs,
         source=args.source, cache_dir=args.cache_dir, show_progress=not args.quiet,
         docs_dir=None if args.no_docs else args.docs_dir, overrides=parse_overrides(args.set),
     )
@@ -244,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds; the first one tunes (default 0 1 2)")
     res.add_argument("--folds", type=int, default=5, help="item-cold: K >= 3 item folds (default 5), or 1 for one seeded hold-out")
     res.add_argument("--fold-limit", type=int, default=0, help="run only the first N folds (default 0 = all)")
+    res.add_argument("--only-folds", type=int, nargs="+", default=[], metavar="K",
+                     help="run only these item folds, e.g. to split one protocol over two processes (each "
+                          "with --no-docs; then one plain invocation reuses every run and writes the report)")
     res.add_argument("--budget", choices=list(BUDGETS), default="small",
                      help="tuning grid (docs/results-protocol.md); 'screen' = one setting, for screening levers")
     res.add_argument("--epochs", type=int, default=0, help="epoch cap per run (default 0 = the budget's)")

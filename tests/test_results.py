@@ -61,7 +61,12 @@ def test_prepare_kwargs_folds_apply_to_item_cold_only():
         "protocol": "item-cold", "labels": "implicit", "seed": 0, "folds": 5, "fold": 3}
     assert prepare_kwargs("temporal", "implicit", 5, 0) == {"protocol": "temporal", "labels": "implicit", "seed": 0}
     config = ResultsConfig(protocols=["temporal/rating", "item-cold/implicit"], folds=5, fold_limit=2)
-    assert [protocol_folds(config, p) for p in config.protocols] == [1, 2]
+    assert [protocol_folds(config, p) for p in config.protocols] == [[0], [0, 1]]
+    config = ResultsConfig(protocols=["temporal/rating", "item-cold/implicit"], folds=5, only_folds=(4, 3))
+    assert [protocol_folds(config, p) for p in config.protocols] == [[0], [3, 4]] and config.run_folds == 2
+    for bad in ({"only_folds": (5,)}, {"only_folds": (1,), "fold_limit": 2}, {"only_folds": (0,), "folds": 1}):
+        with pytest.raises(ValueError, match=r"only_folds \[\d\] must name item folds in \[0, "):
+            ResultsConfig(**bad).validate()
     with pytest.raises(ValueError, match="folds must be 1"):
         ResultsConfig(folds=2).validate()
     with pytest.raises(ValueError, match="SPLIT/LABELS"):

@@ -50,6 +50,7 @@ class ResultsConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     folds: int = 5
     fold_limit: int = 0  # run only the first N folds (0 = all); the report says how many ran
+    only_folds: tuple[int, ...] = ()  # or run only these item folds (e.g. one process per fold group)
     budget: str = "small"
     epochs: int = 0  # 0 = the budget's
     source: str | None = None
@@ -75,11 +76,22 @@ class ResultsConfig:
             raise ValueError("seeds is empty: give at least one seed")
         if self.fold_limit < 0 or self.epochs < 0:
             raise ValueError(f"fold_limit and epochs must be >= 0; got {self.fold_limit}, {self.epochs}")
+        if self.only_folds and (self.fold_limit or self.folds < 3
+                                or any(not 0 <= k < self.folds for k in self.only_folds)):
+            raise ValueError(f"only_folds {list(self.only_folds)} must name item folds in [0, {self.folds}) of K >= 3 "
+                             f"folds, without fold_limit (got folds={self.folds}, fold_limit={self.fold_limit})")
         tuning.budget(self.budget)
 
     @property
+    def item_folds(self) -> list[int]:
+        """The item folds that run: ``only_folds``, else the first ``fold_limit`` (0 = all ``folds``)."""
+        if self.only_folds:
+            return sorted(set(self.only_folds))
+        return list(range(min(self.folds, self.fold_limit) if self.fold_limit else self.folds))
+
+    @property
     def run_folds(self) -> int:
-        return min(self.folds, self.fold_limit) if self.fold_limit else self.folds
+        return len(self.item_folds)
 
 
 def split_labels(protocol: str) -> tuple[str, str]:
@@ -101,9 +113,9 @@ def prepare_kwargs(split: str, labels: str, folds: int, fold: int, seed: int = 0
     return kwargs
 
 
-def protocol_folds(config: "ResultsConfig", protocol: str) -> int:
-    """How many folds of ``protocol`` run: 1 for ``temporal``, else ``folds`` (capped by ``fold_limit``)."""
-    return 1 if split_labels(protocol)[0] == "temporal" else config.run_folds
+def protocol_folds(config: "ResultsConfig", protocol: str) -> list[int]:
+    """The folds of ``protocol`` that run: [0] for ``temporal``, else ``config.item_folds``."""
+    return [0] if split_labels(protocol)[0] == "temporal" else config.item_folds
 
 
 class _Progress:
@@ -272,7 +284,7 @@ def run_fold(config: ResultsConfig, data, protocol: str, fold: int, progress: _P
 
 def total_runs(config: ResultsConfig) -> int:
     per_model = len(tuning.settings_grid(config.budget, dict.fromkeys(tuning.TUNED_FIELDS, 0))) + len(config.seeds) - 1
-    return sum(protocol_folds(config, p) for p in config.protocols) * len(config.models) * per_model
+    return sum(len(protocol_folds(config, p)) for p in config.protocols) * len(config.models) * per_model
 
 
 def run_results(config: ResultsConfig) -> dict:
@@ -283,7 +295,7 @@ def run_results(config: ResultsConfig) -> dict:
     started = time.perf_counter()
     data = load_world(config)
     progress = _Progress(total_runs(config))
-    folds = {protocol: {fold: run_fold(config, data, protocol, fold, progress) for fold in range(protocol_folds(config, protocol))}
+    folds = {protocol: {fold: run_fold(config, data, protocol, fold, progress) for fold in protocol_folds(config, protocol)}
              for protocol in config.protocols}
     report = build_report(config, folds, wall_time_s=time.perf_counter() - started)
     write_report(report, Path(config.out), Path(config.docs_dir) if config.docs_dir else None)
