@@ -53,6 +53,22 @@ def test_grid_keeps_base_values_and_choice_uses_valid_with_ties_to_first():
         tuning.choose({"a": None})
 
 
+def test_split_grid_adds_unknown_id_dropout_under_temporal_where_a_model_has_it():
+    from mim_hf.results.harness import ResultsConfig, split_grid, total_runs
+
+    assert split_grid("temporal", "din") == {"unknown_id_dropout": [0.1, 0.0]}
+    assert split_grid("item-cold", "din") == {} and split_grid("temporal", "fuxictr_din") == {}
+    assert split_grid("temporal", "ciubm_csft+content_to_id") == {"unknown_id_dropout": [0.1]}  # needs dropout > 0
+    base = {"learning_rate": 0.001, "id_embed_dim": 16, "dropout": 0.1, "weight_decay": 0.0}
+    ids = [tuning.setting_id(s) for s in tuning.settings_grid("small", base, split_grid("temporal", "din"))]
+    assert ids == ["lr0.001-emb16-do0.1-wd0-uid0.1", "lr0.001-emb16-do0.1-wd0-uid0",
+                   "lr0.003-emb16-do0.1-wd0-uid0.1", "lr0.003-emb16-do0.1-wd0-uid0"]
+    assert [tuning.setting_id(s) for s in tuning.settings_grid("small", base)] == [
+        "lr0.001-emb16-do0.1-wd0", "lr0.003-emb16-do0.1-wd0"]
+    config = ResultsConfig(protocols=("temporal/rating", "item-cold/rating"), models=("din", "fuxictr_din"), folds=3)
+    assert total_runs(config) == (4 + 2) + (2 + 2) + 3 * ((2 + 2) + (2 + 2))
+
+
 def test_prepare_kwargs_folds_apply_to_item_cold_only():
     from mim_hf.results.harness import ResultsConfig, prepare_kwargs, protocol_folds, split_labels
 
@@ -140,14 +156,16 @@ def test_harness_runs_resumes_and_reports(tmp_path, monkeypatch):
     fold = tmp_path / "out" / "temporal" / "rating" / "fold0"
     stored = sorted(p.relative_to(fold / "results").as_posix() for p in (fold / "results").rglob("*.json"))
     grid = [tuning.setting_id(s) for s in tuning.settings_grid("small", {
-        "learning_rate": 0, "id_embed_dim": 8, "dropout": 0.1, "weight_decay": 0.0})]
+        "learning_rate": 0, "id_embed_dim": 8, "dropout": 0.1, "weight_decay": 0.0}, harness.split_grid("temporal", "din"))]
+    assert len(grid) == 4  # temporal: the learning rates × unknown-ID dropout {0.1, 0}
     assert len(stored) == len(grid) + 1  # every grid setting with seed 0, the chosen one with seed 1
     din = report["protocols"]["temporal/rating"]["din"]
     assert set(din) >= {"overall", "long_tail", "head", "runs"} and din["runs"] == 2
     assert set(din["overall"]) >= {"auc", "auc_std", "gauc", "logloss", "n"}
     chosen = report["settings"]["temporal/rating"]["din"]["fold0"]
     valid = {r: json.loads((fold / "results" / "din" / r / "seed0.json").read_text())["valid"]["overall"]["auc"]
-             for r in [tuning.setting_id(s) for s in tuning.settings_grid("small", {**chosen})]}
+             for r in [tuning.setting_id(s)
+                       for s in tuning.settings_grid("small", {**chosen}, harness.split_grid("temporal", "din"))]}
     assert tuning.setting_id(chosen) == max(valid, key=valid.get)
     made_at = {json.loads((fold / "results" / r).read_text())["commit"] for r in stored}
     assert made_at == {report["commit"]} and report["run_commits"] == [report["commit"]]

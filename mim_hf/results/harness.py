@@ -268,7 +268,8 @@ def run_fold(config: ResultsConfig, data, protocol: str, fold: int, progress: _P
     for model in config.models:
         base = lever_specs.parse_model(model)[0]
         shipped = stage_config(CTRTrainConfig, names["ctr"] + ROWS[base][2])
-        grid = tuning.settings_grid(config.budget, {f: getattr(shipped, f) for f in tuning.TUNED_FIELDS})
+        grid = tuning.settings_grid(config.budget, {f: getattr(shipped, f) for f in tuning.TUNED_FIELDS},
+                                    split_grid(split, model))
         first, *others = config.seeds
         tried = {tuning.setting_id(s): _result(config, root, names, model, s, first, centers, epochs, progress)
                  for s in grid}
@@ -282,9 +283,23 @@ def run_fold(config: ResultsConfig, data, protocol: str, fold: int, progress: _P
     return out
 
 
+def split_grid(split: str, model: str) -> dict:
+    """The fields ``split`` adds to ``model``'s grid (:data:`tuning.SPLIT_GRID`): none for FuxiCTR's
+    DIN (it has no unknown-ID dropout), and only dropout > 0 where a lever needs it (``content_to_id``)."""
+    base, levers = lever_specs.parse_model(model)
+    if base == "fuxictr_din":
+        return {}
+    extra = dict(tuning.SPLIT_GRID.get(split, {}))
+    if "unknown_id_dropout" in extra and lever_specs.overrides(levers, "ctr").get("content_to_id"):
+        extra["unknown_id_dropout"] = [v for v in extra["unknown_id_dropout"] if v > 0]
+    return extra
+
+
 def total_runs(config: ResultsConfig) -> int:
-    per_model = len(tuning.settings_grid(config.budget, dict.fromkeys(tuning.TUNED_FIELDS, 0))) + len(config.seeds) - 1
-    return sum(len(protocol_folds(config, p)) for p in config.protocols) * len(config.models) * per_model
+    zeros = dict.fromkeys(tuning.TUNED_FIELDS, 0)
+    return sum(len(protocol_folds(config, p))
+               * (len(tuning.settings_grid(config.budget, zeros, split_grid(split_labels(p)[0], m))) + len(config.seeds) - 1)
+               for p in config.protocols for m in config.models)
 
 
 def run_results(config: ResultsConfig) -> dict:

@@ -61,6 +61,7 @@ def build_report(config, folds: dict, wall_time_s: float) -> dict:
     """The report dict from ``{protocol: {fold: run_fold(...)}}``."""
     report = {"protocols": {}, "paired": {}, "levers": {}, "settings": {}, "tuning_valid_auc": {}, "folds": config.folds, "folds_run": config.run_folds,
               "seeds": list(config.seeds), "budget": config.budget, "grid": tuning.budget(config.budget)["grid"],
+              "split_grid": tuning.SPLIT_GRID,
               "epochs": config.epochs or tuning.budget(config.budget)["epochs"], "patience": tuning.PATIENCE}
     compute = 0.0
     for protocol, per_fold in folds.items():
@@ -109,10 +110,13 @@ def reference_verdict(paired: dict) -> str:
 
 
 def settings_table(settings: dict) -> str:
-    lines = ["| model | fold | " + " | ".join(tuning.TUNED_FIELDS) + " |", "|" + "---|" * (len(tuning.TUNED_FIELDS) + 2)]
+    fields = tuning.TUNED_FIELDS + tuple(f for f in tuning.EXTRA_FIELDS
+                                         if any(f in s for per_fold in settings.values() for s in per_fold.values()))
+    lines = ["| model | fold | " + " | ".join(fields) + " |", "|" + "---|" * (len(fields) + 2)]
     for model, per_fold in settings.items():
         for fold, s in per_fold.items():
-            lines.append(f"| {model_label(model)} | {fold} | " + " | ".join(f"{s[f]:g}" for f in tuning.TUNED_FIELDS) + " |")
+            lines.append(f"| {model_label(model)} | {fold} | "
+                         + " | ".join(f"{s[f]:g}" if f in s else "shipped" for f in fields) + " |")
     return "\n".join(lines)
 
 
@@ -121,7 +125,8 @@ def markdown(report: dict, plots: list[Path]) -> str:
               f"{report['folds_run']} of {report['folds']} item fold(s)")
     lines = ["# mim-hf results", "",
              f"Test metrics, mean ± std over {n_runs}; settings chosen on valid AUC from the `{report['budget']}` "
-             f"grid {report['grid']} (≤ {report['epochs']} epochs, early stopping patience {report['patience']}). "
+             f"grid {report['grid']}, plus {report.get('split_grid', {})} per split where the model has the field "
+             f"(≤ {report['epochs']} epochs, early stopping patience {report['patience']}). "
              "How the protocol works: docs/results-protocol.md.", "",
              f"Commit `{report['commit']}` (runs made at {', '.join(report['run_commits'])}); wall time {report['wall_time_s']:.0f} s this invocation, "
              f"{report['compute_time_s']:.0f} s of training in the reported runs; "
