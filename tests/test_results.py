@@ -387,3 +387,20 @@ def test_lever_rows_are_paired_against_their_base_model():
     assert set(report["levers"]["item-cold/rating"]) == {"ciubm_csft+simtier"}
     assert report["levers"]["item-cold/rating"]["ciubm_csft+simtier"]["auc_diff"] == pytest.approx(0.015)
     assert "| model vs its base model |" in markdown(report, [])
+
+
+def test_from_raw_lever_starts_csft_from_the_frozen_towers_without_pretraining(tmp_path):
+    from mim_hf.results import harness
+
+    tiny = {"world": {"n_users": 30, "n_items": 40, "impressions_per_user": 12},
+            "csft": {"max_steps": 2, "eval_every": 2, "batch_size": 8, "queue_size": 16}, "ctr": {"batch_size": 64}}
+    config = harness.ResultsConfig(out=str(tmp_path), world="synthetic", protocols=("item-cold/rating",),
+                                   models=("din", "ciubm_csft+from_raw"), seeds=(0,), folds=1, epochs=1,
+                                   show_progress=False, overrides=tiny)
+    report = harness.run_results(config)
+    fold = tmp_path / "item-cold" / "rating" / "fold0"
+    assert harness.model_center("ciubm_csft+from_raw") == "csft+from_raw"
+    started_from = json.loads((fold / "csft+from_raw" / "config.json").read_text())["encoder_path"]
+    assert started_from == str(fold / "raw" / "encoder") and (fold / "raw" / "encoder" / "config.json").exists()
+    assert not (fold / "pretrain").exists()  # nothing here needs the pre-trained encoder
+    assert (fold / "centers" / "csft+from_raw" / "CURRENT").exists()

@@ -173,16 +173,21 @@ def _encoder_chain(config: ResultsConfig, root: Path, names: dict, wanted: set[s
     common = {"data_dir": str(data_dir), "show_progress": config.show_progress}
     pretrain_config = stage_config(pretrain.PretrainConfig, names["pretrain"], **config.overrides.get("pretrain", {}),
                                    **common, output_dir=str(pretrain_dir))
-    if "raw" in wanted and not (root / "raw" / "encoder" / "config.json").exists():
-        frozen_encoder(pretrain_config)[0].save_pretrained(root / "raw" / "encoder")
-    if wanted - {"raw"} and not (pretrain_dir / "metrics.json").exists():
+    csft_fields = {name: {**config.overrides.get("csft", {}), **lever_specs.overrides(name.split("+")[1:], "csft")}
+                   for name in sorted(c for c in wanted if c.startswith("csft"))}
+    # the encoder each C-SFT starts from: pre-training's, or the frozen towers' (lever "from_raw")
+    starts = {name: root / fields.pop("start", "pretrain") / "encoder" for name, fields in csft_fields.items()}
+    raw_encoder = root / "raw" / "encoder"
+    if ("raw" in wanted or raw_encoder in starts.values()) and not (raw_encoder / "config.json").exists():
+        frozen_encoder(pretrain_config)[0].save_pretrained(raw_encoder)
+    needs_pretraining = "pretrained" in wanted or pretrain_dir / "encoder" in starts.values()
+    if needs_pretraining and not (pretrain_dir / "metrics.json").exists():
         pretrain.run(pretrain_config, resume=latest_checkpoint(pretrain_dir) is not None)
-    for name in sorted(c for c in wanted if c.startswith("csft")):
+    for name, fields in csft_fields.items():
         csft_dir = root / name
         if not (csft_dir / "metrics.json").exists():
-            fields = {**config.overrides.get("csft", {}), **lever_specs.overrides(name.split("+")[1:], "csft")}
             csft.run(stage_config(csft.CSFTConfig, names["csft"], **fields, **common,
-                                  output_dir=str(csft_dir), encoder_path=str(pretrain_dir / "encoder")),
+                                  output_dir=str(csft_dir), encoder_path=str(starts[name])),
                      resume=latest_checkpoint(csft_dir) is not None)
     centers = {}
     for name in sorted(wanted):

@@ -8,7 +8,9 @@ levers reads its own center, trained under ``csft+<levers>/`` of the fold.
 
 from __future__ import annotations
 
-# lever -> (stage, fields): "ctr" fields go to CiUBMConfig, "csft" fields to CSFTConfig
+# lever -> (stage, fields): "ctr" fields go to CiUBMConfig, "csft" fields to CSFTConfig, except
+# "start", which picks the encoder C-SFT starts from ("pretrained", as shipped, or "raw": the
+# frozen towers of the `ciubm_raw` row, identity projection)
 LEVERS = {
     "simtier": ("ctr", {"histogram_kind": "simtier", "histogram_n_bins": 20}),
     "aware_attention": ("ctr", {"similarity_attention": "aware"}),
@@ -16,6 +18,7 @@ LEVERS = {
     # C-SFT changes against the shipped C-SFT config (cached towers, anchor 0.3, behaviour pairs)
     "cooccurrence_pairs": ("csft", {"pair_source": "cooccurrence"}),
     "no_anchor": ("csft", {"anchor_weight": 0.0}),
+    "from_raw": ("csft", {"start": "raw"}),
 }
 CONTENT_BASES = ("content_feature", "ciubm_raw", "ciubm_pretrained", "ciubm_csft")
 
