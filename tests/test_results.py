@@ -67,6 +67,18 @@ def test_split_grid_adds_unknown_id_dropout_under_temporal_where_a_model_has_it(
         "lr0.001-emb16-do0.1-wd0", "lr0.003-emb16-do0.1-wd0"]
     config = ResultsConfig(protocols=("temporal/rating", "item-cold/rating"), models=("din", "fuxictr_din"), folds=3)
     assert total_runs(config) == (4 + 2) + (2 + 2) + 3 * ((2 + 2) + (2 + 2))
+    config = ResultsConfig(protocols=("temporal/rating",), models=("din", "ciubm_csft", "ciubm_csft+simtier"))
+    assert total_runs(config) == 3 * (4 + 2) - 3  # the lever row: its base's setting, with the 3 seeds
+
+
+def test_a_lever_row_takes_its_base_rows_setting_where_the_lever_allows_it():
+    from mim_hf.results.harness import lever_setting
+
+    chosen = {"learning_rate": 0.003, "id_embed_dim": 16, "dropout": 0.1, "weight_decay": 0.0, "unknown_id_dropout": 0.0}
+    assert lever_setting(chosen, "temporal", "ciubm_csft+simtier") == chosen
+    assert lever_setting(chosen, "temporal", "ciubm_csft+content_to_id") == {**chosen, "unknown_id_dropout": 0.1}
+    no_split_field = {k: v for k, v in chosen.items() if k != "unknown_id_dropout"}
+    assert lever_setting(no_split_field, "item-cold", "ciubm_csft+content_to_id") == no_split_field
 
 
 def test_prepare_kwargs_folds_apply_to_item_cold_only():
@@ -331,6 +343,9 @@ def test_lever_rows_train_their_own_model(tmp_path):
         return json.loads(next((fold / model).rglob("seed0.json")).read_text())["training"]["num_parameters"]
 
     assert parameters("ciubm_pretrained+content_to_id") > parameters("ciubm_pretrained")  # the generator's weights
+    chosen = report["settings"]["item-cold/rating"]["ciubm_pretrained"]["fold0"]
+    assert [p.name for p in (fold / "ciubm_pretrained+content_to_id").iterdir()] == [tuning.setting_id(chosen)]
+    assert len(list((fold / "ciubm_pretrained").iterdir())) == len(tuning.BUDGETS["small"]["grid"]["learning_rate"])
     assert "CiUBM (pre-trained center) + content_to_id" in (tmp_path / "report.md").read_text()
 
 

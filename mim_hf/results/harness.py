@@ -270,11 +270,14 @@ def run_fold(config: ResultsConfig, data, protocol: str, fold: int, progress: _P
     from mim_hf.ctr.train import CTRTrainConfig
 
     out = {}
-    for model in config.models:
-        base = lever_specs.parse_model(model)[0]
-        shipped = stage_config(CTRTrainConfig, names["ctr"] + ROWS[base][2])
-        grid = tuning.settings_grid(config.budget, {f: getattr(shipped, f) for f in tuning.TUNED_FIELDS},
-                                    split_grid(split, model))
+    for model in sorted(config.models, key=lambda m: "+" in m):  # base rows first: lever rows take their setting
+        base, levers = lever_specs.parse_model(model)
+        if levers and base in out:  # an ablation: the base row's chosen setting, the lever added, not re-tuned
+            grid = [lever_setting(out[base]["setting"], split, model)]
+        else:
+            shipped = stage_config(CTRTrainConfig, names["ctr"] + ROWS[base][2])
+            grid = tuning.settings_grid(config.budget, {f: getattr(shipped, f) for f in tuning.TUNED_FIELDS},
+                                        split_grid(split, model))
         first, *others = config.seeds
         tried = {tuning.setting_id(s): _result(config, root, names, model, s, first, centers, epochs, progress)
                  for s in grid}
@@ -286,6 +289,16 @@ def run_fold(config: ResultsConfig, data, protocol: str, fold: int, progress: _P
                       "valid_auc_by_setting": {sid: r["valid"]["overall"]["auc"] for sid, r in tried.items()},
                       "runs": runs}
     return out
+
+
+def lever_setting(base_setting: dict, split: str, model: str) -> dict:
+    """The setting a lever row trains at: its base row's chosen one, except a split-grid value the
+    lever cannot take (``content_to_id`` needs unknown-ID dropout > 0), which becomes the first it can."""
+    setting = dict(base_setting)
+    for field, values in split_grid(split, model).items():
+        if field in setting and setting[field] not in values:
+            setting[field] = values[0]
+    return setting
 
 
 def split_grid(split: str, model: str) -> dict:
@@ -302,9 +315,14 @@ def split_grid(split: str, model: str) -> dict:
 
 def total_runs(config: ResultsConfig) -> int:
     zeros = dict.fromkeys(tuning.TUNED_FIELDS, 0)
-    return sum(len(protocol_folds(config, p))
-               * (len(tuning.settings_grid(config.budget, zeros, split_grid(split_labels(p)[0], m))) + len(config.seeds) - 1)
-               for p in config.protocols for m in config.models)
+
+    def runs(protocol, model):
+        base, levers = lever_specs.parse_model(model)
+        tuned = 1 if levers and base in config.models else len(
+            tuning.settings_grid(config.budget, zeros, split_grid(split_labels(protocol)[0], model)))
+        return tuned + len(config.seeds) - 1
+
+    return sum(len(protocol_folds(config, p)) * runs(p, m) for p in config.protocols for m in config.models)
 
 
 def run_results(config: ResultsConfig) -> dict:

@@ -138,7 +138,8 @@ def markdown(report: dict, plots: list[Path]) -> str:
         lines += ["**AUC difference to DIN-ID** (paired over matched folds × seeds, 95 % bootstrap interval)", "",
                   paired_table(report["paired"][protocol]), ""]
         if report["levers"][protocol]:
-            lines += ["**Levers** (each row against the same model without them, paired over folds × seeds)", "",
+            lines += ["**Levers** (each row against the same model without them, paired over folds × seeds; a lever "
+                      "row trains at its base row's chosen setting, not re-tuned)", "",
                       paired_table(report["levers"][protocol], against="its base model"), ""]
         reference = report["paired"][protocol].get("fuxictr_din")
         if reference is not None:
