@@ -1120,3 +1120,29 @@ def test_nearest_with_faiss_has_the_exact_results_interface(tmp_path):
     assert vector_ids == center.nearest(torch.ones(16), k=3)[1] and vector_scores.shape == (1, 3)
     with pytest.raises(ValueError, match=r"index must be one of \('exact', 'faiss'\)"):
         center.nearest(["item-3"], index="hnsw")
+
+
+# ---- several content channels in one center ---------------------------------------------------
+def test_concat_centers_mean_cosine_matched_by_id_and_zero_rows_stay_zero(tmp_path):
+    from mim_hf.center.combine import concat_centers
+
+    first, ids, first_embeds = build(tmp_path / "a", n_items=6, dim=3, seed=1)
+    shuffled = [ids[i] for i in (3, 0, 5, 1, 4, 2)]
+    second_embeds = 2.5 * torch.randn(6, 5, generator=torch.Generator().manual_seed(2))  # not unit rows
+    second_embeds[shuffled.index(ids[4])] = 0.0  # an item without content in this channel
+    second = RepresentationCenter.build(shuffled, {"item_embeds": second_embeds}, tmp_path / "b", encoder_name="b",
+                                        encoder_fingerprint=FINGERPRINT, dtype="float32")
+    both = concat_centers([first, second], tmp_path / "both", dtype="float32")
+    assert both.item_ids() == ids and both.embed_dim == 8 and both.metadata["channels"][1]["embed_dim"] == 5
+    combined = torch.from_numpy(np.array(both.embeddings()))
+    a = torch.nn.functional.normalize(first_embeds["item_embeds"], dim=-1)
+    b = torch.nn.functional.normalize(second_embeds[[shuffled.index(i) for i in ids]], dim=-1)
+    torch.testing.assert_close(combined @ combined.T, (a @ a.T + b @ b.T) / 2, atol=1e-5, rtol=0)  # mean of cosines
+    assert combined[4, 3:].abs().sum() == 0
+    assert both.fingerprint not in (first.fingerprint, second.fingerprint)
+
+    fewer, _, _ = build(tmp_path / "c", n_items=5, dim=3)
+    with pytest.raises(ValueError, match=r"holds 5 items and lacks 1 of the first center's 6"):
+        concat_centers([first, fewer], tmp_path / "bad")
+    with pytest.raises(ValueError, match="at least 2 centers"):
+        concat_centers([first], tmp_path / "bad")

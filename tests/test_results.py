@@ -419,3 +419,24 @@ def test_from_raw_lever_starts_csft_from_the_frozen_towers_without_pretraining(t
     assert started_from == str(fold / "raw" / "encoder") and (fold / "raw" / "encoder" / "config.json").exists()
     assert not (fold / "pretrain").exists()  # nothing here needs the pre-trained encoder
     assert (fold / "centers" / "csft+from_raw" / "CURRENT").exists()
+
+
+def test_raw_channel_lever_reads_a_center_of_both_channels(tmp_path):
+    from mim_hf.center import RepresentationCenter
+    from mim_hf.results import harness, levers
+
+    assert harness.model_center("ciubm_csft+no_anchor+raw_channel") == "csft+no_anchor+raw_channel"
+    assert levers.center_channels("csft+no_anchor+raw_channel") == ("csft+no_anchor", ["raw"])
+    with pytest.raises(ValueError, match="already reads"):
+        levers.parse_model("ciubm_raw+raw_channel")
+    tiny = {"world": {"n_users": 30, "n_items": 40, "impressions_per_user": 12},
+            "pretrain": {"max_steps": 2, "eval_every": 0, "batch_size": 8}, "ctr": {"batch_size": 64}}
+    config = harness.ResultsConfig(out=str(tmp_path), world="synthetic", protocols=("item-cold/rating",),
+                                   models=("din", "ciubm_pretrained+raw_channel"), seeds=(0,), folds=1, epochs=1,
+                                   show_progress=False, overrides=tiny)
+    report = harness.run_results(config)
+    centers = tmp_path / "item-cold" / "rating" / "fold0" / "centers"
+    both, pretrained = (RepresentationCenter.load(centers / name) for name in ("pretrained+raw_channel", "pretrained"))
+    raw = RepresentationCenter.load(centers / "raw")
+    assert both.embed_dim == pretrained.embed_dim + raw.embed_dim and both.item_ids() == pretrained.item_ids()
+    assert "ciubm_pretrained+raw_channel" in report["protocols"]["item-cold/rating"]

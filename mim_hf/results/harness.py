@@ -169,6 +169,8 @@ def _encoder_chain(config: ResultsConfig, root: Path, names: dict, wanted: set[s
     from mim_hf.encoder.build import load_encoder_and_processor
     from mim_hf.pretrain import train as pretrain
 
+    combined = {name: lever_specs.center_channels(name) for name in wanted if lever_specs.center_channels(name)[1]}
+    wanted = (wanted - set(combined)).union(*({stage, *added} for stage, added in combined.values()))
     data_dir, pretrain_dir = root / "data", root / "pretrain"
     common = {"data_dir": str(data_dir), "show_progress": config.show_progress}
     pretrain_config = stage_config(pretrain.PretrainConfig, names["pretrain"], **config.overrides.get("pretrain", {}),
@@ -199,6 +201,14 @@ def _encoder_chain(config: ResultsConfig, root: Path, names: dict, wanted: set[s
                 (pretrain_dir if name == "pretrained" else root / name) / "encoder")
             build_center(encoder, processor, PreparedData.load(data_dir).items, path,
                          show_progress=config.show_progress, resume=(path / STAGING_DIR).is_dir())
+        centers[name] = path
+    for name, (stage, added) in sorted(combined.items()):  # extra content channels (lever "raw_channel")
+        path = root / "centers" / name
+        if not (path / "CURRENT").exists():
+            from mim_hf.center import RepresentationCenter
+            from mim_hf.center.combine import concat_centers
+
+            concat_centers([RepresentationCenter.load(centers[c]) for c in (stage, *added)], path)
         centers[name] = path
     return centers
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 # lever -> (stage, fields): "ctr" fields go to CiUBMConfig, "csft" fields to CSFTConfig, except
 # "start", which picks the encoder C-SFT starts from ("pretrained", as shipped, or "raw": the
-# frozen towers of the `ciubm_raw` row, identity projection)
+# frozen towers of the `ciubm_raw` row, identity projection); a "center" lever adds the frozen
+# towers' embedding to the model's center as a second channel (mim_hf.center.combine)
 LEVERS = {
     "simtier": ("ctr", {"histogram_kind": "simtier", "histogram_n_bins": 20}),
     "aware_attention": ("ctr", {"similarity_attention": "aware"}),
@@ -19,6 +20,7 @@ LEVERS = {
     "cooccurrence_pairs": ("csft", {"pair_source": "cooccurrence"}),
     "no_anchor": ("csft", {"anchor_weight": 0.0}),
     "from_raw": ("csft", {"start": "raw"}),
+    "raw_channel": ("center", {"add": "raw"}),
 }
 CONTENT_BASES = ("content_feature", "ciubm_raw", "ciubm_pretrained", "ciubm_csft")
 
@@ -33,6 +35,9 @@ def parse_model(name: str) -> tuple[str, tuple[str, ...]]:
         raise ValueError(f"model {name!r} names a lever twice")
     if levers and base not in CONTENT_BASES:
         raise ValueError(f"model {name!r}: levers apply to the content models {list(CONTENT_BASES)}, not {base!r}")
+    channels = [lever for lever in levers if LEVERS[lever][0] == "center"]
+    if channels and base == "ciubm_raw":
+        raise ValueError(f"model {name!r}: {channels} add the frozen towers' channel, which 'ciubm_raw' already reads")
     csft = [lever for lever in levers if LEVERS[lever][0] == "csft"]
     if csft and base != "ciubm_csft":
         raise ValueError(f"model {name!r}: C-SFT lever(s) {csft} need the base 'ciubm_csft'")
@@ -50,7 +55,17 @@ def overrides(levers, stage: str) -> dict:
 
 
 def center_name(center: str, levers) -> str:
-    """The fold's center a model reads: ``center`` ("pretrained" / "csft"), or ``csft+<levers>``
-    when C-SFT levers change how that center is trained."""
-    csft = sorted(lever for lever in levers if LEVERS[lever][0] == "csft")
-    return "+".join([center, *csft]) if center == "csft" and csft else center
+    """The fold's center a model reads: ``center`` ("pretrained" / "csft"), ``csft+<levers>``
+    when C-SFT levers change how that center is trained, then ``+<center levers>`` when channels
+    are added to it."""
+    csft = sorted(lever for lever in levers if LEVERS[lever][0] == "csft") if center == "csft" else []
+    channels = sorted(lever for lever in levers if LEVERS[lever][0] == "center")
+    return "+".join([center, *csft, *channels])
+
+
+def center_channels(name: str) -> tuple[str, list[str]]:
+    """``"csft+no_anchor+raw_channel"`` -> ``("csft+no_anchor", ["raw"])``: the center a stage
+    trains and the centers added to it as channels."""
+    parts = name.split("+")
+    added = [LEVERS[p][1]["add"] for p in parts[1:] if LEVERS[p][0] == "center"]
+    return "+".join(p for p in parts if p not in LEVERS or LEVERS[p][0] != "center"), added
