@@ -233,3 +233,54 @@ def test_lora_last_layers_adapts_only_those_layers(prepared_dir, tmp_path):
     lora_names = [name for name, _ in encoder.named_parameters() if "lora_" in name]
     assert lora_names and all(".layer.1." in n or ".layers.1." in n for n in lora_names)
     assert {n.split(".")[0] for n in lora_names} == {"text_model", "vision_model"}
+
+
+# ---- cached towers (issue 19, lever 1) ----------------------------------------------------------
+def cached_config(data_dir, output_dir, **overrides) -> PretrainConfig:
+    return tiny_config(data_dir, output_dir, **{"lora": False, "mlm_weight": 0.0, "simcse_weight": 0.0,
+                                                "cached_towers": True, **overrides})
+
+
+def test_cached_towers_give_the_uncached_losses(prepared_dir, tmp_path):
+    from mim_hf.data import PreparedData
+    from mim_hf.pretrain.views import CachedViews
+
+    config = cached_config(prepared_dir, tmp_path)
+    set_seed(0)
+    encoder, processor = build_encoder_and_processor(config)
+    items = PreparedData.load(prepared_dir).items
+    views = ItemViews(items, list(range(3, 23)), processor, ("title", "attributes"), with_images=True)
+    positions = [5, 0, 17, 9, 12, 3, 19, 1]
+    uncached = views.collate(positions)
+    cached = CachedViews(encoder, views, batch_size=7, device=torch.device("cpu")).collate(positions)
+    assert torch.equal(cached["item_index"], uncached["item_index"]) and torch.equal(cached["image_mask"], uncached["image_mask"])
+    assert "title_input_ids" not in cached and cached["title_pooled"].shape == (8, 32)
+    weights = {"mlm": 0.0, "simcse": 0.0, "image_text": 1.0, "title_attributes": 0.5}
+    objectives = PretrainingObjectives(encoder, weights, temperature=0.1, learnable_temperature=False).eval()
+    with torch.no_grad():  # eval mode: the towers' dropout is off, as when the cache was built
+        expected, got = objectives(uncached), objectives(cached)
+    assert set(got) == {"loss", "image_text", "title_attributes"}
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-5)
+
+
+def test_cached_towers_run_trains_the_projections_only(prepared_dir, tmp_path):
+    config = cached_config(prepared_dir, tmp_path / "run", max_steps=6, eval_every=3)
+    metrics = run(config)
+    assert "tower_cache_s" in metrics["timings_s"] and [h["step"] for h in metrics["history"]] == [0, 3, 6]
+    trained = AutoModel.from_pretrained(tmp_path / "run" / "encoder")
+    set_seed(config.seed)
+    start, _ = build_encoder_and_processor(config)
+    after = trained.state_dict()
+    for name, value in start.state_dict().items():
+        if name.startswith(("text_model.", "vision_model.")):
+            assert torch.equal(after[name], value), name  # the towers as loaded
+    for name in ("text_projection.weight", "vision_projection.weight"):
+        assert not torch.equal(after[name], start.state_dict()[name]), name  # what the objectives train
+    assert not (tmp_path / "run" / "adapters").exists()
+
+
+@pytest.mark.parametrize("field", [{"lora": True}, {"mlm_weight": 0.5}, {"simcse_weight": 0.1}])
+def test_cached_towers_refuse_what_needs_running_towers(prepared_dir, tmp_path, field):
+    with pytest.raises(ValueError, match="cached_towers keeps the towers frozen"):
+        cached_config(prepared_dir, tmp_path, **field)

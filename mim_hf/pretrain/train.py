@@ -23,13 +23,11 @@ temperature), AdamW, the scheduler, progress, the loss sums and the RNG states; 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
@@ -40,13 +38,13 @@ from tqdm.auto import tqdm
 from mim_hf.encoder.build import build_content_encoder, resolve_model_path
 from mim_hf.encoder.lora import apply_lora, merge_adapters, save_adapters, trainable_parameter_counts
 from mim_hf.csft.losses import InfoNCELoss
-from mim_hf.modeling.processing_mim_encoder import MIMContentProcessor, rows_to_records
+from mim_hf.modeling.processing_mim_encoder import MIMContentProcessor
 from mim_hf.common.checkpoints import restore_checkpoint, save_checkpoint, start_run
 from mim_hf.common.config import config_field, write_json_atomic
 from mim_hf.common.loop import EpochShuffleSampler, TrainingProgress, hold_output_dir, train_batches
+from mim_hf.pretrain.views import CachedViews, ItemViews, alignment_recall, split_items
 
 OBJECTIVES = ("mlm", "simcse", "image_text", "title_attributes")
-RECALL_KS = (1, 10)
 
 
 @dataclasses.dataclass
@@ -105,6 +103,9 @@ class PretrainConfig:
     eval_holdout_fraction: float = config_field(0.1, "fraction of train items withheld for evaluation when needed")
     checkpoint_every: int = config_field(0, "save a checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = config_field(2, "newest checkpoints kept")
+    cached_towers: bool = config_field(False, "frozen towers run once over the items' views; steps train the "
+                                       "projections on their cached pooled outputs (CPU epochs). Needs lora: false, "
+                                       "mlm_weight: 0 and simcse_weight: 0")
     show_progress: bool = config_field(True, "tqdm progress bar (main process only)")
     num_threads: int = config_field(0, "torch CPU threads (0 = leave as is)")
 
@@ -151,6 +152,10 @@ class PretrainConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.cached_towers and (self.lora or self.mlm_weight or self.simcse_weight):
+            raise ValueError(f"cached_towers keeps the towers frozen and runs them once, so it needs lora: false "
+                             f"(got {self.lora}), mlm_weight: 0 (got {self.mlm_weight}) and simcse_weight: 0 "
+                             f"(got {self.simcse_weight}): those train or re-run the towers")
 
 
 # ---- building the encoder and processor ---------------------------------------------------------
@@ -252,7 +257,9 @@ class PretrainingObjectives(nn.Module):
     ``forward(batch)`` returns ``{"loss": weighted sum, <objective>: unweighted term, ...}``.
     Batch keys: ``item_index`` (B,), ``title_input_ids``/``title_attention_mask`` (B, L),
     optionally ``attributes_input_ids``/``attributes_attention_mask`` (B, L'),
-    ``pixel_values`` (B, C, H, W) + ``image_mask`` (B,), ``mlm_input_ids``/``mlm_labels`` (B, L).
+    ``pixel_values`` (B, C, H, W) + ``image_mask`` (B,), ``mlm_input_ids``/``mlm_labels`` (B, L);
+    with cached towers (:class:`mim_hf.pretrain.views.CachedViews`) ``title_pooled`` /
+    ``attributes_pooled`` (B, H) and ``image_pooled`` (B, H_vision) instead of ids and pixels.
     """
 
     def __init__(self, encoder, weights: dict[str, float], temperature: float, learnable_temperature: bool,
@@ -272,26 +279,33 @@ class PretrainingObjectives(nn.Module):
             self.mlm_head = MaskedLanguageModelHead(tower_config.hidden_size, vocab_size or tower_config.vocab_size,
                                                     getattr(tower_config, "layer_norm_eps", 1e-12))
 
-    def _text(self, input_ids, attention_mask):
-        return F.normalize(self.encoder.encode_text(input_ids, attention_mask), dim=-1)
+    def _text(self, batch, view: str):
+        if f"{view}_pooled" in batch:  # cached towers: only the projection runs
+            return F.normalize(self.encoder.project_text(batch[f"{view}_pooled"]), dim=-1)
+        return F.normalize(self.encoder.encode_text(batch[f"{view}_input_ids"], batch[f"{view}_attention_mask"]), dim=-1)
+
+    def _images(self, batch, image_mask):
+        if "image_pooled" in batch:
+            return F.normalize(self.encoder.project_image(batch["image_pooled"][image_mask]), dim=-1)
+        return F.normalize(self.encoder.encode_image(batch["pixel_values"][image_mask]), dim=-1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         item_index = batch["item_index"]
         terms = {}
         if self.weights.keys() & {"simcse", "image_text", "title_attributes"}:
-            title_embeds = self._text(batch["title_input_ids"], batch["title_attention_mask"])
+            title_embeds = self._text(batch, "title")
         if "simcse" in self.weights:
             # Second pass: same titles, fresh dropout masks -> the positive view.
-            second_view = self._text(batch["title_input_ids"], batch["title_attention_mask"])
+            second_view = self._text(batch, "title")
             terms["simcse"] = self.contrastive_loss(title_embeds, second_view, item_index, item_index)
         if "title_attributes" in self.weights:
-            attribute_embeds = self._text(batch["attributes_input_ids"], batch["attributes_attention_mask"])
+            attribute_embeds = self._text(batch, "attributes")
             terms["title_attributes"] = self.contrastive_loss(title_embeds, attribute_embeds, item_index, item_index)
         if "image_text" in self.weights:
             image_mask = batch["image_mask"]
             image_embeds = torch.zeros_like(title_embeds)
             if bool(image_mask.any()):
-                present = F.normalize(self.encoder.encode_image(batch["pixel_values"][image_mask]), dim=-1)
+                present = self._images(batch, image_mask)
                 image_embeds = image_embeds.index_put((image_mask.nonzero(as_tuple=True)[0],), present)
             # Items without an image are neither anchors nor candidates (pair_mask).
             terms["image_text"] = self.contrastive_loss(title_embeds, image_embeds, item_index, item_index,
@@ -305,128 +319,6 @@ class PretrainingObjectives(nn.Module):
             terms["mlm"] = F.cross_entropy(logits, labels[predicted])
         terms["loss"] = sum(self.weights[name] * value for name, value in terms.items())
         return terms
-
-
-# ---- data ---------------------------------------------------------------------------------------
-class ItemViews:
-    """Pre-tokenised text views (and lazily processed images) of catalogue rows.
-
-    ``rows`` are positions in ``items``; ``texts[view]`` / ``token_ids[view]`` align with them.
-    """
-
-    def __init__(self, items, rows: list[int], processor: MIMContentProcessor, views: tuple[str, ...],
-                 with_images: bool):
-        self.items, self.rows, self.processor, self.with_images = items, rows, processor, with_images
-        text_columns = [c for c in items.column_names if c != processor.image_field]
-        records = rows_to_records(items.select_columns(text_columns).select(rows)[:]) if rows else []
-        self.texts = {view: processor.build_texts(records, view=view) if records else [] for view in views}
-        self.token_ids = {
-            view: processor.tokenize(texts, padding=False, return_tensors=None)["input_ids"] if texts else []
-            for view, texts in self.texts.items()
-        }
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def pad(self, view: str, positions: list[int]) -> dict[str, torch.Tensor]:
-        padded = self.processor.tokenizer.pad({"input_ids": [self.token_ids[view][p] for p in positions]},
-                                              return_tensors="pt")
-        return {f"{view}_input_ids": padded["input_ids"], f"{view}_attention_mask": padded["attention_mask"]}
-
-    def images(self, positions: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(pixel_values (B, C, H, W) or None, image_mask (B,)) for ``positions``."""
-        rows = [self.rows[p] for p in positions]
-        return self.processor.process_images(self.items.select(rows)[self.processor.image_field])
-
-    def collate(self, positions: list[int]) -> dict[str, torch.Tensor]:
-        """DataLoader collate: positions in this view set -> a padded training batch."""
-        batch = {"item_index": torch.tensor([self.rows[p] for p in positions], dtype=torch.long)}
-        for view in self.token_ids:
-            batch.update(self.pad(view, positions))
-        if self.with_images:
-            pixel_values, image_mask = self.images(positions)
-            batch["image_mask"] = image_mask
-            if pixel_values is not None:
-                batch["pixel_values"] = pixel_values
-        return batch
-
-
-def split_items(prepared, config: PretrainConfig) -> tuple[list[int], list[int], dict]:
-    """Catalogue positions for training and for held-out evaluation, plus a description.
-
-    Held out = catalogue items not in ``train_item_ids``; if fewer than ``eval_min_items``, a
-    seeded ``eval_holdout_fraction`` of the train items is withheld from training as well."""
-    item_ids = prepared.items["item_id"]
-    allowed = set(prepared.train_item_ids)
-    train_rows = [row for row, item_id in enumerate(item_ids) if item_id in allowed]
-    unseen_rows = [row for row, item_id in enumerate(item_ids) if item_id not in allowed]
-    info = {"unseen_items": len(unseen_rows), "withheld_train_items": 0,
-            "source": "catalogue items not in train_item_ids"}
-    eval_rows = list(unseen_rows)
-    if len(unseen_rows) < config.eval_min_items:
-        rng = np.random.default_rng([config.seed, 7])
-        n_withheld = max(1, round(config.eval_holdout_fraction * len(train_rows)))
-        withheld = set(rng.choice(len(train_rows), size=n_withheld, replace=False).tolist())
-        eval_rows += [row for k, row in enumerate(train_rows) if k in withheld]
-        train_rows = [row for k, row in enumerate(train_rows) if k not in withheld]
-        info.update(withheld_train_items=n_withheld, source=(
-            f"only {len(unseen_rows)} catalogue items are outside train_item_ids (< eval_min_items="
-            f"{config.eval_min_items}); a seeded {config.eval_holdout_fraction:.0%} of train items "
-            f"({n_withheld}) was withheld from pre-training and evaluated with them"))
-    if not train_rows:
-        raise ValueError(f"no catalogue item is in train_item_ids ({len(allowed)} ids): nothing to pre-train on")
-    return sorted(train_rows), sorted(eval_rows), info
-
-
-def _relevance_keys(views: ItemViews, view: str, pixel_values: torch.Tensor | None) -> list[str]:
-    """Candidates with the same key have identical content (same text / same image pixels)."""
-    if view == "image":
-        return [hashlib.sha1(row.numpy().tobytes()).hexdigest() for row in pixel_values]
-    return list(views.texts[view])
-
-
-@torch.inference_mode()
-def alignment_recall(encoder, views: ItemViews, candidate_view: str, batch_size: int,
-                     device: torch.device, ks=RECALL_KS) -> dict:
-    """Title -> ``candidate_view`` ("attributes" or "image") retrieval among the held-out items.
-
-    Returns ``{"recall@K": ..., "n": N}``. A query counts as a hit at K when a candidate with
-    *the same content* as its own (identical text or identical image; catalogues repeat
-    attribute strings such as "genres: Drama | year: 1996") ranks in the top K.
-    """
-    n_items = len(views)
-    if n_items == 0:
-        return {f"recall@{k}": None for k in ks} | {"n": 0}
-    was_training = encoder.training
-    encoder.eval()
-    queries, candidates, pixels = [], [], []
-    try:
-        for start in range(0, n_items, batch_size):
-            positions = list(range(start, min(start + batch_size, n_items)))
-            title = {k: v.to(device) for k, v in views.pad("title", positions).items()}
-            queries.append(F.normalize(encoder.encode_text(title["title_input_ids"], title["title_attention_mask"]), dim=-1))
-            if candidate_view == "image":
-                pixel_values, image_mask = views.images(positions)
-                if pixel_values is None or not bool(image_mask.all()):
-                    raise ValueError(f"{int((~image_mask).sum())} held-out items have no readable image; "
-                                     "image alignment evaluation needs one per item")
-                pixels.append(pixel_values)
-                candidates.append(F.normalize(encoder.encode_image(pixel_values.to(device)), dim=-1))
-            else:
-                inputs = {k: v.to(device) for k, v in views.pad(candidate_view, positions).items()}
-                candidates.append(F.normalize(encoder.encode_text(
-                    inputs[f"{candidate_view}_input_ids"], inputs[f"{candidate_view}_attention_mask"]), dim=-1))
-    finally:
-        encoder.train(was_training)
-    scores = (torch.cat(queries) @ torch.cat(candidates).T).float().cpu()
-    keys = _relevance_keys(views, candidate_view, torch.cat(pixels) if pixels else None)
-    _, key_index = np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)
-    key_index = torch.as_tensor(key_index)
-    relevant = key_index[None, :] == key_index[:, None]  # (N, N): candidate j has query i's content
-    best_relevant = scores.masked_fill(~relevant, float("-inf")).max(dim=1).values
-    # Rank of the best relevant candidate = irrelevant candidates scoring strictly higher.
-    rank = ((scores > best_relevant[:, None]) & ~relevant).sum(dim=1)
-    return {f"recall@{k}": float((rank < k).float().mean()) for k in ks} | {"n": n_items}
 
 
 class LossMeter:
@@ -498,6 +390,15 @@ def _pretrain(config: PretrainConfig, resume: bool, accelerator) -> dict:
     eval_views = ItemViews(prepared.items, eval_rows, processor, ("title", "attributes"), with_images=has_images)
     timings["load_s"] = time.perf_counter() - started
 
+    collate = train_views.collate
+    if config.cached_towers:  # frozen towers, run once here; the steps train the projections
+        tick = time.perf_counter()
+        for tower in (encoder.text_model, encoder.vision_model):
+            if tower is not None:
+                tower.requires_grad_(False)
+        collate = CachedViews(encoder.to(accelerator.device), train_views, config.eval_batch_size,
+                              accelerator.device).collate
+        timings["tower_cache_s"] = time.perf_counter() - tick
     objectives = PretrainingObjectives(encoder, weights, config.temperature, config.learnable_temperature,
                                        vocab_size=len(processor.tokenizer))
     objectives.train()
@@ -506,7 +407,7 @@ def _pretrain(config: PretrainConfig, resume: bool, accelerator) -> dict:
     sampler = EpochShuffleSampler(len(train_views), config.seed)
     # An explicit generator: DataLoader otherwise draws its base seed from the global RNG each epoch.
     dataloader = DataLoader(list(range(len(train_views))), batch_size=config.batch_size, sampler=sampler,
-                            collate_fn=train_views.collate, generator=torch.Generator().manual_seed(config.seed))
+                            collate_fn=collate, generator=torch.Generator().manual_seed(config.seed))
     batches_per_epoch = math.ceil(len(train_views) / (config.batch_size * accelerator.num_processes))
     total_steps = config.max_steps or config.epochs * batches_per_epoch
     scheduler = transformers.get_scheduler("linear", optimizer, num_warmup_steps=min(config.warmup_steps, total_steps),
@@ -595,5 +496,5 @@ def _pretrain(config: PretrainConfig, resume: bool, accelerator) -> dict:
 
 __all__ = [
     "PretrainConfig", "PretrainingObjectives", "MaskedLanguageModelHead", "alignment_recall",
-    "build_encoder_and_processor", "mask_title_tokens", "run", "split_items",
+    "build_encoder_and_processor", "mask_title_tokens", "run", "split_items", "ItemViews", "CachedViews",
 ]
