@@ -184,6 +184,8 @@ def test_harness_runs_resumes_and_reports(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "docs" / "results.json").read_text())["protocols"] == json.loads(
         json.dumps(report["protocols"]))
     assert (tmp_path / "out" / "report.md").exists() and (tmp_path / "out" / "auc_by_bucket_temporal_rating.png").exists()
+    assert report["protocols_missing"] == ["item-cold/rating", "temporal/implicit", "item-cold/implicit"]
+    assert "**Not in this report**" in (tmp_path / "out" / "report.md").read_text()
 
     def no_training(*args, **kwargs):
         raise AssertionError("a stored result was recomputed")

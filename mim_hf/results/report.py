@@ -79,6 +79,9 @@ def build_report(config, folds: dict, wall_time_s: float) -> dict:
                                       if base != m and base in auc}
         compute += sum(r["timings_s"].get("total", 0.0) for f in per_fold.values() for m in models
                        for r in f[m]["runs"].values())
+    from mim_hf.results.harness import PROTOCOLS
+
+    report["protocols_missing"] = [p for p in PROTOCOLS if p not in report["protocols"]]
     report["wall_time_s"] = round(wall_time_s, 1)
     report["compute_time_s"] = round(compute, 1)  # the chosen runs' own training time, also from earlier sessions
     report["commit"] = current_commit()
@@ -128,6 +131,8 @@ def markdown(report: dict, plots: list[Path]) -> str:
              f"grid {report['grid']}, plus {report.get('split_grid', {})} per split where the model has the field "
              f"(≤ {report['epochs']} epochs, early stopping patience {report['patience']}). "
              "How the protocol works: docs/results-protocol.md.", "",
+             *([f"**Not in this report** (not run yet, or left out by `--protocols`): "
+                f"{', '.join(f'`{p}`' for p in report['protocols_missing'])}.", ""] if report.get("protocols_missing") else []),
              f"Commit `{report['commit']}` (runs made at {', '.join(report['run_commits'])}); wall time {report['wall_time_s']:.0f} s this invocation, "
              f"{report['compute_time_s']:.0f} s of training in the reported runs; "
              + ", ".join(f"{k}={v}" for k, v in report["environment"].items()), ""]
