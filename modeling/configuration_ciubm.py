@@ -49,6 +49,8 @@ class CiUBMConfig(PretrainedConfig):
         hidden_act (`str`, "relu"): activation of both MLPs (a transformers ACT2FN name).
         dropout (`float`, 0.1): dropout after every hidden layer of the fusion MLP.
         initializer_range (`float`, 0.02): std of the normal init of weights and embeddings.
+        embedding_initializer_range (`float`, *optional*): std of the embeddings' normal init alone
+            (FuxiCTR starts its embeddings at 1e-4); `None` = `initializer_range`.
 
     Content-interest parts (mode "ciubm")
         content_interest_vector (`bool`, True): (a) pool behaviour content with
@@ -110,6 +112,7 @@ class CiUBMConfig(PretrainedConfig):
     hidden_act: str = "relu"
     dropout: float = 0.1
     initializer_range: float = 0.02
+    embedding_initializer_range: float | None = None
     content_interest_vector: bool = True
     content_temperature: float = 0.1
     similarity_in_attention: bool = True
@@ -167,6 +170,8 @@ class CiUBMConfig(PretrainedConfig):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not self.content_temperature > 0:
             raise ValueError(f"content_temperature must be > 0, got {self.content_temperature}")
+        if self.embedding_initializer_range is not None and not self.embedding_initializer_range > 0:
+            raise ValueError(f"embedding_initializer_range must be > 0 or None, got {self.embedding_initializer_range}")
         if not 0.0 <= self.unknown_id_dropout < 1.0:
             raise ValueError(f"unknown_id_dropout must be in [0, 1), got {self.unknown_id_dropout}")
         if self.unknown_row_policy == "trained" and self.unknown_id_dropout == 0.0:

@@ -257,7 +257,8 @@ class CiUBMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.Embedding):
             # the unknown/padding row starts at zero whatever the policy; "zero" keeps it there
             if not getattr(module.weight, "_is_hf_initialized", False):
-                init.normal_(module.weight, mean=0.0, std=std)
+                embedding_std = self.config.embedding_initializer_range
+                init.normal_(module.weight, mean=0.0, std=std if embedding_std is None else embedding_std)
                 module.weight[0].zero_()
         elif isinstance(module, CiUBMForCTR) and module.similarity_scale is not None:
             init.constant_(module.similarity_scale, self.config.similarity_scale_init)

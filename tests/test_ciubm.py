@@ -398,6 +398,16 @@ def test_lever_configs_refuse_bad_values():
             tester.get_config(**bad)
 
 
+def test_embedding_initializer_range_sets_the_embeddings_std_only():
+    model = tester.get_model(mode="ciubm", initializer_range=0.5, embedding_initializer_range=1e-4, id_embed_dim=64)
+    embeddings = [m.weight.detach()[1:] for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    linears = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert embeddings and all(float(w.std()) < 1e-3 for w in embeddings)
+    assert all(float(w.std()) > 0.1 for w in linears if w.numel() > 64)
+    with pytest.raises(ValueError, match="embedding_initializer_range must be > 0"):
+        tester.get_config(embedding_initializer_range=0.0)
+
+
 def test_parts_switched_off_equal_reference():
     for part in ("content_interest_vector", "similarity_in_attention", "similarity_histogram"):
         model = tester.get_model(mode="ciubm", initializer_range=0.5, **{part: False})
