@@ -442,3 +442,21 @@ def test_raw_channel_lever_reads_a_center_of_both_channels(tmp_path):
     raw = RepresentationCenter.load(centers / "raw")
     assert both.embed_dim == pretrained.embed_dim + raw.embed_dim and both.item_ids() == pretrained.item_ids()
     assert "ciubm_pretrained+raw_channel" in report["protocols"]["item-cold/rating"]
+
+
+def test_a_finished_encoder_stage_made_with_another_config_is_refused_not_reused(tmp_path, monkeypatch):
+    from mim_hf.results import harness
+
+    tiny = {"world": {"n_users": 30, "n_items": 40, "impressions_per_user": 12},
+            "pretrain": {"max_steps": 2, "eval_every": 0, "batch_size": 8},
+            "csft": {"max_steps": 2, "eval_every": 2, "batch_size": 8, "queue_size": 16}, "ctr": {"batch_size": 64}}
+    config = harness.ResultsConfig(out=str(tmp_path), world="synthetic", protocols=("item-cold/rating",),
+                                   models=("din", "ciubm_csft"), seeds=(0,), folds=1, epochs=1,
+                                   show_progress=False, overrides=tiny)
+    harness.run_results(config)
+    monkeypatch.chdir(tmp_path)  # the same folders spelt relative to here: still the same run
+    harness.run_results(harness.ResultsConfig(**{**vars(config), "out": "."}))
+    changed = {**tiny, "csft": {**tiny["csft"], "max_steps": 3}}
+    with pytest.raises(ValueError, match=r"csft was made with another configuration: max_steps \(recorded: 2, "
+                                         r"this run: 3\); delete that folder"):
+        harness.run_results(harness.ResultsConfig(**{**vars(config), "overrides": changed}))

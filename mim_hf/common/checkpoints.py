@@ -476,32 +476,53 @@ def _field_defaults(config) -> dict:
     return json.loads(json.dumps(defaults))
 
 
-def _check_same_config(checkpoint: Path, config) -> None:
-    """Refuse to resume ``checkpoint`` with a config that differs in a field that changes results.
+def config_differences(saved: dict, config, may_grow: tuple = ()) -> list[str]:
+    """The fields where ``config`` differs from a recorded config ``saved`` in a way that changes
+    results, each as ``"name (recorded: a, this run: b)"``. Not counted: :data:`RESUMABLE_FIELDS`,
+    ``may_grow`` fields that grew, two spellings of one existing path (relative / absolute), and a
+    field ``saved`` does not record (added to the config after it was written) at its default
+    value, which keeps the old behaviour."""
+    now, defaults = _config_record(config), _field_defaults(config)
 
-    A stage's config class may name fields that can *grow* on resume (a longer schedule) in a
-    ``RESUME_MAY_GROW`` class attribute, where continuing equals having asked for more from the start.
-    A field the checkpoint does not record (added to the config after it was written) is accepted
-    at its default value: a new field's default keeps the old behaviour.
-    """
-    saved, now = read_manifest(checkpoint)["config"], _config_record(config)
-    may_grow = getattr(type(config), "RESUME_MAY_GROW", ())
-    defaults = _field_defaults(config)
+    def same_path(before, after) -> bool:
+        return (isinstance(before, str) and isinstance(after, str) and bool(before) and os.path.exists(before)
+                and os.path.exists(after) and Path(before).resolve() == Path(after).resolve())
 
     def allowed(name):
         before, after = saved.get(name, "<absent>"), now.get(name, "<absent>")
         grows = name in may_grow and isinstance(before, int) and isinstance(after, int) and after > before
         added_at_default = name not in saved and name in defaults and after == defaults[name]
-        return before == after or name in RESUMABLE_FIELDS or grows or added_at_default
+        return before == after or name in RESUMABLE_FIELDS or grows or added_at_default or same_path(before, after)
 
-    changed = [name for name in sorted(set(saved) | set(now)) if not allowed(name)]
+    return [f"{name} (recorded: {saved.get(name, '<absent>')!r}, this run: {now.get(name, '<absent>')!r})"
+            for name in sorted(set(saved) | set(now)) if not allowed(name)]
+
+
+def _check_same_config(checkpoint: Path, config) -> None:
+    """Refuse to resume ``checkpoint`` with a config that differs in a field that changes results.
+
+    A stage's config class may name fields that can *grow* on resume (a longer schedule) in a
+    ``RESUME_MAY_GROW`` class attribute, where continuing equals having asked for more from the start.
+    A field the checkpoint does not record is accepted at its default (:func:`config_differences`).
+    """
+    may_grow = getattr(type(config), "RESUME_MAY_GROW", ())
+    changed = config_differences(read_manifest(checkpoint)["config"], config, may_grow)
     if changed:
-        details = ", ".join(f"{name} (checkpoint: {saved.get(name, '<absent>')!r}, this run: "
-                            f"{now.get(name, '<absent>')!r})" for name in changed)
-        raise ValueError(f"--resume: this run's configuration differs from {checkpoint}'s in {details}; resume with "
+        raise ValueError(f"--resume: this run's configuration differs from {checkpoint}'s in "
+                         f"{', '.join(changed).replace('recorded:', 'checkpoint:')}; resume with "
                          f"the checkpoint's values, or start a fresh run in another output_dir (only "
                          f"{', '.join(RESUMABLE_FIELDS)} may change on resume"
                          + (f", and {', '.join(may_grow)} may grow)" if may_grow else ")"))
+
+
+def check_finished_run(output_dir: str | os.PathLike, config) -> None:
+    """Before reusing a finished run in ``output_dir`` (a later command that would skip it), check
+    that its ``config.json`` matches ``config``; a ``ValueError`` names the fields that differ."""
+    path = Path(output_dir) / "config.json"
+    changed = config_differences(json.loads(path.read_text()), config)
+    if changed:
+        raise ValueError(f"the finished run in {output_dir} was made with another configuration: {', '.join(changed)}; "
+                         "delete that folder to run it again with this one")
 
 
 def start_run(accelerator, config, resume: bool) -> Path | None:

@@ -21,7 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
-from mim_hf.common.checkpoints import latest_checkpoint
+from mim_hf.common.checkpoints import check_finished_run, latest_checkpoint
 from mim_hf.common.config import write_json_atomic
 from mim_hf.quickstart import config_names, load_world, stage_config
 from mim_hf.results import levers as lever_specs
@@ -162,6 +162,16 @@ def frozen_encoder(config):
     return encoder.eval(), processor
 
 
+def _run_stage(run, stage_config) -> None:
+    """Run an encoder stage, resume it from its checkpoint, or reuse it when finished; a finished
+    one made with another configuration (a shipped config changed since) is an error naming the fields."""
+    output_dir = Path(stage_config.output_dir)
+    if (output_dir / "metrics.json").exists():
+        check_finished_run(output_dir, stage_config)
+    else:
+        run(stage_config, resume=latest_checkpoint(output_dir) is not None)
+
+
 def _encoder_chain(config: ResultsConfig, root: Path, names: dict, wanted: set[str]) -> dict[str, Path]:
     """Pre-training, C-SFT and the centers ``wanted`` ("pretrained", "csft", "csft+<levers>") for one fold."""
     from mim_hf.center.build import STAGING_DIR, build_center
@@ -183,14 +193,11 @@ def _encoder_chain(config: ResultsConfig, root: Path, names: dict, wanted: set[s
     if ("raw" in wanted or raw_encoder in starts.values()) and not (raw_encoder / "config.json").exists():
         frozen_encoder(pretrain_config)[0].save_pretrained(raw_encoder)
     needs_pretraining = "pretrained" in wanted or pretrain_dir / "encoder" in starts.values()
-    if needs_pretraining and not (pretrain_dir / "metrics.json").exists():
-        pretrain.run(pretrain_config, resume=latest_checkpoint(pretrain_dir) is not None)
+    if needs_pretraining:
+        _run_stage(pretrain.run, pretrain_config)
     for name, fields in csft_fields.items():
-        csft_dir = root / name
-        if not (csft_dir / "metrics.json").exists():
-            csft.run(stage_config(csft.CSFTConfig, names["csft"], **fields, **common,
-                                  output_dir=str(csft_dir), encoder_path=str(starts[name])),
-                     resume=latest_checkpoint(csft_dir) is not None)
+        _run_stage(csft.run, stage_config(csft.CSFTConfig, names["csft"], **fields, **common,
+                                          output_dir=str(root / name), encoder_path=str(starts[name])))
     centers = {}
     for name in sorted(wanted):
         path = root / "centers" / name
