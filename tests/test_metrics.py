@@ -155,3 +155,9 @@ def test_similarity_auc_example_scores_history_similarity():
     assert result == {"n": 4, "auc_mean_cos": 1.0, "auc_max_cos": 1.0}
     flipped = samples.map(lambda row: {"label": 1 - row["label"]})
     assert module.similarity_auc(SimpleNamespace(samples={"test": flipped}), center)["auc_mean_cos"] == 0.0
+    # the attribute reference: "b" shares a genre with "a", "c" none; "c" is clicked here, so AUC 0
+    items = {"item_id": ["a", "b", "c"], "genres": [["x", "y"], ["y"], ["z"]]}
+    clicked_c = samples.map(lambda row: {"label": int(row["item_id"] == "c")})
+    assert module.attribute_overlap_auc(SimpleNamespace(samples={"test": clicked_c}, items=items)) == {
+        "n": 4, "auc_mean_jaccard": 0.0}
+    assert module.attribute_overlap_auc(SimpleNamespace(samples={"test": samples}, items=items))["auc_mean_jaccard"] == 1.0
