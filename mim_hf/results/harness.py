@@ -179,7 +179,7 @@ def _encoder_chain(config: ResultsConfig, root: Path, names: dict, wanted: set[s
     from mim_hf.encoder.build import load_encoder_and_processor
     from mim_hf.pretrain import train as pretrain
 
-    combined = {name: lever_specs.center_channels(name) for name in wanted if lever_specs.center_channels(name)[1]}
+    combined = {name: channels for name, channels in ((n, lever_specs.center_channels(n)) for n in wanted) if channels[1]}
     wanted = (wanted - set(combined)).union(*({stage, *added} for stage, added in combined.values()))
     data_dir, pretrain_dir = root / "data", root / "pretrain"
     common = {"data_dir": str(data_dir), "show_progress": config.show_progress}

@@ -25,7 +25,7 @@ BUDGETS = {
 # unknown ID row takes IDs away from warm items, so valid decides between the shipped 0.1 and 0.
 # Under `item-cold` every target is unknown: 0 would leave its ID row untrained, so it is no candidate.
 SPLIT_GRID = {"temporal": {"unknown_id_dropout": [0.1, 0.0]}}
-EXTRA_FIELDS = ("unknown_id_dropout",)
+EXTRA_FIELDS = tuple(dict.fromkeys(field for grid in SPLIT_GRID.values() for field in grid))
 
 
 def budget(name: str) -> dict:
