@@ -114,7 +114,8 @@ def cmd_results(args) -> int:
         seeds=tuple(args.seeds), folds=args.folds, fold_limit=args.fold_limit,
         only_folds=tuple(args.only_folds), budget=args.budget, epochs=args.epochs,
         source=args.source, cache_dir=args.cache_dir, show_progress=not args.quiet,
-        docs_dir=None if args.no_docs else args.docs_dir, overrides=parse_overrides(args.set),
+        docs_dir=None if args.no_docs else args.docs_dir, keep_docs_protocols=args.keep_docs_protocols,
+        overrides=parse_overrides(args.set),
     )
     try:
         config.validate()
@@ -253,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--epochs", type=int, default=0, help="epoch cap per run (default 0 = the budget's)")
     res.add_argument("--docs-dir", default="docs", help="where results.{md,json} go (default docs)")
     res.add_argument("--no-docs", action="store_true", help="write only OUT/report.*, not DOCS_DIR/results.*")
+    res.add_argument("--keep-docs-protocols", action="store_true",
+                     help="keep the protocols of DOCS_DIR/results.json that this invocation does not run, each "
+                          "marked with the commit it came from (a report built over several sessions; refused "
+                          "when that report used other seeds, folds, grid or epochs)")
     res.add_argument("--source", default=None, help="MovieLens source (see `data prepare --source`)")
     res.add_argument("--cache-dir", default=None, help="cache for the recbole wheel")
     res.add_argument("--quiet", action="store_true", help="no progress bars")

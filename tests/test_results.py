@@ -460,3 +460,51 @@ def test_a_finished_encoder_stage_made_with_another_config_is_refused_not_reused
     with pytest.raises(ValueError, match=r"csft was made with another configuration: max_steps \(recorded: 2, "
                                          r"this run: 3\); delete that folder"):
         harness.run_results(harness.ResultsConfig(**{**vars(config), "overrides": changed}))
+
+
+def _one_protocol_report(protocol, rows, seeds=(0, 1)):
+    from types import SimpleNamespace
+
+    from mim_hf.results.report import build_report
+
+    def run(auc):
+        return {"test": {"overall": {"auc": auc, "gauc": auc, "logloss": 0.6, "n": 10}}, "timings_s": {"total": 1.0},
+                "commit": f"commit-{protocol}"}
+
+    setting = dict.fromkeys(tuning.TUNED_FIELDS, 0)
+    folds = {protocol: {0: {m: {"setting": setting, "valid_auc_by_setting": {}, "runs": {s: run(a + s / 100) for s in seeds}}
+                            for m, a in rows.items()}}}
+    config = SimpleNamespace(folds=5, run_folds=1, seeds=seeds, budget="small", epochs=1, world="synthetic")
+    return build_report(config, folds, wall_time_s=1.0)
+
+
+def test_an_earlier_reports_protocols_are_carried_with_their_provenance_and_the_new_ones_win(tmp_path):
+    from mim_hf.results.report import carry_protocols, markdown, write_report
+
+    earlier = _one_protocol_report("temporal/rating", {"din": 0.6, "ciubm_csft": 0.62})
+    stale = _one_protocol_report("item-cold/rating", {"din": 0.5, "ciubm_csft": 0.5})
+    earlier = carry_protocols(earlier, stale)  # an earlier report that already carried one
+    docs = tmp_path / "docs"
+    write_report(earlier, tmp_path / "a", docs)
+    now = _one_protocol_report("item-cold/rating", {"din": 0.7, "ciubm_csft": 0.72, "ciubm_csft+simtier": 0.73})
+    written = write_report(now, tmp_path / "b", docs, keep_docs_protocols=True)
+    on_disk = json.loads((docs / "results.json").read_text())
+    assert list(on_disk["protocols"]) == ["temporal/rating", "item-cold/rating"]  # protocol order, not arrival order
+    assert on_disk["protocols"]["item-cold/rating"]["din"]["overall"]["auc"] == pytest.approx(0.705)  # this run's
+    assert on_disk["carried"] == {"temporal/rating": {"commit": earlier["commit"], "run_commits": ["commit-temporal/rating"],
+                                                      "compute_time_s": 4.0}}
+    assert "item-cold/rating" not in on_disk["protocols_missing"] and "temporal/rating" not in on_disk["protocols_missing"]
+    assert written == on_disk
+    md = (docs / "results.md").read_text()
+    assert "*Carried from the report written at commit" in md
+    assert "not run" in markdown(written, [])  # the lever ran under one protocol only: the summary says so
+    # without the flag the docs hold this invocation's protocols only
+    assert list(write_report(now, tmp_path / "c", docs)["protocols"]) == ["item-cold/rating"]
+
+
+def test_protocols_of_a_report_made_under_another_protocol_are_not_carried():
+    from mim_hf.results.report import carry_protocols
+
+    earlier = _one_protocol_report("temporal/rating", {"din": 0.6}, seeds=(0, 1, 2))
+    with pytest.raises(ValueError, match=r"seeds: \[0, 1, 2\] there, \[0, 1\] here"):
+        carry_protocols(_one_protocol_report("item-cold/rating", {"din": 0.7}), earlier)

@@ -57,6 +57,7 @@ class ResultsConfig:
     cache_dir: str | None = None
     show_progress: bool = True
     docs_dir: str | None = None  # also write <docs_dir>/results.{md,json}
+    keep_docs_protocols: bool = False  # keep the protocols of <docs_dir>/results.json this invocation does not run
     # shipped-config overrides per stage ("pretrain", "csft", "ctr") and "world", as in the quickstart
     overrides: dict = dataclasses.field(default_factory=dict)
 
@@ -344,14 +345,17 @@ def total_runs(config: ResultsConfig) -> int:
 
 def run_results(config: ResultsConfig) -> dict:
     """Run (or resume) every selected run, then write the report; returns report.json's dict."""
-    from mim_hf.results.report import build_report, write_report
+    from mim_hf.results.report import build_report, carry_protocols, write_report
 
     config.validate()
+    earlier = Path(config.docs_dir or "", "results.json")
+    if config.keep_docs_protocols and config.docs_dir and earlier.exists():  # refuse before the runs, not after
+        carry_protocols(build_report(config, {}, 0.0), json.loads(earlier.read_text()))
     started = time.perf_counter()
     data = load_world(config)
     progress = _Progress(total_runs(config))
     folds = {protocol: {fold: run_fold(config, data, protocol, fold, progress) for fold in protocol_folds(config, protocol)}
              for protocol in config.protocols}
     report = build_report(config, folds, wall_time_s=time.perf_counter() - started)
-    write_report(report, Path(config.out), Path(config.docs_dir) if config.docs_dir else None)
-    return report
+    return write_report(report, Path(config.out), Path(config.docs_dir) if config.docs_dir else None,
+                        keep_docs_protocols=config.keep_docs_protocols)

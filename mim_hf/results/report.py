@@ -11,13 +11,15 @@ popularity bucket, paired AUC differences to DIN-ID, the chosen settings, commit
      "folds": K, "folds_run": k, "seeds": [...], "budget", "grid", "epochs", "patience",
      "settings": {"<protocol>": {"<model>": {"fold<k>": setting}}},
      "tuning_valid_auc": {"<protocol>": {"<model>": {"fold<k>": {"<setting id>": valid AUC}}}},
-     "wall_time_s", "compute_time_s", "commit", "run_commits", "environment"}
+     "wall_time_s", "compute_time_s", "commit", "run_commits", "environment",
+     "carried": {"<protocol>": {"commit", "run_commits", "compute_time_s"}}}   (only with keep_docs_protocols)
 
 ``n`` is the number of test samples summed over the folds that ran.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -94,6 +96,50 @@ def build_report(config, folds: dict, wall_time_s: float) -> dict:
     return report
 
 
+# what must be equal for two reports' protocols to sit in one table
+COMPARABLE = ("seeds", "budget", "grid", "split_grid", "epochs", "patience", "folds")
+
+
+def carry_protocols(report: dict, earlier: dict) -> dict:
+    """``report`` plus the protocols of ``earlier`` (an earlier ``results.json``) that it does not hold,
+    each marked in ``report["carried"]`` with the commit and runs it came from — a report built over
+    several sessions. Refused (ValueError naming the keys) when the two were made under another
+    protocol: seeds, budget, grid, epochs, patience, folds or world."""
+    differ = [k for k in COMPARABLE if earlier.get(k) != report.get(k)]
+    if earlier.get("environment", {}).get("world") != report["environment"]["world"]:
+        differ.append("environment.world")
+    if differ:
+        raise ValueError("cannot keep the earlier report's protocols: it was made under another protocol ("
+                         + ", ".join(f"{k}: {earlier.get(k)!r} there, {report.get(k)!r} here" for k in differ) + ")")
+    from mim_hf.results.harness import PROTOCOLS
+
+    carried = {p: earlier.get("carried", {}).get(p) or {"commit": earlier["commit"], "run_commits": earlier["run_commits"],
+                                                        "compute_time_s": earlier["compute_time_s"]}
+               for p in earlier["protocols"] if p not in report["protocols"]}
+    if not carried:
+        return report
+    out = dict(report)
+    for key in ("protocols", "paired", "levers", "settings", "tuning_valid_auc"):
+        merged = {**report[key], **{p: earlier.get(key, {}).get(p, {}) for p in carried}}
+        out[key] = {p: merged[p] for p in PROTOCOLS if p in merged}
+    out["carried"] = {**report.get("carried", {}), **carried}
+    out["protocols_missing"] = [p for p in PROTOCOLS if p not in out["protocols"]]
+    return out
+
+
+def levers_summary(report: dict) -> str:
+    """One table over every protocol: each lever row's paired AUC difference to its base model."""
+    rows = sorted({m for per in report["levers"].values() for m in per})
+    protocols = [p for p in report["protocols"] if p in report["levers"]]
+    lines = ["| lever row vs its base model | " + " | ".join(f"`{p}`" for p in protocols) + " |",
+             "|---|" + "---|" * len(protocols)]
+    for m in rows:
+        cells = [(f"{d['auc_diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" if d else "not run")
+                 for d in (report["levers"][p].get(m) for p in protocols)]
+        lines.append(f"| {model_label(m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def paired_table(paired: dict, against: str = "DIN-ID") -> str:
     lines = [f"| model vs {against} | mean AUC difference | 95 % interval | pairs (fold × seed) |", "|---|---|---|---|"]
     for model, p in paired.items():
@@ -136,8 +182,20 @@ def markdown(report: dict, plots: list[Path]) -> str:
              f"Commit `{report['commit']}` (runs made at {', '.join(report['run_commits'])}); wall time {report['wall_time_s']:.0f} s this invocation, "
              f"{report['compute_time_s']:.0f} s of training in the reported runs; "
              + ", ".join(f"{k}={v}" for k, v in report["environment"].items()), ""]
+    carried = report.get("carried", {})
+    if carried:
+        lines += [f"Protocols {', '.join(f'`{p}`' for p in carried)} are carried from an earlier report of the same "
+                  "protocol (its commit is named in each section); the rest were run by this invocation.", ""]
+    if any(report["levers"].values()):
+        lines += ["## Levers", "", "Mean test-AUC difference of each lever row to the same model without the lever, "
+                  "paired over folds × seeds (95 % bootstrap interval); a lever row trains at its base row's chosen "
+                  "setting. Per-bucket metrics are in each protocol's tables.", "", levers_summary(report), ""]
     for protocol, results in report["protocols"].items():
         lines += [f"## `{protocol}`", ""]
+        if protocol in carried:
+            c = carried[protocol]
+            lines += [f"*Carried from the report written at commit `{c['commit']}` (runs made at "
+                      f"{', '.join(c['run_commits'])}; {c['compute_time_s']:.0f} s of training in that report).*", ""]
         for metric in METRICS:
             lines += [f"**{metric.upper()}**", "", results_table(results, metric), ""]
         lines += ["**AUC difference to DIN-ID** (paired over matched folds × seeds, 95 % bootstrap interval)", "",
@@ -155,8 +213,11 @@ def markdown(report: dict, plots: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict, out: Path, docs_dir: Path | None = None) -> list[Path]:
-    """``out/report.{json,md}`` + one AUC plot per protocol; also ``docs_dir/results.{json,md}``."""
+def write_report(report: dict, out: Path, docs_dir: Path | None = None, keep_docs_protocols: bool = False) -> dict:
+    """``out/report.{json,md}`` + one AUC plot per protocol; also ``docs_dir/results.{json,md}``, which
+    with ``keep_docs_protocols`` keeps the protocols of the ``results.json`` already there that this
+    report does not hold (``carry_protocols``). Returns the report as written to ``docs_dir``
+    (else as built)."""
     out.mkdir(parents=True, exist_ok=True)
     plots = []
     runs = f"{report['folds_run']} fold(s) × {len(report['seeds'])} seed(s)"
@@ -168,7 +229,9 @@ def write_report(report: dict, out: Path, docs_dir: Path | None = None) -> list[
     print(f"[results] report: {out / 'report.md'} (+ report.json, {len(plots)} plot(s))", flush=True)
     if docs_dir is not None:
         docs_dir.mkdir(parents=True, exist_ok=True)
+        if keep_docs_protocols and (docs_dir / "results.json").exists():
+            report = carry_protocols(report, json.loads((docs_dir / "results.json").read_text()))
         write_json_atomic(docs_dir / "results.json", report)
         (docs_dir / "results.md").write_text(markdown(report, []))
         print(f"[results] docs: {docs_dir / 'results.md'} (+ results.json)", flush=True)
-    return plots
+    return report
