@@ -508,3 +508,18 @@ def test_protocols_of_a_report_made_under_another_protocol_are_not_carried():
     earlier = _one_protocol_report("temporal/rating", {"din": 0.6}, seeds=(0, 1, 2))
     with pytest.raises(ValueError, match=r"seeds: \[0, 1, 2\] there, \[0, 1\] here"):
         carry_protocols(_one_protocol_report("item-cold/rating", {"din": 0.7}), earlier)
+
+
+def test_rows_are_carried_beside_rows_that_reproduce_the_earlier_report_and_refused_otherwise():
+    from mim_hf.results.report import carry_protocols, markdown
+
+    earlier = _one_protocol_report("temporal/rating", {"din": 0.6, "ciubm_csft": 0.62, "content_feature": 0.61})
+    again = _one_protocol_report("temporal/rating", {"din": 0.6, "ciubm_csft": 0.62, "ciubm_csft+simtier": 0.64})
+    out = carry_protocols(again, earlier)
+    assert list(out["protocols"]["temporal/rating"]) == ["din", "ciubm_csft", "content_feature", "ciubm_csft+simtier"]
+    assert out["paired"]["temporal/rating"]["content_feature"] == earlier["paired"]["temporal/rating"]["content_feature"]
+    assert out["carried_rows"]["temporal/rating"]["rows"] == ["content_feature"]
+    assert "are carried from the report written at commit" in markdown(out, [])
+    drifted = _one_protocol_report("temporal/rating", {"din": 0.601, "ciubm_csft+simtier": 0.64})
+    with pytest.raises(ValueError, match=r"row din is not reproduced \(AUC 0.60500"):
+        carry_protocols(drifted, earlier)

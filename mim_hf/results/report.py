@@ -12,7 +12,8 @@ popularity bucket, paired AUC differences to DIN-ID, the chosen settings, commit
      "settings": {"<protocol>": {"<model>": {"fold<k>": setting}}},
      "tuning_valid_auc": {"<protocol>": {"<model>": {"fold<k>": {"<setting id>": valid AUC}}}},
      "wall_time_s", "compute_time_s", "commit", "run_commits", "environment",
-     "carried": {"<protocol>": {"commit", "run_commits", "compute_time_s"}}}   (only with keep_docs_protocols)
+     "carried": {"<protocol>": {"commit", "run_commits", "compute_time_s"}},    (only with keep_docs_protocols)
+     "carried_rows": {"<protocol>": {"rows": [...], "commit", ...}}}
 
 ``n`` is the number of test samples summed over the folds that ran.
 """
@@ -100,11 +101,26 @@ def build_report(config, folds: dict, wall_time_s: float) -> dict:
 COMPARABLE = ("seeds", "budget", "grid", "split_grid", "epochs", "patience", "folds")
 
 
+REPRODUCED = 1e-4  # a row run again must land this close (mean and std of AUC) for another row to be carried beside it
+
+
+def _provenance(earlier: dict, protocol: str) -> dict:
+    return earlier.get("carried", {}).get(protocol) or {"commit": earlier["commit"], "run_commits": earlier["run_commits"],
+                                                        "compute_time_s": earlier["compute_time_s"]}
+
+
 def carry_protocols(report: dict, earlier: dict) -> dict:
-    """``report`` plus the protocols of ``earlier`` (an earlier ``results.json``) that it does not hold,
-    each marked in ``report["carried"]`` with the commit and runs it came from — a report built over
-    several sessions. Refused (ValueError naming the keys) when the two were made under another
-    protocol: seeds, budget, grid, epochs, patience, folds or world."""
+    """``report`` plus what ``earlier`` (an earlier ``results.json``) holds and it does not — a report
+    built over several sessions:
+
+    - a protocol ``report`` did not run is kept whole and marked in ``carried`` with the commit and runs
+      it came from;
+    - a row (model) of a protocol both hold is kept beside this invocation's rows only when every row
+      both ran is reproduced (overall AUC mean and std within ``REPRODUCED``), so its paired interval,
+      computed against the earlier DIN-ID, still pairs with the DIN-ID shown; marked in ``carried_rows``.
+
+    Refused (ValueError naming the values) when the two were made under another protocol (seeds,
+    budget, grid, epochs, patience, folds or world), or when a shared row is not reproduced."""
     differ = [k for k in COMPARABLE if earlier.get(k) != report.get(k)]
     if earlier.get("environment", {}).get("world") != report["environment"]["world"]:
         differ.append("environment.world")
@@ -113,16 +129,32 @@ def carry_protocols(report: dict, earlier: dict) -> dict:
                          + ", ".join(f"{k}: {earlier.get(k)!r} there, {report.get(k)!r} here" for k in differ) + ")")
     from mim_hf.results.harness import PROTOCOLS
 
-    carried = {p: earlier.get("carried", {}).get(p) or {"commit": earlier["commit"], "run_commits": earlier["run_commits"],
-                                                        "compute_time_s": earlier["compute_time_s"]}
-               for p in earlier["protocols"] if p not in report["protocols"]}
-    if not carried:
+    carried = {p: _provenance(earlier, p) for p in earlier["protocols"] if p not in report["protocols"]}
+    rows = {p: [m for m in earlier["protocols"][p] if m not in report["protocols"][p]]
+            for p in earlier["protocols"] if p in report["protocols"]}
+    rows = {p: ms for p, ms in rows.items() if ms}
+    for p in rows:
+        for m in set(earlier["protocols"][p]) & set(report["protocols"][p]):
+            was, now = earlier["protocols"][p][m]["overall"], report["protocols"][p][m]["overall"]
+            if abs(was["auc"] - now["auc"]) > REPRODUCED or abs(was["auc_std"] - now["auc_std"]) > REPRODUCED:
+                raise ValueError(f"cannot keep the earlier report's rows {rows[p]} of {p}: its row {m} is not reproduced "
+                                 f"(AUC {was['auc']:.5f} ± {was['auc_std']:.5f} there, {now['auc']:.5f} ± "
+                                 f"{now['auc_std']:.5f} here); run those rows again instead")
+    if not carried and not rows:
         return report
     out = dict(report)
     for key in ("protocols", "paired", "levers", "settings", "tuning_valid_auc"):
-        merged = {**report[key], **{p: earlier.get(key, {}).get(p, {}) for p in carried}}
+        was = earlier.get(key, {})
+        merged = {**report[key], **{p: was.get(p, {}) for p in carried}}
+        for p, ms in rows.items():
+            # the earlier report's row order, this invocation's values where it ran them, its new rows last
+            order = [m for m in earlier["protocols"][p]] + [m for m in report["protocols"][p] if m not in earlier["protocols"][p]]
+            both = {**{m: v for m, v in was.get(p, {}).items() if m in ms}, **report[key][p]}
+            merged[p] = {m: both[m] for m in order if m in both}
         out[key] = {p: merged[p] for p in PROTOCOLS if p in merged}
     out["carried"] = {**report.get("carried", {}), **carried}
+    if rows:
+        out["carried_rows"] = {p: {"rows": ms, **_provenance(earlier, p)} for p, ms in rows.items()}
     out["protocols_missing"] = [p for p in PROTOCOLS if p not in out["protocols"]]
     return out
 
@@ -196,6 +228,11 @@ def markdown(report: dict, plots: list[Path]) -> str:
             c = carried[protocol]
             lines += [f"*Carried from the report written at commit `{c['commit']}` (runs made at "
                       f"{', '.join(c['run_commits'])}; {c['compute_time_s']:.0f} s of training in that report).*", ""]
+        if protocol in report.get("carried_rows", {}):
+            c = report["carried_rows"][protocol]
+            lines += [f"*Rows {', '.join(model_label(m) for m in c['rows'])} are carried from the report written at "
+                      f"commit `{c['commit']}`; every row run again here reproduced that report's AUC mean and std "
+                      f"within {REPRODUCED:g}, so their intervals pair with the DIN-ID shown.*", ""]
         for metric in METRICS:
             lines += [f"**{metric.upper()}**", "", results_table(results, metric), ""]
         lines += ["**AUC difference to DIN-ID** (paired over matched folds × seeds, 95 % bootstrap interval)", "",
