@@ -334,11 +334,12 @@ def test_lever_rows_train_their_own_model(tmp_path):
     tiny = {"world": {"n_users": 30, "n_items": 40, "impressions_per_user": 12},
             "pretrain": {"max_steps": 2, "eval_every": 0, "batch_size": 8}, "ctr": {"batch_size": 64}}
     config = harness.ResultsConfig(out=str(tmp_path), world="synthetic", protocols=("item-cold/rating",),
-                                   models=("din", "ciubm_pretrained", "ciubm_pretrained+content_to_id"), seeds=(0,),
+                                   models=("din", "ciubm_pretrained", "ciubm_pretrained+content_to_id",
+                                           "ciubm_pretrained+id_dropout_high"), seeds=(0,),
                                    folds=1, epochs=1, show_progress=False, overrides=tiny)
     report = harness.run_results(config)
     rows = report["protocols"]["item-cold/rating"]
-    assert set(rows) == {"din", "ciubm_pretrained", "ciubm_pretrained+content_to_id"}
+    assert set(rows) == {"din", "ciubm_pretrained", "ciubm_pretrained+content_to_id", "ciubm_pretrained+id_dropout_high"}
     fold = tmp_path / "item-cold" / "rating" / "fold0" / "results"
 
     def parameters(model):
@@ -349,6 +350,11 @@ def test_lever_rows_train_their_own_model(tmp_path):
     assert [p.name for p in (fold / "ciubm_pretrained+content_to_id").iterdir()] == [tuning.setting_id(chosen)]
     assert len(list((fold / "ciubm_pretrained").iterdir())) == len(tuning.BUDGETS["small"]["grid"]["learning_rate"])
     assert "CiUBM (pre-trained center) + content_to_id" in (tmp_path / "report.md").read_text()
+    # a "setting" lever: the base row's setting with the field it fixes (the CTR training's fields)
+    raised = {**chosen, "unknown_id_dropout": 0.5}
+    assert report["settings"]["item-cold/rating"]["ciubm_pretrained+id_dropout_high"]["fold0"] == raised
+    run = fold / "ciubm_pretrained+id_dropout_high" / tuning.setting_id(raised) / "seed0.json"
+    assert tuning.setting_id(raised).endswith("-uid0.5") and json.loads(run.read_text())["setting"] == raised
 
 
 def test_frozen_encoder_center_is_the_towers_pooled_output(tmp_path):

@@ -296,6 +296,8 @@ def run_fold(config: ResultsConfig, data, protocol: str, fold: int, progress: _P
             shipped = stage_config(CTRTrainConfig, names["ctr"] + ROWS[base][2])
             grid = tuning.settings_grid(config.budget, {f: getattr(shipped, f) for f in tuning.TUNED_FIELDS},
                                         split_grid(split, model))
+        fixed = lever_specs.overrides(levers, "setting")  # a lever that fixes a training field overrides the grid's
+        grid = list({tuning.setting_id(s): s for s in ({**s, **fixed} for s in grid)}.values())
         first, *others = config.seeds
         tried = {tuning.setting_id(s): _result(config, root, names, model, s, first, centers, epochs, progress)
                  for s in grid}

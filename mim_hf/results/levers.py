@@ -11,7 +11,8 @@ from __future__ import annotations
 # lever -> (stage, fields): "ctr" fields go to CiUBMConfig, "csft" fields to CSFTConfig, except
 # "start", which picks the encoder C-SFT starts from ("pretrained", as shipped, or "raw": the
 # frozen towers of the `ciubm_raw` row, identity projection); a "center" lever adds the frozen
-# towers' embedding to the model's center as a second channel (mim_hf.center.combine)
+# towers' embedding to the model's center as a second channel (mim_hf.center.combine); a
+# "setting" lever fixes a field of the CTR training setting (the base row's, or each grid point's)
 LEVERS = {
     "simtier": ("ctr", {"histogram_kind": "simtier", "histogram_n_bins": 20}),
     "aware_attention": ("ctr", {"similarity_attention": "aware"}),
@@ -21,6 +22,8 @@ LEVERS = {
     "no_anchor": ("csft", {"anchor_weight": 0.0}),
     "from_raw": ("csft", {"start": "raw"}),
     "raw_channel": ("center", {"add": "raw"}),
+    # a "setting" lever fixes a CTR training field of the row's setting (shown in its settings table)
+    "id_dropout_high": ("setting", {"unknown_id_dropout": 0.5}),
 }
 CONTENT_BASES = ("content_feature", "ciubm_raw", "ciubm_pretrained", "ciubm_csft")
 
@@ -45,7 +48,8 @@ def parse_model(name: str) -> tuple[str, tuple[str, ...]]:
 
 
 def overrides(levers, stage: str) -> dict:
-    """The fields the levers set for ``stage`` ("ctr": CiUBMConfig fields, "csft": CSFTConfig fields)."""
+    """The fields the levers set for ``stage`` ("ctr": CiUBMConfig fields, "csft": CSFTConfig fields,
+    "setting": CTR training fields of the setting)."""
     fields: dict = {}
     for lever in levers:
         lever_stage, lever_fields = LEVERS[lever]
