@@ -498,7 +498,7 @@ def test_an_earlier_reports_protocols_are_carried_with_their_provenance_and_the_
     assert list(on_disk["protocols"]) == ["temporal/rating", "item-cold/rating"]  # protocol order, not arrival order
     assert on_disk["protocols"]["item-cold/rating"]["din"]["overall"]["auc"] == pytest.approx(0.705)  # this run's
     assert on_disk["carried"] == {"temporal/rating": {"commit": earlier["commit"], "run_commits": ["commit-temporal/rating"],
-                                                      "compute_time_s": 4.0}}
+                                                      "compute_time_s": 4.0, "config_digest": earlier["config_digest"]}}
     assert "item-cold/rating" not in on_disk["protocols_missing"] and "temporal/rating" not in on_disk["protocols_missing"]
     assert written == on_disk
     md = (docs / "results.md").read_text()
@@ -514,6 +514,18 @@ def test_protocols_of_a_report_made_under_another_protocol_are_not_carried():
     earlier = _one_protocol_report("temporal/rating", {"din": 0.6}, seeds=(0, 1, 2))
     with pytest.raises(ValueError, match=r"seeds: \[0, 1, 2\] there, \[0, 1\] here"):
         carry_protocols(_one_protocol_report("item-cold/rating", {"din": 0.7}), earlier)
+    other_configs = {**_one_protocol_report("temporal/rating", {"din": 0.6}), "config_digest": "0123456789abcdef"}
+    with pytest.raises(ValueError, match="config_digest: '0123456789abcdef' there"):
+        carry_protocols(_one_protocol_report("item-cold/rating", {"din": 0.7}), other_configs)
+
+
+def test_the_config_digest_follows_the_shipped_configs_and_overrides_but_not_thread_counts():
+    from mim_hf.results.report import config_digest
+
+    shipped = config_digest("movielens-100k", {})
+    assert len(shipped) == 16 and shipped != config_digest("synthetic", {})
+    assert config_digest("movielens-100k", {"ctr": {"num_threads": 1}, "pretrain": {"num_threads": 1}}) == shipped
+    assert config_digest("movielens-100k", {"ctr": {"epochs": 9}}) != shipped
 
 
 def test_rows_are_carried_beside_rows_that_reproduce_the_earlier_report_and_refused_otherwise():

@@ -11,7 +11,7 @@ popularity bucket, paired AUC differences to DIN-ID, the chosen settings, commit
      "folds": K, "folds_run": k, "seeds": [...], "budget", "grid", "epochs", "patience",
      "settings": {"<protocol>": {"<model>": {"fold<k>": setting}}},
      "tuning_valid_auc": {"<protocol>": {"<model>": {"fold<k>": {"<setting id>": valid AUC}}}},
-     "wall_time_s", "compute_time_s", "commit", "run_commits", "environment",
+     "wall_time_s", "compute_time_s", "commit", "run_commits", "config_digest", "environment",
      "carried": {"<protocol>": {"commit", "run_commits", "compute_time_s"}},    (only with keep_docs_protocols)
      "carried_rows": {"<protocol>": {"rows": [...], "commit", ...}}}
 
@@ -44,6 +44,25 @@ def current_commit() -> str:
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
+
+
+def config_digest(world: str, overrides: dict) -> str:
+    """sha256 (first 16 hex) of the shipped stage configs ``world`` reads and the ``--set`` overrides
+    (thread counts left out: they do not change what is trained): two reports with equal digests
+    trained under the same configs."""
+    import hashlib
+    import importlib.resources
+
+    key = "ml100k" if world == "movielens-100k" else world
+    digest = hashlib.sha256()
+    for path in sorted(importlib.resources.files("mim_hf.configs").iterdir(), key=lambda p: p.name):
+        if path.name.endswith(".yaml") and key in path.name:
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    kept = {stage: {f: v for f, v in sorted(fields.items()) if f != "num_threads"}
+            for stage, fields in sorted(overrides.items())}
+    kept = {stage: fields for stage, fields in kept.items() if fields}
+    digest.update(json.dumps(kept, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
 
 
 def aggregate_model(per_fold: dict) -> dict:
@@ -91,6 +110,7 @@ def build_report(config, folds: dict, wall_time_s: float) -> dict:
     # a resumed protocol may hold runs made at other commits: name them all
     report["run_commits"] = sorted({r.get("commit", "unrecorded") for per_fold in folds.values() for f in per_fold.values()
                                     for m in f.values() for r in m["runs"].values()})
+    report["config_digest"] = config_digest(config.world, getattr(config, "overrides", {}))
     report["environment"] = {"world": config.world, "python": platform.python_version(), "torch": torch.__version__,
                              "cpu_cores": os.cpu_count(), "machine": platform.machine(),
                              "device": "cuda" if torch.cuda.is_available() else "cpu"}
@@ -98,7 +118,7 @@ def build_report(config, folds: dict, wall_time_s: float) -> dict:
 
 
 # what must be equal for two reports' protocols to sit in one table
-COMPARABLE = ("seeds", "budget", "grid", "split_grid", "epochs", "patience", "folds")
+COMPARABLE = ("seeds", "budget", "grid", "split_grid", "epochs", "patience", "folds")  # + world, config digest
 
 
 REPRODUCED = 1e-4  # a row run again must land this close (mean and std of AUC) for another row to be carried beside it
@@ -106,7 +126,8 @@ REPRODUCED = 1e-4  # a row run again must land this close (mean and std of AUC) 
 
 def _provenance(earlier: dict, protocol: str) -> dict:
     return earlier.get("carried", {}).get(protocol) or {"commit": earlier["commit"], "run_commits": earlier["run_commits"],
-                                                        "compute_time_s": earlier["compute_time_s"]}
+                                                        "compute_time_s": earlier["compute_time_s"],
+                                                        "config_digest": earlier.get("config_digest", "not recorded")}
 
 
 def carry_protocols(report: dict, earlier: dict) -> dict:
@@ -120,10 +141,14 @@ def carry_protocols(report: dict, earlier: dict) -> dict:
       computed against the earlier DIN-ID, still pairs with the DIN-ID shown; marked in ``carried_rows``.
 
     Refused (ValueError naming the values) when the two were made under another protocol (seeds,
-    budget, grid, epochs, patience, folds or world), or when a shared row is not reproduced."""
+    budget, grid, epochs, patience, folds, world, or shipped configs and ``--set`` overrides: the
+    ``config_digest``, where the earlier report records one), or when a shared row is not reproduced."""
     differ = [k for k in COMPARABLE if earlier.get(k) != report.get(k)]
     if earlier.get("environment", {}).get("world") != report["environment"]["world"]:
         differ.append("environment.world")
+    # a report written before digests were recorded has none: carried on its commit's word (see its section)
+    if earlier.get("config_digest") not in (None, report.get("config_digest")):
+        differ.append("config_digest")
     if differ:
         raise ValueError("cannot keep the earlier report's protocols: it was made under another protocol ("
                          + ", ".join(f"{k}: {earlier.get(k)!r} there, {report.get(k)!r} here" for k in differ) + ")")
@@ -212,7 +237,8 @@ def markdown(report: dict, plots: list[Path]) -> str:
              *([f"**Not in this report** (not run yet, or left out by `--protocols`): "
                 f"{', '.join(f'`{p}`' for p in report['protocols_missing'])}.", ""] if report.get("protocols_missing") else []),
              f"Commit `{report['commit']}` (runs made at {', '.join(report['run_commits'])}); wall time {report['wall_time_s']:.0f} s this invocation, "
-             f"{report['compute_time_s']:.0f} s of training in the reported runs; "
+             f"{report['compute_time_s']:.0f} s of training in the reported runs; shipped-config digest "
+             f"{report.get('config_digest', 'not recorded')}; "
              + ", ".join(f"{k}={v}" for k, v in report["environment"].items()), ""]
     carried = report.get("carried", {})
     if carried:
@@ -227,7 +253,8 @@ def markdown(report: dict, plots: list[Path]) -> str:
         if protocol in carried:
             c = carried[protocol]
             lines += [f"*Carried from the report written at commit `{c['commit']}` (runs made at "
-                      f"{', '.join(c['run_commits'])}; {c['compute_time_s']:.0f} s of training in that report).*", ""]
+                      f"{', '.join(c['run_commits'])}; {c['compute_time_s']:.0f} s of training in that report; "
+                      f"shipped-config digest {c.get('config_digest', 'not recorded')}).*", ""]
         if protocol in report.get("carried_rows", {}):
             c = report["carried_rows"][protocol]
             lines += [f"*Rows {', '.join(model_label(m) for m in c['rows'])} are carried from the report written at "
