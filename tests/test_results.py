@@ -541,3 +541,17 @@ def test_rows_are_carried_beside_rows_that_reproduce_the_earlier_report_and_refu
     drifted = _one_protocol_report("temporal/rating", {"din": 0.601, "ciubm_csft+simtier": 0.64})
     with pytest.raises(ValueError, match=r"row din is not reproduced \(AUC 0.60500"):
         carry_protocols(drifted, earlier)
+
+
+def test_keeping_an_incompatible_earlier_report_is_refused_before_any_run(tmp_path):
+    from mim_hf.results import harness
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.json").write_text(json.dumps(_one_protocol_report("temporal/rating", {"din": 0.6}, seeds=(0, 1, 2))))
+    config = harness.ResultsConfig(out=str(tmp_path / "out"), world="synthetic", protocols=("item-cold/rating",),
+                                   models=("din",), seeds=(0, 1), folds=5, docs_dir=str(docs),
+                                   keep_docs_protocols=True, show_progress=False)
+    with pytest.raises(ValueError, match="seeds"):
+        harness.run_results(config)
+    assert not (tmp_path / "out").exists()
