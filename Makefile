@@ -25,10 +25,11 @@ test: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/mim-hf quickstart
 
-# the results protocol (hours on a laptop CPU; resumable: run it again to continue)
+# the results protocol (hours on a laptop CPU; resumable: run it again to continue; runs in
+# results-archive/ are reused, not trained)
 results: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[results]"
-	$(BIN)/mim-hf results
+	$(BIN)/mim-hf results --archive results-archive
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

@@ -115,6 +115,7 @@ def cmd_results(args) -> int:
         only_folds=tuple(args.only_folds), budget=args.budget, epochs=args.epochs,
         source=args.source, cache_dir=args.cache_dir, show_progress=not args.quiet,
         docs_dir=None if args.no_docs else args.docs_dir, keep_docs_protocols=args.keep_docs_protocols,
+        archive=args.archive,
         overrides=parse_overrides(args.set),
     )
     try:
@@ -258,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the protocols of DOCS_DIR/results.json that this invocation does not run, each "
                           "marked with the commit it came from (a report built over several sessions; refused "
                           "when that report used other seeds, folds, grid or epochs)")
+    res.add_argument("--archive", default=None, metavar="DIR",
+                     help="also keep every run result used under DIR (OUT's results layout, about 2 KB "
+                          "each), and reuse a run found there: committed, it lets a fresh checkout finish "
+                          "or rebuild the report without training what is archived (e.g. results-archive)")
     res.add_argument("--source", default=None, help="MovieLens source (see `data prepare --source`)")
     res.add_argument("--cache-dir", default=None, help="cache for the recbole wheel")
     res.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -555,3 +557,30 @@ def test_keeping_an_incompatible_earlier_report_is_refused_before_any_run(tmp_pa
     with pytest.raises(ValueError, match="seeds"):
         harness.run_results(config)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_archive_keeps_every_run_and_a_fresh_out_rebuilds_the_report_without_training(tmp_path, monkeypatch):
+    from mim_hf.results import harness
+
+    tiny = {"world": {"n_users": 30, "n_items": 40, "impressions_per_user": 12},
+            "pretrain": {"max_steps": 2, "eval_every": 0, "batch_size": 8}, "ctr": {"batch_size": 64}}
+    config = harness.ResultsConfig(out=str(tmp_path / "out"), world="synthetic", protocols=("item-cold/rating",),
+                                   models=("din", "ciubm_pretrained"), seeds=(0, 1), folds=1, epochs=1,
+                                   show_progress=False, overrides=tiny, archive=str(tmp_path / "archive"))
+    report = harness.run_results(config)
+    fold = Path("item-cold") / "rating" / "fold0" / "results"
+    stored = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out" / fold).rglob("*.json"))
+    archived = sorted(p.relative_to(tmp_path / "archive").as_posix() for p in (tmp_path / "archive").rglob("*.json"))
+    assert archived == stored and len(stored) == 6  # 2 models × (2 learning rates on seed 0 + the chosen on seed 1)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("an archived result was recomputed")
+
+    def no_encoder_stage(*args, **kwargs):
+        raise AssertionError("an encoder stage ran although every run is archived")
+
+    monkeypatch.setattr(harness, "_train_one", no_training)
+    monkeypatch.setattr(harness, "_encoder_chain", no_encoder_stage)
+    fresh = harness.run_results(dataclasses.replace(config, out=str(tmp_path / "fresh")))
+    assert fresh["protocols"] == report["protocols"]
+    assert not (tmp_path / "fresh" / "item-cold" / "rating" / "fold0" / "pretrain").exists()

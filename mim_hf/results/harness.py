@@ -58,6 +58,7 @@ class ResultsConfig:
     show_progress: bool = True
     docs_dir: str | None = None  # also write <docs_dir>/results.{md,json}
     keep_docs_protocols: bool = False  # keep the protocols of <docs_dir>/results.json this invocation does not run
+    archive: str | None = None  # finished run results are kept (and found) here too, e.g. a committed folder
     # shipped-config overrides per stage ("pretrain", "csft", "ctr") and "world", as in the quickstart
     overrides: dict = dataclasses.field(default_factory=dict)
 
@@ -259,16 +260,37 @@ def _train_one(config: ResultsConfig, root: Path, names: dict, model: str, setti
             "training": metrics["training"], "timings_s": metrics["timings_s"]}
 
 
+class _Lazy:
+    """A mapping built by ``build()`` the first time a key is read."""
+
+    def __init__(self, build):
+        self._build, self._built = build, None
+
+    def __getitem__(self, key):
+        if self._built is None:
+            self._built = self._build()
+        return self._built[key]
+
+
 def _result(config, root, names, model, setting, seed, centers, epochs, progress) -> dict:
-    """The stored result of one run, or train it and store it."""
-    path = root / "results" / model / tuning.setting_id(setting) / f"seed{seed}.json"
+    """The stored result of one run (under ``out``, else in the archive), or train it and store it;
+    with an archive, every result used is also kept there."""
+    relative = Path(root.relative_to(config.out)) / "results" / model / tuning.setting_id(setting) / f"seed{seed}.json"
+    path = Path(config.out) / relative
+    archived = Path(config.archive) / relative if config.archive else None
     what = f"{root.relative_to(config.out)} {model} {tuning.setting_id(setting)} seed{seed}"
+    if not path.exists() and archived is not None and archived.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(archived, path)
     if path.exists():
+        result = json.loads(path.read_text())
         progress.step(what, reused=True)
-        return json.loads(path.read_text())
-    result = {**_train_one(config, root, names, model, setting, seed, centers, epochs), "commit": progress.commit}
-    write_json_atomic(path, result)
-    progress.step(what + f" valid_auc={result['valid']['overall']['auc']:.4f}", reused=False)
+    else:
+        result = {**_train_one(config, root, names, model, setting, seed, centers, epochs), "commit": progress.commit}
+        write_json_atomic(path, result)
+        progress.step(what + f" valid_auc={result['valid']['overall']['auc']:.4f}", reused=False)
+    if archived is not None and not archived.exists():
+        write_json_atomic(archived, result)
     return result
 
 
@@ -283,7 +305,8 @@ def run_fold(config: ResultsConfig, data, protocol: str, fold: int, progress: _P
 
         prepare(data, **prepare_kwargs(split, labels, config.folds, fold)).save(root / "data")
     wanted = {center for center in map(model_center, config.models) if center}
-    centers = _encoder_chain(config, root, names, wanted) if wanted else {}
+    # built on first use: a fold whose runs are all stored (or archived) needs no encoder stage
+    centers = _Lazy(lambda: _encoder_chain(config, root, names, wanted) if wanted else {})
     epochs = config.epochs or tuning.budget(config.budget)["epochs"]
     from mim_hf.ctr.train import CTRTrainConfig
 
