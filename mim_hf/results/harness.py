@@ -124,10 +124,11 @@ class _Progress:
     """Progress lines of one invocation, and the commit its code was loaded from (recorded in every
     result it makes: the checkout may move on while a long invocation runs)."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, config_digest: str | None = None):
         from mim_hf.results.report import current_commit
 
         self.total, self.done, self.started, self.commit = total, 0, time.perf_counter(), current_commit()
+        self.config_digest = config_digest  # the shipped configs + overrides every result is made under
 
     def step(self, what: str, reused: bool) -> None:
         self.done += 1
@@ -164,18 +165,25 @@ def frozen_encoder(config):
     return encoder.eval(), processor
 
 
-def _run_stage(run, stage_config) -> None:
+def _run_stage(run, stage_config, build: bool = True) -> None:
     """Run an encoder stage, resume it from its checkpoint, or reuse it when finished; a finished
-    one made with another configuration (a shipped config changed since) is an error naming the fields."""
+    one made with another configuration (a shipped config changed since) is an error naming the fields.
+    With ``build=False`` only that check is made."""
     output_dir = Path(stage_config.output_dir)
     if (output_dir / "metrics.json").exists():
         check_finished_run(output_dir, stage_config)
-    else:
+    elif build:
         run(stage_config, resume=latest_checkpoint(output_dir) is not None)
 
 
-def _encoder_chain(config: ResultsConfig, root: Path, names: dict, wanted: set[str]) -> dict[str, Path]:
-    """Pre-training, C-SFT and the centers ``wanted`` ("pretrained", "csft", "csft+<levers>") for one fold."""
+def needs_pretraining(wanted: set[str], starts: dict, pretrain_dir: Path) -> bool:
+    return "pretrained" in wanted or pretrain_dir / "encoder" in starts.values()
+
+
+def _encoder_chain(config: ResultsConfig, root: Path, names: dict, wanted: set[str],
+                   build: bool = True) -> dict[str, Path]:
+    """Pre-training, C-SFT and the centers ``wanted`` ("pretrained", "csft", "csft+<levers>") for one
+    fold. ``build=False`` only checks the finished stages on disk against this invocation's configs."""
     from mim_hf.center.build import STAGING_DIR, build_center
     from mim_hf.csft import train as csft
     from mim_hf.encoder.build import load_encoder_and_processor
@@ -192,10 +200,15 @@ def _encoder_chain(config: ResultsConfig, root: Path, names: dict, wanted: set[s
     # the encoder each C-SFT starts from: pre-training's, or the frozen towers' (lever "from_raw")
     starts = {name: root / fields.pop("start", "pretrain") / "encoder" for name, fields in csft_fields.items()}
     raw_encoder = root / "raw" / "encoder"
+    if not build:
+        for name, fields in [("pretrain", None)] * needs_pretraining(wanted, starts, pretrain_dir) + list(csft_fields.items()):
+            stage = pretrain_config if fields is None else stage_config(
+                csft.CSFTConfig, names["csft"], **fields, **common, output_dir=str(root / name), encoder_path=str(starts[name]))
+            _run_stage(None, stage, build=False)
+        return {}
     if ("raw" in wanted or raw_encoder in starts.values()) and not (raw_encoder / "config.json").exists():
         frozen_encoder(pretrain_config)[0].save_pretrained(raw_encoder)
-    needs_pretraining = "pretrained" in wanted or pretrain_dir / "encoder" in starts.values()
-    if needs_pretraining:
+    if needs_pretraining(wanted, starts, pretrain_dir):
         _run_stage(pretrain.run, pretrain_config)
     for name, fields in csft_fields.items():
         _run_stage(csft.run, stage_config(csft.CSFTConfig, names["csft"], **fields, **common,
@@ -284,9 +297,15 @@ def _result(config, root, names, model, setting, seed, centers, epochs, progress
         shutil.copyfile(archived, path)
     if path.exists():
         result = json.loads(path.read_text())
+        made = result.get("config_digest")  # absent in results made before digests were recorded
+        if made is not None and progress.config_digest is not None and made != progress.config_digest:
+            raise ValueError(f"{path} was made under other shipped configs or --set values (config_digest {made}, "
+                             f"this invocation {progress.config_digest}); delete it (and its archived copy) to "
+                             "train it again, or use another --out and --archive")
         progress.step(what, reused=True)
     else:
-        result = {**_train_one(config, root, names, model, setting, seed, centers, epochs), "commit": progress.commit}
+        result = {**_train_one(config, root, names, model, setting, seed, centers, epochs), "commit": progress.commit,
+                  "config_digest": progress.config_digest}
         write_json_atomic(path, result)
         progress.step(what + f" valid_auc={result['valid']['overall']['auc']:.4f}", reused=False)
     if archived is not None and not archived.exists():
@@ -305,7 +324,10 @@ def run_fold(config: ResultsConfig, data, protocol: str, fold: int, progress: _P
 
         prepare(data, **prepare_kwargs(split, labels, config.folds, fold)).save(root / "data")
     wanted = {center for center in map(model_center, config.models) if center}
-    # built on first use: a fold whose runs are all stored (or archived) needs no encoder stage
+    # built on first use: a fold whose runs are all stored (or archived) needs no encoder stage; the
+    # finished stages on disk are still checked against this invocation's configs first
+    if wanted:
+        _encoder_chain(config, root, names, wanted, build=False)
     centers = _Lazy(lambda: _encoder_chain(config, root, names, wanted) if wanted else {})
     epochs = config.epochs or tuning.budget(config.budget)["epochs"]
     from mim_hf.ctr.train import CTRTrainConfig
@@ -378,7 +400,9 @@ def run_results(config: ResultsConfig) -> dict:
         carry_protocols(build_report(config, {}, 0.0), json.loads(earlier.read_text()))
     started = time.perf_counter()
     data = load_world(config)
-    progress = _Progress(total_runs(config))
+    from mim_hf.results.report import config_digest
+
+    progress = _Progress(total_runs(config), config_digest(config.world, config.overrides))
     folds = {protocol: {fold: run_fold(config, data, protocol, fold, progress) for fold in protocol_folds(config, protocol)}
              for protocol in config.protocols}
     report = build_report(config, folds, wall_time_s=time.perf_counter() - started)
