@@ -176,10 +176,6 @@ def _run_stage(run, stage_config, build: bool = True) -> None:
         run(stage_config, resume=latest_checkpoint(output_dir) is not None)
 
 
-def needs_pretraining(wanted: set[str], starts: dict, pretrain_dir: Path) -> bool:
-    return "pretrained" in wanted or pretrain_dir / "encoder" in starts.values()
-
-
 def _encoder_chain(config: ResultsConfig, root: Path, names: dict, wanted: set[str],
                    build: bool = True) -> dict[str, Path]:
     """Pre-training, C-SFT and the centers ``wanted`` ("pretrained", "csft", "csft+<levers>") for one
@@ -200,19 +196,18 @@ def _encoder_chain(config: ResultsConfig, root: Path, names: dict, wanted: set[s
     # the encoder each C-SFT starts from: pre-training's, or the frozen towers' (lever "from_raw")
     starts = {name: root / fields.pop("start", "pretrain") / "encoder" for name, fields in csft_fields.items()}
     raw_encoder = root / "raw" / "encoder"
+    # (runner, stage config) in the order they run: pre-training where a center or a C-SFT needs it, then each C-SFT
+    stages = [(pretrain.run, pretrain_config)] * ("pretrained" in wanted or pretrain_dir / "encoder" in starts.values())
+    stages += [(csft.run, stage_config(csft.CSFTConfig, names["csft"], **fields, **common, output_dir=str(root / name),
+                                       encoder_path=str(starts[name]))) for name, fields in csft_fields.items()]
     if not build:
-        for name, fields in [("pretrain", None)] * needs_pretraining(wanted, starts, pretrain_dir) + list(csft_fields.items()):
-            stage = pretrain_config if fields is None else stage_config(
-                csft.CSFTConfig, names["csft"], **fields, **common, output_dir=str(root / name), encoder_path=str(starts[name]))
-            _run_stage(None, stage, build=False)
+        for run, stage in stages:
+            _run_stage(run, stage, build=False)
         return {}
     if ("raw" in wanted or raw_encoder in starts.values()) and not (raw_encoder / "config.json").exists():
         frozen_encoder(pretrain_config)[0].save_pretrained(raw_encoder)
-    if needs_pretraining(wanted, starts, pretrain_dir):
-        _run_stage(pretrain.run, pretrain_config)
-    for name, fields in csft_fields.items():
-        _run_stage(csft.run, stage_config(csft.CSFTConfig, names["csft"], **fields, **common,
-                                          output_dir=str(root / name), encoder_path=str(starts[name])))
+    for run, stage in stages:
+        _run_stage(run, stage)
     centers = {}
     for name in sorted(wanted):
         path = root / "centers" / name
