@@ -570,7 +570,9 @@ def test_an_archive_keeps_every_run_and_a_fresh_out_rebuilds_the_report_without_
     report = harness.run_results(config)
     fold = Path("item-cold") / "rating" / "fold0" / "results"
     stored = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out" / fold).rglob("*.json"))
-    archived = sorted(p.relative_to(tmp_path / "archive").as_posix() for p in (tmp_path / "archive").rglob("*.json"))
+    digest = report["config_digest"]
+    archived = sorted(p.relative_to(tmp_path / "archive" / digest).as_posix()
+                      for p in (tmp_path / "archive").rglob("*.json"))
     assert archived == stored and len(stored) == 6  # 2 models × (2 learning rates on seed 0 + the chosen on seed 1)
 
     def no_training(*args, **kwargs):
@@ -586,7 +588,18 @@ def test_an_archive_keeps_every_run_and_a_fresh_out_rebuilds_the_report_without_
     fresh = harness.run_results(dataclasses.replace(config, out=str(tmp_path / "fresh")))
     assert fresh["protocols"] == report["protocols"]
     assert not (tmp_path / "fresh" / "item-cold" / "rating" / "fold0" / "pretrain").exists()
-    # an archived run made under other configs is refused, not reused
+    # runs under other configs are archived under their own digest: nothing archived is reused for them
     other = {**tiny, "ctr": {**tiny["ctr"], "max_grad_norm": 0.5}}
-    with pytest.raises(ValueError, match="was made under other shipped configs or --set values"):
+    with pytest.raises(AssertionError, match="recomputed"):
         harness.run_results(dataclasses.replace(config, out=str(tmp_path / "other"), overrides=other))
+    # and a result stored in out under other configs is refused, not reused
+    with pytest.raises(ValueError, match="was made under other shipped configs or --set values"):
+        harness.run_results(dataclasses.replace(config, out=str(tmp_path / "fresh"), overrides=other))
+
+
+def test_the_readme_results_table_is_the_committed_reports_headline():
+    from mim_hf.results.report import headline_table
+
+    root = Path(__file__).resolve().parents[1]
+    table = headline_table(json.loads((root / "docs" / "results.json").read_text()))
+    assert table in (root / "README.md").read_text(), "README's results table differs from docs/results.json"

@@ -282,10 +282,12 @@ class _Lazy:
 
 def _result(config, root, names, model, setting, seed, centers, epochs, progress) -> dict:
     """The stored result of one run (under ``out``, else in the archive), or train it and store it;
-    with an archive, every result used is also kept there."""
+    with an archive, every result used is also kept there, under the config digest it was made with
+    (``archive/<config_digest>/<split>/<labels>/fold<k>/results/...``), so runs made under other
+    configs or ``--set`` values sit beside each other and are never mixed."""
     relative = Path(root.relative_to(config.out)) / "results" / model / tuning.setting_id(setting) / f"seed{seed}.json"
     path = Path(config.out) / relative
-    archived = Path(config.archive) / relative if config.archive else None
+    archived = Path(config.archive) / progress.config_digest / relative if config.archive else None
     what = f"{root.relative_to(config.out)} {model} {tuning.setting_id(setting)} seed{seed}"
     if not path.exists() and archived is not None and archived.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -295,8 +297,8 @@ def _result(config, root, names, model, setting, seed, centers, epochs, progress
         made = result.get("config_digest")  # absent in results made before digests were recorded
         if made is not None and progress.config_digest is not None and made != progress.config_digest:
             raise ValueError(f"{path} was made under other shipped configs or --set values (config_digest {made}, "
-                             f"this invocation {progress.config_digest}); delete it (and its archived copy) to "
-                             "train it again, or use another --out and --archive")
+                             f"this invocation {progress.config_digest}); delete it to train it again, or use "
+                             "another --out")
         progress.step(what, reused=True)
     else:
         result = {**_train_one(config, root, names, model, setting, seed, centers, epochs), "commit": progress.commit,

@@ -47,17 +47,20 @@ def current_commit() -> str:
 
 
 def config_digest(world: str, overrides: dict) -> str:
-    """sha256 (first 16 hex) of the shipped stage configs ``world`` reads and the ``--set`` overrides
-    (thread counts left out: they do not change what is trained): two reports with equal digests
-    trained under the same configs."""
+    """sha256 (first 16 hex) of the shipped stage configs ``world`` reads, as parsed (a comment edit
+    does not change it), and the ``--set`` overrides (thread counts left out: they do not change what
+    is trained): two reports with equal digests trained under the same configs."""
     import hashlib
     import importlib.resources
+
+    import yaml
 
     key = "ml100k" if world == "movielens-100k" else world
     digest = hashlib.sha256()
     for path in sorted(importlib.resources.files("mim_hf.configs").iterdir(), key=lambda p: p.name):
         if path.name.endswith(".yaml") and key in path.name:
-            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+            fields = {f: v for f, v in yaml.safe_load(path.read_text()).items() if f != "num_threads"}
+            digest.update(path.name.encode() + b"\0" + json.dumps(fields, sort_keys=True, default=str).encode() + b"\0")
     kept = {stage: {f: v for f, v in sorted(fields.items()) if f != "num_threads"}
             for stage, fields in sorted(overrides.items())}
     kept = {stage: fields for stage, fields in kept.items() if fields}
@@ -197,6 +200,31 @@ def levers_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def headline_table(report: dict) -> str:
+    """Model × protocol test AUC (mean ± std) and, beside each row but DIN-ID's, its paired difference
+    to DIN-ID with the 95 % interval; lever rows are left to the Levers table. The README's results
+    table is this one, copied (a test checks it)."""
+    from mim_hf.results.harness import PROTOCOLS
+
+    protocols = [p for p in PROTOCOLS if p in report["protocols"]]
+    models = list(dict.fromkeys(m for p in protocols for m in report["protocols"][p] if "+" not in m))
+    lines = ["| model | " + " | ".join(f"`{p}`" for p in protocols) + " |", "|---|" + "---|" * len(protocols)]
+    for model in models:
+        cells = []
+        for protocol in protocols:
+            result = report["protocols"][protocol].get(model)
+            if result is None:
+                cells.append("not run")
+                continue
+            cell = f"{result['overall']['auc']:.4f} ± {result['overall']['auc_std']:.4f}"
+            diff = report["paired"][protocol].get(model)
+            if diff is not None:
+                cell += f" ({diff['auc_diff']:+.4f} [{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}])"
+            cells.append(cell)
+        lines.append(f"| {model_label(model)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def paired_table(paired: dict, against: str = "DIN-ID") -> str:
     lines = [f"| model vs {against} | mean AUC difference | 95 % interval | pairs (fold × seed) |", "|---|---|---|---|"]
     for model, p in paired.items():
@@ -244,6 +272,9 @@ def markdown(report: dict, plots: list[Path]) -> str:
     if carried:
         lines += [f"Protocols {', '.join(f'`{p}`' for p in carried)} are carried from an earlier report of the same "
                   "protocol (its commit is named in each section); the rest were run by this invocation.", ""]
+    lines += ["## Headline", "", "Test AUC over every item (mean ± std over folds × seeds) and, in brackets, the "
+              "paired difference to DIN-ID with its 95 % bootstrap interval; per-bucket tables below.", "",
+              headline_table(report), ""]
     if any(report["levers"].values()):
         lines += ["## Levers", "", "Mean test-AUC difference of each lever row to the same model without the lever, "
                   "paired over folds × seeds (95 % bootstrap interval); a lever row trains at its base row's chosen "
