@@ -528,6 +528,7 @@ def test_the_config_digest_follows_the_shipped_configs_and_overrides_but_not_thr
     assert len(shipped) == 16 and shipped != config_digest("synthetic", {})
     assert config_digest("movielens-100k", {"ctr": {"num_threads": 1}, "pretrain": {"num_threads": 1}}) == shipped
     assert config_digest("movielens-100k", {"ctr": {"epochs": 9}}) != shipped
+    assert config_digest("movielens-100k", {}, epochs=5) not in (shipped, config_digest("movielens-100k", {}, epochs=10))
 
 
 def test_rows_are_carried_beside_rows_that_reproduce_the_earlier_report_and_refused_otherwise():
@@ -592,9 +593,11 @@ def test_an_archive_keeps_every_run_and_a_fresh_out_rebuilds_the_report_without_
     other = {**tiny, "ctr": {**tiny["ctr"], "max_grad_norm": 0.5}}
     with pytest.raises(AssertionError, match="recomputed"):
         harness.run_results(dataclasses.replace(config, out=str(tmp_path / "other"), overrides=other))
-    # and a result stored in out under other configs is refused, not reused
-    with pytest.raises(ValueError, match="was made under other shipped configs or --set values"):
+    # and a result stored in out under other configs or another epoch cap is refused, not reused
+    with pytest.raises(ValueError, match="was made under other shipped configs, --set values or epoch cap"):
         harness.run_results(dataclasses.replace(config, out=str(tmp_path / "fresh"), overrides=other))
+    with pytest.raises(ValueError, match="was made under other shipped configs, --set values or epoch cap"):
+        harness.run_results(dataclasses.replace(config, out=str(tmp_path / "fresh"), epochs=2))
 
 
 def test_the_readme_results_table_is_the_committed_reports_headline():

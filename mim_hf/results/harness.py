@@ -296,7 +296,7 @@ def _result(config, root, names, model, setting, seed, centers, epochs, progress
         result = json.loads(path.read_text())
         made = result.get("config_digest")  # absent in results made before digests were recorded
         if made is not None and progress.config_digest is not None and made != progress.config_digest:
-            raise ValueError(f"{path} was made under other shipped configs or --set values (config_digest {made}, "
+            raise ValueError(f"{path} was made under other shipped configs, --set values or epoch cap (config_digest {made}, "
                              f"this invocation {progress.config_digest}); delete it to train it again, or use "
                              "another --out")
         progress.step(what, reused=True)
@@ -397,9 +397,9 @@ def run_results(config: ResultsConfig) -> dict:
         carry_protocols(build_report(config, {}, 0.0), json.loads(earlier.read_text()))
     started = time.perf_counter()
     data = load_world(config)
-    from mim_hf.results.report import config_digest
+    from mim_hf.results.report import run_digest
 
-    progress = _Progress(total_runs(config), config_digest(config.world, config.overrides))
+    progress = _Progress(total_runs(config), run_digest(config))
     folds = {protocol: {fold: run_fold(config, data, protocol, fold, progress) for fold in protocol_folds(config, protocol)}
              for protocol in config.protocols}
     report = build_report(config, folds, wall_time_s=time.perf_counter() - started)

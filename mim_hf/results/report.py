@@ -46,10 +46,11 @@ def current_commit() -> str:
         return "unknown (not a git checkout)"
 
 
-def config_digest(world: str, overrides: dict) -> str:
+def config_digest(world: str, overrides: dict, epochs: int | None = None) -> str:
     """sha256 (first 16 hex) of the shipped stage configs ``world`` reads, as parsed (a comment edit
-    does not change it), and the ``--set`` overrides (thread counts left out: they do not change what
-    is trained): two reports with equal digests trained under the same configs."""
+    does not change it), the ``--set`` overrides (thread counts left out: they do not change what is
+    trained) and, when given, the epoch cap and early-stopping patience of the CTR runs: two runs or
+    reports with equal digests trained under the same configs."""
     import hashlib
     import importlib.resources
 
@@ -65,7 +66,15 @@ def config_digest(world: str, overrides: dict) -> str:
             for stage, fields in sorted(overrides.items())}
     kept = {stage: fields for stage, fields in kept.items() if fields}
     digest.update(json.dumps(kept, sort_keys=True, default=str).encode())
+    if epochs is not None:
+        digest.update(json.dumps({"epochs": epochs, "patience": tuning.PATIENCE}).encode())
     return digest.hexdigest()[:16]
+
+
+def run_digest(config) -> str:
+    """The digest every run of a results invocation is made, stored and archived under."""
+    epochs = getattr(config, "epochs", 0) or tuning.budget(config.budget)["epochs"]
+    return config_digest(config.world, getattr(config, "overrides", {}), epochs=epochs)
 
 
 def aggregate_model(per_fold: dict) -> dict:
@@ -113,7 +122,7 @@ def build_report(config, folds: dict, wall_time_s: float) -> dict:
     # a resumed protocol may hold runs made at other commits: name them all
     report["run_commits"] = sorted({r.get("commit", "unrecorded") for per_fold in folds.values() for f in per_fold.values()
                                     for m in f.values() for r in m["runs"].values()})
-    report["config_digest"] = config_digest(config.world, getattr(config, "overrides", {}))
+    report["config_digest"] = run_digest(config)
     report["environment"] = {"world": config.world, "python": platform.python_version(), "torch": torch.__version__,
                              "cpu_cores": os.cpu_count(), "machine": platform.machine(),
                              "device": "cuda" if torch.cuda.is_available() else "cpu"}
