@@ -528,6 +528,8 @@ def test_the_config_digest_follows_the_shipped_configs_and_overrides_but_not_thr
     assert len(shipped) == 16 and shipped != config_digest("synthetic", {})
     assert config_digest("movielens-100k", {"ctr": {"num_threads": 1}, "pretrain": {"num_threads": 1}}) == shipped
     assert config_digest("movielens-100k", {"ctr": {"epochs": 9}}) != shipped
+    # an override equal to what every shipped CTR config says is no change: the digest is of the configs in effect
+    assert config_digest("movielens-100k", {"ctr": {"dropout": 0.1}}) == shipped
     assert config_digest("movielens-100k", {}, epochs=5) not in (shipped, config_digest("movielens-100k", {}, epochs=10))
 
 

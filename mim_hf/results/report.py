@@ -47,25 +47,27 @@ def current_commit() -> str:
 
 
 def config_digest(world: str, overrides: dict, epochs: int | None = None) -> str:
-    """sha256 (first 16 hex) of the shipped stage configs ``world`` reads, as parsed (a comment edit
-    does not change it), the ``--set`` overrides (thread counts left out: they do not change what is
-    trained) and, when given, the epoch cap and early-stopping patience of the CTR runs: two runs or
-    reports with equal digests trained under the same configs."""
+    """sha256 (first 16 hex) of what the runs train under: each shipped stage config ``world`` reads,
+    as parsed (a comment edit does not change it) with its stage's ``--set`` overrides applied (so a
+    ``--set`` value later written into the YAML keeps the digest), the world's overrides, and, when
+    given, the epoch cap and early-stopping patience of the CTR runs. Thread counts are left out:
+    they do not change what is trained."""
     import hashlib
     import importlib.resources
 
     import yaml
 
+    def kept(fields: dict) -> dict:
+        return {f: v for f, v in fields.items() if f != "num_threads"}
+
     key = "ml100k" if world == "movielens-100k" else world
     digest = hashlib.sha256()
     for path in sorted(importlib.resources.files("mim_hf.configs").iterdir(), key=lambda p: p.name):
         if path.name.endswith(".yaml") and key in path.name:
-            fields = {f: v for f, v in yaml.safe_load(path.read_text()).items() if f != "num_threads"}
+            stage = path.name.split("_")[0]  # ctr_*, csft_*, pretrain_*
+            fields = kept({**yaml.safe_load(path.read_text()), **overrides.get(stage, {})})
             digest.update(path.name.encode() + b"\0" + json.dumps(fields, sort_keys=True, default=str).encode() + b"\0")
-    kept = {stage: {f: v for f, v in sorted(fields.items()) if f != "num_threads"}
-            for stage, fields in sorted(overrides.items())}
-    kept = {stage: fields for stage, fields in kept.items() if fields}
-    digest.update(json.dumps(kept, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(kept(overrides.get("world", {})), sort_keys=True, default=str).encode())
     if epochs is not None:
         digest.update(json.dumps({"epochs": epochs, "patience": tuning.PATIENCE}).encode())
     return digest.hexdigest()[:16]
