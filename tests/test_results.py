@@ -198,8 +198,7 @@ def test_harness_runs_resumes_and_reports(tmp_path, monkeypatch):
 
 
 def test_paired_rows_are_against_din(tmp_path):
-    from types import SimpleNamespace
-
+    from mim_hf.results.harness import ResultsConfig
     from mim_hf.results.report import build_report
 
     def run(auc):
@@ -208,7 +207,7 @@ def test_paired_rows_are_against_din(tmp_path):
     folds = {"item-cold/rating": {0: {
         "din": {"setting": {}, "valid_auc_by_setting": {}, "runs": {0: run(0.60), 1: run(0.62)}},
         "ciubm_csft": {"setting": {}, "valid_auc_by_setting": {}, "runs": {0: run(0.65), 1: run(0.66)}}}}}
-    config = SimpleNamespace(folds=1, run_folds=1, seeds=(0, 1), budget="small", epochs=1, world="synthetic")
+    config = ResultsConfig(folds=1, seeds=(0, 1), epochs=1, world="synthetic")
     report = build_report(config, folds, wall_time_s=3.0)
     assert set(report["paired"]["item-cold/rating"]) == {"ciubm_csft"}
     assert report["paired"]["item-cold/rating"]["ciubm_csft"]["auc_diff"] == pytest.approx(0.045)
@@ -380,8 +379,8 @@ def test_frozen_encoder_center_is_the_towers_pooled_output(tmp_path):
 
 
 def test_report_names_the_commits_its_runs_were_made_at():
-    from types import SimpleNamespace
 
+    from mim_hf.results.harness import ResultsConfig
     from mim_hf.results.report import build_report
 
     def run(auc, commit=None):
@@ -390,13 +389,13 @@ def test_report_names_the_commits_its_runs_were_made_at():
 
     folds = {"temporal/rating": {0: {"din": {"setting": {}, "valid_auc_by_setting": {},
                                              "runs": {0: run(0.6, "abc"), 1: run(0.61, "def"), 2: run(0.62)}}}}}
-    config = SimpleNamespace(folds=1, run_folds=1, seeds=(0, 1, 2), budget="small", epochs=1, world="synthetic")
+    config = ResultsConfig(folds=1, seeds=(0, 1, 2), epochs=1, world="synthetic")
     assert build_report(config, folds, wall_time_s=1.0)["run_commits"] == ["abc", "def", "unrecorded"]
 
 
 def test_lever_rows_are_paired_against_their_base_model():
-    from types import SimpleNamespace
 
+    from mim_hf.results.harness import ResultsConfig
     from mim_hf.results.report import build_report, markdown
 
     def run(auc):
@@ -407,7 +406,7 @@ def test_lever_rows_are_paired_against_their_base_model():
     setting = dict.fromkeys(tuning.TUNED_FIELDS, 0)
     folds = {"item-cold/rating": {0: {m: {"setting": setting, "valid_auc_by_setting": {}, "runs": {0: run(a), 1: run(b)}}
                                       for m, (a, b) in rows.items()}}}
-    config = SimpleNamespace(folds=1, run_folds=1, seeds=(0, 1), budget="small", epochs=1, world="synthetic")
+    config = ResultsConfig(folds=1, seeds=(0, 1), epochs=1, world="synthetic")
     report = build_report(config, folds, wall_time_s=1.0)
     assert set(report["levers"]["item-cold/rating"]) == {"ciubm_csft+simtier"}
     assert report["levers"]["item-cold/rating"]["ciubm_csft+simtier"]["auc_diff"] == pytest.approx(0.015)
@@ -471,8 +470,8 @@ def test_a_finished_encoder_stage_made_with_another_config_is_refused_not_reused
 
 
 def _one_protocol_report(protocol, rows, seeds=(0, 1)):
-    from types import SimpleNamespace
 
+    from mim_hf.results.harness import ResultsConfig
     from mim_hf.results.report import build_report
 
     def run(auc):
@@ -482,7 +481,7 @@ def _one_protocol_report(protocol, rows, seeds=(0, 1)):
     setting = dict.fromkeys(tuning.TUNED_FIELDS, 0)
     folds = {protocol: {0: {m: {"setting": setting, "valid_auc_by_setting": {}, "runs": {s: run(a + s / 100) for s in seeds}}
                             for m, a in rows.items()}}}
-    config = SimpleNamespace(folds=5, run_folds=1, seeds=seeds, budget="small", epochs=1, world="synthetic")
+    config = ResultsConfig(folds=5, fold_limit=1, seeds=seeds, epochs=1, world="synthetic")
     return build_report(config, folds, wall_time_s=1.0)
 
 
@@ -531,6 +530,16 @@ def test_the_config_digest_follows_the_shipped_configs_and_overrides_but_not_thr
     # an override equal to what every shipped CTR config says is no change: the digest is of the configs in effect
     assert config_digest("movielens-100k", {"ctr": {"dropout": 0.1}}) == shipped
     assert config_digest("movielens-100k", {}, epochs=5) not in (shipped, config_digest("movielens-100k", {}, epochs=10))
+
+
+def test_a_run_digest_names_the_epoch_cap_it_trains_under():
+    from mim_hf.results.harness import ResultsConfig
+    from mim_hf.results.report import config_digest, run_digest
+
+    assert ResultsConfig().epoch_cap == tuning.budget("small")["epochs"] and ResultsConfig(epochs=7).epoch_cap == 7
+    # `--epochs` equal to the budget's cap is the same run: the digest is of the cap in effect
+    assert run_digest(ResultsConfig()) == run_digest(ResultsConfig(epochs=ResultsConfig().epoch_cap))
+    assert run_digest(ResultsConfig(budget="full")) == config_digest("movielens-100k", {}, epochs=10)
 
 
 def test_rows_are_carried_beside_rows_that_reproduce_the_earlier_report_and_refused_otherwise():

@@ -95,6 +95,11 @@ class ResultsConfig:
     def run_folds(self) -> int:
         return len(self.item_folds)
 
+    @property
+    def epoch_cap(self) -> int:
+        """The most epochs a CTR run trains: ``epochs``, else the budget's."""
+        return self.epochs or tuning.budget(self.budget)["epochs"]
+
 
 def split_labels(protocol: str) -> tuple[str, str]:
     """``"item-cold/implicit"`` -> ``("item-cold", "implicit")``, checked."""
@@ -124,7 +129,7 @@ class _Progress:
     """Progress lines of one invocation, and the commit its code was loaded from (recorded in every
     result it makes: the checkout may move on while a long invocation runs)."""
 
-    def __init__(self, total: int, config_digest: str | None = None):
+    def __init__(self, total: int, config_digest: str):
         from mim_hf.results.report import current_commit
 
         self.total, self.done, self.started, self.commit = total, 0, time.perf_counter(), current_commit()
@@ -295,7 +300,7 @@ def _result(config, root, names, model, setting, seed, centers, epochs, progress
     if path.exists():
         result = json.loads(path.read_text())
         made = result.get("config_digest")  # absent in results made before digests were recorded
-        if made is not None and progress.config_digest is not None and made != progress.config_digest:
+        if made is not None and made != progress.config_digest:
             raise ValueError(f"{path} was made under other shipped configs, --set values or epoch cap (config_digest {made}, "
                              f"this invocation {progress.config_digest}); delete it to train it again, or use "
                              "another --out")
@@ -326,7 +331,7 @@ def run_fold(config: ResultsConfig, data, protocol: str, fold: int, progress: _P
     if wanted:
         _encoder_chain(config, root, names, wanted, build=False)
     centers = _Lazy(lambda: _encoder_chain(config, root, names, wanted) if wanted else {})
-    epochs = config.epochs or tuning.budget(config.budget)["epochs"]
+    epochs = config.epoch_cap
     from mim_hf.ctr.train import CTRTrainConfig
 
     out = {}

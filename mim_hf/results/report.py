@@ -75,8 +75,7 @@ def config_digest(world: str, overrides: dict, epochs: int | None = None) -> str
 
 def run_digest(config) -> str:
     """The digest every run of a results invocation is made, stored and archived under."""
-    epochs = getattr(config, "epochs", 0) or tuning.budget(config.budget)["epochs"]
-    return config_digest(config.world, getattr(config, "overrides", {}), epochs=epochs)
+    return config_digest(config.world, config.overrides, epochs=config.epoch_cap)
 
 
 def aggregate_model(per_fold: dict) -> dict:
@@ -98,7 +97,7 @@ def build_report(config, folds: dict, wall_time_s: float) -> dict:
     report = {"protocols": {}, "paired": {}, "levers": {}, "settings": {}, "tuning_valid_auc": {}, "folds": config.folds, "folds_run": config.run_folds,
               "seeds": list(config.seeds), "budget": config.budget, "grid": tuning.budget(config.budget)["grid"],
               "split_grid": tuning.SPLIT_GRID,
-              "epochs": config.epochs or tuning.budget(config.budget)["epochs"], "patience": tuning.PATIENCE}
+              "epochs": config.epoch_cap, "patience": tuning.PATIENCE}
     compute = 0.0
     for protocol, per_fold in folds.items():
         models = list(next(iter(per_fold.values())))
