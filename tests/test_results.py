@@ -358,6 +358,28 @@ def test_lever_rows_train_their_own_model(tmp_path):
     assert tuning.setting_id(raised).endswith("-uid0.5") and json.loads(run.read_text())["setting"] == raised
 
 
+def test_a_lever_rows_model_fields_go_on_top_of_the_model_overrides_in_effect(tmp_path, monkeypatch):
+    from mim_hf.ctr import train as ctr
+    from mim_hf.results import harness
+
+    seen = []
+    monkeypatch.setattr(ctr, "run", lambda cfg, resume=False: seen.append(cfg.model_overrides)
+                        or dict.fromkeys(("valid", "test", "training", "timings_s"), {}))
+    shipped_stage_config = harness.stage_config
+
+    def stage_config(cls, name, **overrides):  # a shipped CTR config that sets model fields
+        return shipped_stage_config(cls, name, **{"model_overrides": {"initializer_range": 0.07}, **overrides})
+
+    monkeypatch.setattr(harness, "stage_config", stage_config)
+    names = harness.config_names("movielens-100k", "temporal")
+    setting = {"learning_rate": 1e-3, "id_embed_dim": 16, "dropout": 0.1, "weight_decay": 0.0}
+    for overrides in ({}, {"ctr": {"model_overrides": {"initializer_range": 0.05}}}):  # shipped, then --set
+        config = harness.ResultsConfig(out=str(tmp_path), overrides=overrides)
+        harness._train_one(config, tmp_path, names, "ciubm_pretrained+content_to_id", setting, 0,
+                           {"pretrained": tmp_path}, 1)
+    assert seen == [{"initializer_range": 0.07, "content_to_id": True}, {"initializer_range": 0.05, "content_to_id": True}]
+
+
 def test_frozen_encoder_center_is_the_towers_pooled_output(tmp_path):
     from mim_hf.encoder.build import load_encoder_and_processor
     from mim_hf.results import harness
