@@ -64,13 +64,14 @@ def test_split_grid_adds_unknown_id_dropout_under_temporal_where_a_model_has_it(
     base = {"learning_rate": 0.001, "id_embed_dim": 16, "dropout": 0.1, "weight_decay": 0.0}
     ids = [tuning.setting_id(s) for s in tuning.settings_grid("small", base, split_grid("temporal", "din"))]
     assert ids == ["lr0.001-emb16-do0.1-wd0-uid0.1", "lr0.001-emb16-do0.1-wd0-uid0",
-                   "lr0.003-emb16-do0.1-wd0-uid0.1", "lr0.003-emb16-do0.1-wd0-uid0"]
+                   "lr0.003-emb16-do0.1-wd0-uid0.1", "lr0.003-emb16-do0.1-wd0-uid0",
+                   "lr0.01-emb16-do0.1-wd0-uid0.1", "lr0.01-emb16-do0.1-wd0-uid0"]
     assert [tuning.setting_id(s) for s in tuning.settings_grid("small", base)] == [
-        "lr0.001-emb16-do0.1-wd0", "lr0.003-emb16-do0.1-wd0"]
+        "lr0.001-emb16-do0.1-wd0", "lr0.003-emb16-do0.1-wd0", "lr0.01-emb16-do0.1-wd0"]
     config = ResultsConfig(protocols=("temporal/rating", "item-cold/rating"), models=("din", "fuxictr_din"), folds=3)
-    assert total_runs(config) == (4 + 2) + (2 + 2) + 3 * ((2 + 2) + (2 + 2))
+    assert total_runs(config) == (6 + 2) + (3 + 2) + 3 * ((3 + 2) + (3 + 2))  # 3 rates (× 2 ID dropouts: temporal)
     config = ResultsConfig(protocols=("temporal/rating",), models=("din", "ciubm_csft", "ciubm_csft+simtier"))
-    assert total_runs(config) == 3 * (4 + 2) - 3  # the lever row: its base's setting, with the 3 seeds
+    assert total_runs(config) == 2 * (6 + 2) + 3  # the lever row: its base's setting, with the 3 seeds
 
 
 def test_a_lever_row_takes_its_base_rows_setting_where_the_lever_allows_it():
@@ -171,7 +172,7 @@ def test_harness_runs_resumes_and_reports(tmp_path, monkeypatch):
     stored = sorted(p.relative_to(fold / "results").as_posix() for p in (fold / "results").rglob("*.json"))
     grid = [tuning.setting_id(s) for s in tuning.settings_grid("small", {
         "learning_rate": 0, "id_embed_dim": 8, "dropout": 0.1, "weight_decay": 0.0}, harness.split_grid("temporal", "din"))]
-    assert len(grid) == 4  # temporal: the learning rates × unknown-ID dropout {0.1, 0}
+    assert len(grid) == 2 * len(tuning.BUDGETS["small"]["grid"]["learning_rate"])  # × unknown-ID dropout {0.1, 0}
     assert len(stored) == len(grid) + 1  # every grid setting with seed 0, the chosen one with seed 1
     din = report["protocols"]["temporal/rating"]["din"]
     assert set(din) >= {"overall", "long_tail", "head", "runs"} and din["runs"] == 2
@@ -607,7 +608,8 @@ def test_an_archive_keeps_every_run_and_a_fresh_out_rebuilds_the_report_without_
     digest = report["config_digest"]
     archived = sorted(p.relative_to(tmp_path / "archive" / digest).as_posix()
                       for p in (tmp_path / "archive").rglob("*.json"))
-    assert archived == stored and len(stored) == 6  # 2 models × (2 learning rates on seed 0 + the chosen on seed 1)
+    rates = len(tuning.BUDGETS["small"]["grid"]["learning_rate"])
+    assert archived == stored and len(stored) == 2 * (rates + 1)  # 2 models × (the rates on seed 0 + the chosen on seed 1)
 
     def no_training(*args, **kwargs):
         raise AssertionError("an archived result was recomputed")
