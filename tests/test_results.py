@@ -492,6 +492,35 @@ def test_a_finished_encoder_stage_made_with_another_config_is_refused_not_reused
         harness.run_results(harness.ResultsConfig(**{**vars(config), "overrides": changed}))
 
 
+def test_a_results_folder_moved_whole_keeps_its_finished_stages_and_runs(tmp_path):
+    import shutil
+
+    from mim_hf.results import harness
+
+    tiny = {"world": {"n_users": 30, "n_items": 40, "impressions_per_user": 12},
+            "pretrain": {"max_steps": 2, "eval_every": 0, "batch_size": 8}, "ctr": {"batch_size": 64}}
+    config = harness.ResultsConfig(out=str(tmp_path / "first"), world="synthetic", protocols=("item-cold/rating",),
+                                   models=("din", "ciubm_pretrained"), seeds=(0,), folds=1, epochs=1,
+                                   show_progress=False, overrides=tiny)
+    report = harness.run_results(config)
+    shutil.move(tmp_path / "first", tmp_path / "moved")
+    stage = tmp_path / "moved" / "item-cold" / "rating" / "fold0" / "pretrain" / "metrics.json"
+    finished = stage.stat().st_mtime_ns
+    again = harness.run_results(harness.ResultsConfig(**{**vars(config), "out": str(tmp_path / "moved")}))
+    assert again["protocols"] == report["protocols"] and stage.stat().st_mtime_ns == finished  # reused, not rerun
+    # a stage whose data is somewhere else than where the run recorded it (relative to the stage) is another run
+    moved_data = tmp_path / "moved" / "item-cold" / "rating" / "fold0" / "data"
+    shutil.copytree(moved_data, tmp_path / "elsewhere")
+    from mim_hf.common.checkpoints import config_differences
+    from mim_hf.common.config import config_from_dict
+    from mim_hf.pretrain.train import PretrainConfig
+
+    recorded = json.loads((stage.parent / "config.json").read_text())
+    elsewhere = config_from_dict(PretrainConfig, {**recorded, "output_dir": str(stage.parent),
+                                                  "data_dir": str(tmp_path / "elsewhere")})
+    assert [d.split(" ")[0] for d in config_differences(recorded, elsewhere)] == ["data_dir"]
+
+
 def _one_protocol_report(protocol, rows, seeds=(0, 1)):
 
     from mim_hf.results.harness import ResultsConfig

@@ -479,14 +479,22 @@ def _field_defaults(config) -> dict:
 def config_differences(saved: dict, config, may_grow: tuple = ()) -> list[str]:
     """The fields where ``config`` differs from a recorded config ``saved`` in a way that changes
     results, each as ``"name (recorded: a, this run: b)"``. Not counted: :data:`RESUMABLE_FIELDS`,
-    ``may_grow`` fields that grew, two spellings of one existing path (relative / absolute), and a
-    field ``saved`` does not record (added to the config after it was written) at its default
-    value, which keeps the old behaviour."""
+    ``may_grow`` fields that grew, two spellings of one existing path (relative / absolute), a path
+    that moved with the run (an existing path at the same place relative to the run's ``output_dir``
+    as recorded: a results folder moved or copied elsewhere whole), and a field ``saved`` does not
+    record (added to the config after it was written) at its default value, which keeps the old
+    behaviour."""
     now, defaults = _config_record(config), _field_defaults(config)
 
     def same_path(before, after) -> bool:
-        return (isinstance(before, str) and isinstance(after, str) and bool(before) and os.path.exists(before)
-                and os.path.exists(after) and Path(before).resolve() == Path(after).resolve())
+        if not (isinstance(before, str) and isinstance(after, str) and before and after and os.path.exists(after)):
+            return False
+        if os.path.exists(before) and Path(before).resolve() == Path(after).resolve():
+            return True
+        runs = saved.get("output_dir"), now.get("output_dir")
+        return all(isinstance(run, str) and run for run in runs) and (
+            os.path.relpath(os.path.abspath(before), os.path.abspath(runs[0]))
+            == os.path.relpath(os.path.abspath(after), os.path.abspath(runs[1])))
 
     def allowed(name):
         before, after = saved.get(name, "<absent>"), now.get(name, "<absent>")
