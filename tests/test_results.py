@@ -141,9 +141,12 @@ def test_fuxictr_din_metrics_are_ours_on_its_predictions(tiny_prepared):
     from mim_hf.results.fuxictr import train_and_evaluate
 
     settings = {"learning_rate": 3e-3, "id_embed_dim": 8, "dropout": 0.0, "weight_decay": 0.0}
+    threads = torch.get_num_threads()
     result = train_and_evaluate(tiny_prepared, _collator(tiny_prepared), settings,
                                 {"attention_hidden_sizes": [8], "fusion_hidden_sizes": [16]}, seed=0, epochs=2,
-                                patience=2, batch_size=128, return_predictions=True)
+                                patience=2, batch_size=128, return_predictions=True, num_threads=threads + 1)
+    # the run's thread count applies to that run only (a results process sets 1 beside another process)
+    assert result["training"]["num_threads"] == threads + 1 and torch.get_num_threads() == threads
     test = tiny_prepared.samples["test"]
     labels, probs = np.asarray(test["label"]), result["predictions"]["test"]
     assert probs.shape == (len(test),) and np.all((probs > 0) & (probs < 1))

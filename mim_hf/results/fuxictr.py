@@ -103,18 +103,31 @@ def _behaviours_then_target(behaviours: torch.Tensor, target: torch.Tensor) -> t
 
 def train_and_evaluate(prepared, collator, settings: dict, architecture: dict, seed: int, epochs: int,
                        patience: int, batch_size: int = 1024, eval_batch_size: int = 4096,
-                       max_grad_norm: float = 10.0, return_predictions: bool = False) -> dict:
+                       max_grad_norm: float = 10.0, return_predictions: bool = False, num_threads: int = 0) -> dict:
     """Train FuxiCTR's DIN on ``prepared``'s train split and score valid and test with our metrics.
 
     ``settings``: learning_rate, id_embed_dim, dropout, weight_decay. ``architecture``:
-    ``attention_hidden_sizes`` and ``fusion_hidden_sizes`` (the widths our DIN uses).
+    ``attention_hidden_sizes`` and ``fusion_hidden_sizes`` (the widths our DIN uses). ``num_threads``:
+    torch intra-op threads for this call only (0 = leave as is), as our CTR training's field.
     Returns ``{"valid": by-bucket metrics, "test": ..., "training": {...}}`` (and, when
     ``return_predictions``, ``"predictions": {"valid": probs, "test": probs}`` in split order).
     """
-    from mim_hf.ctr.train import CTRTensorSplit
-
     fuxictr, DIN = import_din()
+    previous_threads = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        return _train_and_evaluate(fuxictr, DIN, prepared, collator, settings, architecture, seed, epochs, patience,
+                                   batch_size, eval_batch_size, max_grad_norm, return_predictions)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train_and_evaluate(fuxictr, DIN, prepared, collator, settings, architecture, seed, epochs, patience,
+                        batch_size, eval_batch_size, max_grad_norm, return_predictions) -> dict:
     from fuxictr.pytorch.torch_utils import seed_everything
+
+    from mim_hf.ctr.train import CTRTensorSplit
 
     started = time.perf_counter()
     splits = {name: CTRTensorSplit.collate(collator, prepared.samples[name]) for name in ("train", "valid", "test")}
@@ -148,7 +161,7 @@ def train_and_evaluate(prepared, collator, settings: dict, architecture: dict, s
                            "steps_per_epoch": len(train), "stopped_early": bool(model._stop_training),
                            "best_valid_auc": float(model._best_metric),
                            "num_parameters": sum(p.numel() for p in model.parameters()),
-                           "features": list(fmap.features)}
+                           "features": list(fmap.features), "num_threads": torch.get_num_threads()}
     results["timings_s"] = {"total": round(time.perf_counter() - started, 3)}
     if return_predictions:
         results["predictions"] = predictions

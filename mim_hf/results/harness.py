@@ -263,7 +263,7 @@ def _train_one(config: ResultsConfig, root: Path, names: dict, model: str, setti
             prepared, collator, {f: getattr(base, f) for f in tuning.TUNED_FIELDS},
             {"attention_hidden_sizes": base.attention_hidden_sizes, "fusion_hidden_sizes": base.fusion_hidden_sizes},
             seed=seed, epochs=base.epochs, patience=base.patience, batch_size=base.batch_size,
-            eval_batch_size=base.eval_batch_size, max_grad_norm=base.max_grad_norm)
+            eval_batch_size=base.eval_batch_size, max_grad_norm=base.max_grad_norm, num_threads=base.num_threads)
     else:
         center = model_center(model)
         metrics = ctr.run(stage_config(ctr.CTRTrainConfig, ctr_config_name, **fields, data_dir=str(root / "data"),
