@@ -141,6 +141,19 @@ def _main_process() -> bool:
 
 
 @contextmanager
+def torch_threads(num_threads: int):
+    """torch's intra-op thread count set to ``num_threads`` for the ``with`` block (0 = leave it),
+    the previous count restored after."""
+    previous = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
 def hold_output_dir(output_dir: str | os.PathLike):
     """Hold an exclusive lock on ``output_dir`` (``fcntl.flock`` on ``<output_dir>/.lock``) for the
     ``with`` block. A second run into the same folder is refused at once (``RuntimeError`` naming the

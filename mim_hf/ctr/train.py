@@ -53,7 +53,7 @@ from mim_hf.ctr.collator import CTRCollator, center_content_table
 from mim_hf.ctr.metrics import evaluate_by_bucket
 from mim_hf.common.checkpoints import restore_checkpoint, restore_folder, save_checkpoint, start_run
 from mim_hf.common.config import config_field, write_json_atomic
-from mim_hf.common.loop import EpochShuffleSampler, TrainingProgress, hold_output_dir, train_batches
+from mim_hf.common.loop import EpochShuffleSampler, TrainingProgress, hold_output_dir, torch_threads, train_batches
 
 MODES = ("din", "content_feature", "ciubm")
 _COLLATE_CHUNK_ROWS = 8192
@@ -338,14 +338,8 @@ def run(config: CTRTrainConfig, resume: bool = False, accelerator=None) -> dict:
     ``config.num_threads`` applies for this call only (the previous torch setting is restored).
     """
     config.validate()
-    previous_threads = torch.get_num_threads()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    try:
-        with hold_output_dir(config.output_dir):
-            return _train_and_evaluate(config, resume, accelerator)
-    finally:
-        torch.set_num_threads(previous_threads)
+    with torch_threads(config.num_threads), hold_output_dir(config.output_dir):
+        return _train_and_evaluate(config, resume, accelerator)
 
 
 def _train_and_evaluate(config: CTRTrainConfig, resume: bool, accelerator) -> dict:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mim_hf.common.loop import torch_threads
 from mim_hf.ctr.metrics import evaluate_by_bucket
 
 
@@ -112,57 +113,46 @@ def train_and_evaluate(prepared, collator, settings: dict, architecture: dict, s
     Returns ``{"valid": by-bucket metrics, "test": ..., "training": {...}}`` (and, when
     ``return_predictions``, ``"predictions": {"valid": probs, "test": probs}`` in split order).
     """
-    fuxictr, DIN = import_din()
-    previous_threads = torch.get_num_threads()
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    try:
-        return _train_and_evaluate(fuxictr, DIN, prepared, collator, settings, architecture, seed, epochs, patience,
-                                   batch_size, eval_batch_size, max_grad_norm, return_predictions)
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def _train_and_evaluate(fuxictr, DIN, prepared, collator, settings, architecture, seed, epochs, patience,
-                        batch_size, eval_batch_size, max_grad_norm, return_predictions) -> dict:
-    from fuxictr.pytorch.torch_utils import seed_everything
-
     from mim_hf.ctr.train import CTRTensorSplit
 
+    fuxictr, DIN = import_din()
+    from fuxictr.pytorch.torch_utils import seed_everything
+
     started = time.perf_counter()
-    splits = {name: CTRTensorSplit.collate(collator, prepared.samples[name]) for name in ("train", "valid", "test")}
-    seed_everything(seed)
-    weight_decay = float(settings.get("weight_decay", 0.0))
-    with tempfile.TemporaryDirectory(prefix="fuxictr_din_") as root:
-        fmap = feature_map(collator, root, int(settings["id_embed_dim"]))
-        model = DIN(fmap, model_id="DIN", gpu=0 if torch.cuda.is_available() else -1, model_root=root,
-                    dnn_hidden_units=list(architecture["fusion_hidden_sizes"]),
-                    attention_hidden_units=list(architecture["attention_hidden_sizes"]),
-                    embedding_dim=int(settings["id_embed_dim"]), net_dropout=float(settings["dropout"]),
-                    learning_rate=float(settings["learning_rate"]), optimizer="adam", loss="binary_crossentropy",
-                    embedding_regularizer=weight_decay or None, net_regularizer=weight_decay or None,
-                    early_stop_patience=patience, metrics=["AUC"], monitor="AUC", verbose=0)
-        Path(model.checkpoint).parent.mkdir(parents=True, exist_ok=True)
-        train = FuxiBatches(splits["train"], batch_size, shuffle=True, seed=seed)
-        level = logging.getLogger().level
-        logging.getLogger().setLevel(logging.WARNING)  # fit() logs every evaluation at INFO
-        try:
-            model.fit(train, epochs=epochs, validation_data=FuxiBatches(splits["valid"], eval_batch_size),
-                      max_gradient_norm=max_grad_norm)
-        finally:
-            logging.getLogger().setLevel(level)
-        results, predictions = {}, {}
-        for name in ("valid", "test"):
-            probs = predictions[name] = model.predict(FuxiBatches(splits[name], eval_batch_size))
-            samples = prepared.samples[name]
-            results[name] = evaluate_by_bucket(np.asarray(samples["label"]), probs, np.asarray(samples["user_id"]),
-                                               np.asarray(samples["popularity_bucket"]))
-    results["training"] = {"library": f"fuxictr {fuxictr.__version__}", "steps": int(model._total_steps),
-                           "steps_per_epoch": len(train), "stopped_early": bool(model._stop_training),
-                           "best_valid_auc": float(model._best_metric),
-                           "num_parameters": sum(p.numel() for p in model.parameters()),
-                           "features": list(fmap.features), "num_threads": torch.get_num_threads()}
-    results["timings_s"] = {"total": round(time.perf_counter() - started, 3)}
-    if return_predictions:
-        results["predictions"] = predictions
-    return results
+    with torch_threads(num_threads):
+        splits = {name: CTRTensorSplit.collate(collator, prepared.samples[name]) for name in ("train", "valid", "test")}
+        seed_everything(seed)
+        weight_decay = float(settings.get("weight_decay", 0.0))
+        with tempfile.TemporaryDirectory(prefix="fuxictr_din_") as root:
+            fmap = feature_map(collator, root, int(settings["id_embed_dim"]))
+            model = DIN(fmap, model_id="DIN", gpu=0 if torch.cuda.is_available() else -1, model_root=root,
+                        dnn_hidden_units=list(architecture["fusion_hidden_sizes"]),
+                        attention_hidden_units=list(architecture["attention_hidden_sizes"]),
+                        embedding_dim=int(settings["id_embed_dim"]), net_dropout=float(settings["dropout"]),
+                        learning_rate=float(settings["learning_rate"]), optimizer="adam", loss="binary_crossentropy",
+                        embedding_regularizer=weight_decay or None, net_regularizer=weight_decay or None,
+                        early_stop_patience=patience, metrics=["AUC"], monitor="AUC", verbose=0)
+            Path(model.checkpoint).parent.mkdir(parents=True, exist_ok=True)
+            train = FuxiBatches(splits["train"], batch_size, shuffle=True, seed=seed)
+            level = logging.getLogger().level
+            logging.getLogger().setLevel(logging.WARNING)  # fit() logs every evaluation at INFO
+            try:
+                model.fit(train, epochs=epochs, validation_data=FuxiBatches(splits["valid"], eval_batch_size),
+                          max_gradient_norm=max_grad_norm)
+            finally:
+                logging.getLogger().setLevel(level)
+            results, predictions = {}, {}
+            for name in ("valid", "test"):
+                probs = predictions[name] = model.predict(FuxiBatches(splits[name], eval_batch_size))
+                samples = prepared.samples[name]
+                results[name] = evaluate_by_bucket(np.asarray(samples["label"]), probs, np.asarray(samples["user_id"]),
+                                                   np.asarray(samples["popularity_bucket"]))
+        results["training"] = {"library": f"fuxictr {fuxictr.__version__}", "steps": int(model._total_steps),
+                               "steps_per_epoch": len(train), "stopped_early": bool(model._stop_training),
+                               "best_valid_auc": float(model._best_metric),
+                               "num_parameters": sum(p.numel() for p in model.parameters()),
+                               "features": list(fmap.features), "num_threads": torch.get_num_threads()}
+        results["timings_s"] = {"total": round(time.perf_counter() - started, 3)}
+        if return_predictions:
+            results["predictions"] = predictions
+        return results
