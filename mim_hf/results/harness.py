@@ -245,10 +245,9 @@ def _train_one(config: ResultsConfig, root: Path, names: dict, model: str, setti
     ctr_config_name = names["ctr"] + ROWS[base][2]
     fields = {"epochs": epochs, "patience": tuning.PATIENCE, **setting, **config.overrides.get("ctr", {})}
     if levers:
-        # the levers' fields go on top of the model_overrides in effect: a --set value, else the shipped config's
-        shipped = fields["model_overrides"] if "model_overrides" in fields else \
-            stage_config(ctr.CTRTrainConfig, ctr_config_name).model_overrides
-        fields["model_overrides"] = {**shipped, **lever_specs.overrides(levers, "ctr")}
+        # on top of the model_overrides in effect (a --set value, else the shipped config's), not instead
+        in_effect = stage_config(ctr.CTRTrainConfig, ctr_config_name, **fields).model_overrides
+        fields["model_overrides"] = {**in_effect, **lever_specs.overrides(levers, "ctr")}
     if base == "fuxictr_din":
         from mim_hf.ctr.collator import CTRCollator
         from mim_hf.data import PreparedData
