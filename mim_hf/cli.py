@@ -115,7 +115,7 @@ def cmd_results(args) -> int:
         only_folds=tuple(args.only_folds), budget=args.budget, epochs=args.epochs,
         source=args.source, cache_dir=args.cache_dir, show_progress=not args.quiet,
         docs_dir=None if args.no_docs else args.docs_dir, keep_docs_protocols=args.keep_docs_protocols,
-        archive=args.archive,
+        archive=args.archive, threads=args.threads,
         overrides=parse_overrides(args.set),
     )
     try:
@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--source", default=None, help="MovieLens source (see `data prepare --source`)")
     res.add_argument("--cache-dir", default=None, help="cache for the recbole wheel")
     res.add_argument("--quiet", action="store_true", help="no progress bars")
+    res.add_argument("--threads", type=int, default=0, metavar="N",
+                     help="torch threads for every stage and CTR run, FuxiCTR's included (default 0 = the stage "
+                          "configs'); e.g. 1 each for two invocations on a 2-core machine")
     res.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                      help="override a shipped stage config field, as in `mim-hf quickstart --set`")
     res.set_defaults(func=cmd_results)

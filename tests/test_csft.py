@@ -50,8 +50,10 @@ def tiny_config(data_dir, towers, output_dir, **overrides):
 
 def test_end_to_end_multimodal_metrics_and_saved_encoder(data_dir, towers, tmp_path):
     config = tiny_config(data_dir, towers, tmp_path / "run", vision_model=towers["vision"], hard_negatives=2,
-                         hard_negative_field="category", lora_last_layers=1)
+                         hard_negative_field="category", lora_last_layers=1, num_threads=torch.get_num_threads() + 1)
+    threads = torch.get_num_threads()
     metrics = run(config)
+    assert torch.get_num_threads() == threads  # num_threads holds for the run only
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert on_disk["retrieval"] == json.loads(json.dumps(metrics["retrieval"]))
     for which in ("start", "final", "popularity"):

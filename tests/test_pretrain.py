@@ -111,8 +111,10 @@ def test_one_step_reduces_every_objective(prepared_dir, tmp_path):
 
 
 def test_end_to_end_writes_encoder_adapters_and_metrics(prepared_dir, tmp_path):
-    config = tiny_config(prepared_dir, tmp_path / "run")
+    threads = torch.get_num_threads()
+    config = tiny_config(prepared_dir, tmp_path / "run", num_threads=threads + 1)
     metrics = run(config)
+    assert torch.get_num_threads() == threads  # num_threads holds for the run only
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["alignment"] == json.loads(json.dumps(metrics["alignment"]))
     alignment = metrics["alignment"]

@@ -597,6 +597,19 @@ def test_a_run_digest_names_the_epoch_cap_it_trains_under():
     assert run_digest(ResultsConfig(budget="full")) == config_digest("movielens-100k", {}, epochs=10)
 
 
+def test_threads_reach_every_stage_unless_a_stage_sets_its_own_and_leave_the_digest():
+    from mim_hf.results.harness import ResultsConfig
+    from mim_hf.results.report import run_digest
+
+    config = ResultsConfig(threads=1, overrides={"ctr": {"num_threads": 2, "dropout": 0.2}})
+    assert config.stage_overrides("pretrain") == {"num_threads": 1} == config.stage_overrides("csft")
+    assert config.stage_overrides("ctr") == {"num_threads": 2, "dropout": 0.2}
+    assert ResultsConfig().stage_overrides("csft") == {}
+    assert run_digest(ResultsConfig(threads=1)) == run_digest(ResultsConfig())
+    with pytest.raises(ValueError, match="threads must be >= 0; got 0, 0, -1"):
+        ResultsConfig(threads=-1).validate()
+
+
 def test_rows_are_carried_beside_rows_that_reproduce_the_earlier_report_and_refused_otherwise():
     from mim_hf.results.report import carry_protocols, markdown
 

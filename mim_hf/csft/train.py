@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from mim_hf.common.checkpoints import restore_checkpoint, save_checkpoint, start_run
 from mim_hf.common.config import config_field, write_json_atomic
-from mim_hf.common.loop import EpochShuffleSampler, TrainingProgress, hold_output_dir, train_batches
+from mim_hf.common.loop import EpochShuffleSampler, TrainingProgress, hold_output_dir, torch_threads, train_batches
 from mim_hf.csft.pairs import check_pair_source, train_pairs_for
 
 STAGE_NAME = "csft"
@@ -135,7 +135,7 @@ class CSFTConfig:
     keep_checkpoints: int = config_field(2, "newest checkpoints kept")
     merge_adapters: bool = config_field(True, "also write the merged encoder (loadable without peft)")
     show_progress: bool = config_field(True, "tqdm bars on the main process")
-    num_threads: int = config_field(0, "torch threads (0 = leave as is)")
+    num_threads: int = config_field(0, "torch threads for this run (0 = leave as is); the previous count is restored after")
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
@@ -382,7 +382,7 @@ def run(config: CSFTConfig, resume: bool = False, accelerator: Accelerator | Non
     """Train C-SFT; returns (and writes) the metrics dict described in the module docstring.
     Holds the lock on ``output_dir`` while it runs."""
     config.validate()
-    with hold_output_dir(config.output_dir):
+    with torch_threads(config.num_threads), hold_output_dir(config.output_dir):
         return _train(config, resume, accelerator)
 
 
@@ -398,8 +398,6 @@ def _train(config: CSFTConfig, resume: bool, accelerator: Accelerator | None) ->
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
     accelerator = accelerator or Accelerator()
     set_seed(config.seed)
     output_dir = Path(config.output_dir)

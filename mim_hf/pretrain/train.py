@@ -41,7 +41,7 @@ from mim_hf.csft.losses import InfoNCELoss
 from mim_hf.modeling.processing_mim_encoder import MIMContentProcessor
 from mim_hf.common.checkpoints import restore_checkpoint, save_checkpoint, start_run
 from mim_hf.common.config import config_field, write_json_atomic
-from mim_hf.common.loop import EpochShuffleSampler, TrainingProgress, hold_output_dir, train_batches
+from mim_hf.common.loop import EpochShuffleSampler, TrainingProgress, hold_output_dir, torch_threads, train_batches
 from mim_hf.pretrain.views import CachedViews, ItemViews, alignment_recall, split_items
 
 OBJECTIVES = ("mlm", "simcse", "image_text", "title_attributes")
@@ -107,7 +107,7 @@ class PretrainConfig:
                                        "projections on their cached pooled outputs (CPU epochs). Needs lora: false, "
                                        "mlm_weight: 0 and simcse_weight: 0")
     show_progress: bool = config_field(True, "tqdm progress bar (main process only)")
-    num_threads: int = config_field(0, "torch CPU threads (0 = leave as is)")
+    num_threads: int = config_field(0, "torch CPU threads for this run (0 = leave as is); the previous count is restored after")
 
     def __post_init__(self):
         if bool(self.text_model) == bool(self.text_tower_config):
@@ -353,7 +353,7 @@ def run(config: PretrainConfig, resume: bool = False, accelerator=None) -> dict:
     adapters/, metrics.json}`` and return the metrics dict (also in metrics.json):
     ``{"alignment": {"before": {...}, "after": {...}, "task", "heldout"}, "history": [...],
     "timings_s": {...}, ...}``. Holds the lock on ``output_dir`` while it runs."""
-    with hold_output_dir(config.output_dir):
+    with torch_threads(config.num_threads), hold_output_dir(config.output_dir):
         return _pretrain(config, resume, accelerator)
 
 
@@ -369,8 +369,6 @@ def _pretrain(config: PretrainConfig, resume: bool, accelerator) -> dict:
         raise ValueError("data_dir is empty; point it at a directory written by `mim-hf data prepare`")
     if not Path(config.data_dir).is_dir():
         raise ValueError(f"data_dir {config.data_dir!r} does not exist; run `mim-hf data prepare --out ...` first")
-    if config.num_threads > 0:
-        torch.set_num_threads(config.num_threads)
     accelerator = accelerator or Accelerator()
     set_seed(config.seed)
     output_dir = Path(config.output_dir)

@@ -61,6 +61,7 @@ class ResultsConfig:
     archive: str | None = None  # finished run results are kept (and found) here too, e.g. a committed folder
     # shipped-config overrides per stage ("pretrain", "csft", "ctr") and "world", as in the quickstart
     overrides: dict = dataclasses.field(default_factory=dict)
+    threads: int = 0  # torch threads in every stage and CTR run (0 = the stage configs'); a --set num_threads wins
 
     def validate(self) -> None:
         for protocol in self.protocols:
@@ -76,8 +77,9 @@ class ResultsConfig:
             raise ValueError("models must include 'din': every paired comparison is against DIN-ID")
         if not self.seeds:
             raise ValueError("seeds is empty: give at least one seed")
-        if self.fold_limit < 0 or self.epochs < 0:
-            raise ValueError(f"fold_limit and epochs must be >= 0; got {self.fold_limit}, {self.epochs}")
+        if self.fold_limit < 0 or self.epochs < 0 or self.threads < 0:
+            raise ValueError(f"fold_limit, epochs and threads must be >= 0; got {self.fold_limit}, {self.epochs}, "
+                             f"{self.threads}")
         if self.only_folds and (self.fold_limit or self.folds < 3
                                 or any(not 0 <= k < self.folds for k in self.only_folds)):
             raise ValueError(f"only_folds {list(self.only_folds)} must name item folds in [0, {self.folds}) of K >= 3 "
@@ -94,6 +96,11 @@ class ResultsConfig:
     @property
     def run_folds(self) -> int:
         return len(self.item_folds)
+
+    def stage_overrides(self, stage: str) -> dict:
+        """The ``--set`` fields of ``stage`` ("pretrain", "csft", "ctr"), with ``num_threads`` from ``threads``
+        where the stage's own is not set."""
+        return {**({"num_threads": self.threads} if self.threads else {}), **self.overrides.get(stage, {})}
 
     @property
     def epoch_cap(self) -> int:
@@ -194,9 +201,9 @@ def _encoder_chain(config: ResultsConfig, root: Path, names: dict, wanted: set[s
     wanted = (wanted - set(combined)).union(*({stage, *added} for stage, added in combined.values()))
     data_dir, pretrain_dir = root / "data", root / "pretrain"
     common = {"data_dir": str(data_dir), "show_progress": config.show_progress}
-    pretrain_config = stage_config(pretrain.PretrainConfig, names["pretrain"], **config.overrides.get("pretrain", {}),
+    pretrain_config = stage_config(pretrain.PretrainConfig, names["pretrain"], **config.stage_overrides("pretrain"),
                                    **common, output_dir=str(pretrain_dir))
-    csft_fields = {name: {**config.overrides.get("csft", {}), **lever_specs.overrides(name.split("+")[1:], "csft")}
+    csft_fields = {name: {**config.stage_overrides("csft"), **lever_specs.overrides(name.split("+")[1:], "csft")}
                    for name in sorted(c for c in wanted if c.startswith("csft"))}
     # the encoder each C-SFT starts from: pre-training's, or the frozen towers' (lever "from_raw")
     starts = {name: root / fields.pop("start", "pretrain") / "encoder" for name, fields in csft_fields.items()}
@@ -243,7 +250,7 @@ def _train_one(config: ResultsConfig, root: Path, names: dict, model: str, setti
     run_dir = root / "runs" / model / tuning.setting_id(setting) / f"seed{seed}"
     base, levers = lever_specs.parse_model(model)
     ctr_config_name = names["ctr"] + ROWS[base][2]
-    fields = {"epochs": epochs, "patience": tuning.PATIENCE, **setting, **config.overrides.get("ctr", {})}
+    fields = {"epochs": epochs, "patience": tuning.PATIENCE, **setting, **config.stage_overrides("ctr")}
     if levers:
         # on top of the model_overrides in effect (a --set value, else the shipped config's), not instead
         in_effect = stage_config(ctr.CTRTrainConfig, ctr_config_name, **fields).model_overrides
