@@ -652,7 +652,8 @@ def test_an_archive_keeps_every_run_and_a_fresh_out_rebuilds_the_report_without_
     stored = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out" / fold).rglob("*.json"))
     digest = report["config_digest"]
     archived = sorted(p.relative_to(tmp_path / "archive" / digest).as_posix()
-                      for p in (tmp_path / "archive").rglob("*.json"))
+                      for p in (tmp_path / "archive").rglob("*.json") if p.name != harness.ARCHIVE_INPUTS)
+    assert (tmp_path / "archive" / digest / harness.ARCHIVE_INPUTS).exists()  # what those runs trained from
     rates = len(tuning.BUDGETS["small"]["grid"]["learning_rate"])
     assert archived == stored and len(stored) == 2 * (rates + 1)  # 2 models × (the rates on seed 0 + the chosen on seed 1)
 
@@ -678,6 +679,52 @@ def test_an_archive_keeps_every_run_and_a_fresh_out_rebuilds_the_report_without_
         harness.run_results(dataclasses.replace(config, out=str(tmp_path / "fresh"), overrides=other))
     with pytest.raises(ValueError, match="was made under other shipped configs, --set values or epoch cap"):
         harness.run_results(dataclasses.replace(config, out=str(tmp_path / "fresh"), epochs=2))
+
+
+def test_a_run_archived_under_other_configs_is_reused_when_every_config_it_reads_is_the_same(tmp_path, monkeypatch):
+    from mim_hf.results import harness
+
+    tiny = {"world": {"n_users": 30, "n_items": 40, "impressions_per_user": 12},
+            "pretrain": {"max_steps": 2, "eval_every": 0, "batch_size": 8}, "ctr": {"batch_size": 64}}
+    config = harness.ResultsConfig(out=str(tmp_path / "out"), world="synthetic", protocols=("item-cold/rating",),
+                                   models=("din", "ciubm_pretrained"), seeds=(0,), folds=1, epochs=1,
+                                   show_progress=False, overrides=tiny, archive=str(tmp_path / "archive"))
+    first = harness.run_results(config)
+    assert harness.read_archive_inputs(tmp_path / "archive" / first["config_digest"])["configs"]
+    # pre-training changes: DIN-ID reads no encoder, so its runs are the first invocation's
+    trained, train_one = [], harness._train_one
+    monkeypatch.setattr(harness, "_train_one", lambda c, r, n, model, *a: trained.append(model) or train_one(c, r, n, model, *a))
+    changed = dataclasses.replace(config, out=str(tmp_path / "changed"),
+                                  overrides={**tiny, "pretrain": {**tiny["pretrain"], "max_steps": 3}})
+    second = harness.run_results(changed)
+    assert second["config_digest"] != first["config_digest"]
+    assert set(trained) == {"ciubm_pretrained"}
+    din = sorted((tmp_path / "archive" / second["config_digest"]).rglob("din/*/seed0.json"))
+    assert din and all(json.loads(p.read_text())["config_digest"] == first["config_digest"] for p in din)
+    assert second["protocols"]["item-cold/rating"]["din"] == first["protocols"]["item-cold/rating"]["din"]
+    # the copies in the new out are accepted on the same grounds when that out is resumed
+    trained.clear()
+    assert harness.run_results(changed)["protocols"] == second["protocols"] and trained == []
+    # a CTR change reaches every row: nothing is reused
+    ctr_changed = {**tiny, "ctr": {**tiny["ctr"], "max_grad_norm": 0.5}}
+    harness.run_results(dataclasses.replace(config, out=str(tmp_path / "ctr"), overrides=ctr_changed))
+    assert trained == ["din"] * len(tuning.BUDGETS["small"]["grid"]["learning_rate"]) + ["ciubm_pretrained"] * len(
+        tuning.BUDGETS["small"]["grid"]["learning_rate"])
+    # an edited configs.json is refused, naming the file
+    inputs = tmp_path / "archive" / first["config_digest"] / harness.ARCHIVE_INPUTS
+    inputs.write_text(inputs.read_text().replace('"max_steps": 2', '"max_steps": 4'))
+    with pytest.raises(ValueError, match="configs.json hashes to .* not to its folder's name"):
+        harness.run_results(dataclasses.replace(changed, out=str(tmp_path / "again")))
+
+
+def test_row_files_are_the_configs_a_row_reads():
+    from mim_hf.results.harness import row_files
+
+    assert row_files("movielens-100k", "item-cold/implicit", "fuxictr_din") == {"ctr_ml100k_item_cold_din.yaml"}
+    assert row_files("movielens-100k", "temporal/rating", "ciubm_raw") == {
+        "ctr_ml100k_temporal_ciubm_pretrained.yaml", "pretrain_ml100k.yaml"}
+    assert row_files("synthetic", "temporal/rating", "ciubm_csft+simtier") == {
+        "ctr_synthetic_ciubm_csft.yaml", "pretrain_synthetic.yaml", "csft_synthetic.yaml"}
 
 
 def test_the_readme_results_table_is_the_committed_reports_headline():

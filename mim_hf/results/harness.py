@@ -133,19 +133,77 @@ def protocol_folds(config: "ResultsConfig", protocol: str) -> list[int]:
 
 
 class _Progress:
-    """Progress lines of one invocation, and the commit its code was loaded from (recorded in every
-    result it makes: the checkout may move on while a long invocation runs)."""
+    """Progress lines of one invocation, the commit its code was loaded from (recorded in every
+    result it makes: the checkout may move on while a long invocation runs), what its runs train
+    from (:func:`mim_hf.results.report.run_inputs`) and its archive."""
 
-    def __init__(self, total: int, config_digest: str):
-        from mim_hf.results.report import current_commit
+    def __init__(self, total: int, inputs: dict, archive: str | None = None):
+        from mim_hf.results.report import current_commit, inputs_digest
 
         self.total, self.done, self.started, self.commit = total, 0, time.perf_counter(), current_commit()
-        self.config_digest = config_digest  # the shipped configs + overrides every result is made under
+        self.inputs, self.config_digest = inputs, inputs_digest(inputs)  # every result made here is made under it
+        self.archive = Path(archive) if archive else None
+        self._archived_inputs: dict[str, dict] = {}
+        if self.archive is not None:
+            write_archive_inputs(self.archive, inputs)
+
+    def equivalent_digests(self, world: str, protocol: str, model: str) -> set[str]:
+        """The archive's other digests under which ``model``'s runs of ``protocol`` trained from what
+        they train from here (the same configs of :func:`row_files`, world overrides and epoch cap):
+        their results are this invocation's results."""
+        from mim_hf.results.report import inputs_digest
+
+        if self.archive is None or not self.archive.is_dir():
+            return set()
+        files = row_files(world, protocol, model)
+        wanted = inputs_digest(self.inputs, files)
+        found = set()
+        for folder in sorted(self.archive.iterdir()):
+            if folder.name != self.config_digest and (folder / ARCHIVE_INPUTS).exists():
+                if folder.name not in self._archived_inputs:
+                    self._archived_inputs[folder.name] = read_archive_inputs(folder)
+                if inputs_digest(self._archived_inputs[folder.name], files) == wanted:
+                    found.add(folder.name)
+        return found
 
     def step(self, what: str, reused: bool) -> None:
         self.done += 1
         elapsed = time.perf_counter() - self.started
         print(f"[results] {self.done}/{self.total} {what} {'(reused)' if reused else ''} [{elapsed:.0f}s]", flush=True)
+
+
+ARCHIVE_INPUTS = "configs.json"  # <archive>/<digest>/configs.json: what the runs under that digest train from
+
+
+def row_files(world: str, protocol: str, model: str) -> set[str]:
+    """The shipped config files ``model``'s runs under ``protocol`` read: its CTR config, and the
+    pre-training (and C-SFT) config of the encoder chain behind its center."""
+    names = config_names(world, split_labels(protocol)[0])
+    _, center, ctr_name = ROWS[lever_specs.parse_model(model)[0]]
+    files = [names["ctr"] + ctr_name] + [names["pretrain"]] * bool(center) + [names["csft"]] * (center == "csft")
+    return {name + ".yaml" for name in files}
+
+
+def write_archive_inputs(archive: Path, inputs: dict) -> None:
+    """``<archive>/<digest>/configs.json`` from ``inputs``, unless there (then it must be the same)."""
+    from mim_hf.results.report import inputs_digest
+
+    path = archive / inputs_digest(inputs) / ARCHIVE_INPUTS
+    if path.exists():
+        read_archive_inputs(path.parent)
+    else:
+        write_json_atomic(path, inputs)
+
+
+def read_archive_inputs(folder: Path) -> dict:
+    """An archive digest folder's ``configs.json``, checked against the folder's name."""
+    from mim_hf.results.report import inputs_digest
+
+    inputs = json.loads((folder / ARCHIVE_INPUTS).read_text())
+    if inputs_digest(inputs) != folder.name:
+        raise ValueError(f"{folder / ARCHIVE_INPUTS} hashes to {inputs_digest(inputs)}, not to its folder's name "
+                         f"{folder.name}: it was edited; restore it from git")
+    return inputs
 
 
 def model_center(model: str) -> str | None:
@@ -295,21 +353,27 @@ class _Lazy:
 
 
 def _result(config, root, names, model, setting, seed, centers, epochs, progress) -> dict:
-    """The stored result of one run (under ``out``, else in the archive), or train it and store it;
-    with an archive, every result used is also kept there, under the config digest it was made with
+    """The stored result of one run (under ``out``, else in the archive), or train it and store it.
+    With an archive, every result used is also kept there, under the config digest of the invocation
     (``archive/<config_digest>/<split>/<labels>/fold<k>/results/...``), so runs made under other
-    configs or ``--set`` values sit beside each other and are never mixed."""
+    configs or ``--set`` values sit beside each other and are never mixed; a run archived under
+    another digest is reused when every config it reads is the same (``_Progress.equivalent_digests``:
+    a C-SFT change leaves DIN-ID's runs as they are)."""
     relative = Path(root.relative_to(config.out)) / "results" / model / tuning.setting_id(setting) / f"seed{seed}.json"
+    protocol = "/".join(relative.parts[:2])
     path = Path(config.out) / relative
     archived = Path(config.archive) / progress.config_digest / relative if config.archive else None
     what = f"{root.relative_to(config.out)} {model} {tuning.setting_id(setting)} seed{seed}"
-    if not path.exists() and archived is not None and archived.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(archived, path)
+    equivalent = progress.equivalent_digests(config.world, protocol, model)
+    if not path.exists() and archived is not None:
+        found = [p for p in [archived, *(Path(config.archive) / d / relative for d in sorted(equivalent))] if p.exists()]
+        if found:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(found[0], path)
     if path.exists():
         result = json.loads(path.read_text())
         made = result.get("config_digest")  # absent in results made before digests were recorded
-        if made is not None and made != progress.config_digest:
+        if made is not None and made != progress.config_digest and made not in equivalent:
             raise ValueError(f"{path} was made under other shipped configs, --set values or epoch cap (config_digest {made}, "
                              f"this invocation {progress.config_digest}); delete it to train it again, or use "
                              "another --out")
@@ -411,9 +475,9 @@ def run_results(config: ResultsConfig) -> dict:
         carry_protocols(build_report(config, {}, 0.0), json.loads(earlier.read_text()))
     started = time.perf_counter()
     data = load_world(config)
-    from mim_hf.results.report import run_digest
+    from mim_hf.results.report import run_inputs
 
-    progress = _Progress(total_runs(config), run_digest(config))
+    progress = _Progress(total_runs(config), run_inputs(config), config.archive)
     folds = {protocol: {fold: run_fold(config, data, protocol, fold, progress) for fold in protocol_folds(config, protocol)}
              for protocol in config.protocols}
     report = build_report(config, folds, wall_time_s=time.perf_counter() - started)

@@ -46,36 +46,58 @@ def current_commit() -> str:
         return "unknown (not a git checkout)"
 
 
-def config_digest(world: str, overrides: dict, epochs: int | None = None) -> str:
-    """sha256 (first 16 hex) of what the runs train under: each shipped stage config ``world`` reads,
-    as parsed (a comment edit does not change it) with its stage's ``--set`` overrides applied (so a
-    ``--set`` value later written into the YAML keeps the digest), the world's overrides, and, when
-    given, the epoch cap and early-stopping patience of the CTR runs. Thread counts are left out:
-    they do not change what is trained."""
-    import hashlib
+def digest_inputs(world: str, overrides: dict, epochs: int | None = None) -> dict:
+    """What the runs of an invocation train under: ``{"configs": {file name: fields}, "world": {...},
+    "cap": {"epochs", "patience"} or None}`` — each shipped stage config ``world`` reads, as parsed (a
+    comment edit does not change it) with its stage's ``--set`` overrides applied (so a ``--set`` value
+    later written into the YAML is no change), the world's overrides, and, when given, the epoch cap and
+    early-stopping patience of the CTR runs. Thread counts are left out: they do not change what is
+    trained. An archive keeps it beside the runs (``<archive>/<digest>/configs.json``)."""
     import importlib.resources
 
     import yaml
 
     def kept(fields: dict) -> dict:
-        return {f: v for f, v in fields.items() if f != "num_threads"}
+        return json.loads(json.dumps({f: v for f, v in fields.items() if f != "num_threads"}, default=str))
 
     key = "ml100k" if world == "movielens-100k" else world
-    digest = hashlib.sha256()
-    for path in sorted(importlib.resources.files("mim_hf.configs").iterdir(), key=lambda p: p.name):
+    configs = {}
+    for path in importlib.resources.files("mim_hf.configs").iterdir():
         if path.name.endswith(".yaml") and key in path.name:
             stage = path.name.split("_")[0]  # ctr_*, csft_*, pretrain_*
-            fields = kept({**yaml.safe_load(path.read_text()), **overrides.get(stage, {})})
-            digest.update(path.name.encode() + b"\0" + json.dumps(fields, sort_keys=True, default=str).encode() + b"\0")
-    digest.update(json.dumps(kept(overrides.get("world", {})), sort_keys=True, default=str).encode())
-    if epochs is not None:
-        digest.update(json.dumps({"epochs": epochs, "patience": tuning.PATIENCE}).encode())
+            configs[path.name] = kept({**yaml.safe_load(path.read_text()), **overrides.get(stage, {})})
+    return {"configs": dict(sorted(configs.items())), "world": kept(overrides.get("world", {})),
+            "cap": None if epochs is None else {"epochs": epochs, "patience": tuning.PATIENCE}}
+
+
+def inputs_digest(inputs: dict, files=None) -> str:
+    """sha256 (first 16 hex) of :func:`digest_inputs`' dict over every config file, or over ``files``
+    only (the configs one row reads: its runs are the same wherever those are)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(inputs["configs"]):
+        if files is None or name in files:
+            digest.update(name.encode() + b"\0" + json.dumps(inputs["configs"][name], sort_keys=True).encode() + b"\0")
+    digest.update(json.dumps(inputs["world"], sort_keys=True).encode())
+    if inputs["cap"] is not None:
+        digest.update(json.dumps(inputs["cap"]).encode())
     return digest.hexdigest()[:16]
+
+
+def config_digest(world: str, overrides: dict, epochs: int | None = None) -> str:
+    """The digest of :func:`digest_inputs` over every shipped config of ``world``."""
+    return inputs_digest(digest_inputs(world, overrides, epochs))
+
+
+def run_inputs(config) -> dict:
+    """:func:`digest_inputs` of a results invocation (its epoch cap included)."""
+    return digest_inputs(config.world, config.overrides, epochs=config.epoch_cap)
 
 
 def run_digest(config) -> str:
     """The digest every run of a results invocation is made, stored and archived under."""
-    return config_digest(config.world, config.overrides, epochs=config.epoch_cap)
+    return inputs_digest(run_inputs(config))
 
 
 def aggregate_model(per_fold: dict) -> dict:
