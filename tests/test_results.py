@@ -456,6 +456,30 @@ def test_from_raw_lever_starts_csft_from_the_frozen_towers_without_pretraining(t
     assert (fold / "centers" / "csft+from_raw" / "CURRENT").exists()
 
 
+def test_id_aligned_and_user_negative_levers_train_csft_on_the_folds_din_and_the_users_negatives(tmp_path):
+    from mim_hf.results import harness
+
+    tiny = {"world": {"n_users": 30, "n_items": 40, "impressions_per_user": 12},
+            "pretrain": {"max_steps": 2, "eval_every": 0, "batch_size": 8},
+            "csft": {"max_steps": 2, "eval_every": 2, "batch_size": 8, "queue_size": 16}, "ctr": {"batch_size": 64}}
+    model = "ciubm_csft+id_aligned_pairs+user_negatives"
+    config = harness.ResultsConfig(out=str(tmp_path), world="synthetic", protocols=("item-cold/rating",),
+                                   models=("din", model), seeds=(0,), folds=1, epochs=1,
+                                   show_progress=False, overrides=tiny)
+    report = harness.run_results(config)
+    fold = tmp_path / "item-cold" / "rating" / "fold0"
+    stage = fold / "csft+id_aligned_pairs+user_negatives"
+    csft = json.loads((stage / "config.json").read_text())
+    assert csft["pair_source"] == "id_aligned" and csft["id_model_path"] == str(fold / "id_model_din" / "model")
+    assert (csft["hard_negatives"], csft["hard_negative_source"]) == (4, "user_negatives")
+    id_model = json.loads((fold / "id_model_din" / "config.json").read_text())
+    assert (id_model["mode"], id_model["epochs"], id_model["data_dir"]) == ("din", 1, str(fold / "data"))
+    assert json.loads((stage / "metrics.json").read_text())["pair_source"]["name"] == "id_aligned"
+    assert model in report["protocols"]["item-cold/rating"]
+    # the ID model's config is one its row reads: a DIN config change reaches the row
+    assert "ctr_synthetic_din.yaml" in harness.row_files("synthetic", "item-cold/rating", model)
+
+
 def test_raw_channel_lever_reads_a_center_of_both_channels(tmp_path):
     from mim_hf.center import RepresentationCenter
     from mim_hf.results import harness, levers

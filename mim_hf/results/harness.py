@@ -179,9 +179,11 @@ def row_files(world: str, protocol: str, model: str) -> set[str]:
     """The shipped config files ``model``'s runs under ``protocol`` read: its CTR config, and the
     pre-training (and C-SFT) config of the encoder chain behind its center."""
     names = config_names(world, split_labels(protocol)[0])
-    _, center, ctr_name = ROWS[lever_specs.parse_model(model)[0]]
+    base, levers = lever_specs.parse_model(model)
+    _, center, ctr_name = ROWS[base]
     files = [names["ctr"] + ctr_name] + [names["pretrain"]] * bool(center) + [names["csft"]] * (center == "csft")
-    return {name + ".yaml" for name in files}
+    id_model = lever_specs.overrides(levers, "csft").get("id_model")  # C-SFT pairs from the fold's DIN-ID
+    return {name + ".yaml" for name in files + [names["ctr"] + id_model] * bool(id_model)}
 
 
 def write_archive_inputs(archive: Path, inputs: dict) -> None:
@@ -252,6 +254,7 @@ def _encoder_chain(config: ResultsConfig, root: Path, names: dict, wanted: set[s
     fold. ``build=False`` only checks the finished stages on disk against this invocation's configs."""
     from mim_hf.center.build import STAGING_DIR, build_center
     from mim_hf.csft import train as csft
+    from mim_hf.ctr import train as ctr
     from mim_hf.encoder.build import load_encoder_and_processor
     from mim_hf.pretrain import train as pretrain
 
@@ -266,8 +269,20 @@ def _encoder_chain(config: ResultsConfig, root: Path, names: dict, wanted: set[s
     # the encoder each C-SFT starts from: pre-training's, or the frozen towers' (lever "from_raw")
     starts = {name: root / fields.pop("start", "pretrain") / "encoder" for name, fields in csft_fields.items()}
     raw_encoder = root / "raw" / "encoder"
-    # (runner, stage config) in the order they run: pre-training where a center or a C-SFT needs it, then each C-SFT
-    stages = [(pretrain.run, pretrain_config)] * ("pretrained" in wanted or pretrain_dir / "encoder" in starts.values())
+    # the CTR model whose item-ID embeddings align a C-SFT's pairs (lever "id_aligned_pairs"): trained once
+    # per fold from its shipped config, under <fold>/id_model_<model>/
+    id_models = {}
+    for fields in csft_fields.values():
+        if "id_model" in fields:
+            model = fields.pop("id_model")
+            id_models[model] = root / f"id_model_{model}"
+            fields["id_model_path"] = str(id_models[model] / "model")
+    # (runner, stage config) in the order they run: the ID model and pre-training where a C-SFT or a
+    # center needs them, then each C-SFT
+    stages = [(ctr.run, stage_config(ctr.CTRTrainConfig, names["ctr"] + model, **{
+        "epochs": config.epoch_cap, "patience": tuning.PATIENCE, **config.stage_overrides("ctr")},
+        **common, output_dir=str(path), mode="din", seed=config.seeds[0])) for model, path in sorted(id_models.items())]
+    stages += [(pretrain.run, pretrain_config)] * ("pretrained" in wanted or pretrain_dir / "encoder" in starts.values())
     stages += [(csft.run, stage_config(csft.CSFTConfig, names["csft"], **fields, **common, output_dir=str(root / name),
                                        encoder_path=str(starts[name]))) for name, fields in csft_fields.items()]
     if not build:

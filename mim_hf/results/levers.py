@@ -17,8 +17,12 @@ LEVERS = {
     "simtier": ("ctr", {"histogram_kind": "simtier", "histogram_n_bins": 20}),
     "aware_attention": ("ctr", {"similarity_attention": "aware"}),
     "content_to_id": ("ctr", {"content_to_id": True}),
-    # C-SFT changes against the shipped C-SFT config (cached towers, anchor 0.3, behaviour pairs)
+    # C-SFT changes against the shipped C-SFT config (cached towers, anchor 0.3, behaviour pairs);
+    # "id_model": "din" = the fold's DIN-ID, trained once per fold under <fold>/id_model/ from the
+    # shipped DIN config (the C-SFT config's id_model_path points at it)
     "cooccurrence_pairs": ("csft", {"pair_source": "cooccurrence"}),
+    "id_aligned_pairs": ("csft", {"pair_source": "id_aligned", "id_model": "din"}),
+    "user_negatives": ("csft", {"hard_negatives": 4, "hard_negative_source": "user_negatives"}),
     "no_anchor": ("csft", {"anchor_weight": 0.0}),
     "from_raw": ("csft", {"start": "raw"}),
     "raw_channel": ("center", {"add": "raw"}),
