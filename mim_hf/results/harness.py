@@ -183,7 +183,7 @@ def row_files(world: str, protocol: str, model: str) -> set[str]:
     _, center, ctr_name = ROWS[base]
     files = [names["ctr"] + ctr_name] + [names["pretrain"]] * bool(center) + [names["csft"]] * (center == "csft")
     id_model = lever_specs.overrides(levers, "csft").get("id_model")  # C-SFT pairs from the fold's DIN-ID
-    return {name + ".yaml" for name in files + [names["ctr"] + id_model] * bool(id_model)}
+    return {name + ".yaml" for name in files + ([names["ctr"] + id_model] if id_model else [])}
 
 
 def write_archive_inputs(archive: Path, inputs: dict) -> None:
