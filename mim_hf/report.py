@@ -29,6 +29,7 @@ MODEL_LABELS = {
     "ciubm_raw": "CiUBM (frozen-encoder center)",
     "ciubm_pretrained": "CiUBM (pre-trained center)",
     "ciubm_csft": "CiUBM (C-SFT center)",
+    "ciubm_center_on_valid": "CiUBM (center chosen on valid)",
 }
 
 

@@ -218,6 +218,32 @@ def test_paired_rows_are_against_din(tmp_path):
     assert report["protocols"]["item-cold/rating"]["din"]["overall"]["n"] == 10  # summed over folds, not seeds
 
 
+def test_the_center_chosen_on_valid_is_per_fold_the_center_row_with_the_best_mean_valid_auc():
+    from mim_hf.results.harness import ResultsConfig
+    from mim_hf.results.report import CENTER_ON_VALID, build_report, center_chosen_on_valid, markdown
+
+    def row(valid, test):  # two seeds each
+        return {"setting": dict.fromkeys(tuning.TUNED_FIELDS, 0), "valid_auc_by_setting": {}, "runs": {
+            s: {"valid": {"overall": {"auc": v}}, "test": {"overall": {"auc": t, "gauc": t, "logloss": 0.6, "n": 10}},
+                "timings_s": {"total": 1.0}} for s, (v, t) in enumerate(zip(valid, test))}}
+
+    fold0 = {"din": row([0.9, 0.9], [0.60, 0.60]), "ciubm_pretrained": row([0.70, 0.74], [0.64, 0.64]),
+             "ciubm_csft": row([0.73, 0.73], [0.61, 0.62]), "ciubm_csft+simtier": row([0.99, 0.99], [0.7, 0.7])}
+    fold1 = {**fold0, "ciubm_csft": row([0.71, 0.71], [0.66, 0.66])}
+    # DIN-ID and a CTR lever are not centers; the mean over seeds decides (0.73 > 0.72), not the best seed
+    assert center_chosen_on_valid(fold0)["chosen"] == "ciubm_csft"
+    assert center_chosen_on_valid(fold1)["chosen"] == "ciubm_pretrained"
+    assert center_chosen_on_valid({"din": fold0["din"], "ciubm_csft": fold0["ciubm_csft"]}) is None
+    report = build_report(ResultsConfig(folds=5, fold_limit=2, seeds=(0, 1), epochs=1, world="synthetic"),
+                          {"item-cold/rating": {0: fold0, 1: fold1}}, wall_time_s=1.0)
+    assert report["center_on_valid"]["item-cold/rating"] == {"fold0": "ciubm_csft", "fold1": "ciubm_pretrained"}
+    chosen = report["protocols"]["item-cold/rating"][CENTER_ON_VALID]
+    assert chosen["overall"]["auc"] == pytest.approx((0.61 + 0.62 + 0.64 + 0.64) / 4)  # the chosen rows' test runs
+    assert report["paired"]["item-cold/rating"][CENTER_ON_VALID]["auc_diff"] == pytest.approx((0.61 + 0.62 + 0.64 + 0.64) / 4 - 0.6)
+    assert CENTER_ON_VALID not in report["levers"]["item-cold/rating"]
+    assert "fold0: CiUBM (C-SFT center), fold1: CiUBM (pre-trained center)" in markdown(report, [])
+
+
 # ---------------------------------------------------------------- plots (issue 18 point 7)
 def test_plot_buckets_skip_empty_and_duplicate_cold():
     from mim_hf.report import _shown_buckets

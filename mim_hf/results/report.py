@@ -114,6 +114,33 @@ def aggregate_model(per_fold: dict) -> dict:
     return merged
 
 
+CENTER_ON_VALID = "ciubm_center_on_valid"  # a derived row: per fold, the CiUBM center with the best valid AUC
+
+
+def center_candidate(model: str) -> bool:
+    """A CiUBM row that differs from the others only by its center: the frozen-encoder, pre-trained or
+    C-SFT center, with C-SFT or center levers (not CTR ones)."""
+    from mim_hf.results.levers import LEVERS
+
+    base, levers = parse_model(model)
+    return base in ("ciubm_raw", "ciubm_pretrained", "ciubm_csft") and all(
+        LEVERS[lever][0] in ("csft", "center") for lever in levers)
+
+
+def center_chosen_on_valid(models: dict) -> dict | None:
+    """One fold's ``run_fold`` output -> the entry of the CiUBM center row with the best valid AUC
+    (mean over its seeds; ties to the first) among :func:`center_candidate` rows: a C-SFT variant,
+    or none, chosen by the CTR valid AUC it gives rather than by retrieval recall. Its runs are that
+    row's, unchanged; the test metrics play no part in the choice. None with fewer than two candidates."""
+    candidates = [m for m in models if center_candidate(m)]
+    if len(candidates) < 2:
+        return None
+    valid = {m: float(sum(r["valid"]["overall"]["auc"] for r in models[m]["runs"].values()) / len(models[m]["runs"]))
+             for m in candidates}
+    best = max(candidates, key=lambda m: valid[m])  # max keeps the first of equal values
+    return {**models[best], "chosen": best, "valid_auc_by_setting": valid}
+
+
 def build_report(config, folds: dict, wall_time_s: float) -> dict:
     """The report dict from ``{protocol: {fold: run_fold(...)}}``."""
     report = {"protocols": {}, "paired": {}, "levers": {}, "settings": {}, "tuning_valid_auc": {}, "folds": config.folds, "folds_run": config.run_folds,
@@ -122,6 +149,12 @@ def build_report(config, folds: dict, wall_time_s: float) -> dict:
               "epochs": config.epoch_cap, "patience": tuning.PATIENCE}
     compute = 0.0
     for protocol, per_fold in folds.items():
+        compute += sum(r["timings_s"].get("total", 0.0) for f in per_fold.values() for m in f.values()
+                       for r in m["runs"].values())
+        chosen = {k: center_chosen_on_valid(f) for k, f in per_fold.items()}
+        if all(chosen.values()):
+            per_fold = {k: {**f, CENTER_ON_VALID: chosen[k]} for k, f in per_fold.items()}
+            report.setdefault("center_on_valid", {})[protocol] = {f"fold{k}": c["chosen"] for k, c in chosen.items()}
         models = list(next(iter(per_fold.values())))
         report["protocols"][protocol] = {m: aggregate_model({k: f[m] for k, f in per_fold.items()}) for m in models}
         report["settings"][protocol] = {m: {f"fold{k}": f[m]["setting"] for k, f in per_fold.items()} for m in models}
@@ -134,8 +167,6 @@ def build_report(config, folds: dict, wall_time_s: float) -> dict:
         bases = {m: parse_model(m)[0] for m in models}
         report["levers"][protocol] = {m: paired_difference(auc[m], auc[base]) for m, base in bases.items()
                                       if base != m and base in auc}
-        compute += sum(r["timings_s"].get("total", 0.0) for f in per_fold.values() for m in models
-                       for r in f[m]["runs"].values())
     from mim_hf.results.harness import PROTOCOLS
 
     report["protocols_missing"] = [p for p in PROTOCOLS if p not in report["protocols"]]
@@ -334,6 +365,10 @@ def markdown(report: dict, plots: list[Path]) -> str:
         reference = report["paired"][protocol].get("fuxictr_din")
         if reference is not None:
             lines += [reference_verdict(reference), ""]
+        if protocol in report.get("center_on_valid", {}):
+            picks = ", ".join(f"{fold}: {model_label(m)}" for fold, m in report["center_on_valid"][protocol].items())
+            lines += [f"{model_label(CENTER_ON_VALID)} is, per fold, the CiUBM center row with the best mean valid "
+                      f"AUC (C-SFT variants, or none, chosen by the CTR valid AUC they give): {picks}.", ""]
         lines += ["**Chosen settings**", "",
                   settings_table(report["settings"][protocol]), ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
