@@ -25,11 +25,14 @@ test: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/mim-hf quickstart
 
-# the results protocol (hours on a laptop CPU; resumable: run it again to continue; runs in
-# results-archive/ are reused, not trained)
+# the results protocol with every lever row in item fold 0: what docs/results.md shows (hours on a
+# laptop CPU; resumable: run it again to continue; runs in results-archive/ are reused, not trained)
+LEVERS = id_aligned_pairs user_negatives cooccurrence_pairs no_anchor from_raw raw_channel simtier \
+	aware_attention content_to_id id_dropout_high
 results: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[results]"
-	$(BIN)/mim-hf results --archive results-archive
+	$(BIN)/mim-hf results --archive results-archive --lever-folds 1 --models din fuxictr_din \
+		content_feature ciubm_raw ciubm_pretrained ciubm_csft $(addprefix ciubm_csft+,$(LEVERS))
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

@@ -111,7 +111,7 @@ def cmd_results(args) -> int:
 
     config = ResultsConfig(
         out=args.out, world=args.world, protocols=tuple(args.protocols), models=tuple(args.models),
-        seeds=tuple(args.seeds), folds=args.folds, fold_limit=args.fold_limit,
+        seeds=tuple(args.seeds), folds=args.folds, fold_limit=args.fold_limit, lever_folds=args.lever_folds,
         only_folds=tuple(args.only_folds), budget=args.budget, epochs=args.epochs,
         source=args.source, cache_dir=args.cache_dir, show_progress=not args.quiet,
         docs_dir=None if args.no_docs else args.docs_dir, keep_docs_protocols=args.keep_docs_protocols,
@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds; the first one tunes (default 0 1 2)")
     res.add_argument("--folds", type=int, default=5, help="item-cold: K >= 3 item folds (default 5), or 1 for one seeded hold-out")
     res.add_argument("--fold-limit", type=int, default=0, help="run only the first N folds (default 0 = all)")
+    res.add_argument("--lever-folds", type=int, default=0, metavar="N",
+                     help="lever rows (MODEL+LEVER) run only in item folds 0..N-1 (default 0 = every fold): the "
+                          "ablation on fewer folds, the other rows on all")
     res.add_argument("--only-folds", type=int, nargs="+", default=[], metavar="K",
                      help="run only these item folds, e.g. to split one protocol over two processes (each "
                           "with --no-docs; then one plain invocation reuses every run and writes the report)")

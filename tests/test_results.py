@@ -656,7 +656,7 @@ def test_threads_reach_every_stage_unless_a_stage_sets_its_own_and_leave_the_dig
     assert config.stage_overrides("ctr") == {"num_threads": 2, "dropout": 0.2}
     assert ResultsConfig().stage_overrides("csft") == {}
     assert run_digest(ResultsConfig(threads=1)) == run_digest(ResultsConfig())
-    with pytest.raises(ValueError, match="threads must be >= 0; got 0, 0, -1"):
+    with pytest.raises(ValueError, match="threads and lever_folds must be >= 0; got 0, 0, -1, 0"):
         ResultsConfig(threads=-1).validate()
 
 
@@ -783,3 +783,44 @@ def test_the_readme_results_table_is_the_committed_reports_headline():
     root = Path(__file__).resolve().parents[1]
     table = headline_table(json.loads((root / "docs" / "results.json").read_text()))
     assert table in (root / "README.md").read_text(), "README's results table differs from docs/results.json"
+
+
+def test_lever_folds_run_lever_rows_in_the_first_item_folds_only_and_the_report_says_so(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from mim_hf.results import harness
+    from mim_hf.results.report import CENTER_ON_VALID
+
+    config = harness.ResultsConfig(
+        out=str(tmp_path), world="synthetic", protocols=("item-cold/rating",),
+        models=("din", "ciubm_pretrained", "ciubm_csft", "ciubm_csft+simtier", "ciubm_csft+cooccurrence_pairs"),
+        seeds=(0, 1), folds=3, lever_folds=1, epochs=1, show_progress=False, docs_dir=None,
+        overrides={"world": {"n_users": 30, "n_items": 40, "impressions_per_user": 12}})
+    assert config.fold_models("item-cold/rating", 0) == config.models
+    assert config.fold_models("item-cold/rating", 2) == ("din", "ciubm_pretrained", "ciubm_csft")
+    assert config.fold_models("temporal/rating", 0) == config.models
+    valid = {"din": 0.6, "ciubm_pretrained": 0.7, "ciubm_csft": 0.65, "ciubm_csft+simtier": 0.9,
+             "ciubm_csft+cooccurrence_pairs": 0.99}
+    trained = []
+
+    def fake_training(config, root, names, model, setting, seed, centers, epochs):  # no encoder stage is built
+        trained.append((root.name, model))
+        auc = valid[model] + 0.001 * seed
+        table = {"overall": {"auc": auc, "gauc": auc, "logloss": 0.6, "n": 10}}
+        return {"model": model, "seed": seed, "setting": setting, "valid": table, "test": table,
+                "training": {}, "timings_s": {"total": 1.0}}
+
+    monkeypatch.setattr(harness, "_train_one", fake_training)
+    report = harness.run_results(config)
+    assert {f for f, m in trained if "+" in m} == {"fold0"}
+    assert {f for f, m in trained if m == "din"} == {"fold0", "fold1", "fold2"}
+    assert len(trained) == harness.total_runs(config)
+    rows = report["protocols"]["item-cold/rating"]
+    assert rows["ciubm_csft+simtier"]["runs"] == 2 and rows["ciubm_csft"]["runs"] == 6
+    assert report["row_folds"]["item-cold/rating"] == {"ciubm_csft+simtier": [0], "ciubm_csft+cooccurrence_pairs": [0]}
+    assert report["levers"]["item-cold/rating"]["ciubm_csft+simtier"]["n_pairs"] == 2  # fold 0's seeds only
+    # the center chosen on valid picks among the rows of every fold, never a fold-0-only lever row
+    assert set(report["center_on_valid"]["item-cold/rating"].values()) == {"ciubm_pretrained"}
+    assert rows[CENTER_ON_VALID]["overall"]["auc"] == pytest.approx(rows["ciubm_pretrained"]["overall"]["auc"])
+    assert "ran in fold(s) 0 only (`--lever-folds`)" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="lever_folds"):
+        harness.ResultsConfig(lever_folds=-1).validate()

@@ -51,6 +51,7 @@ class ResultsConfig:
     folds: int = 5
     fold_limit: int = 0  # run only the first N folds (0 = all); the report says how many ran
     only_folds: tuple[int, ...] = ()  # or run only these item folds (e.g. one process per fold group)
+    lever_folds: int = 0  # lever rows (model+lever) run only in item folds 0..N-1 (0 = every fold that runs)
     budget: str = "small"
     epochs: int = 0  # 0 = the budget's
     source: str | None = None
@@ -77,9 +78,9 @@ class ResultsConfig:
             raise ValueError("models must include 'din': every paired comparison is against DIN-ID")
         if not self.seeds:
             raise ValueError("seeds is empty: give at least one seed")
-        if self.fold_limit < 0 or self.epochs < 0 or self.threads < 0:
-            raise ValueError(f"fold_limit, epochs and threads must be >= 0; got {self.fold_limit}, {self.epochs}, "
-                             f"{self.threads}")
+        if self.fold_limit < 0 or self.epochs < 0 or self.threads < 0 or self.lever_folds < 0:
+            raise ValueError(f"fold_limit, epochs, threads and lever_folds must be >= 0; got {self.fold_limit}, "
+                             f"{self.epochs}, {self.threads}, {self.lever_folds}")
         if self.only_folds and (self.fold_limit or self.folds < 3
                                 or any(not 0 <= k < self.folds for k in self.only_folds)):
             raise ValueError(f"only_folds {list(self.only_folds)} must name item folds in [0, {self.folds}) of K >= 3 "
@@ -96,6 +97,12 @@ class ResultsConfig:
     @property
     def run_folds(self) -> int:
         return len(self.item_folds)
+
+    def fold_models(self, protocol: str, fold: int) -> tuple[str, ...]:
+        """The rows that run in ``fold`` of ``protocol``: every model, except that lever rows run only in
+        item folds ``0 .. lever_folds - 1`` (``temporal``'s one split is fold 0)."""
+        levers_here = not self.lever_folds or fold < self.lever_folds
+        return tuple(m for m in self.models if levers_here or not lever_specs.parse_model(m)[1])
 
     def stage_overrides(self, stage: str) -> dict:
         """The ``--set`` fields of ``stage`` ("pretrain", "csft", "ctr"), with ``num_threads`` from ``threads``
@@ -413,7 +420,8 @@ def run_fold(config: ResultsConfig, data, protocol: str, fold: int, progress: _P
         from mim_hf.data import prepare
 
         prepare(data, **prepare_kwargs(split, labels, config.folds, fold)).save(root / "data")
-    wanted = {center for center in map(model_center, config.models) if center}
+    models = config.fold_models(protocol, fold)
+    wanted = {center for center in map(model_center, models) if center}
     # built on first use: a fold whose runs are all stored (or archived) needs no encoder stage; the
     # finished stages on disk are still checked against this invocation's configs first
     if wanted:
@@ -423,7 +431,7 @@ def run_fold(config: ResultsConfig, data, protocol: str, fold: int, progress: _P
     from mim_hf.ctr.train import CTRTrainConfig
 
     out = {}
-    for model in sorted(config.models, key=lambda m: "+" in m):  # base rows first: lever rows take their setting
+    for model in sorted(models, key=lambda m: "+" in m):  # base rows first: lever rows take their setting
         base, levers = lever_specs.parse_model(model)
         if levers and base in out:  # an ablation: the base row's chosen setting, the lever added, not re-tuned
             grid = [lever_setting(out[base]["setting"], split, model)]
@@ -477,7 +485,7 @@ def total_runs(config: ResultsConfig) -> int:
             tuning.settings_grid(config.budget, zeros, split_grid(split_labels(protocol)[0], model)))
         return tuned + len(config.seeds) - 1
 
-    return sum(len(protocol_folds(config, p)) * runs(p, m) for p in config.protocols for m in config.models)
+    return sum(runs(p, m) for p in config.protocols for k in protocol_folds(config, p) for m in config.fold_models(p, k))
 
 
 def run_results(config: ResultsConfig) -> dict:

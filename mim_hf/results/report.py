@@ -8,7 +8,8 @@ popularity bucket, paired AUC differences to DIN-ID, the chosen settings, commit
                                        "fuxictr_din": {...}, ...}, ...},
      "paired": {"<protocol>": {"<model>": {"auc_diff", "ci_low", "ci_high", "n_pairs"}}},
      "levers": {"<protocol>": {"<model+levers>": {...}}},   (against the model without its levers)
-     "folds": K, "folds_run": k, "seeds": [...], "budget", "grid", "epochs", "patience",
+     "folds": K, "folds_run": k, "lever_folds": N, "seeds": [...], "budget", "grid", "epochs", "patience",
+     "row_folds": {"<protocol>": {"<model>": [folds]}},   (rows that ran in fewer folds than the protocol)
      "settings": {"<protocol>": {"<model>": {"fold<k>": setting}}},
      "tuning_valid_auc": {"<protocol>": {"<model>": {"fold<k>": {"<setting id>": valid AUC}}}},
      "wall_time_s", "compute_time_s", "commit", "run_commits", "config_digest", "environment",
@@ -144,6 +145,7 @@ def center_chosen_on_valid(models: dict) -> dict | None:
 def build_report(config, folds: dict, wall_time_s: float) -> dict:
     """The report dict from ``{protocol: {fold: run_fold(...)}}``."""
     report = {"protocols": {}, "paired": {}, "levers": {}, "settings": {}, "tuning_valid_auc": {}, "folds": config.folds, "folds_run": config.run_folds,
+              "lever_folds": config.lever_folds,
               "seeds": list(config.seeds), "budget": config.budget, "grid": tuning.budget(config.budget)["grid"],
               "split_grid": tuning.SPLIT_GRID,
               "epochs": config.epoch_cap, "patience": tuning.PATIENCE}
@@ -151,16 +153,21 @@ def build_report(config, folds: dict, wall_time_s: float) -> dict:
     for protocol, per_fold in folds.items():
         compute += sum(r["timings_s"].get("total", 0.0) for f in per_fold.values() for m in f.values()
                        for r in m["runs"].values())
-        chosen = {k: center_chosen_on_valid(f) for k, f in per_fold.items()}
+        # lever rows may run in fewer folds (``lever_folds``): the center chosen on valid picks among the
+        # rows of every fold, so each fold chooses from the same candidates
+        everywhere = set.intersection(*(set(f) for f in per_fold.values()))
+        chosen = {k: center_chosen_on_valid({m: f[m] for m in f if m in everywhere}) for k, f in per_fold.items()}
         if all(chosen.values()):
             per_fold = {k: {**f, CENTER_ON_VALID: chosen[k]} for k, f in per_fold.items()}
             report.setdefault("center_on_valid", {})[protocol] = {f"fold{k}": c["chosen"] for k, c in chosen.items()}
-        models = list(next(iter(per_fold.values())))
-        report["protocols"][protocol] = {m: aggregate_model({k: f[m] for k, f in per_fold.items()}) for m in models}
-        report["settings"][protocol] = {m: {f"fold{k}": f[m]["setting"] for k, f in per_fold.items()} for m in models}
-        report["tuning_valid_auc"][protocol] = {m: {f"fold{k}": f[m]["valid_auc_by_setting"] for k, f in per_fold.items()}
+        models = list(dict.fromkeys(m for f in per_fold.values() for m in f))
+        ran = {m: {k: f[m] for k, f in per_fold.items() if m in f} for m in models}
+        report["protocols"][protocol] = {m: aggregate_model(ran[m]) for m in models}
+        report["settings"][protocol] = {m: {f"fold{k}": r["setting"] for k, r in ran[m].items()} for m in models}
+        report["tuning_valid_auc"][protocol] = {m: {f"fold{k}": r["valid_auc_by_setting"] for k, r in ran[m].items()}
                                                 for m in models}
-        auc = {m: {(k, seed): run["test"]["overall"]["auc"] for k, f in per_fold.items() for seed, run in f[m]["runs"].items()}
+        report.setdefault("row_folds", {})[protocol] = {m: sorted(ran[m]) for m in models if len(ran[m]) < len(per_fold)}
+        auc = {m: {(k, seed): run["test"]["overall"]["auc"] for k, r in ran[m].items() for seed, run in r["runs"].items()}
                for m in models}
         report["paired"][protocol] = {m: paired_difference(auc[m], auc["din"]) for m in models if m != "din"}
         # each lever row against the same model without its levers (when that row ran too)
@@ -362,6 +369,13 @@ def markdown(report: dict, plots: list[Path]) -> str:
             lines += ["**Levers** (each row against the same model without them, paired over folds × seeds; a lever "
                       "row trains at its base row's chosen setting, not re-tuned)", "",
                       paired_table(report["levers"][protocol], against="its base model"), ""]
+        fewer = report.get("row_folds", {}).get(protocol)
+        if fewer:
+            folds_of = {}
+            for m, ks in fewer.items():
+                folds_of.setdefault(", ".join(map(str, ks)), []).append(model_label(m))
+            lines += [" ".join(f"Rows {', '.join(ms)} ran in fold(s) {ks} only (`--lever-folds`): their means and "
+                               "paired differences are over those folds' runs." for ks, ms in folds_of.items()), ""]
         reference = report["paired"][protocol].get("fuxictr_din")
         if reference is not None:
             lines += [reference_verdict(reference), ""]
