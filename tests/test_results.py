@@ -824,3 +824,28 @@ def test_lever_folds_run_lever_rows_in_the_first_item_folds_only_and_the_report_
     assert "ran in fold(s) 0 only (`--lever-folds`)" in (tmp_path / "report.md").read_text()
     with pytest.raises(ValueError, match="lever_folds"):
         harness.ResultsConfig(lever_folds=-1).validate()
+
+
+def test_a_center_is_built_with_only_the_stages_behind_it_when_a_run_first_needs_it(tmp_path, monkeypatch):
+    from mim_hf.results import harness
+
+    tiny = {"world": {"n_users": 30, "n_items": 40, "impressions_per_user": 12},
+            "pretrain": {"max_steps": 2, "eval_every": 0, "batch_size": 8},
+            "csft": {"max_steps": 2, "eval_every": 2, "batch_size": 8, "queue_size": 16}, "ctr": {"batch_size": 64}}
+    config = harness.ResultsConfig(out=str(tmp_path), world="synthetic", protocols=("item-cold/rating",),
+                                   models=("din", "ciubm_csft", "ciubm_csft+no_anchor", "ciubm_csft+cooccurrence_pairs"),
+                                   seeds=(0,), folds=1, epochs=1, show_progress=False, overrides=tiny)
+    real = harness._train_one
+
+    def only_no_anchor_trains(config, root, names, model, setting, seed, centers, epochs):
+        if model in ("din", "ciubm_csft+no_anchor"):  # the other rows stand for runs found in an archive
+            return real(config, root, names, model, setting, seed, centers, epochs)
+        table = {"overall": {"auc": 0.6, "gauc": 0.6, "logloss": 0.6, "n": 10}}
+        return {"model": model, "seed": seed, "setting": setting, "valid": table, "test": table, "training": {},
+                "timings_s": {"total": 0.0}}
+
+    monkeypatch.setattr(harness, "_train_one", only_no_anchor_trains)
+    harness.run_results(config)
+    fold = tmp_path / "item-cold" / "rating" / "fold0"
+    assert (fold / "centers" / "csft+no_anchor" / "CURRENT").exists() and (fold / "pretrain" / "metrics.json").exists()
+    assert not (fold / "csft").exists() and not (fold / "csft+cooccurrence_pairs").exists()

@@ -363,14 +363,14 @@ def _train_one(config: ResultsConfig, root: Path, names: dict, model: str, setti
 
 
 class _Lazy:
-    """A mapping built by ``build()`` the first time a key is read."""
+    """A mapping whose value for a key is built by ``build({key})`` (a dict) the first time it is read."""
 
     def __init__(self, build):
-        self._build, self._built = build, None
+        self._build, self._built = build, {}
 
     def __getitem__(self, key):
-        if self._built is None:
-            self._built = self._build()
+        if key not in self._built:
+            self._built.update(self._build({key}))
         return self._built[key]
 
 
@@ -422,11 +422,12 @@ def run_fold(config: ResultsConfig, data, protocol: str, fold: int, progress: _P
         prepare(data, **prepare_kwargs(split, labels, config.folds, fold)).save(root / "data")
     models = config.fold_models(protocol, fold)
     wanted = {center for center in map(model_center, models) if center}
-    # built on first use: a fold whose runs are all stored (or archived) needs no encoder stage; the
+    # each center built on first use, with only the stages behind it: a fold whose runs are all stored
+    # (or archived) needs no encoder stage, and a lever row left to train needs only its own C-SFT; the
     # finished stages on disk are still checked against this invocation's configs first
     if wanted:
         _encoder_chain(config, root, names, wanted, build=False)
-    centers = _Lazy(lambda: _encoder_chain(config, root, names, wanted) if wanted else {})
+    centers = _Lazy(lambda center: _encoder_chain(config, root, names, center))
     epochs = config.epoch_cap
     from mim_hf.ctr.train import CTRTrainConfig
 
