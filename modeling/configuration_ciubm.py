@@ -7,6 +7,7 @@ remote code next to ``modeling_ciubm.py``.
 from dataclasses import field
 
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
 
 CIUBM_MODES = ("din", "content_feature", "ciubm")
 CIUBM_BASES = ("din", "sim")
@@ -47,6 +48,10 @@ class CiUBMConfig(PretrainedConfig):
             paper's unnormalised weighted sum (keeps interest intensity).
         fusion_hidden_sizes (`list[int]`, [256, 128]): hidden layers of the fusion MLP.
         hidden_act (`str`, "relu"): activation of both MLPs (a transformers ACT2FN name).
+        attention_activation (`str`, *optional*): the DIN attention MLP's activation alone: "dice"
+            (DIN's data-adaptive activation, FuxiCTR's default there: sigmoid(batch-norm(h)) gates h
+            against alpha * h, alpha learned per unit from 0; the statistics are over real
+            behaviours, never padding) or an ACT2FN name; `None` = `hidden_act`.
         dropout (`float`, 0.1): dropout after every hidden layer of the fusion MLP.
         initializer_range (`float`, 0.02): std of the normal init of weights and embeddings.
         embedding_initializer_range (`float`, *optional*): std of the embeddings' normal init alone
@@ -110,6 +115,7 @@ class CiUBMConfig(PretrainedConfig):
     attention_normalization: str = "softmax"
     fusion_hidden_sizes: list = field(default_factory=lambda: [256, 128])
     hidden_act: str = "relu"
+    attention_activation: str | None = None
     dropout: float = 0.1
     initializer_range: float = 0.02
     embedding_initializer_range: float | None = None
@@ -138,6 +144,9 @@ class CiUBMConfig(PretrainedConfig):
         self._check_choice(
             "attention_normalization", self.attention_normalization, ATTENTION_NORMALIZATIONS
         )
+        if self.attention_activation not in (None, "dice") and self.attention_activation not in ACT2FN:
+            raise ValueError(f"attention_activation must be None, 'dice' or a transformers ACT2FN name, got "
+                             f"{self.attention_activation!r}")
         self.user_feature_sizes = dict(self.user_feature_sizes)
         self.item_feature_sizes = dict(self.item_feature_sizes)
         self.multi_valued_item_features = list(self.multi_valued_item_features)

@@ -140,6 +140,25 @@ class CiUBMFeatureEmbedding(nn.Module):
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
 
+class CiUBMDice(nn.Module):
+    """Dice, DIN's data-adaptive activation: p = sigmoid(batch-norm(h)) gates h against alpha * h
+    (alpha learned per unit, from 0). Rows (N, H) are real behaviours only, so the batch statistics
+    never see padding; a training batch of fewer than two rows uses the running statistics."""
+
+    def __init__(self, width: int, eps: float = 1e-9, momentum: float = 0.01):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(width, affine=False, eps=eps, momentum=momentum)
+        self.alpha = nn.Parameter(torch.zeros(width))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.training and hidden.shape[0] < 2:
+            normed = F.batch_norm(hidden, self.norm.running_mean, self.norm.running_var, eps=self.norm.eps)
+        else:
+            normed = self.norm(hidden)
+        gate = torch.sigmoid(normed)
+        return gate * hidden + (1 - gate) * self.alpha * hidden
+
+
 class CiUBMTargetAttention(nn.Module):
     """DIN activation unit: score_i = MLP([q, k_i, q - k_i, q * k_i]) (+ bias_i), then pooling.
 
@@ -171,14 +190,16 @@ class CiUBMTargetAttention(nn.Module):
         c = self.packing_shared_cost
         return (self.embed_dim + c) / (3 * self.embed_dim + c)
 
-    def __init__(self, embed_dim: int, hidden_sizes: list, hidden_act: str, normalization: str):
+    def __init__(self, embed_dim: int, hidden_sizes: list, hidden_act: str, normalization: str,
+                 activation: str | None = None):
         super().__init__()
         if not hidden_sizes:
             raise ValueError("attention_hidden_sizes must name at least one hidden layer")
         self.embed_dim = embed_dim
         self.normalization = normalization
         self.input_layer = nn.Linear(4 * embed_dim, hidden_sizes[0])
-        self.activation = ACT2FN[hidden_act]
+        # the first hidden layer's activation (`attention_activation`); deeper layers keep hidden_act
+        self.activation = CiUBMDice(hidden_sizes[0]) if activation == "dice" else ACT2FN[activation or hidden_act]
         # a constant added to every score cancels in a softmax: no output bias there
         self.score_layers = CiUBMMLP(
             hidden_sizes[0], hidden_sizes[1:], 1, hidden_act, dropout=0.0, output_bias=normalization == "sum"
@@ -204,7 +225,12 @@ class CiUBMTargetAttention(nn.Module):
             query_part = F.linear(query, w_query + w_diff, self.input_layer.bias)  # (B, H)
             key_matrix = (w_key - w_diff).t().unsqueeze(0) + query.unsqueeze(2) * w_prod.t().unsqueeze(0)  # (B, D, H)
             hidden = torch.baddbmm(query_part.unsqueeze(1), keys, key_matrix)  # (B, L, H)
-            scores = self.score_layers(self.activation(hidden)).squeeze(-1)  # (B, L)
+            if isinstance(self.activation, CiUBMDice):  # statistics over real behaviours only
+                activated = hidden.new_zeros(hidden.shape)
+                activated[mask] = self.activation(hidden[mask])
+            else:
+                activated = self.activation(hidden)
+            scores = self.score_layers(activated).squeeze(-1)  # (B, L)
         if score_gain is not None:
             scores = scores * score_gain
         if score_bias is not None:
@@ -260,6 +286,10 @@ class CiUBMPreTrainedModel(PreTrainedModel):
                 embedding_std = self.config.embedding_initializer_range
                 init.normal_(module.weight, mean=0.0, std=std if embedding_std is None else embedding_std)
                 module.weight[0].zero_()
+        elif isinstance(module, CiUBMDice):
+            init.zeros_(module.alpha)
+            init.zeros_(module.norm.running_mean)
+            init.ones_(module.norm.running_var)
         elif isinstance(module, CiUBMForCTR) and module.similarity_scale is not None:
             init.constant_(module.similarity_scale, self.config.similarity_scale_init)
         elif isinstance(module, CiUBMForCTR) and module.similarity_gates is not None:
@@ -283,7 +313,8 @@ class CiUBMForCTR(CiUBMPreTrainedModel):
         self.embeddings = CiUBMFeatureEmbedding(config)
         item_dim, user_dim = self.embeddings.item_dim, self.embeddings.user_dim
         self.id_attention = CiUBMTargetAttention(
-            item_dim, config.attention_hidden_sizes, config.hidden_act, config.attention_normalization
+            item_dim, config.attention_hidden_sizes, config.hidden_act, config.attention_normalization,
+            config.attention_activation,
         )
         full = config.mode == "ciubm"
         self.uses_content = config.mode != "din"

@@ -12,6 +12,7 @@ import mim_hf  # noqa: F401  (registers the Auto classes)
 from mim_hf.ctr.collator import center_content_table
 from mim_hf.modeling.configuration_ciubm import CiUBMConfig
 from mim_hf.modeling.modeling_ciubm import (
+    CiUBMDice,
     CiUBMForCTR,
     CiUBMSimilarityHistogram,
     CiUBMSimTier,
@@ -801,3 +802,52 @@ def test_content_cosine_in_chunks_equals_one_gather_and_the_formula():
     torch.testing.assert_close(one_gather, expected, atol=1e-6, rtol=0)
     assert one_gather[0, :3].eq(0).all()
     assert content_cosine_similarity(target[:0], table, inverse_norms, rows[:0]).shape == (0, 7)
+
+
+# ---------------------------------------------------------------- Dice in the DIN attention
+def test_dice_by_hand_with_batch_and_running_statistics():
+    torch.manual_seed(0)
+    dice = CiUBMDice(3)
+    dice.alpha.data = torch.tensor([0.5, -1.0, 2.0])
+    rows = torch.randn(6, 3)
+    normed = (rows - rows.mean(0)) / torch.sqrt(rows.var(0, unbiased=False) + 1e-9)
+    gate = torch.sigmoid(normed)
+    torch.testing.assert_close(dice.train()(rows), gate * rows + (1 - gate) * dice.alpha * rows)
+    running_mean, running_var = dice.norm.running_mean.clone(), dice.norm.running_var.clone()
+    assert not torch.equal(running_mean, torch.zeros(3))  # the batch moved them (momentum 0.01)
+    gate = torch.sigmoid((rows - running_mean) / torch.sqrt(running_var + 1e-9))
+    torch.testing.assert_close(dice.eval()(rows), gate * rows + (1 - gate) * dice.alpha * rows)
+    one = rows[:1]  # one row in training: the running statistics, no error
+    torch.testing.assert_close(dice.train()(one), dice.eval()(one))
+    assert dice.train()(rows[:0]).shape == (0, 3)
+
+
+def test_dice_attention_ignores_padding_in_training_on_both_paths_and_gets_gradients(attention_path):
+    model = tester.get_model(mode="ciubm", attention_activation="dice", dropout=0.0).train()
+    assert isinstance(model.id_attention.activation, CiUBMDice)
+    inputs = tester.get_inputs(seq_len=7)
+    expected = model(**inputs).logits  # batch statistics of the real behaviours
+    torch.testing.assert_close(model(**with_padding_garbage(inputs, extra=5)).logits, expected)
+    model.id_attention.activation.alpha.data.fill_(0.3)
+    model(**inputs).loss.backward()
+    assert model.id_attention.activation.alpha.grad.abs().sum() > 0
+
+
+def test_dice_attention_paths_agree_and_save_and_load(tmp_path, monkeypatch):
+    model = tester.get_model(mode="ciubm", attention_activation="dice", initializer_range=0.5)
+    inputs = tester.get_inputs(seq_len=7)
+    model.train()(**inputs)  # move the running statistics off their start
+    model.eval()
+    logits = {}
+    for name, density in (("packed", 1.0), ("per_sample", -1.0)):
+        monkeypatch.setattr(CiUBMTargetAttention, "packing_max_density", density)
+        with torch.no_grad():
+            logits[name] = model(**inputs).logits
+    torch.testing.assert_close(logits["packed"], logits["per_sample"])
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval().set_content_table(TABLE)
+    assert loaded.config.attention_activation == "dice"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, logits["per_sample"], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="attention_activation"):
+        tester.get_config(attention_activation="swishy")
