@@ -427,7 +427,7 @@ def run_fold(config: ResultsConfig, data, protocol: str, fold: int, progress: _P
     # finished stages on disk are still checked against this invocation's configs first
     if wanted:
         _encoder_chain(config, root, names, wanted, build=False)
-    centers = _Lazy(lambda center: _encoder_chain(config, root, names, center))
+    centers = _Lazy(lambda centers_wanted: _encoder_chain(config, root, names, centers_wanted))
     epochs = config.epoch_cap
     from mim_hf.ctr.train import CTRTrainConfig
 
