@@ -27,7 +27,7 @@ quickstart: $(STAMP)
 
 # the results protocol with every lever row in item fold 0: what docs/results.md shows (hours on a
 # laptop CPU; resumable: run it again to continue; runs in results-archive/ are reused, not trained)
-LEVERS = id_aligned_pairs user_negatives cooccurrence_pairs no_anchor from_raw raw_channel simtier \
+LEVERS = behaviour_pairs id_aligned_pairs user_negatives no_anchor from_raw raw_channel simtier \
 	aware_attention content_to_id id_dropout_high
 results: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[results]"

@@ -767,6 +767,59 @@ def test_a_run_archived_under_other_configs_is_reused_when_every_config_it_reads
         harness.run_results(dataclasses.replace(changed, out=str(tmp_path / "again")))
 
 
+def test_a_lever_adopted_into_a_shipped_config_brings_its_archived_runs_under_the_plain_name(tmp_path, monkeypatch):
+    from mim_hf.results import harness
+
+    tiny = {"world": {"n_users": 30, "n_items": 40, "impressions_per_user": 12},
+            "pretrain": {"max_steps": 2, "eval_every": 0, "batch_size": 8},
+            "csft": {"max_steps": 2, "eval_every": 2, "batch_size": 8, "queue_size": 16}, "ctr": {"batch_size": 64}}
+    config = harness.ResultsConfig(out=str(tmp_path / "out"), world="synthetic", protocols=("item-cold/rating",),
+                                   models=("din", "ciubm_csft+cooccurrence_pairs"), seeds=(0,), folds=1, epochs=1,
+                                   show_progress=False, overrides=tiny, archive=str(tmp_path / "archive"))
+    first = harness.run_results(config)
+    # the C-SFT config now ships co-occurrence pairs: its plain row is the first invocation's lever row
+    adopted = {**tiny, "csft": {**tiny["csft"], "pair_source": "cooccurrence"}}
+    trained, train_one = [], harness._train_one
+    monkeypatch.setattr(harness, "_train_one", lambda c, r, n, model, *a: trained.append(model) or train_one(c, r, n, model, *a))
+    second = harness.run_results(dataclasses.replace(config, out=str(tmp_path / "adopted"), overrides=adopted,
+                                                     models=("din", "ciubm_csft", "ciubm_csft+behaviour_pairs")))
+    assert second["config_digest"] != first["config_digest"]
+    assert trained == ["ciubm_csft+behaviour_pairs"]  # nothing archived trained from what it trains from
+    before = first["protocols"]["item-cold/rating"]["ciubm_csft+cooccurrence_pairs"]
+    assert second["protocols"]["item-cold/rating"]["ciubm_csft"] == before
+    copies = sorted((tmp_path / "archive" / second["config_digest"]).rglob("ciubm_csft/*/seed0.json"))
+    assert copies and all(json.loads(p.read_text())["trained_as"] == "ciubm_csft+cooccurrence_pairs" for p in copies)
+    # a row is not reused from a row that trains from anything else: another C-SFT field
+    trained.clear()
+    other = {**adopted, "csft": {**adopted["csft"], "max_steps": 3}}
+    harness.run_results(dataclasses.replace(config, out=str(tmp_path / "other"), overrides=other,
+                                            models=("din", "ciubm_csft")))
+    assert trained == ["ciubm_csft"] * len(tuning.BUDGETS["small"]["grid"]["learning_rate"])
+
+
+def test_row_inputs_apply_the_levers_fields_and_two_levers_may_not_set_one_field():
+    from mim_hf.results.harness import row_digest, row_inputs
+    from mim_hf.results.levers import parse_model
+    from mim_hf.results.report import digest_inputs
+
+    inputs = digest_inputs("movielens-100k", {})
+    rows = {m: row_inputs(inputs, "movielens-100k", "temporal/rating", m)
+            for m in ("ciubm_csft", "ciubm_csft+simtier", "ciubm_csft+no_anchor", "ciubm_csft+raw_channel")}
+    assert rows["ciubm_csft+simtier"]["configs"]["ctr_ml100k_temporal_ciubm_csft.yaml"]["model_overrides"] == {
+        **rows["ciubm_csft"]["configs"]["ctr_ml100k_temporal_ciubm_csft.yaml"]["model_overrides"],
+        "histogram_kind": "simtier", "histogram_n_bins": 20}
+    assert rows["ciubm_csft+no_anchor"]["configs"]["csft_ml100k.yaml"]["anchor_weight"] == 0.0
+    assert rows["ciubm_csft+raw_channel"]["channels"] == ["raw"] and rows["ciubm_csft"]["channels"] == []
+    digest = lambda m: row_digest(inputs, "movielens-100k", "temporal/rating", m)  # noqa: E731
+    assert len({digest(m) for m in rows}) == len(rows)
+    # a "setting" lever changes the setting, which names each run, not what the row trains from
+    assert digest("ciubm_csft+id_dropout_high") == digest("ciubm_csft")
+    # same configs, different model: never the same runs
+    assert digest("ciubm_pretrained") != digest("ciubm_raw") and digest("din") != digest("fuxictr_din")
+    with pytest.raises(ValueError, match=r"set the same field \(\[\('csft', 'pair_source'\)\]\)"):
+        parse_model("ciubm_csft+behaviour_pairs+id_aligned_pairs")
+
+
 def test_row_files_are_the_configs_a_row_reads():
     from mim_hf.results.harness import row_files
 

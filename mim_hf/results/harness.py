@@ -151,26 +151,35 @@ class _Progress:
         self.inputs, self.config_digest = inputs, inputs_digest(inputs)  # every result made here is made under it
         self.archive = Path(archive) if archive else None
         self._archived_inputs: dict[str, dict] = {}
+        self._row_digests: dict[tuple, str | None] = {}
         if self.archive is not None:
             write_archive_inputs(self.archive, inputs)
 
-    def equivalent_digests(self, world: str, protocol: str, model: str) -> set[str]:
-        """The archive's other digests under which ``model``'s runs of ``protocol`` trained from what
-        they train from here (the same configs of :func:`row_files`, world overrides and epoch cap):
-        their results are this invocation's results."""
-        from mim_hf.results.report import inputs_digest
-
+    def sources(self, world: str, protocol: str, fold: int, model: str) -> list[tuple[str, str]]:
+        """The archived rows whose runs are ``model``'s runs in ``fold`` of ``protocol``: ``(digest,
+        row)`` for every row archived under any digest whose :func:`row_inputs` equal ``model``'s here
+        (its own name under this invocation's digest first). A C-SFT change leaves DIN-ID's runs as
+        they are, and a lever adopted into a shipped config brings its runs with it
+        (``ciubm_csft+cooccurrence_pairs`` before = ``ciubm_csft`` after)."""
         if self.archive is None or not self.archive.is_dir():
-            return set()
-        files = row_files(world, protocol, model)
-        wanted = inputs_digest(self.inputs, files)
-        found = set()
+            return []
+        wanted = row_digest(self.inputs, world, protocol, model)
+        found = [(self.config_digest, model)]
         for folder in sorted(self.archive.iterdir()):
-            if folder.name != self.config_digest and (folder / ARCHIVE_INPUTS).exists():
-                if folder.name not in self._archived_inputs:
-                    self._archived_inputs[folder.name] = read_archive_inputs(folder)
-                if inputs_digest(self._archived_inputs[folder.name], files) == wanted:
-                    found.add(folder.name)
+            results = folder / protocol / f"fold{fold}" / "results"
+            if not (folder / ARCHIVE_INPUTS).exists() or not results.is_dir():
+                continue  # digests made before configs.json was kept are never reused for another
+            if folder.name not in self._archived_inputs:
+                self._archived_inputs[folder.name] = read_archive_inputs(folder)
+            for row in sorted(p.name for p in results.iterdir() if p.is_dir()):
+                key = (folder.name, protocol, row)
+                if key not in self._row_digests:
+                    try:
+                        self._row_digests[key] = row_digest(self._archived_inputs[folder.name], world, protocol, row)
+                    except (ValueError, KeyError):  # a lever since removed, a config file since renamed
+                        self._row_digests[key] = None
+                if self._row_digests[key] == wanted and (folder.name, row) not in found:
+                    found.append((folder.name, row))
         return found
 
     def step(self, what: str, reused: bool) -> None:
@@ -191,6 +200,36 @@ def row_files(world: str, protocol: str, model: str) -> set[str]:
     files = [names["ctr"] + ctr_name] + [names["pretrain"]] * bool(center) + [names["csft"]] * (center == "csft")
     id_model = lever_specs.overrides(levers, "csft").get("id_model")  # C-SFT pairs from the fold's DIN-ID
     return {name + ".yaml" for name in files + ([names["ctr"] + id_model] if id_model else [])}
+
+
+def row_inputs(inputs: dict, world: str, protocol: str, model: str) -> dict:
+    """What ``model``'s runs under ``protocol`` train from, out of an invocation's inputs
+    (:func:`mim_hf.results.report.run_inputs`): its base row, the configs it reads (:func:`row_files`)
+    with its levers' fields applied, the channels added to its center, the world's overrides and the
+    epoch cap. Rows with equal row inputs make the same runs, whatever their names. A "setting"
+    lever is not here: it changes the setting, which names each run."""
+    names = config_names(world, split_labels(protocol)[0])
+    base, levers = lever_specs.parse_model(model)
+    configs = {name: inputs["configs"][name] for name in sorted(row_files(world, protocol, model))}
+    ctr_fields = lever_specs.overrides(levers, "ctr")
+    if ctr_fields:  # on top of the model_overrides in effect, as _train_one applies them
+        ctr_file = names["ctr"] + ROWS[base][2] + ".yaml"
+        in_effect = configs[ctr_file].get("model_overrides") or {}
+        configs[ctr_file] = {**configs[ctr_file], "model_overrides": {**in_effect, **ctr_fields}}
+    csft_fields = lever_specs.overrides(levers, "csft")
+    if csft_fields:
+        configs[names["csft"] + ".yaml"] = {**configs[names["csft"] + ".yaml"], **csft_fields}
+    channels = sorted(lever_specs.overrides([lever], "center")["add"] for lever in levers
+                      if lever_specs.LEVERS[lever][0] == "center")
+    return {"base": base, "configs": configs, "channels": channels, "world": inputs["world"], "cap": inputs["cap"]}
+
+
+def row_digest(inputs: dict, world: str, protocol: str, model: str) -> str:
+    """sha256 (first 16 hex) of :func:`row_inputs`."""
+    import hashlib
+
+    text = json.dumps(row_inputs(inputs, world, protocol, model), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def write_archive_inputs(archive: Path, inputs: dict) -> None:
@@ -379,23 +418,27 @@ def _result(config, root, names, model, setting, seed, centers, epochs, progress
     With an archive, every result used is also kept there, under the config digest of the invocation
     (``archive/<config_digest>/<split>/<labels>/fold<k>/results/...``), so runs made under other
     configs or ``--set`` values sit beside each other and are never mixed; a run archived under
-    another digest is reused when every config it reads is the same (``_Progress.equivalent_digests``:
-    a C-SFT change leaves DIN-ID's runs as they are)."""
+    digest, or under another row name, is reused when its row trains from the same configs
+    (``_Progress.sources``)."""
     relative = Path(root.relative_to(config.out)) / "results" / model / tuning.setting_id(setting) / f"seed{seed}.json"
-    protocol = "/".join(relative.parts[:2])
+    protocol, fold = "/".join(relative.parts[:2]), int(relative.parts[2].removeprefix("fold"))
     path = Path(config.out) / relative
     archived = Path(config.archive) / progress.config_digest / relative if config.archive else None
     what = f"{root.relative_to(config.out)} {model} {tuning.setting_id(setting)} seed{seed}"
-    equivalent = progress.equivalent_digests(config.world, protocol, model)
+    sources = progress.sources(config.world, protocol, fold, model)
     if not path.exists() and archived is not None:
-        found = [p for p in [archived, *(Path(config.archive) / d / relative for d in sorted(equivalent))] if p.exists()]
+        inside = Path(*relative.parts[5:])  # <setting>/seed<s>.json
+        found = [(Path(config.archive) / d / relative.parent.parent.parent / row / inside, row) for d, row in sources]
+        found = [(p, row) for p, row in found if p.exists()]
         if found:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(found[0], path)
+            result = json.loads(found[0][0].read_text())
+            if found[0][1] != model:  # the same runs under the row's earlier name
+                result = {**result, "model": model, "trained_as": found[0][1]}
+            write_json_atomic(path, result)
     if path.exists():
         result = json.loads(path.read_text())
         made = result.get("config_digest")  # absent in results made before digests were recorded
-        if made is not None and made != progress.config_digest and made not in equivalent:
+        if made is not None and made != progress.config_digest and made not in {d for d, _ in sources}:
             raise ValueError(f"{path} was made under other shipped configs, --set values or epoch cap (config_digest {made}, "
                              f"this invocation {progress.config_digest}); delete it to train it again, or use "
                              "another --out")

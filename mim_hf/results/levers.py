@@ -17,9 +17,10 @@ LEVERS = {
     "simtier": ("ctr", {"histogram_kind": "simtier", "histogram_n_bins": 20}),
     "aware_attention": ("ctr", {"similarity_attention": "aware"}),
     "content_to_id": ("ctr", {"content_to_id": True}),
-    # C-SFT changes against the shipped C-SFT config (cached towers, anchor 0.3, behaviour pairs);
-    # "id_model": "din" = the fold's DIN-ID, trained once per fold under <fold>/id_model/ from the
-    # shipped DIN config (the C-SFT config's id_model_path points at it)
+    # C-SFT changes against the shipped C-SFT config (cached towers, anchor 0.3, co-occurrence pairs
+    # on MovieLens); "id_model": "din" = the fold's DIN-ID, trained once per fold under <fold>/id_model/
+    # from the shipped DIN config (the C-SFT config's id_model_path points at it)
+    "behaviour_pairs": ("csft", {"pair_source": "behaviour"}),
     "cooccurrence_pairs": ("csft", {"pair_source": "cooccurrence"}),
     "id_aligned_pairs": ("csft", {"pair_source": "id_aligned", "id_model": "din"}),
     "user_negatives": ("csft", {"hard_negatives": 4, "hard_negative_source": "user_negatives"}),
@@ -40,6 +41,10 @@ def parse_model(name: str) -> tuple[str, tuple[str, ...]]:
         raise ValueError(f"model {name!r}: unknown lever(s) {unknown}; choose from {list(LEVERS)}")
     if len(set(levers)) != len(levers):
         raise ValueError(f"model {name!r} names a lever twice")
+    fields = [(LEVERS[lever][0], field) for lever in levers for field in LEVERS[lever][1]]
+    if len(set(fields)) != len(fields):
+        raise ValueError(f"model {name!r}: its levers set the same field ({sorted({f for f in fields if fields.count(f) > 1})}); "
+                         "name one of them")
     if levers and base not in CONTENT_BASES:
         raise ValueError(f"model {name!r}: levers apply to the content models {list(CONTENT_BASES)}, not {base!r}")
     channels = [lever for lever in levers if LEVERS[lever][0] == "center"]
