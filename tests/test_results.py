@@ -774,7 +774,7 @@ def test_a_lever_adopted_into_a_shipped_config_brings_its_archived_runs_under_th
             "pretrain": {"max_steps": 2, "eval_every": 0, "batch_size": 8},
             "csft": {"max_steps": 2, "eval_every": 2, "batch_size": 8, "queue_size": 16}, "ctr": {"batch_size": 64}}
     config = harness.ResultsConfig(out=str(tmp_path / "out"), world="synthetic", protocols=("item-cold/rating",),
-                                   models=("din", "ciubm_csft+cooccurrence_pairs"), seeds=(0,), folds=1, epochs=1,
+                                   models=("din", "ciubm_csft", "ciubm_csft+cooccurrence_pairs"), seeds=(0,), folds=1, epochs=1,
                                    show_progress=False, overrides=tiny, archive=str(tmp_path / "archive"))
     first = harness.run_results(config)
     # the C-SFT config now ships co-occurrence pairs: its plain row is the first invocation's lever row
@@ -784,11 +784,18 @@ def test_a_lever_adopted_into_a_shipped_config_brings_its_archived_runs_under_th
     second = harness.run_results(dataclasses.replace(config, out=str(tmp_path / "adopted"), overrides=adopted,
                                                      models=("din", "ciubm_csft", "ciubm_csft+behaviour_pairs")))
     assert second["config_digest"] != first["config_digest"]
-    assert trained == ["ciubm_csft+behaviour_pairs"]  # nothing archived trained from what it trains from
-    before = first["protocols"]["item-cold/rating"]["ciubm_csft+cooccurrence_pairs"]
-    assert second["protocols"]["item-cold/rating"]["ciubm_csft"] == before
-    copies = sorted((tmp_path / "archive" / second["config_digest"]).rglob("ciubm_csft/*/seed0.json"))
-    assert copies and all(json.loads(p.read_text())["trained_as"] == "ciubm_csft+cooccurrence_pairs" for p in copies)
+    # the lever row ran at the base row's chosen setting only: the plain row trains the grid's others
+    rates = len(tuning.BUDGETS["small"]["grid"]["learning_rate"])
+    assert trained == ["ciubm_csft"] * (rates - 1)
+    # the config left pair_source out (its default, behaviour): that row is ciubm_csft+behaviour_pairs now
+    assert second["protocols"]["item-cold/rating"]["ciubm_csft+behaviour_pairs"] == first["protocols"]["item-cold/rating"]["ciubm_csft"]
+    setting = first["settings"]["item-cold/rating"]["ciubm_csft+cooccurrence_pairs"]["fold0"]
+    fold = Path("item-cold") / "rating" / "fold0" / "results"
+    before = json.loads((tmp_path / "archive" / first["config_digest"] / fold / "ciubm_csft+cooccurrence_pairs"
+                         / tuning.setting_id(setting) / "seed0.json").read_text())
+    after = json.loads((tmp_path / "archive" / second["config_digest"] / fold / "ciubm_csft"
+                        / tuning.setting_id(setting) / "seed0.json").read_text())
+    assert after == {**before, "model": "ciubm_csft", "trained_as": "ciubm_csft+cooccurrence_pairs"}
     # a row is not reused from a row that trains from anything else: another C-SFT field
     trained.clear()
     other = {**adopted, "csft": {**adopted["csft"], "max_steps": 3}}
@@ -816,6 +823,11 @@ def test_row_inputs_apply_the_levers_fields_and_two_levers_may_not_set_one_field
     assert digest("ciubm_csft+id_dropout_high") == digest("ciubm_csft")
     # same configs, different model: never the same runs
     assert digest("ciubm_pretrained") != digest("ciubm_raw") and digest("din") != digest("fuxictr_din")
+    # a field a config leaves out is that field at its default: writing it out changes nothing
+    written = {**inputs, "configs": {**inputs["configs"], "csft_ml100k.yaml": {
+        **inputs["configs"]["csft_ml100k.yaml"], "hard_negative_source": "field"}}}
+    assert "hard_negative_source" not in inputs["configs"]["csft_ml100k.yaml"]
+    assert row_digest(written, "movielens-100k", "temporal/rating", "ciubm_csft") == digest("ciubm_csft")
     with pytest.raises(ValueError, match=r"set the same field \(\[\('csft', 'pair_source'\)\]\)"):
         parse_model("ciubm_csft+behaviour_pairs+id_aligned_pairs")
 

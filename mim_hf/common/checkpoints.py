@@ -465,7 +465,7 @@ def _newest_intact(root: Path) -> Path:
     raise ValueError(f"--resume: every checkpoint under {root} is damaged ({'; '.join(damage)})")
 
 
-def _field_defaults(config) -> dict:
+def field_defaults(config) -> dict:
     """The config class's field defaults, recorded as :func:`_config_record` records values."""
     defaults = {}
     for f in dataclasses.fields(config):
@@ -484,7 +484,7 @@ def config_differences(saved: dict, config, may_grow: tuple = ()) -> list[str]:
     as recorded: a results folder moved or copied elsewhere whole), and a field ``saved`` does not
     record (added to the config after it was written) at its default value, which keeps the old
     behaviour."""
-    now, defaults = _config_record(config), _field_defaults(config)
+    now, defaults = _config_record(config), field_defaults(config)
 
     def same_path(before, after) -> bool:
         if not (isinstance(before, str) and isinstance(after, str) and before and after and os.path.exists(after)):

@@ -21,7 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
-from mim_hf.common.checkpoints import check_finished_run, latest_checkpoint
+from mim_hf.common.checkpoints import check_finished_run, field_defaults, latest_checkpoint
 from mim_hf.common.config import write_json_atomic
 from mim_hf.quickstart import config_names, load_world, stage_config
 from mim_hf.results import levers as lever_specs
@@ -210,7 +210,10 @@ def row_inputs(inputs: dict, world: str, protocol: str, model: str) -> dict:
     lever is not here: it changes the setting, which names each run."""
     names = config_names(world, split_labels(protocol)[0])
     base, levers = lever_specs.parse_model(model)
-    configs = {name: inputs["configs"][name] for name in sorted(row_files(world, protocol, model))}
+    # each config with its class's defaults under it: a field a YAML leaves out is the same field at
+    # its default (a config that later writes `pair_source: behaviour` out trains what it trained)
+    configs = {name: {**_stage_defaults(name), **inputs["configs"][name]}
+               for name in sorted(row_files(world, protocol, model))}
     ctr_fields = lever_specs.overrides(levers, "ctr")
     if ctr_fields:  # on top of the model_overrides in effect, as _train_one applies them
         ctr_file = names["ctr"] + ROWS[base][2] + ".yaml"
@@ -222,6 +225,17 @@ def row_inputs(inputs: dict, world: str, protocol: str, model: str) -> dict:
     channels = sorted(lever_specs.overrides([lever], "center")["add"] for lever in levers
                       if lever_specs.LEVERS[lever][0] == "center")
     return {"base": base, "configs": configs, "channels": channels, "world": inputs["world"], "cap": inputs["cap"]}
+
+
+def _stage_defaults(file_name: str) -> dict:
+    """The field defaults of the stage config class a shipped config file (``ctr_*``, ``csft_*``,
+    ``pretrain_*``) is read into, thread counts left out as in the digest."""
+    from mim_hf.csft.train import CSFTConfig
+    from mim_hf.ctr.train import CTRTrainConfig
+    from mim_hf.pretrain.train import PretrainConfig
+
+    cls = {"ctr": CTRTrainConfig, "csft": CSFTConfig, "pretrain": PretrainConfig}[file_name.split("_")[0]]
+    return {field: value for field, value in field_defaults(cls).items() if field != "num_threads"}
 
 
 def row_digest(inputs: dict, world: str, protocol: str, model: str) -> str:
