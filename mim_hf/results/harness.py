@@ -432,17 +432,20 @@ def _result(config, root, names, model, setting, seed, centers, epochs, progress
     With an archive, every result used is also kept there, under the config digest of the invocation
     (``archive/<config_digest>/<split>/<labels>/fold<k>/results/...``), so runs made under other
     configs or ``--set`` values sit beside each other and are never mixed; a run archived under
-    digest, or under another row name, is reused when its row trains from the same configs
+    another digest, or under another row name, is reused when its row trains from the same configs
     (``_Progress.sources``)."""
-    relative = Path(root.relative_to(config.out)) / "results" / model / tuning.setting_id(setting) / f"seed{seed}.json"
-    protocol, fold = "/".join(relative.parts[:2]), int(relative.parts[2].removeprefix("fold"))
-    path = Path(config.out) / relative
-    archived = Path(config.archive) / progress.config_digest / relative if config.archive else None
-    what = f"{root.relative_to(config.out)} {model} {tuning.setting_id(setting)} seed{seed}"
+    fold_dir = Path(root.relative_to(config.out))  # <split>/<labels>/fold<k>
+
+    def relative(row: str) -> Path:
+        return fold_dir / "results" / row / tuning.setting_id(setting) / f"seed{seed}.json"
+
+    protocol, fold = "/".join(fold_dir.parts[:2]), int(fold_dir.name.removeprefix("fold"))
+    path = Path(config.out) / relative(model)
+    archived = Path(config.archive) / progress.config_digest / relative(model) if config.archive else None
+    what = f"{fold_dir} {model} {tuning.setting_id(setting)} seed{seed}"
     sources = progress.sources(config.world, protocol, fold, model)
     if not path.exists() and archived is not None:
-        inside = Path(*relative.parts[5:])  # <setting>/seed<s>.json
-        found = [(Path(config.archive) / d / relative.parent.parent.parent / row / inside, row) for d, row in sources]
+        found = [(Path(config.archive) / d / relative(row), row) for d, row in sources]
         found = [(p, row) for p, row in found if p.exists()]
         if found:
             result = json.loads(found[0][0].read_text())

@@ -71,15 +71,13 @@ def digest_inputs(world: str, overrides: dict, epochs: int | None = None) -> dic
             "cap": None if epochs is None else {"epochs": epochs, "patience": tuning.PATIENCE}}
 
 
-def inputs_digest(inputs: dict, files=None) -> str:
-    """sha256 (first 16 hex) of :func:`digest_inputs`' dict over every config file, or over ``files``
-    only (the configs one row reads: its runs are the same wherever those are)."""
+def inputs_digest(inputs: dict) -> str:
+    """sha256 (first 16 hex) of :func:`digest_inputs`' dict over every config file."""
     import hashlib
 
     digest = hashlib.sha256()
     for name in sorted(inputs["configs"]):
-        if files is None or name in files:
-            digest.update(name.encode() + b"\0" + json.dumps(inputs["configs"][name], sort_keys=True).encode() + b"\0")
+        digest.update(name.encode() + b"\0" + json.dumps(inputs["configs"][name], sort_keys=True).encode() + b"\0")
     digest.update(json.dumps(inputs["world"], sort_keys=True).encode())
     if inputs["cap"] is not None:
         digest.update(json.dumps(inputs["cap"]).encode())
